@@ -1,0 +1,693 @@
+//! The configuration file: TOML, validated at start.
+//!
+//! The key names under `hostname`, `[smtp]`, `[relay]`, `[dns]`, `[queue]`, `[routes]`, `[domain."..."]`
+//! and `[web]` are a public contract: tools outside the project write them. New settings go beside them.
+//! Every problem is reported as one line naming the file, the key and what is wrong.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The whole, validated configuration of one bartleby instance.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Our name: in the greeting, in Received headers, and how we recognise ourselves in MX lists.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+    #[serde(default)]
+    pub relay: RelayConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    /// Static next hops that override MX, like Postfix's transport maps: domain -> "host:port".
+    #[serde(default)]
+    pub routes: BTreeMap<String, Route>,
+    /// Per-domain delivery policy, keyed by domain.
+    #[serde(default)]
+    pub domain: BTreeMap<String, DomainConfig>,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub web: WebConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// Addresses the SMTP listener binds; one or more.
+    pub listen: Vec<SocketAddr>,
+    /// Largest message accepted, in bytes; announced in the EHLO SIZE keyword.
+    pub max_message_size: u64,
+    /// With `tls_key`, STARTTLS is offered (RFC 3207).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Recipients per message; beyond it RCPT gets 452 4.5.3 (RFC 5321 4.5.3.1.8 asks for at least 100).
+    pub max_recipients: usize,
+    /// Longest text line in DATA, in octets without CRLF (RFC 5321 4.5.3.1.6 says 1000; real mail is longer).
+    pub max_line_length: usize,
+    /// Concurrent SMTP sessions; beyond it new connections get 421.
+    pub max_sessions: usize,
+    /// Received headers a message may carry before it is refused as a mail loop (RFC 5321 6.3).
+    pub max_received_headers: usize,
+    /// Time to wait for the next command (RFC 5321 4.5.3.2.7: at least 5 minutes).
+    pub command_timeout: HumanDuration,
+    /// Time to wait for the next chunk of message data (RFC 5321 4.5.3.2.7).
+    pub data_timeout: HumanDuration,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// The domains we are backup MX for; RCPT to any other domain gets 550 5.7.1.
+    pub domains: Vec<String>,
+    /// Other names of this host, recognised in MX lists besides `hostname`.
+    pub also_me: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers to ask; empty means the system resolver (/etc/resolv.conf).
+    pub nameservers: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// The spool directory; created 0700 if missing.
+    pub dir: PathBuf,
+    /// How often every deferred message is tried, like sendmail -q30m; also the longest backoff.
+    pub retry_interval: HumanDuration,
+    /// The first retry after a deferral; the backoff doubles from here up to `retry_interval`.
+    pub first_retry: HumanDuration,
+    /// After this, undeliverable mail is returned to its sender.
+    pub max_lifetime: HumanDuration,
+    /// After this, one delay notice is sent (RFC 3464 action=delayed).
+    pub warn_after: HumanDuration,
+    /// Bytes free on the spool's filesystem below which new mail gets 452 4.3.1.
+    pub min_free: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DomainConfig {
+    /// The primary receives this domain's mail in exactly the order bartleby accepted it.
+    pub strict_order: bool,
+    /// Insist on STARTTLS with a verified certificate chain and name when delivering.
+    pub require_tls: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Parallel connections to one destination.
+    pub max_connections_per_destination: usize,
+    /// Port used for hosts found through MX records (routes carry their own).
+    pub mx_port: u16,
+    /// RFC 5321 4.5.3.2 client timeouts.
+    pub connect_timeout: HumanDuration,
+    pub greeting_timeout: HumanDuration,
+    pub command_timeout: HumanDuration,
+    pub data_init_timeout: HumanDuration,
+    pub data_block_timeout: HumanDuration,
+    pub data_done_timeout: HumanDuration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Where the admin page and the JSON API listen.
+    pub listen: SocketAddr,
+    /// Peer addresses allowed to use the admin page (CIDR); everyone else gets 403.
+    pub allow: Vec<Cidr>,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 25))],
+            max_message_size: 50 * 1024 * 1024,
+            tls_cert: None,
+            tls_key: None,
+            max_recipients: 100,
+            max_line_length: 10_000,
+            max_sessions: 500,
+            max_received_headers: 50,
+            command_timeout: HumanDuration::minutes(5),
+            data_timeout: HumanDuration::minutes(10),
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            dir: PathBuf::from("/var/spool/bartleby"),
+            retry_interval: HumanDuration::minutes(30),
+            first_retry: HumanDuration::minutes(1),
+            max_lifetime: HumanDuration::hours(5 * 24),
+            warn_after: HumanDuration::hours(4),
+            min_free: 100 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            max_connections_per_destination: 10,
+            mx_port: 25,
+            connect_timeout: HumanDuration::seconds(30),
+            greeting_timeout: HumanDuration::minutes(5),
+            command_timeout: HumanDuration::minutes(5),
+            data_init_timeout: HumanDuration::minutes(2),
+            data_block_timeout: HumanDuration::minutes(3),
+            data_done_timeout: HumanDuration::minutes(10),
+        }
+    }
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8025)),
+            allow: vec![
+                Cidr::from_str("127.0.0.0/8").expect("literal CIDR"),
+                Cidr::from_str("::1/128").expect("literal CIDR"),
+            ],
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    rustix::system::uname().nodename().to_str().ok().filter(|name| !name.is_empty()).unwrap_or("localhost").to_string()
+}
+
+/// What went wrong reading a configuration; `Display` is the one line an operator sees.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{file}: line {line}: key `{key}`: {problem}")]
+    Parse { file: String, line: usize, key: String, problem: String },
+    #[error("{file}: key `{key}`: {problem}")]
+    Invalid { file: String, key: String, problem: String },
+}
+
+impl Config {
+    /// Built-in settings for a first try on loopback: SMTP on 127.0.0.1:2525, the admin page on
+    /// 127.0.0.1:8025, a spool in ./bartleby-spool, and a demo domain whose primary (127.0.0.1:2526)
+    /// is not running, so mail waits in the queue as it would during an outage.
+    pub fn demo() -> Config {
+        let mut config = Config::default_for(PathBuf::from("bartleby-spool"));
+        config.smtp.listen = vec![SocketAddr::from(([127, 0, 0, 1], 2525))];
+        config.relay.domains = vec!["example.test".to_string()];
+        config.routes.insert("example.test".to_string(), Route { host: "127.0.0.1".to_string(), port: 2526 });
+        config
+    }
+
+    fn default_for(dir: PathBuf) -> Config {
+        Config {
+            hostname: default_hostname(),
+            smtp: SmtpConfig::default(),
+            relay: RelayConfig::default(),
+            dns: DnsConfig::default(),
+            queue: QueueConfig { dir, ..QueueConfig::default() },
+            routes: BTreeMap::new(),
+            domain: BTreeMap::new(),
+            delivery: DeliveryConfig::default(),
+            web: WebConfig::default(),
+        }
+    }
+
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parses and validates configuration text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::new(text);
+        let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let key = err.path().to_string();
+            let inner = err.into_inner();
+            let line = inner.span().map(|span| line_of(text, span.start)).unwrap_or(1);
+            ConfigError::Parse { file: file.to_string(), line, key, problem: inner.message().to_string() }
+        })?;
+        config.normalise();
+        config.validate().map_err(|(key, problem)| ConfigError::Invalid { file: file.to_string(), key, problem })?;
+        Ok(config)
+    }
+
+    /// Domain names compare case-insensitively (RFC 5321 2.4); store them in lower case once.
+    fn normalise(&mut self) {
+        self.hostname = self.hostname.trim_end_matches('.').to_ascii_lowercase();
+        for domain in self.relay.domains.iter_mut().chain(self.relay.also_me.iter_mut()) {
+            *domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        }
+        self.routes = std::mem::take(&mut self.routes)
+            .into_iter()
+            .map(|(domain, route)| (domain.to_ascii_lowercase(), route))
+            .collect();
+        self.domain = std::mem::take(&mut self.domain)
+            .into_iter()
+            .map(|(domain, policy)| (domain.to_ascii_lowercase(), policy))
+            .collect();
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, problem: String| Err((key.to_string(), problem));
+        if !is_domain_name(&self.hostname) {
+            return bad("hostname", format!("{:?} is not a host name", self.hostname));
+        }
+        if self.smtp.listen.is_empty() {
+            return bad("smtp.listen", "needs at least one address".into());
+        }
+        if self.smtp.tls_cert.is_some() != self.smtp.tls_key.is_some() {
+            return bad("smtp.tls_cert", "tls_cert and tls_key must be set together".into());
+        }
+        for (key, path) in [("smtp.tls_cert", &self.smtp.tls_cert), ("smtp.tls_key", &self.smtp.tls_key)] {
+            if let Some(path) = path
+                && let Err(err) = std::fs::metadata(path)
+            {
+                return bad(key, format!("{}: {err}", path.display()));
+            }
+        }
+        if self.smtp.max_message_size == 0 {
+            return bad("smtp.max_message_size", "must be above 0".into());
+        }
+        if self.smtp.max_recipients == 0 {
+            return bad("smtp.max_recipients", "must be above 0".into());
+        }
+        if self.smtp.max_line_length < 998 {
+            return bad("smtp.max_line_length", "must be at least 998 (RFC 5322 2.1.1)".into());
+        }
+        if self.smtp.max_sessions == 0 {
+            return bad("smtp.max_sessions", "must be above 0".into());
+        }
+        for (i, domain) in self.relay.domains.iter().enumerate() {
+            if !is_domain_name(domain) {
+                return bad(&format!("relay.domains[{i}]"), format!("{domain:?} is not a domain name"));
+            }
+        }
+        for domain in self.routes.keys() {
+            if !is_domain_name(domain) {
+                return bad(&format!("routes.{domain}"), format!("{domain:?} is not a domain name"));
+            }
+        }
+        if self.queue.dir.as_os_str().is_empty() {
+            return bad("queue.dir", "must not be empty".into());
+        }
+        for (key, value) in [
+            ("queue.retry_interval", self.queue.retry_interval),
+            ("queue.first_retry", self.queue.first_retry),
+            ("queue.max_lifetime", self.queue.max_lifetime),
+        ] {
+            if value.0.is_zero() {
+                return bad(key, "must be longer than 0".into());
+            }
+        }
+        if self.delivery.max_connections_per_destination == 0 {
+            return bad("delivery.max_connections_per_destination", "must be above 0".into());
+        }
+        Ok(())
+    }
+
+    /// Is `domain` one we are backup MX for?
+    pub fn is_relay_domain(&self, domain: &str) -> bool {
+        let domain = domain.trim_end_matches('.');
+        self.relay.domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// The per-domain policy, or the defaults.
+    pub fn domain_policy(&self, domain: &str) -> DomainConfig {
+        self.domain.get(&domain.to_ascii_lowercase()).cloned().unwrap_or_default()
+    }
+
+    /// The effective settings as TOML, for `bartleby check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot print settings: {err}\n"))
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).unwrap_or(text).bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+/// A syntactically valid DNS name (letters, digits, hyphens; labels of 1 to 63 octets).
+pub fn is_domain_name(name: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// A duration written the way operators write them: `90s`, `30m`, `4h`, `5d`, `1w`, or combined (`1h30m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub const fn seconds(n: u64) -> Self {
+        HumanDuration(Duration::from_secs(n))
+    }
+    pub const fn minutes(n: u64) -> Self {
+        HumanDuration(Duration::from_secs(n * 60))
+    }
+    pub const fn hours(n: u64) -> Self {
+        HumanDuration(Duration::from_secs(n * 3600))
+    }
+}
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let invalid = || format!("{text:?} is not a duration (write e.g. 90s, 30m, 4h, 5d)");
+        let text_trimmed = text.trim();
+        if text_trimmed.is_empty() {
+            return Err(invalid());
+        }
+        let mut total: u64 = 0;
+        let mut number = String::new();
+        for c in text_trimmed.chars() {
+            if c.is_ascii_digit() {
+                number.push(c);
+                continue;
+            }
+            let unit = match c {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86_400,
+                'w' => 7 * 86_400,
+                _ => return Err(invalid()),
+            };
+            let value: u64 = number.parse().map_err(|_| invalid())?;
+            number.clear();
+            total = value.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(invalid)?;
+        }
+        if !number.is_empty() {
+            return Err(invalid());
+        }
+        Ok(HumanDuration(Duration::from_secs(total)))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut secs = self.0.as_secs();
+        if secs == 0 {
+            return write!(f, "0s");
+        }
+        for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+            if secs >= size {
+                write!(f, "{}{unit}", secs / size)?;
+                secs %= size;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// A static next hop: `host:port` or `[ip]:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub host: String,
+    pub port: u16,
+}
+
+impl FromStr for Route {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let invalid = || format!("{text:?} is not host:port or [ip]:port");
+        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+            let (ip, port) = rest.split_once("]:").ok_or_else(invalid)?;
+            ip.parse::<IpAddr>().map_err(|_| invalid())?;
+            (ip, port)
+        } else {
+            text.rsplit_once(':').ok_or_else(invalid)?
+        };
+        let port: u16 = port.parse().map_err(|_| invalid())?;
+        if port == 0 || (host.parse::<IpAddr>().is_err() && !is_domain_name(host)) {
+            return Err(invalid());
+        }
+        Ok(Route { host: host.to_ascii_lowercase(), port })
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Route {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Route {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// An address block such as `127.0.0.1/32` or `2001:db8::/32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub network: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Does the block contain `addr`? IPv4-mapped IPv6 peers are matched as IPv4.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let addr = match addr {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(addr),
+            v4 => v4,
+        };
+        match (self.network, addr) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Is `addr` inside any block of `list`?
+pub fn cidr_list_contains(list: &[Cidr], addr: IpAddr) -> bool {
+    list.iter().any(|cidr| cidr.contains(addr))
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let invalid = || format!("{text:?} is not an address block (write e.g. 192.0.2.0/24)");
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let network: IpAddr = addr.parse().map_err(|_| invalid())?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().map_err(|_| invalid())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(invalid());
+        }
+        Ok(Cidr { network, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTRACT: &str = r#"
+hostname = "backup.example.test"
+
+[smtp]
+listen = ["127.0.0.3:25"]
+max_message_size = 52428800
+
+[relay]
+domains = ["Example.test"]
+
+[dns]
+nameservers = ["127.0.0.53:53"]
+
+[queue]
+dir = "/var/spool/bartleby"
+retry_interval = "30m"
+max_lifetime = "5d"
+warn_after = "4h"
+min_free = 104857600
+
+[routes]
+"example.org" = "127.0.0.2:2526"
+"example.net" = "[::1]:2525"
+
+[domain."example.test"]
+strict_order = true
+require_tls = false
+
+[web]
+listen = "127.0.0.1:8025"
+allow = ["127.0.0.1/32", "::1/128"]
+"#;
+
+    #[test]
+    fn the_public_contract_parses() {
+        let config = Config::parse(CONTRACT, "t.toml").expect("valid");
+        assert_eq!(config.hostname, "backup.example.test");
+        assert_eq!(config.smtp.listen, vec!["127.0.0.3:25".parse().unwrap()]);
+        assert!(config.is_relay_domain("EXAMPLE.TEST"));
+        assert!(!config.is_relay_domain("example.org"));
+        assert_eq!(config.queue.retry_interval.0, Duration::from_secs(1800));
+        assert_eq!(config.queue.max_lifetime.0, Duration::from_secs(5 * 86400));
+        assert_eq!(config.routes["example.org"], Route { host: "127.0.0.2".into(), port: 2526 });
+        assert_eq!(config.routes["example.net"], Route { host: "::1".into(), port: 2525 });
+        assert!(config.domain_policy("example.test").strict_order);
+        assert!(!config.domain_policy("other.test").strict_order);
+        assert_eq!(config.dns.nameservers.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = Config::parse("[smtp]\nlisten = [\"127.0.0.1:25\"]\nlisen = 1\n", "b.toml").unwrap_err();
+        let line = err.to_string();
+        assert!(line.starts_with("b.toml: line 3: key `smtp"), "{line}");
+        assert!(line.contains("unknown field `lisen`"), "{line}");
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let err = Config::parse("[queue]\nretry_interval = \"30 minutes\"\n", "c.toml").unwrap_err();
+        let line = err.to_string();
+        assert!(line.contains("key `queue.retry_interval`"), "{line}");
+        assert!(line.contains("not a duration"), "{line}");
+    }
+
+    #[test]
+    fn bad_address_names_the_key() {
+        let err = Config::parse("[smtp]\nlisten = [\"127.0.0.1\"]\n", "d.toml").unwrap_err();
+        assert!(err.to_string().contains("key `smtp.listen"), "{err}");
+        let err = Config::parse("[web]\nallow = [\"10.0.0.0/33\"]\n", "d.toml").unwrap_err();
+        assert!(err.to_string().contains("key `web.allow"), "{err}");
+        let err = Config::parse("[routes]\n\"a.test\" = \"nohost\"\n", "d.toml").unwrap_err();
+        assert!(err.to_string().contains("key `routes.a.test`"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_one_line() {
+        let err = Config::load(Path::new("/nonexistent/bartleby.toml")).unwrap_err();
+        assert!(err.to_string().starts_with("/nonexistent/bartleby.toml: cannot read"), "{err}");
+    }
+
+    #[test]
+    fn semantic_checks() {
+        let err = Config::parse("[relay]\ndomains = [\"bad domain\"]\n", "e.toml").unwrap_err();
+        assert!(err.to_string().contains("key `relay.domains[0]`"), "{err}");
+        let err = Config::parse("[smtp]\ntls_cert = \"/x\"\n", "e.toml").unwrap_err();
+        assert!(err.to_string().contains("tls_cert and tls_key"), "{err}");
+        let err = Config::parse("[smtp]\ntls_cert = \"/no/cert\"\ntls_key = \"/no/key\"\n", "e.toml").unwrap_err();
+        assert!(err.to_string().contains("/no/cert"), "{err}");
+        let err = Config::parse("[queue]\nretry_interval = \"0s\"\n", "e.toml").unwrap_err();
+        assert!(err.to_string().contains("queue.retry_interval"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!("90s".parse::<HumanDuration>().unwrap().0.as_secs(), 90);
+        assert_eq!("1h30m".parse::<HumanDuration>().unwrap().0.as_secs(), 5400);
+        assert_eq!("5d".parse::<HumanDuration>().unwrap().0.as_secs(), 432_000);
+        assert_eq!("2w".parse::<HumanDuration>().unwrap().0.as_secs(), 1_209_600);
+        for bad in ["", "30", "m", "3x", "-1m", "1.5h", "99999999999999999999d"] {
+            assert!(bad.parse::<HumanDuration>().is_err(), "{bad}");
+        }
+        assert_eq!(HumanDuration::seconds(5400).to_string(), "1h30m");
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let net: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        let host: Cidr = "::1".parse().unwrap();
+        assert!(host.contains("::1".parse().unwrap()));
+        assert!(!host.contains("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn demo_config_is_valid_and_round_trips() {
+        let demo = Config::demo();
+        assert!(demo.validate().is_ok());
+        let again = Config::parse(&demo.to_toml(), "demo").expect("effective settings parse back");
+        assert_eq!(again.routes, demo.routes);
+        assert_eq!(again.smtp.listen, demo.smtp.listen);
+    }
+}

@@ -1,0 +1,1 @@
+//! Delivery status notifications (RFC 3464): failure and delay notices, sent from the null sender.

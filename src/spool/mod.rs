@@ -1,0 +1,406 @@
+//! The durable queue. This is the only code that touches queue files.
+//!
+//! Layout under `queue.dir` (see `docs/spool.md`):
+//! - `incoming/`: files being written; anything here after a crash was never acknowledged.
+//! - `messages/ID.msg`: the message as received, our Received header first; never changed.
+//! - `messages/ID.env`: the envelope as JSON; replaced atomically on every change of state.
+//! - `lock`: held (flock) by the process that owns the spool, the daemon or an offline CLI.
+//! - `control.sock`: the running daemon's control socket.
+//!
+//! A message exists once both files are in `messages/` and that directory has been fsync'd; only then
+//! is 250 sent. On start, half-written leftovers are removed and everything else is queued again.
+
+pub mod envelope;
+
+pub use envelope::*;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+const INCOMING: &str = "incoming";
+const MESSAGES: &str = "messages";
+const CORRUPT: &str = "corrupt";
+
+/// Errors of the spool; each names the file it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: bad envelope: {source}")]
+    BadEnvelope { path: PathBuf, source: serde_json::Error },
+    #[error("{0}: the spool is in use by another bartleby process")]
+    Locked(PathBuf),
+    #[error("no message {0} in the queue")]
+    NotFound(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io { path: path.to_path_buf(), source }
+}
+
+/// Free space on the spool's filesystem.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct SpaceInfo {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    pub free_inodes: u64,
+    pub total_inodes: u64,
+}
+
+/// The queue: files on disk plus an in-memory index of every envelope.
+pub struct Spool {
+    root: PathBuf,
+    messages: PathBuf,
+    incoming: PathBuf,
+    /// Every queued envelope by ID, so listings and the scheduler never re-read the disk.
+    index: Mutex<BTreeMap<QueueId, Envelope>>,
+    /// The last issued ID as (microseconds, sequence), so IDs stay unique and increasing.
+    last_id: Mutex<(i64, u16)>,
+    /// Held for the life of the Spool: one owner at a time.
+    _lock: File,
+}
+
+/// What recovery found and did on open.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Recovery {
+    pub queued: usize,
+    pub removed_partial: usize,
+    pub quarantined: usize,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool at `root`, takes its lock and recovers it.
+    pub fn open(root: &Path) -> Result<(Spool, Recovery), SpoolError> {
+        let messages = root.join(MESSAGES);
+        let incoming = root.join(INCOMING);
+        for dir in [root, &messages, &incoming] {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
+        }
+        let lock_path = root.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|_| SpoolError::Locked(root.to_path_buf()))?;
+        let spool = Spool {
+            root: root.to_path_buf(),
+            messages,
+            incoming,
+            index: Mutex::new(BTreeMap::new()),
+            last_id: Mutex::new((0, 0)),
+            _lock: lock,
+        };
+        let recovery = spool.recover()?;
+        Ok((spool, recovery))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the running daemon listens for CLI commands.
+    pub fn control_socket_path(root: &Path) -> PathBuf {
+        root.join("control.sock")
+    }
+
+    fn recover(&self) -> Result<Recovery, SpoolError> {
+        let mut recovery = Recovery::default();
+        for entry in fs::read_dir(&self.incoming).map_err(io_err(&self.incoming))? {
+            let path = entry.map_err(io_err(&self.incoming))?.path();
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            recovery.removed_partial += 1;
+        }
+        let mut bodies = Vec::new();
+        let mut envelopes = Vec::new();
+        for entry in fs::read_dir(&self.messages).map_err(io_err(&self.messages))? {
+            let path = entry.map_err(io_err(&self.messages))?.path();
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("msg") => bodies.push(path),
+                Some("env") => envelopes.push(path),
+                _ => {
+                    fs::remove_file(&path).map_err(io_err(&path))?;
+                    recovery.removed_partial += 1;
+                }
+            }
+        }
+        let mut index = BTreeMap::new();
+        for path in envelopes {
+            if !path.with_extension("msg").exists() {
+                // The rename of the envelope reached the disk but the directory was never fsync'd
+                // with its body: the message was not acknowledged.
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                recovery.removed_partial += 1;
+                continue;
+            }
+            match read_envelope(&path) {
+                Ok(envelope) => {
+                    index.insert(envelope.id.clone(), envelope);
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "unreadable envelope moved to corrupt/");
+                    self.quarantine(&path)?;
+                    recovery.quarantined += 1;
+                }
+            }
+        }
+        for body in bodies {
+            let id = body.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+            let quarantined_env = self.root.join(CORRUPT).join(format!("{id}.env"));
+            if !index.contains_key(id) && !quarantined_env.exists() {
+                fs::remove_file(&body).map_err(io_err(&body))?;
+                recovery.removed_partial += 1;
+            } else if quarantined_env.exists() {
+                self.quarantine(&body)?;
+            }
+        }
+        sync_dir(&self.messages)?;
+        recovery.queued = index.len();
+        if let Some(last) = index.keys().next_back() {
+            *self.last_id.lock().unwrap_or_else(|p| p.into_inner()) = parse_id(last).unwrap_or((0, 0));
+        }
+        *self.index.lock().unwrap_or_else(|p| p.into_inner()) = index;
+        Ok(recovery)
+    }
+
+    /// Unreadable files are kept for a human, never silently deleted: it may be someone's mail.
+    fn quarantine(&self, path: &Path) -> Result<(), SpoolError> {
+        let dir = self.root.join(CORRUPT);
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io_err(&dir))?;
+        let target = dir.join(path.file_name().unwrap_or_default());
+        fs::rename(path, &target).map_err(io_err(path))
+    }
+
+    /// A new queue ID that sorts after every ID issued before.
+    pub fn new_id(&self) -> QueueId {
+        let mut last = self.last_id.lock().unwrap_or_else(|p| p.into_inner());
+        let now = now_micros();
+        let next = if now > last.0 {
+            (now, 0)
+        } else if last.1 < 0xfff {
+            (last.0, last.1 + 1)
+        } else {
+            (last.0 + 1, 0)
+        };
+        *last = next;
+        format!("{:013X}{:03X}", next.0, next.1)
+    }
+
+    /// Starts writing a new message; nothing is queued until [`IncomingMessage::commit`].
+    pub fn incoming(self: &Arc<Self>, id: &str) -> Result<IncomingMessage, SpoolError> {
+        let path = self.incoming.join(format!("{id}.msg"));
+        let file = create_private(&path)?;
+        Ok(IncomingMessage {
+            spool: Arc::clone(self),
+            id: id.to_string(),
+            path,
+            file: Some(BufWriter::with_capacity(64 * 1024, file)),
+            size: 0,
+        })
+    }
+
+    /// A copy of every queued envelope, in arrival order.
+    pub fn list(&self) -> Vec<Envelope> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Runs `f` over the index without copying it.
+    pub fn with_index<T>(&self, f: impl FnOnce(&BTreeMap<QueueId, Envelope>) -> T) -> T {
+        f(&self.index.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn get(&self, id: &str) -> Option<Envelope> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Durably replaces a message's envelope, then the index.
+    pub fn update(&self, envelope: &Envelope) -> Result<(), SpoolError> {
+        let target = self.messages.join(format!("{}.env", envelope.id));
+        if !target.exists() {
+            return Err(SpoolError::NotFound(envelope.id.clone()));
+        }
+        self.write_envelope(envelope, &target)?;
+        sync_dir(&self.messages)?;
+        self.index.lock().unwrap_or_else(|p| p.into_inner()).insert(envelope.id.clone(), envelope.clone());
+        Ok(())
+    }
+
+    /// Writes the envelope to a temporary file, fsyncs it and renames it over `target`.
+    fn write_envelope(&self, envelope: &Envelope, target: &Path) -> Result<(), SpoolError> {
+        let tmp = self.incoming.join(format!("{}.env", envelope.id));
+        let json =
+            serde_json::to_vec(envelope).map_err(|source| SpoolError::BadEnvelope { path: tmp.clone(), source })?;
+        let mut file = create_private(&tmp)?;
+        file.write_all(&json).map_err(io_err(&tmp))?;
+        file.sync_all().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, target).map_err(io_err(target))
+    }
+
+    /// Removes a message: the envelope first, so a crash can leave only an orphan body, which
+    /// recovery deletes.
+    pub fn remove(&self, id: &str) -> Result<(), SpoolError> {
+        let env = self.messages.join(format!("{id}.env"));
+        match fs::remove_file(&env) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(SpoolError::NotFound(id.to_string())),
+            Err(err) => return Err(SpoolError::Io { path: env, source: err }),
+        }
+        let body = self.messages.join(format!("{id}.msg"));
+        if let Err(err) = fs::remove_file(&body)
+            && err.kind() != io::ErrorKind::NotFound
+        {
+            return Err(SpoolError::Io { path: body, source: err });
+        }
+        sync_dir(&self.messages)?;
+        self.index.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        Ok(())
+    }
+
+    /// Path of a message's body, for streaming it to the next hop.
+    pub fn body_path(&self, id: &str) -> PathBuf {
+        self.messages.join(format!("{id}.msg"))
+    }
+
+    /// Reads a message's whole body.
+    pub fn read_body(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
+        let path = self.body_path(id);
+        fs::read(&path).map_err(|err| match err.kind() {
+            io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
+            _ => SpoolError::Io { path, source: err },
+        })
+    }
+
+    /// Reads the header section of a message (up to the first empty line, at most `limit` octets).
+    pub fn read_headers(&self, id: &str, limit: usize) -> Result<Vec<u8>, SpoolError> {
+        let path = self.body_path(id);
+        let file = File::open(&path).map_err(io_err(&path))?;
+        let mut buf = Vec::new();
+        file.take(limit as u64).read_to_end(&mut buf).map_err(io_err(&path))?;
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.truncate(end + 2);
+        }
+        Ok(buf)
+    }
+
+    /// Bytes and inodes free on the spool's filesystem (statvfs).
+    pub fn space(&self) -> Result<SpaceInfo, SpoolError> {
+        space_of(&self.root)
+    }
+}
+
+/// statvfs of the filesystem holding `path`.
+pub fn space_of(path: &Path) -> Result<SpaceInfo, SpoolError> {
+    let st = rustix::fs::statvfs(path).map_err(|e| SpoolError::Io { path: path.to_path_buf(), source: e.into() })?;
+    Ok(SpaceInfo {
+        free_bytes: st.f_bavail.saturating_mul(st.f_frsize),
+        total_bytes: st.f_blocks.saturating_mul(st.f_frsize),
+        free_inodes: st.f_favail,
+        total_inodes: st.f_files,
+    })
+}
+
+/// A message being received. Dropping it without `commit` deletes it.
+/// Owns an `Arc<Spool>` so the commit can run on a blocking thread.
+pub struct IncomingMessage {
+    spool: Arc<Spool>,
+    id: QueueId,
+    path: PathBuf,
+    file: Option<BufWriter<File>>,
+    size: u64,
+}
+
+impl IncomingMessage {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Octets written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
+        let file = self.file.as_mut().ok_or_else(|| SpoolError::NotFound(self.id.clone()))?;
+        file.write_all(data).map_err(io_err(&self.path))?;
+        self.size += data.len() as u64;
+        Ok(())
+    }
+
+    /// Makes the message durable and queued: body and envelope fsync'd, renamed into `messages/`,
+    /// directory fsync'd. Only after this returns Ok may the server answer 250.
+    pub fn commit(mut self, mut envelope: Envelope) -> Result<Envelope, SpoolError> {
+        let writer = self.file.take().ok_or_else(|| SpoolError::NotFound(self.id.clone()))?;
+        let file =
+            writer.into_inner().map_err(|e| SpoolError::Io { path: self.path.clone(), source: e.into_error() })?;
+        file.sync_all().map_err(io_err(&self.path))?;
+        drop(file);
+        envelope.id = self.id.clone();
+        envelope.size = self.size;
+        let spool = Arc::clone(&self.spool);
+        let body_target = spool.messages.join(format!("{}.msg", self.id));
+        let env_target = spool.messages.join(format!("{}.env", self.id));
+        fs::rename(&self.path, &body_target).map_err(io_err(&body_target))?;
+        self.path = body_target.clone();
+        if let Err(err) = spool.write_envelope(&envelope, &env_target).and_then(|()| sync_dir(&spool.messages)) {
+            // Not acknowledged: take the body back out so the queue never holds a half message.
+            let _ = fs::remove_file(&env_target);
+            let _ = fs::remove_file(&body_target);
+            return Err(err);
+        }
+        self.path = PathBuf::new();
+        spool.index.lock().unwrap_or_else(|p| p.into_inner()).insert(envelope.id.clone(), envelope.clone());
+        Ok(envelope)
+    }
+}
+
+impl Drop for IncomingMessage {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            self.file.take();
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn create_private(path: &Path) -> Result<File, SpoolError> {
+    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io_err(path))
+}
+
+fn read_envelope(path: &Path) -> Result<Envelope, SpoolError> {
+    let bytes = fs::read(path).map_err(io_err(path))?;
+    serde_json::from_slice(&bytes).map_err(|source| SpoolError::BadEnvelope { path: path.to_path_buf(), source })
+}
+
+/// fsync a directory so the names created or removed in it survive power loss.
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+fn parse_id(id: &str) -> Option<(i64, u16)> {
+    let micros = i64::from_str_radix(id.get(..13)?, 16).ok()?;
+    let seq = u16::from_str_radix(id.get(13..16)?, 16).ok()?;
+    Some((micros, seq))
+}
+
+/// Is `id` shaped like a queue ID? Guards every path built from user input.
+pub fn is_queue_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,147 @@
+use super::*;
+use std::os::unix::fs::PermissionsExt;
+
+fn open(path: &Path) -> Arc<Spool> {
+    Arc::new(Spool::open(path).expect("open spool").0)
+}
+
+fn envelope(spool: &Spool, id: &str) -> Envelope {
+    let _ = spool;
+    Envelope::new(id.to_string(), "a@sender.test".into(), vec![Recipient::new("b@example.test".into())])
+}
+
+fn put(spool: &Arc<Spool>, data: &[u8]) -> Envelope {
+    let id = spool.new_id();
+    let mut msg = spool.incoming(&id).expect("incoming");
+    msg.write(data).expect("write");
+    msg.commit(envelope(spool, &id)).expect("commit")
+}
+
+#[test]
+fn committed_message_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let env = put(&spool, b"Subject: hi\r\n\r\nbody\r\n");
+    assert_eq!(env.size, 21);
+    drop(spool);
+    let (spool, recovery) = Spool::open(dir.path()).unwrap();
+    let spool = Arc::new(spool);
+    assert_eq!(recovery.queued, 1);
+    assert_eq!(spool.get(&env.id), Some(env.clone()));
+    assert_eq!(spool.read_body(&env.id).unwrap(), b"Subject: hi\r\n\r\nbody\r\n");
+    assert_eq!(spool.read_headers(&env.id, 1000).unwrap(), b"Subject: hi\r\n");
+}
+
+#[test]
+fn uncommitted_message_never_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let id = spool.new_id();
+    let mut msg = spool.incoming(&id).unwrap();
+    msg.write(b"half a mess").unwrap();
+    drop(msg);
+    assert!(spool.is_empty());
+    assert_eq!(fs::read_dir(dir.path().join(INCOMING)).unwrap().count(), 0);
+}
+
+#[test]
+fn recovery_removes_leftovers_of_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let kept = put(&spool, b"x\r\n");
+    drop(spool);
+    // What a kill -9 can leave: a body being written, a body without envelope, an envelope without body.
+    fs::write(dir.path().join("incoming/0000000000001000.msg"), b"partial").unwrap();
+    fs::write(dir.path().join("messages/0000000000002000.msg"), b"orphan").unwrap();
+    fs::write(dir.path().join("messages/0000000000003000.env"), b"{}").unwrap();
+    let (spool, recovery) = Spool::open(dir.path()).unwrap();
+    let spool = Arc::new(spool);
+    assert_eq!(recovery.queued, 1);
+    assert_eq!(recovery.removed_partial, 3);
+    assert_eq!(spool.list().len(), 1);
+    assert_eq!(spool.list()[0].id, kept.id);
+}
+
+#[test]
+fn corrupt_envelope_is_quarantined_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let env = put(&spool, b"x\r\n");
+    drop(spool);
+    fs::write(dir.path().join(format!("messages/{}.env", env.id)), b"not json").unwrap();
+    let (spool, recovery) = Spool::open(dir.path()).unwrap();
+    let spool = Arc::new(spool);
+    assert_eq!(recovery.quarantined, 1);
+    assert!(spool.is_empty());
+    assert!(dir.path().join(format!("corrupt/{}.env", env.id)).exists());
+    assert!(dir.path().join(format!("corrupt/{}.msg", env.id)).exists());
+}
+
+#[test]
+fn ids_sort_by_arrival_and_are_unique() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let ids: Vec<_> = (0..5000).map(|_| spool.new_id()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(ids, sorted);
+    assert!(ids.iter().all(|id| is_queue_id(id)));
+    assert!(!is_queue_id("../../etc/passwd"));
+}
+
+#[test]
+fn ids_keep_increasing_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let env = put(&spool, b"x\r\n");
+    drop(spool);
+    let spool = open(dir.path());
+    assert!(spool.new_id() > env.id);
+}
+
+#[test]
+fn update_and_remove() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let mut env = put(&spool, b"x\r\n");
+    env.held = true;
+    env.record("held by test");
+    spool.update(&env).unwrap();
+    drop(spool);
+    let spool = open(dir.path());
+    assert!(spool.get(&env.id).unwrap().held);
+    spool.remove(&env.id).unwrap();
+    assert!(spool.get(&env.id).is_none());
+    assert!(matches!(spool.remove(&env.id), Err(SpoolError::NotFound(_))));
+    assert!(matches!(spool.update(&env), Err(SpoolError::NotFound(_))));
+    assert_eq!(fs::read_dir(dir.path().join(MESSAGES)).unwrap().count(), 0);
+}
+
+#[test]
+fn queued_mail_is_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let spool = open(&root);
+    let env = put(&spool, b"secret\r\n");
+    let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(root.clone()), 0o700);
+    assert_eq!(mode(root.join(MESSAGES)), 0o700);
+    assert_eq!(mode(root.join(format!("messages/{}.msg", env.id))), 0o600);
+    assert_eq!(mode(root.join(format!("messages/{}.env", env.id))), 0o600);
+}
+
+#[test]
+fn one_owner_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let _spool = open(dir.path());
+    assert!(matches!(Spool::open(dir.path()), Err(SpoolError::Locked(_))));
+}
+
+#[test]
+fn space_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let space = spool.space().unwrap();
+    assert!(space.total_bytes > 0 && space.free_bytes <= space.total_bytes);
+}
