@@ -13,5 +13,6 @@
 pub mod config;
 pub mod deliver;
 pub mod dsn;
+pub mod schedule;
 pub mod smtp;
 pub mod spool;

@@ -251,6 +251,43 @@ impl Spool {
         fs::rename(&tmp, target).map_err(io_err(target))
     }
 
+    /// Like [`Spool::update`] for many envelopes, with one directory fsync for all of them.
+    pub fn update_many(&self, envelopes: &[Envelope]) -> Result<(), SpoolError> {
+        for envelope in envelopes {
+            let target = self.messages.join(format!("{}.env", envelope.id));
+            if !target.exists() {
+                return Err(SpoolError::NotFound(envelope.id.clone()));
+            }
+            self.write_envelope(envelope, &target)?;
+        }
+        sync_dir(&self.messages)?;
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        for envelope in envelopes {
+            index.insert(envelope.id.clone(), envelope.clone());
+        }
+        Ok(())
+    }
+
+    /// Removes many messages with one directory fsync; a message already gone is not an error.
+    pub fn remove_many(&self, ids: &[QueueId]) -> Result<(), SpoolError> {
+        for id in ids {
+            for ext in ["env", "msg"] {
+                let path = self.messages.join(format!("{id}.{ext}"));
+                if let Err(err) = fs::remove_file(&path)
+                    && err.kind() != io::ErrorKind::NotFound
+                {
+                    return Err(SpoolError::Io { path, source: err });
+                }
+            }
+        }
+        sync_dir(&self.messages)?;
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            index.remove(id);
+        }
+        Ok(())
+    }
+
     /// Removes a message: the envelope first, so a crash can leave only an orphan body, which
     /// recovery deletes.
     pub fn remove(&self, id: &str) -> Result<(), SpoolError> {

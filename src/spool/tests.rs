@@ -145,3 +145,22 @@ fn space_is_reported() {
     let space = spool.space().unwrap();
     assert!(space.total_bytes > 0 && space.free_bytes <= space.total_bytes);
 }
+
+#[test]
+fn batch_update_and_remove() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let mut envs: Vec<_> = (0..3).map(|_| put(&spool, b"x\r\n")).collect();
+    for env in &mut envs {
+        env.attempts = 7;
+    }
+    spool.update_many(&envs).unwrap();
+    assert!(spool.list().iter().all(|e| e.attempts == 7));
+    let ids: Vec<_> = envs.iter().map(|e| e.id.clone()).collect();
+    spool.remove_many(&ids[..2]).unwrap();
+    assert_eq!(spool.list().len(), 1);
+    drop(spool);
+    let spool = open(dir.path());
+    assert_eq!(spool.list().len(), 1);
+    assert_eq!(spool.list()[0].id, ids[2]);
+}

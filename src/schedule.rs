@@ -1,0 +1,579 @@
+//! When to try what. One task owns the schedule: a set of `(due, queue ID)` ordered by time, woken by
+//! commands (a new message, a flush, hold/release/delete) or by the next due time, like mini-redis's
+//! expiry task. It hands batches of due messages, per destination domain and oldest first, to the
+//! [`Deliverer`], and turns the outcomes plus a message's age into delivery, retry, delay notice or
+//! bounce (`apply_outcomes`, a pure function).
+//!
+//! Every change of state is written to the spool before it is acted on: a DSN is queued before the
+//! failed recipient's state is saved, and a message leaves the spool only when no recipient is pending.
+
+use crate::config::Config;
+use crate::deliver::{Deliverer, Detail, Job, JobResult, RcptOutcome};
+use crate::dsn::{self, DsnKind, ReportedRecipient};
+use crate::spool::{
+    BodyType, DsnNotify, DsnRet, Envelope, QueueId, Recipient, RecipientStatus, Spool, SpoolError, domain_of,
+    from_micros, now_micros,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+/// Most messages handed to one delivery batch; later ones wait for the next batch of the domain.
+const BATCH_LIMIT: usize = 1000;
+
+/// Errors of queue operations, shown to the operator as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("message {0} is being delivered right now; try again in a moment")]
+    InFlight(QueueId),
+    #[error("bartleby is not running (no scheduler to deliver with)")]
+    NotRunning,
+}
+
+/// The delay before the next attempt after `attempts` failed ones: `first`, doubling, at most `max`
+/// (the queue run interval, like sendmail's -q30m).
+pub fn backoff(attempts: u32, first: Duration, max: Duration) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(30);
+    first.saturating_mul(1u32 << doublings).min(max)
+}
+
+enum Command {
+    Queued(QueueId),
+    Flush { domain: Option<String>, reply: oneshot::Sender<usize> },
+    Retry { id: QueueId, reply: oneshot::Sender<Result<(), ScheduleError>> },
+    Hold { id: QueueId, held: bool, reply: oneshot::Sender<Result<Envelope, ScheduleError>> },
+    Delete { id: QueueId, reply: oneshot::Sender<Result<(), ScheduleError>> },
+}
+
+/// How the rest of the daemon talks to the scheduler task.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl SchedulerHandle {
+    /// A message was just queued: consider it now.
+    pub fn queued(&self, id: &str) {
+        let _ = self.tx.send(Command::Queued(id.to_string()));
+    }
+
+    /// Makes every deferred message (of `domain`, if given) due now; returns how many were scheduled.
+    /// Held messages and messages being delivered right now are not counted.
+    pub async fn flush(&self, domain: Option<String>) -> Result<usize, ScheduleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Flush { domain, reply }).map_err(|_| ScheduleError::NotRunning)?;
+        rx.await.map_err(|_| ScheduleError::NotRunning)
+    }
+
+    /// Tries one message now.
+    pub async fn retry(&self, id: &str) -> Result<(), ScheduleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Retry { id: id.to_string(), reply }).map_err(|_| ScheduleError::NotRunning)?;
+        rx.await.map_err(|_| ScheduleError::NotRunning)?
+    }
+
+    /// Holds (`true`) or releases (`false`) a message.
+    pub async fn hold(&self, id: &str, held: bool) -> Result<Envelope, ScheduleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Hold { id: id.to_string(), held, reply }).map_err(|_| ScheduleError::NotRunning)?;
+        rx.await.map_err(|_| ScheduleError::NotRunning)?
+    }
+
+    /// Deletes a message without a bounce (an operator's decision).
+    pub async fn delete(&self, id: &str) -> Result<(), ScheduleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Delete { id: id.to_string(), reply }).map_err(|_| ScheduleError::NotRunning)?;
+        rx.await.map_err(|_| ScheduleError::NotRunning)?
+    }
+}
+
+/// Holds or releases a message in the spool; used by the scheduler and by the offline CLI.
+pub fn set_held(spool: &Spool, id: &str, held: bool) -> Result<Envelope, ScheduleError> {
+    let mut envelope = spool.get(id).ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
+    if envelope.held != held {
+        envelope.held = held;
+        envelope.record(if held { "held by the operator" } else { "released by the operator" });
+        if !held {
+            envelope.next_attempt = now_micros();
+        }
+        spool.update(&envelope)?;
+        tracing::info!(queue_id = %id, held, "{}", if held { "held" } else { "released" });
+    }
+    Ok(envelope)
+}
+
+/// Deletes a message; used by the scheduler and by the offline CLI.
+pub fn delete(spool: &Spool, id: &str) -> Result<(), ScheduleError> {
+    spool.remove(id)?;
+    tracing::info!(queue_id = %id, "removed by the operator");
+    Ok(())
+}
+
+/// The scheduler task's state.
+pub struct Scheduler {
+    config: Arc<Config>,
+    spool: Arc<Spool>,
+    deliverer: Arc<Deliverer>,
+    /// Messages waiting for their time, ordered by due time then arrival.
+    due: BTreeSet<(i64, QueueId)>,
+    /// The due time of each message in `due`, to find and move its entry.
+    due_at: HashMap<QueueId, i64>,
+    /// Messages that are due but whose domain already has a batch out; retried when it returns.
+    blocked: BTreeSet<QueueId>,
+    /// Number of domain batches carrying each message right now.
+    in_flight: HashMap<QueueId, usize>,
+    /// Outcomes gathered for a message until its last batch returns.
+    gathered: HashMap<QueueId, Vec<(String, RcptOutcome)>>,
+    /// Domains with a batch out: one batch per domain at a time keeps arrival order and the
+    /// connection bound.
+    busy_domains: HashSet<String>,
+    /// Domains whose last batch delivered nothing: when one comes back, its backlog is flushed.
+    down_domains: HashSet<String>,
+    batches: JoinSet<(String, Vec<JobResult>)>,
+    rx: mpsc::UnboundedReceiver<Command>,
+}
+
+impl Scheduler {
+    /// Creates the scheduler with every queued message scheduled at its `next_attempt`.
+    pub fn new(config: Arc<Config>, spool: Arc<Spool>, deliverer: Arc<Deliverer>) -> (Scheduler, SchedulerHandle) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut scheduler = Scheduler {
+            config,
+            spool,
+            deliverer,
+            due: BTreeSet::new(),
+            due_at: HashMap::new(),
+            blocked: BTreeSet::new(),
+            in_flight: HashMap::new(),
+            gathered: HashMap::new(),
+            busy_domains: HashSet::new(),
+            down_domains: HashSet::new(),
+            batches: JoinSet::new(),
+            rx,
+        };
+        let queued: Vec<(QueueId, i64, bool)> = scheduler
+            .spool
+            .with_index(|index| index.values().map(|e| (e.id.clone(), e.next_attempt, e.held)).collect());
+        for (id, at, held) in queued {
+            if !held {
+                scheduler.schedule(id, at);
+            }
+        }
+        (scheduler, SchedulerHandle { tx })
+    }
+
+    /// Runs until `shutdown` turns true. Batches still out are abandoned: their messages stay
+    /// queued and are tried again after a restart.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            self.dispatch();
+            let next = self.due.first().map(|(at, _)| *at);
+            let sleep = next.map(|at| {
+                let wait = Duration::from_micros(u64::try_from(at - now_micros()).unwrap_or(0));
+                tokio::time::Instant::now() + wait
+            });
+            tokio::select! {
+                command = self.rx.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => break,
+                },
+                Some(done) = self.batches.join_next(), if !self.batches.is_empty() => match done {
+                    Ok((domain, results)) => self.finish(domain, results).await,
+                    Err(err) => tracing::error!(error = %err, "delivery batch failed"),
+                },
+                _ = sleep_until(sleep) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        self.batches.abort_all();
+    }
+
+    fn schedule(&mut self, id: QueueId, at: i64) {
+        if let Some(old) = self.due_at.insert(id.clone(), at) {
+            self.due.remove(&(old, id.clone()));
+        }
+        self.due.insert((at, id));
+    }
+
+    fn unschedule(&mut self, id: &str) {
+        if let Some(old) = self.due_at.remove(id) {
+            self.due.remove(&(old, id.to_string()));
+        }
+        self.blocked.remove(id);
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Queued(id) => self.schedule(id, now_micros()),
+            Command::Flush { domain, reply } => {
+                let _ = reply.send(self.flush(domain.as_deref()));
+            }
+            Command::Retry { id, reply } => {
+                let result = match self.spool.get(&id) {
+                    None => Err(SpoolError::NotFound(id).into()),
+                    Some(_) if self.in_flight.contains_key(&id) => Err(ScheduleError::InFlight(id)),
+                    Some(_) => {
+                        self.schedule(id, now_micros());
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            Command::Hold { id, held, reply } => {
+                let result = set_held(&self.spool, &id, held);
+                if let Ok(envelope) = &result {
+                    if held {
+                        self.unschedule(&id);
+                    } else if !self.in_flight.contains_key(&id) {
+                        self.schedule(id, envelope.next_attempt);
+                    }
+                }
+                let _ = reply.send(result);
+            }
+            Command::Delete { id, reply } => {
+                let result = if self.in_flight.contains_key(&id) {
+                    Err(ScheduleError::InFlight(id))
+                } else {
+                    self.unschedule(&id);
+                    delete(&self.spool, &id)
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Marks deferred messages due now. Returns how many were scheduled.
+    fn flush(&mut self, domain: Option<&str>) -> usize {
+        let now = now_micros();
+        let chosen: Vec<QueueId> = self.spool.with_index(|index| {
+            index
+                .values()
+                .filter(|e| !e.held && !self.in_flight.contains_key(&e.id))
+                .filter(|e| domain.is_none_or(|d| e.pending().any(|r| r.domain() == d.to_ascii_lowercase())))
+                .map(|e| e.id.clone())
+                .collect()
+        });
+        let count = chosen.len();
+        for id in chosen {
+            self.schedule(id, now);
+        }
+        tracing::info!(domain = domain.unwrap_or("*"), messages = count, "flush");
+        count
+    }
+
+    /// Starts one batch per idle domain with its due messages, oldest first.
+    fn dispatch(&mut self) {
+        let now = now_micros();
+        let mut batches: BTreeMap<String, Vec<Job>> = BTreeMap::new();
+        while let Some((at, id)) = self.due.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.due.remove(&(at, id.clone()));
+            self.due_at.remove(&id);
+            let Some(envelope) = self.spool.get(&id) else { continue };
+            if envelope.held || self.in_flight.contains_key(&id) {
+                continue;
+            }
+            let domains: BTreeSet<String> = envelope.pending().map(Recipient::domain).collect();
+            let free = domains
+                .iter()
+                .all(|d| !self.busy_domains.contains(d) && batches.get(d).is_none_or(|b| b.len() < BATCH_LIMIT));
+            if !free {
+                self.blocked.insert(id);
+                continue;
+            }
+            self.in_flight.insert(id.clone(), domains.len());
+            let body = self.spool.body_path(&id);
+            for domain in domains {
+                batches.entry(domain).or_default().push(Job { envelope: envelope.clone(), body: body.clone() });
+            }
+        }
+        for (domain, mut jobs) in batches {
+            jobs.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
+            self.busy_domains.insert(domain.clone());
+            let deliverer = Arc::clone(&self.deliverer);
+            tracing::debug!(domain = %domain, messages = jobs.len(), "delivery batch");
+            self.batches.spawn(async move {
+                let results = deliverer.deliver(&domain, jobs).await;
+                (domain, results)
+            });
+        }
+    }
+
+    /// Applies a returned batch: gathers outcomes, settles messages whose last batch is back.
+    async fn finish(&mut self, domain: String, results: Vec<JobResult>) {
+        self.busy_domains.remove(&domain);
+        let delivered = results.iter().flat_map(|r| &r.outcomes).any(|(_, o)| matches!(o, RcptOutcome::Delivered(_)));
+        let deferred = results
+            .iter()
+            .flat_map(|r| &r.outcomes)
+            .any(|(_, o)| matches!(o, RcptOutcome::TempFail(_) | RcptOutcome::Loop(_)));
+        let mut settled = Vec::new();
+        for result in results {
+            self.gathered.entry(result.id.clone()).or_default().extend(result.outcomes);
+            let left = self.in_flight.get_mut(&result.id).map(|n| {
+                *n = n.saturating_sub(1);
+                *n
+            });
+            if left == Some(0) {
+                self.in_flight.remove(&result.id);
+                settled.push((result.id.clone(), self.gathered.remove(&result.id).unwrap_or_default()));
+            }
+        }
+        let spool = Arc::clone(&self.spool);
+        let config = Arc::clone(&self.config);
+        let settle = tokio::task::spawn_blocking(move || settle(&config, &spool, settled)).await;
+        match settle {
+            Ok(next) => {
+                for (id, at) in next {
+                    self.schedule(id, at);
+                }
+            }
+            Err(err) => tracing::error!(error = %err, "settling delivery results failed"),
+        }
+        let now = now_micros();
+        for id in std::mem::take(&mut self.blocked) {
+            self.schedule(id, now);
+        }
+        if delivered && self.down_domains.remove(&domain) {
+            tracing::info!(domain = %domain, "destination is back: flushing its queue");
+            self.flush(Some(&domain));
+        } else if deferred && !delivered {
+            self.down_domains.insert(domain);
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What settling one message decided.
+#[derive(Debug, Default, PartialEq)]
+pub struct Verdict {
+    /// Recipients that failed for good and want a failure notice.
+    pub bounce: Vec<ReportedRecipient>,
+    /// Recipients still pending that want a delay notice now.
+    pub delay: Vec<ReportedRecipient>,
+    /// No recipient is pending: the message leaves the spool.
+    pub done: bool,
+}
+
+/// Applies one attempt's outcomes to an envelope and decides what follows (pure: `now` is given).
+pub fn apply_outcomes(
+    config: &Config,
+    envelope: &mut Envelope,
+    outcomes: &[(String, RcptOutcome)],
+    now: i64,
+) -> Verdict {
+    let mut verdict = Verdict::default();
+    for (address, outcome) in outcomes {
+        let Some(rcpt) = envelope
+            .recipients
+            .iter_mut()
+            .find(|r| r.status == RecipientStatus::Pending && r.address.eq_ignore_ascii_case(address))
+        else {
+            continue;
+        };
+        let event = record_outcome(rcpt, outcome, &mut verdict);
+        envelope.history.push(crate::spool::HistoryEntry { at: now, event });
+    }
+    envelope.attempts += 1;
+    let age = Duration::from_micros(u64::try_from(now - envelope.arrived).unwrap_or(0));
+    if !envelope.is_done() && age >= config.queue.max_lifetime.0 {
+        expire(config, envelope, now, &mut verdict);
+    } else if !envelope.is_done() && age >= config.queue.warn_after.0 && !envelope.delay_notified {
+        envelope.delay_notified = true;
+        verdict.delay =
+            envelope.pending().filter(|r| r.wants(DsnNotify::Delay)).map(|r| reported(r, &pending_detail(r))).collect();
+    }
+    let wait = backoff(envelope.attempts, config.queue.first_retry.0, config.queue.retry_interval.0);
+    envelope.next_attempt = now + i64::try_from(wait.as_micros()).unwrap_or(i64::MAX / 2);
+    verdict.done = envelope.is_done();
+    if !dsn::wanted(envelope) {
+        verdict.bounce.clear();
+        verdict.delay.clear();
+    }
+    verdict
+}
+
+/// Records one recipient's outcome; returns the history line.
+fn record_outcome(rcpt: &mut Recipient, outcome: &RcptOutcome, verdict: &mut Verdict) -> String {
+    match outcome {
+        RcptOutcome::Delivered(detail) => {
+            rcpt.status = RecipientStatus::Delivered;
+            rcpt.last_error = None;
+            rcpt.remote_mta = detail.remote_mta.clone();
+            format!("delivered to <{}>: {}", rcpt.address, detail.text)
+        }
+        RcptOutcome::PermFail(detail) => {
+            rcpt.status = RecipientStatus::Failed;
+            rcpt.last_error = Some(detail.text.clone());
+            rcpt.remote_mta = detail.remote_mta.clone();
+            if rcpt.wants(DsnNotify::Failure) {
+                verdict.bounce.push(reported(rcpt, detail));
+            }
+            format!("failed <{}>: {}", rcpt.address, detail.text)
+        }
+        RcptOutcome::TempFail(detail) | RcptOutcome::Loop(detail) => {
+            rcpt.last_error = Some(detail.text.clone());
+            rcpt.remote_mta = detail.remote_mta.clone();
+            format!("deferred <{}>: {}", rcpt.address, detail.text)
+        }
+    }
+}
+
+/// The lifetime is over: every pending recipient fails with 4.4.7 (RFC 3463) and the last error.
+fn expire(config: &Config, envelope: &mut Envelope, now: i64, verdict: &mut Verdict) {
+    let lifetime = crate::config::HumanDuration(config.queue.max_lifetime.0);
+    for rcpt in envelope.recipients.iter_mut().filter(|r| r.status == RecipientStatus::Pending) {
+        let last = rcpt.last_error.clone().unwrap_or_else(|| "no attempt succeeded".into());
+        let detail = Detail {
+            status: "4.4.7".into(),
+            text: format!("message expired after {lifetime} in the queue; last error: {last}"),
+            remote_mta: rcpt.remote_mta.clone(),
+            diagnostic: None,
+        };
+        rcpt.status = RecipientStatus::Failed;
+        rcpt.last_error = Some(detail.text.clone());
+        if rcpt.wants(DsnNotify::Failure) {
+            verdict.bounce.push(reported(rcpt, &detail));
+        }
+    }
+    envelope.history.push(crate::spool::HistoryEntry { at: now, event: format!("expired after {lifetime}") });
+}
+
+fn pending_detail(rcpt: &Recipient) -> Detail {
+    Detail {
+        status: "4.4.1".into(),
+        text: rcpt.last_error.clone().unwrap_or_else(|| "not yet delivered".into()),
+        remote_mta: rcpt.remote_mta.clone(),
+        diagnostic: None,
+    }
+}
+
+fn reported(rcpt: &Recipient, detail: &Detail) -> ReportedRecipient {
+    ReportedRecipient {
+        address: rcpt.address.clone(),
+        orcpt: rcpt.orcpt.clone(),
+        status: detail.status.clone(),
+        diagnostic: detail.diagnostic.clone(),
+        remote_mta: detail.remote_mta.clone(),
+        text: detail.text.clone(),
+    }
+}
+
+/// Settles messages whose attempt is complete: queues DSNs first, then saves or removes the
+/// messages. Returns when each message still pending is due next.
+fn settle(
+    config: &Config,
+    spool: &Arc<Spool>,
+    settled: Vec<(QueueId, Vec<(String, RcptOutcome)>)>,
+) -> Vec<(QueueId, i64)> {
+    let now = now_micros();
+    let mut updated = Vec::new();
+    let mut removed = Vec::new();
+    let mut next = Vec::new();
+    for (id, outcomes) in settled {
+        let Some(mut envelope) = spool.get(&id) else { continue };
+        let verdict = apply_outcomes(config, &mut envelope, &outcomes, now);
+        for (kind, rcpts) in [(DsnKind::Failure, &verdict.bounce), (DsnKind::Delay, &verdict.delay)] {
+            if rcpts.is_empty() {
+                continue;
+            }
+            match queue_dsn(config, spool, &envelope, kind, rcpts) {
+                Ok(dsn_id) => {
+                    envelope.record(format!("{} notice {dsn_id} sent to <{}>", kind_name(kind), envelope.sender));
+                    next.push((dsn_id, now));
+                }
+                Err(err) => tracing::error!(queue_id = %id, error = %err, "cannot queue DSN"),
+            }
+        }
+        log_verdict(&envelope, &verdict);
+        if verdict.done {
+            removed.push(id);
+        } else {
+            if !envelope.held {
+                next.push((id, envelope.next_attempt));
+            }
+            updated.push(envelope);
+        }
+    }
+    if let Err(err) = spool.update_many(&updated) {
+        tracing::error!(error = %err, "cannot save delivery state");
+    }
+    if let Err(err) = spool.remove_many(&removed) {
+        tracing::error!(error = %err, "cannot remove delivered messages");
+    }
+    next
+}
+
+fn kind_name(kind: DsnKind) -> &'static str {
+    match kind {
+        DsnKind::Failure => "failure",
+        DsnKind::Delay => "delay",
+    }
+}
+
+fn log_verdict(envelope: &Envelope, verdict: &Verdict) {
+    let pending = envelope.pending().count();
+    if verdict.done {
+        tracing::info!(queue_id = %envelope.id, attempts = envelope.attempts, "removed: no recipient pending");
+    } else {
+        tracing::info!(
+            queue_id = %envelope.id,
+            pending,
+            attempts = envelope.attempts,
+            next_attempt = %crate::spool::rfc3339(envelope.next_attempt),
+            error = envelope.last_error().unwrap_or(""),
+            "deferred"
+        );
+    }
+}
+
+/// Writes a DSN for `envelope` into the spool as a new message from `<>` to its sender.
+fn queue_dsn(
+    config: &Config,
+    spool: &Arc<Spool>,
+    envelope: &Envelope,
+    kind: DsnKind,
+    recipients: &[ReportedRecipient],
+) -> Result<QueueId, SpoolError> {
+    let original = match (kind, envelope.ret) {
+        (DsnKind::Failure, Some(DsnRet::Full)) => spool.read_body(&envelope.id)?,
+        _ => spool.read_headers(&envelope.id, 256 * 1024)?,
+    };
+    let retry_until = from_micros(envelope.arrived) + config.queue.max_lifetime.0;
+    let bytes =
+        dsn::build(&config.hostname, envelope, kind, recipients, &original, SystemTime::now(), Some(retry_until));
+    let id = spool.new_id();
+    let mut message = spool.incoming(&id)?;
+    message.write(&bytes)?;
+    let mut notice = Envelope::new(id.clone(), String::new(), vec![Recipient::new(envelope.sender.clone())]);
+    notice.generated = true;
+    notice.helo = config.hostname.clone();
+    notice.smtputf8 = envelope.smtputf8 && !envelope.sender.is_ascii();
+    if bytes.iter().any(|b| *b >= 0x80) {
+        notice.body = BodyType::EightBitMime;
+    }
+    notice.record(format!("{} notice for {} to <{}>", kind_name(kind), envelope.id, envelope.sender));
+    message.commit(notice)?;
+    tracing::info!(queue_id = %id, original = %envelope.id, to = %envelope.sender, kind = kind_name(kind), "DSN queued");
+    Ok(id)
+}
+
+/// The domain a recipient list is routed by; exposed for listings.
+pub fn domains_of(envelope: &Envelope) -> BTreeSet<String> {
+    envelope.pending().map(|r| domain_of(&r.address)).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,160 @@
+use super::*;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR_MICROS: i64 = 3_600_000_000;
+
+fn config() -> Config {
+    Config::parse("[relay]\ndomains = [\"example.test\"]\n", "t.toml").expect("config")
+}
+
+fn envelope(sender: &str, rcpts: &[&str]) -> Envelope {
+    Envelope::new(
+        "0000000000001000".into(),
+        sender.into(),
+        rcpts.iter().map(|r| Recipient::new(r.to_string())).collect(),
+    )
+}
+
+fn detail(status: &str, text: &str) -> Detail {
+    Detail {
+        status: status.into(),
+        text: text.into(),
+        remote_mta: Some("primary.example.test".into()),
+        diagnostic: None,
+    }
+}
+
+fn outcome(rcpt: &str, o: RcptOutcome) -> (String, RcptOutcome) {
+    (rcpt.to_string(), o)
+}
+
+#[test]
+fn backoff_starts_small_and_grows_to_the_interval() {
+    let max = 30 * MINUTE;
+    assert_eq!(backoff(1, MINUTE, max), MINUTE);
+    assert_eq!(backoff(2, MINUTE, max), 2 * MINUTE);
+    assert_eq!(backoff(3, MINUTE, max), 4 * MINUTE);
+    assert_eq!(backoff(5, MINUTE, max), 16 * MINUTE);
+    assert_eq!(backoff(6, MINUTE, max), max);
+    assert_eq!(backoff(1000, MINUTE, max), max);
+}
+
+#[test]
+fn delivered_message_is_done() {
+    let config = config();
+    let mut env = envelope("a@s.test", &["b@example.test"]);
+    let now = env.arrived + 1000;
+    let verdict = apply_outcomes(
+        &config,
+        &mut env,
+        &[outcome("B@example.test", RcptOutcome::Delivered(detail("2.0.0", "250 ok")))],
+        now,
+    );
+    assert!(verdict.done);
+    assert!(verdict.bounce.is_empty());
+    assert_eq!(env.recipients[0].status, RecipientStatus::Delivered);
+    assert_eq!(env.attempts, 1);
+}
+
+#[test]
+fn permanent_failure_bounces_only_that_recipient() {
+    let config = config();
+    let mut env = envelope("a@s.test", &["b@example.test", "c@example.test"]);
+    let now = env.arrived + 1000;
+    let verdict = apply_outcomes(
+        &config,
+        &mut env,
+        &[
+            outcome("b@example.test", RcptOutcome::PermFail(detail("5.1.1", "RCPT TO: 550 5.1.1 no such user"))),
+            outcome("c@example.test", RcptOutcome::TempFail(detail("4.2.0", "RCPT TO: 450 busy"))),
+        ],
+        now,
+    );
+    assert!(!verdict.done);
+    assert_eq!(verdict.bounce.len(), 1);
+    assert_eq!(verdict.bounce[0].address, "b@example.test");
+    assert_eq!(verdict.bounce[0].status, "5.1.1");
+    assert_eq!(env.recipients[0].status, RecipientStatus::Failed);
+    assert_eq!(env.recipients[1].status, RecipientStatus::Pending);
+    assert_eq!(env.last_error(), Some("RCPT TO: 450 busy"));
+    assert_eq!(env.next_attempt, now + 60_000_000);
+}
+
+#[test]
+fn deferral_keeps_the_error_and_backs_off() {
+    let config = config();
+    let mut env = envelope("a@s.test", &["b@example.test"]);
+    env.attempts = 2;
+    let now = env.arrived + 1000;
+    let loop_text = "MX list for example.test points back to backup.example.test";
+    let verdict = apply_outcomes(
+        &config,
+        &mut env,
+        &[outcome("b@example.test", RcptOutcome::Loop(detail("4.4.6", loop_text)))],
+        now,
+    );
+    assert!(!verdict.done && verdict.bounce.is_empty() && verdict.delay.is_empty());
+    assert_eq!(env.last_error(), Some(loop_text));
+    assert_eq!(env.next_attempt, now + 4 * 60_000_000);
+}
+
+#[test]
+fn one_delay_notice_after_warn_after() {
+    let config = config();
+    let mut env = envelope("a@s.test", &["b@example.test"]);
+    let now = env.arrived + 5 * HOUR_MICROS;
+    let temp = [outcome("b@example.test", RcptOutcome::TempFail(detail("4.4.1", "connect to primary: refused")))];
+    let verdict = apply_outcomes(&config, &mut env, &temp, now);
+    assert_eq!(verdict.delay.len(), 1);
+    assert!(env.delay_notified);
+    let verdict = apply_outcomes(&config, &mut env, &temp, now + HOUR_MICROS);
+    assert!(verdict.delay.is_empty(), "only one delay notice per message");
+}
+
+#[test]
+fn expiry_fails_every_pending_recipient() {
+    let config = config();
+    let mut env = envelope("a@s.test", &["b@example.test"]);
+    let now = env.arrived + 5 * 24 * HOUR_MICROS + 1;
+    let temp = [outcome("b@example.test", RcptOutcome::TempFail(detail("4.4.1", "connect: refused")))];
+    let verdict = apply_outcomes(&config, &mut env, &temp, now);
+    assert!(verdict.done);
+    assert_eq!(verdict.bounce.len(), 1);
+    assert_eq!(verdict.bounce[0].status, "4.4.7");
+    assert!(verdict.bounce[0].text.contains("connect: refused"), "{}", verdict.bounce[0].text);
+}
+
+#[test]
+fn no_dsn_to_the_null_sender_or_for_notify_never() {
+    let config = config();
+    let fail = [outcome("b@example.test", RcptOutcome::PermFail(detail("5.1.1", "550 no")))];
+    let mut bounce_of_bounce = envelope("", &["b@example.test"]);
+    let now = bounce_of_bounce.arrived + 1;
+    assert!(apply_outcomes(&config, &mut bounce_of_bounce, &fail, now).bounce.is_empty());
+    let mut never = envelope("a@s.test", &["b@example.test"]);
+    never.recipients[0].notify = Some(vec![DsnNotify::Never]);
+    let verdict = apply_outcomes(&config, &mut never, &fail, now);
+    assert!(verdict.bounce.is_empty() && verdict.done);
+    let mut success_only = envelope("a@s.test", &["b@example.test"]);
+    success_only.recipients[0].notify = Some(vec![DsnNotify::Success]);
+    assert!(apply_outcomes(&config, &mut success_only, &fail, now).bounce.is_empty());
+}
+
+#[test]
+fn outcomes_for_unknown_or_settled_recipients_are_ignored() {
+    let config = config();
+    let mut env = envelope("a@s.test", &["b@example.test"]);
+    env.recipients[0].status = RecipientStatus::Delivered;
+    let now = env.arrived + 1;
+    let verdict = apply_outcomes(
+        &config,
+        &mut env,
+        &[
+            outcome("b@example.test", RcptOutcome::PermFail(detail("5.1.1", "550"))),
+            outcome("x@example.test", RcptOutcome::PermFail(detail("5.1.1", "550"))),
+        ],
+        now,
+    );
+    assert!(verdict.done && verdict.bounce.is_empty());
+    assert_eq!(env.recipients[0].status, RecipientStatus::Delivered);
+}
