@@ -10,7 +10,10 @@
 //! Beside them: [`config`] (the TOML file), [`control`] (the daemon's control socket, used by
 //! [`cli`]), and [`daemon`], which wires the parts together for `bartleby serve`.
 
+pub mod cli;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod deliver;
 pub mod dsn;
 pub mod schedule;

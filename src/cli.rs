@@ -1,0 +1,235 @@
+//! The command line: `bartleby serve`, `check-config` and the `queue` commands (mailq-style).
+//! Exit status: 0 success, 1 failure, 2 bad configuration.
+
+use crate::config::{Config, ConfigError};
+use crate::control::{self, ControlError, ListedMessage, MessageDetail, Request};
+use crate::spool::{Spool, rfc3339};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "bartleby", version, about = "A backup MX: keeps every message until the primary takes it")]
+pub struct Cli {
+    /// Configuration file (default: built-in settings for a first try on loopback).
+    #[arg(long, short, global = true, env = "BARTLEBY_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (the default when no command is given).
+    Serve,
+    /// Validate the configuration and print the effective settings.
+    CheckConfig,
+    /// Look at and act on the queue (works while the daemon runs).
+    Queue {
+        #[command(subcommand)]
+        action: QueueCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// List queued messages, oldest first, like mailq.
+    List {
+        /// An array of JSON objects instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one message: envelope, recipients, history and headers.
+    Show { id: String },
+    /// Delete a message without sending a bounce.
+    Delete { id: String },
+    /// Hold a message: it is not tried or flushed until released.
+    Hold { id: String },
+    /// Release a held message and try it now.
+    Release { id: String },
+    /// Try a message now.
+    Retry { id: String },
+    /// Try every deferred message now (like sendmail -q / postqueue -f).
+    Flush {
+        /// Only messages with recipients in this domain.
+        #[arg(long)]
+        domain: Option<String>,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load_config(cli.config.as_ref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config),
+        Command::CheckConfig => {
+            println!(
+                "# {}: valid; effective settings:",
+                cli.config.map(|p| p.display().to_string()).unwrap_or("built-in defaults".into())
+            );
+            print!("{}", config.to_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Queue { action } => queue(config, action),
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
+    match path {
+        Some(path) => Config::load(path),
+        None => Ok(Config::demo()),
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+/// Logs go to stderr, one line per event; journald adds its own timestamps.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    init_logging();
+    let result =
+        runtime().map_err(crate::daemon::DaemonError::from).and_then(|rt| rt.block_on(crate::daemon::run(config)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            tracing::error!(error = %err, "cannot run");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn queue(config: Config, action: QueueCommand) -> ExitCode {
+    let (request, json) = match action {
+        QueueCommand::List { json } => (Request::List, json),
+        QueueCommand::Show { id } => (Request::Show { id }, false),
+        QueueCommand::Delete { id } => (Request::Delete { id }, false),
+        QueueCommand::Hold { id } => (Request::Hold { id }, false),
+        QueueCommand::Release { id } => (Request::Release { id }, false),
+        QueueCommand::Retry { id } => (Request::Retry { id }, false),
+        QueueCommand::Flush { domain } => (Request::Flush { domain }, false),
+    };
+    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(send(&config, request.clone())));
+    match result {
+        Ok(value) => {
+            print!("{}", render(&request, value, json));
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Through the daemon when it runs; otherwise on the spool directly, under its lock.
+async fn send(config: &Config, request: Request) -> Result<Value, String> {
+    let socket = Spool::control_socket_path(&config.queue.dir);
+    match control::request(&socket, &request).await {
+        Err(ControlError::NotRunning(_)) => {}
+        other => return other.map_err(|e| e.to_string()),
+    }
+    if !config.queue.dir.exists() {
+        return Err(format!("no spool at {} (is queue.dir right?)", config.queue.dir.display()));
+    }
+    let (spool, _) = Spool::open(&config.queue.dir).map_err(|e| e.to_string())?;
+    control::execute(request, &spool, None).await
+}
+
+fn render(request: &Request, value: Value, json: bool) -> String {
+    match request {
+        Request::List if json => format!("{}\n", serde_json::to_string_pretty(&value).unwrap_or_default()),
+        Request::List => match serde_json::from_value::<Vec<ListedMessage>>(value) {
+            Ok(list) => mailq(&list),
+            Err(err) => format!("bad listing: {err}\n"),
+        },
+        Request::Show { .. } => match serde_json::from_value::<MessageDetail>(value) {
+            Ok(detail) => show(&detail),
+            Err(err) => format!("bad message: {err}\n"),
+        },
+        Request::Flush { domain } => {
+            let count = value.as_u64().unwrap_or(0);
+            let scope = domain.as_ref().map(|d| format!(" for {d}")).unwrap_or_default();
+            format!("flush{scope}: {count} message{} scheduled for delivery now\n", if count == 1 { "" } else { "s" })
+        }
+        _ => format!("{}\n", value.as_str().unwrap_or_default()),
+    }
+}
+
+/// The table `mailq` users know: ID (`!` when held), size, arrival, sender, then each recipient
+/// with the reason it waits.
+pub fn mailq(list: &[ListedMessage]) -> String {
+    if list.is_empty() {
+        return "Mail queue is empty\n".to_string();
+    }
+    let mut out = String::from("-Queue ID-------- --Size-- ----Arrival Time---- -Sender/Recipient-------\n");
+    let mut bytes = 0u64;
+    for m in list {
+        bytes += m.size;
+        let mark = if m.held { "!" } else { " " };
+        let sender = if m.sender.is_empty() { "MAILER-DAEMON" } else { &m.sender };
+        out += &format!("{}{mark}{:>9} {:>20}  {sender}\n", m.id, m.size, short_time(&m.arrived));
+        if let Some(error) = &m.last_error {
+            out += &format!("{:50}({error})\n", "");
+        }
+        for rcpt in &m.recipients {
+            out += &format!("{:50}{rcpt}\n", "");
+        }
+        out.push('\n');
+    }
+    let count = list.len();
+    out += &format!("-- {} Kbytes in {count} Request{}.\n", bytes.div_ceil(1024), if count == 1 { "" } else { "s" });
+    out
+}
+
+/// "2026-11-29T13:14:06Z" -> "2026-11-29 13:14:06".
+fn short_time(rfc3339: &str) -> String {
+    rfc3339.trim_end_matches('Z').replacen('T', " ", 1).chars().take(19).collect()
+}
+
+fn show(detail: &MessageDetail) -> String {
+    let e = &detail.envelope;
+    let mut out = format!("Queue ID:     {}{}\n", e.id, if e.held { " (held)" } else { "" });
+    let sender = if e.sender.is_empty() { "<>".to_string() } else { format!("<{}>", e.sender) };
+    out += &format!("Sender:       {sender}\n");
+    out += &format!("Arrived:      {}\n", rfc3339(e.arrived));
+    let client = e.client_ip.map(|ip| ip.to_string()).unwrap_or_else(|| "local".into());
+    out += &format!("From:         {} [{client}]\n", e.helo);
+    out += &format!("Size:         {} bytes\n", e.size);
+    out += &format!("Attempts:     {} (next {})\n", e.attempts, rfc3339(e.next_attempt));
+    for r in &e.recipients {
+        let status = format!("{:?}", r.status).to_lowercase();
+        out += &format!("Recipient:    <{}> {status}", r.address);
+        if let Some(err) = &r.last_error {
+            out += &format!(": {err}");
+        }
+        out.push('\n');
+    }
+    out += "History:\n";
+    for h in &e.history {
+        out += &format!("  {}  {}\n", rfc3339(h.at), h.event);
+    }
+    out += "Headers:\n";
+    out += &detail.headers.replace("\r\n", "\n");
+    out
+}

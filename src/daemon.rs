@@ -1,0 +1,120 @@
+//! `bartleby serve`: wires the stages together. Binds every listener first, recovers the spool,
+//! starts the scheduler, the control socket and the SMTP server, and stops them in order on
+//! SIGTERM or SIGINT: no new mail, 421 to open sessions, nothing half-written left behind.
+
+use crate::config::Config;
+use crate::control;
+use crate::deliver::Deliverer;
+use crate::schedule::Scheduler;
+use crate::smtp::{self, ServerContext};
+use crate::spool::{Spool, SpoolError};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Why the daemon could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("spool: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("control socket {path}: {source}")]
+    Control { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Binds a TCP listener with SO_REUSEADDR, so a restart does not wait for TIME_WAIT sockets.
+pub fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    };
+    listen().map_err(|source| DaemonError::Listen { addr, source })
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let config = Arc::new(config);
+    let listeners = config.smtp.listen.iter().map(|addr| bind_tcp(*addr)).collect::<Result<Vec<_>, _>>()?;
+    let dir = config.queue.dir.clone();
+    let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&dir))
+        .await
+        .map_err(|e| DaemonError::Setup(e.to_string()))??;
+    let spool = Arc::new(spool);
+    tracing::info!(
+        queued = recovery.queued,
+        removed_partial = recovery.removed_partial,
+        quarantined = recovery.quarantined,
+        dir = %config.queue.dir.display(),
+        "spool recovered"
+    );
+    let socket_path = Spool::control_socket_path(&config.queue.dir);
+    let control_listener = control::bind(&socket_path)
+        .map_err(|source| DaemonError::Control { path: socket_path.display().to_string(), source })?;
+    let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(DaemonError::Setup)?);
+    let (scheduler, handle) = Scheduler::new(Arc::clone(&config), Arc::clone(&spool), deliverer);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+
+    let scheduler_task = tokio::spawn(scheduler.run(shutdown.clone()));
+    let control_task =
+        tokio::spawn(control::serve(control_listener, Arc::clone(&spool), handle.clone(), shutdown.clone()));
+    let queued_handle = handle.clone();
+    let context = Arc::new(ServerContext {
+        config: Arc::clone(&config),
+        spool: Arc::clone(&spool),
+        on_queued: Box::new(move |envelope| queued_handle.queued(&envelope.id)),
+    });
+    let smtp_task = tokio::spawn(smtp::serve(context, listeners, shutdown.clone()));
+    announce(&config);
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new mail; open sessions get 421");
+    let _ = shutdown_tx.send(true);
+    match tokio::time::timeout(Duration::from_secs(30), smtp_task).await {
+        Ok(Ok(Err(err))) => tracing::error!(error = %err, "SMTP server stopped with an error"),
+        Err(_) => tracing::warn!("SMTP sessions did not end within 30s"),
+        _ => {}
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), scheduler_task).await;
+    let _ = control_task.await;
+    let _ = std::fs::remove_file(&socket_path);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Tells the person who started us where we are, on stdout (the log goes to stderr).
+fn announce(config: &Config) {
+    let smtp: Vec<String> = config.smtp.listen.iter().map(|a| a.to_string()).collect();
+    println!(
+        "bartleby {} ({}) listening: SMTP on {}; spool in {}; backup MX for {}",
+        env!("CARGO_PKG_VERSION"),
+        config.hostname,
+        smtp.join(", "),
+        config.queue.dir.display(),
+        if config.relay.domains.is_empty() {
+            "no domains (relay.domains is empty)".to_string()
+        } else {
+            config.relay.domains.join(", ")
+        },
+    );
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; running until killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
