@@ -1,0 +1,227 @@
+//! Runs the real `bartleby` binary for integration tests: writes a config, starts `serve`, waits
+//! until SMTP answers, and stops (SIGTERM) or kills (SIGKILL) it; killed on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_bartleby");
+
+/// A free TCP port on `ip` (bound and released; good enough for tests).
+pub fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0)).and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub smtp: SocketAddr,
+    log_path: PathBuf,
+}
+
+impl Daemon {
+    /// Writes `config` (which must set `smtp.listen = [smtp]` and `queue.dir`) to `dir` and starts.
+    pub fn start_with(dir: &Path, config: &str, smtp: SocketAddr) -> Daemon {
+        let config_path = dir.join("bartleby.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut daemon =
+            Daemon { child: None, dir: dir.to_path_buf(), config_path, smtp, log_path: dir.join("bartleby.log") };
+        daemon.restart();
+        daemon
+    }
+
+    /// A daemon on 127.0.0.1:<free port> relaying `example.test`, with `extra` TOML appended
+    /// (sections only; top-level keys go in `top`).
+    pub fn start(dir: &Path, top: &str, extra: &str) -> Daemon {
+        let smtp: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
+        let spool = dir.join("spool");
+        let config = format!(
+            "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\n\n[relay]\ndomains = [\"example.test\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
+            spool.display()
+        );
+        Daemon::start_with(dir, &config, smtp)
+    }
+
+    /// Starts (again) on the same config and spool; waits until SMTP answers.
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).expect("log file");
+        let child = Command::new(BIN)
+            .args(["--config", self.config_path.to_str().expect("utf-8 path"), "serve"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start bartleby");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(stream) = TcpStream::connect_timeout(&self.smtp, Duration::from_secs(1)) {
+                let mut line = String::new();
+                let _ = BufReader::new(stream).read_line(&mut line);
+                if line.starts_with("220") {
+                    return;
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("bartleby exited with {status} at start:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "bartleby did not answer on {} in 20s:\n{}", self.smtp, self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.join("spool")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Runs `bartleby --config CONFIG args...`, bounded to 30 s.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli_with_config(&self.config_path, args)
+    }
+
+    /// `queue list --json`, parsed.
+    pub fn queue(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["queue", "list", "--json"]);
+        assert!(out.status.success(), "queue list failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("queue list --json is JSON")
+    }
+
+    /// SIGTERM and wait (at most 20 s) for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = rustix::process::Pid::from_child(&child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        wait_bounded(&mut child, Duration::from_secs(20))
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn cli_with_config(config: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run bartleby cli");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("bartleby {args:?} did not finish in 30s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("bartleby did not stop within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A minimal SMTP client for tests: sends one message, returns the final reply line to DATA.
+pub fn send_raw(addr: SocketAddr, from: &str, to: &[&str], data: &[u8]) -> std::io::Result<String> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut reply = || -> std::io::Result<String> {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return Ok(all);
+            }
+        }
+    };
+    reply()?;
+    writer.write_all("EHLO client.test\r\n".as_bytes())?;
+    reply()?;
+    writer.write_all(format!("MAIL FROM:<{from}>\r\n").as_bytes())?;
+    let r = reply()?;
+    if !r.starts_with('2') {
+        return Ok(r);
+    }
+    for rcpt in to {
+        writer.write_all(format!("RCPT TO:<{rcpt}>\r\n").as_bytes())?;
+        reply()?;
+    }
+    writer.write_all("DATA\r\n".as_bytes())?;
+    let r = reply()?;
+    if !r.starts_with('3') {
+        return Ok(r);
+    }
+    writer.write_all(&dot_stuff(data))?;
+    writer.write_all(b".\r\n")?;
+    let r = reply()?;
+    let _ = writer.write_all(b"QUIT\r\n");
+    Ok(r)
+}
+
+/// Dot-stuffs CRLF text for DATA (RFC 5321 4.5.2); `data` must end with CRLF.
+pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 16);
+    let mut at_line_start = true;
+    for &b in data {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    out
+}
+
+/// The stored message without our Received header (the first header, with its continuation lines).
+pub fn strip_our_received(stored: &[u8]) -> &[u8] {
+    assert!(stored.starts_with(b"Received:"), "stored message does not start with our Received header");
+    let mut pos = 0;
+    loop {
+        let end = stored[pos..].windows(2).position(|w| w == b"\r\n").map(|p| pos + p + 2).expect("header line");
+        pos = end;
+        if !matches!(stored.get(pos), Some(b' ') | Some(b'\t')) {
+            return &stored[pos..];
+        }
+    }
+}
+
+/// The queue ID from "250 2.0.0 Ok: queued as ID".
+pub fn queued_id(reply: &str) -> Option<String> {
+    reply.trim_end().rsplit(' ').next().filter(|id| id.len() == 16).map(str::to_string)
+}
