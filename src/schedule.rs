@@ -49,13 +49,57 @@ enum Command {
     Delete { id: QueueId, reply: oneshot::Sender<Result<(), ScheduleError>> },
 }
 
+/// What the last deliveries to a destination domain said about its next hop (the primary).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DestinationState {
+    /// Microseconds since the epoch of the last successful delivery (or probe).
+    pub last_success: Option<i64>,
+    /// Since when every attempt has failed; None while the destination works.
+    pub failing_since: Option<i64>,
+    /// The last error, with the stage and the server's reply.
+    pub last_error: Option<String>,
+    /// Microseconds since the epoch of the last attempt.
+    pub last_attempt: Option<i64>,
+}
+
+impl DestinationState {
+    /// Records a success (a delivery, or later a probe).
+    pub fn succeeded(&mut self, at: i64) {
+        self.last_success = Some(at);
+        self.last_attempt = Some(at);
+        self.failing_since = None;
+        self.last_error = None;
+    }
+
+    /// Records a failure; `failing_since` keeps the first one of a run.
+    pub fn failed(&mut self, at: i64, error: String) {
+        self.last_attempt = Some(at);
+        self.failing_since.get_or_insert(at);
+        self.last_error = Some(error);
+    }
+}
+
+/// Destination states by domain, shared with the admin page and the monitor.
+pub type Destinations = Arc<std::sync::Mutex<BTreeMap<String, DestinationState>>>;
+
 /// How the rest of the daemon talks to the scheduler task.
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Command>,
+    destinations: Destinations,
 }
 
 impl SchedulerHandle {
+    /// A copy of what is known about each destination domain.
+    pub fn destinations(&self) -> BTreeMap<String, DestinationState> {
+        self.destinations.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The shared destination table, for the parts that record probes.
+    pub fn destination_table(&self) -> Destinations {
+        Arc::clone(&self.destinations)
+    }
+
     /// A message was just queued: consider it now.
     pub fn queued(&self, id: &str) {
         let _ = self.tx.send(Command::Queued(id.to_string()));
@@ -135,13 +179,16 @@ pub struct Scheduler {
     down_domains: HashSet<String>,
     batches: JoinSet<(String, Vec<JobResult>)>,
     rx: mpsc::UnboundedReceiver<Command>,
+    destinations: Destinations,
 }
 
 impl Scheduler {
     /// Creates the scheduler with every queued message scheduled at its `next_attempt`.
     pub fn new(config: Arc<Config>, spool: Arc<Spool>, deliverer: Arc<Deliverer>) -> (Scheduler, SchedulerHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let destinations = Destinations::default();
         let mut scheduler = Scheduler {
+            destinations: Arc::clone(&destinations),
             config,
             spool,
             deliverer,
@@ -163,7 +210,7 @@ impl Scheduler {
                 scheduler.schedule(id, at);
             }
         }
-        (scheduler, SchedulerHandle { tx })
+        (scheduler, SchedulerHandle { tx, destinations })
     }
 
     /// Runs until `shutdown` turns true. Batches still out are abandoned: their messages stay
@@ -313,6 +360,7 @@ impl Scheduler {
             .iter()
             .flat_map(|r| &r.outcomes)
             .any(|(_, o)| matches!(o, RcptOutcome::TempFail(_) | RcptOutcome::Loop(_)));
+        self.record_destination(&domain, &results);
         let mut settled = Vec::new();
         for result in results {
             self.gathered.entry(result.id.clone()).or_default().extend(result.outcomes);
@@ -345,6 +393,22 @@ impl Scheduler {
             self.flush(Some(&domain));
         } else if deferred && !delivered {
             self.down_domains.insert(domain);
+        }
+    }
+}
+
+impl Scheduler {
+    fn record_destination(&self, domain: &str, results: &[JobResult]) {
+        let outcomes = || results.iter().flat_map(|r| &r.outcomes).map(|(_, o)| o);
+        let now = now_micros();
+        let mut table = self.destinations.lock().unwrap_or_else(|p| p.into_inner());
+        let state = table.entry(domain.to_string()).or_default();
+        if outcomes().any(|o| matches!(o, RcptOutcome::Delivered(_))) {
+            state.succeeded(now);
+        } else if let Some(RcptOutcome::TempFail(d) | RcptOutcome::Loop(d)) =
+            outcomes().find(|o| matches!(o, RcptOutcome::TempFail(_) | RcptOutcome::Loop(_)))
+        {
+            state.failed(now, d.text.clone());
         }
     }
 }
