@@ -107,8 +107,12 @@ pub fn init_logging() {
 
 fn serve(config: Config) -> ExitCode {
     init_logging();
-    let result =
-        runtime().map_err(crate::daemon::DaemonError::from).and_then(|rt| rt.block_on(crate::daemon::run(config)));
+    // Bind first (port 25), drop privileges, and only then start the runtime's threads.
+    let result = crate::daemon::bind(&config).and_then(|bound| {
+        crate::privilege::drop_to(config.user.as_deref(), config.group.as_deref(), &config.queue.dir)
+            .map_err(|e| crate::daemon::DaemonError::Setup(e.to_string()))?;
+        runtime()?.block_on(crate::daemon::run(config, bound))
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

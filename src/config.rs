@@ -19,6 +19,11 @@ pub struct Config {
     /// Our name: in the greeting, in Received headers, and how we recognise ourselves in MX lists.
     #[serde(default = "default_hostname")]
     pub hostname: String,
+    /// Started as root, bartleby binds its ports and then becomes this user (and `group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     #[serde(default)]
     pub smtp: SmtpConfig,
     #[serde(default)]
@@ -217,6 +222,8 @@ impl Config {
     fn default_for(dir: PathBuf) -> Config {
         Config {
             hostname: default_hostname(),
+            user: None,
+            group: None,
             smtp: SmtpConfig::default(),
             relay: RelayConfig::default(),
             dns: DnsConfig::default(),
