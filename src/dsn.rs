@@ -282,7 +282,7 @@ fn text_part(n: &Notice<'_>, returned_full: bool) -> Vec<u8> {
             t.push_str("If delivery still fails by then, the message will be returned to you.\r\n");
         }
     }
-    let _ = write!(t, "For further assistance, please contact the postmaster of {host}.\r\n\r\n");
+    let _ = write!(t, "\r\nFor further assistance, please contact the postmaster of {host}.\r\n\r\n");
     for r in n.recipients {
         let line = format!("<{}>: {}", clean(&r.address, n.utf8), clean(&r.text, n.utf8));
         t.push_str(&wrap(&line, "    "));
