@@ -10,7 +10,9 @@
 //! (RFC 3461 section 4.3, RET). Messages from SMTPUTF8 senders or with non-ASCII addresses use the
 //! internationalised types of RFC 6533 instead.
 
-use crate::spool::envelope::{BodyType, DsnNotify, DsnRet, Envelope, QueueId, Recipient, from_micros, rfc5322_date};
+use crate::spool::envelope::{
+    BodyType, DsnNotify, DsnRet, Envelope, QueueId, Recipient, RecipientStatus, from_micros, rfc5322_date,
+};
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -158,12 +160,18 @@ fn is_enhanced(word: &str, class: u8) -> bool {
 
 /// Would this envelope produce a notice of `kind` at all? False for the null sender and for
 /// messages bartleby generated itself (RFC 3461 section 6.2, RFC 3834 section 2: never answer a
-/// notice with a notice), for a second delay notice, and when no pending recipient asked for it.
+/// notice with a notice), for a second delay notice, and when no recipient that could be reported
+/// asked for it: for a delay, the pending ones; for a failure, any not delivered (pending or
+/// already marked failed, so the answer does not depend on when the scheduler marks them).
 pub fn wanted(envelope: &Envelope, kind: DsnKind) -> bool {
     if kind == DsnKind::Delay && envelope.delay_notified {
         return false;
     }
-    !reported(envelope, kind, envelope.pending()).is_empty()
+    let candidates = envelope.recipients.iter().filter(|r| match kind {
+        DsnKind::Failure => r.status != RecipientStatus::Delivered,
+        DsnKind::Delay => r.status == RecipientStatus::Pending,
+    });
+    !reported(envelope, kind, candidates).is_empty()
 }
 
 /// The recipients among `recipients` that get reported in a notice of `kind`: those whose NOTIFY

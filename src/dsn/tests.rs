@@ -228,14 +228,18 @@ fn notify_decides_who_is_reported() {
 }
 
 #[test]
-fn delay_notice_only_once_and_only_for_pending() {
+fn delay_notice_only_once_and_recipient_status_counts() {
     let mut env = envelope("alice@sender.test", &["bob@example.test"]);
     assert!(wanted(&env, DsnKind::Delay));
     env.delay_notified = true;
     assert!(!wanted(&env, DsnKind::Delay));
     env.delay_notified = false;
+    env.recipients[0].status = RecipientStatus::Failed;
+    assert!(!wanted(&env, DsnKind::Delay), "failed recipients are not delayed");
+    assert!(wanted(&env, DsnKind::Failure), "already marked failed still reports the failure");
     env.recipients[0].status = RecipientStatus::Delivered;
     assert!(!wanted(&env, DsnKind::Delay));
+    assert!(!wanted(&env, DsnKind::Failure));
 }
 
 #[test]
