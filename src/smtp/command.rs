@@ -361,7 +361,8 @@ pub fn check_mailbox(address: &str, utf8: bool) -> Result<&str, &'static str> {
         literal.strip_suffix(']').is_some_and(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_graphic()))
     } else {
         let ascii: String = domain.chars().map(|c| if c.is_ascii() { c } else { 'x' }).collect();
-        crate::config::is_domain_name(&ascii) && !domain.ends_with('.')
+        // A trailing dot (fully qualified) is tolerated, as Postfix does.
+        crate::config::is_domain_name(&ascii)
     };
     if domain_ok { Ok(domain) } else { Err("invalid domain") }
 }

@@ -143,6 +143,7 @@ fn mailboxes() {
     assert_eq!(check_mailbox("first.last+tag@Example.TEST", false), Ok("Example.TEST"));
     assert_eq!(check_mailbox(r#""a b"@c.test"#, false), Ok("c.test"));
     assert_eq!(check_mailbox("a@[192.0.2.1]", false), Ok("[192.0.2.1]"));
+    assert_eq!(check_mailbox("a@b.test.", false), Ok("b.test."));
     assert_eq!(check_mailbox("j\u{f6}rg@d.test", true), Ok("d.test"));
     assert_eq!(check_mailbox("j\u{f6}rg@b\u{fc}cher.test", true), Ok("b\u{fc}cher.test"));
     assert!(check_mailbox("j\u{f6}rg@d.test", false).is_err());
