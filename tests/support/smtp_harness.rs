@@ -74,6 +74,11 @@ impl Harness {
 
     /// Signals shutdown and waits (bounded) for `serve` to return.
     pub async fn stop(mut self) -> std::io::Result<()> {
+        self.shutdown().await
+    }
+
+    /// Like `stop`, keeping the spool directory for inspection.
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
         self.shutdown.send_replace(true);
         let task = self.task.take().expect("running");
         tokio::time::timeout(Duration::from_secs(10), task).await.expect("serve returned in time").expect("joined")
