@@ -54,6 +54,17 @@ if code == 250:
 s.quit()
 "#;
 
+/// Sends a 2 MiB message and prints the error.
+const BIG_MESSAGE: &str = r#"
+import smtplib, sys
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]), local_hostname='client.test', timeout=20)
+try:
+    s.sendmail('a@b.test', ['x@example.test'], b'Subject: big\r\n\r\n' + (b'y' * 998 + b'\r\n') * 2048)
+except smtplib.SMTPException as e:
+    print('ERROR', repr(e))
+s.quit()
+"#;
+
 fn fill(path: &Path, bytes: usize) {
     std::fs::write(path, vec![0u8; bytes]).expect("write filler");
 }
@@ -79,6 +90,26 @@ async fn low_space_refuses_mail_until_space_returns() {
         assert!(text.contains("MAIL 250 2.1.0 Ok"), "{text}");
         assert!(text.contains("DATA (250, b'2.0.0 Ok: queued as "), "{text}");
         assert_eq!(harness.spool.len(), 2);
+        harness.stop().await.expect("serve");
+    };
+    tokio::time::timeout(Duration::from_secs(90), test).await.expect("test finished in time");
+    drop(tmpfs);
+}
+
+/// A write that fails (the filesystem is full) gets 451 4.3.0 and leaves nothing queued or half-written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_gets_451_and_queues_nothing() {
+    let tmpfs = Tmpfs::mount();
+    let spool_dir = tmpfs.path.join("spool");
+    let test = async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let harness = Harness::start_in(dir, &spool_dir, |c| c.queue.min_free = 0).await;
+        fill(&tmpfs.path.join("filler"), 7 * 1024 * 1024);
+        let text = stdout(&python(&harness, BIG_MESSAGE, &[]).await);
+        assert!(text.contains("SMTPDataError(451, b'4.3.0 error: queue file write error')"), "{text}");
+        assert!(harness.spool.is_empty());
+        let incoming = std::fs::read_dir(spool_dir.join("incoming")).expect("incoming").count();
+        assert_eq!(incoming, 0, "half-written file left in incoming/");
         harness.stop().await.expect("serve");
     };
     tokio::time::timeout(Duration::from_secs(90), test).await.expect("test finished in time");

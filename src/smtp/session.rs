@@ -314,7 +314,9 @@ impl Session {
             Command::StartTls => return self.starttls(),
             Command::NotImplemented(verb) => Reply::new(502, "5.5.1", format!("{verb} not implemented")),
         };
-        if reply.is_positive() { Action::Reply(reply) } else { self.error(reply) }
+        // 452 (too many recipients, low space) is the server's limit, not the client's error: a client
+        // with many recipients must be able to send the rest later (RFC 5321 4.5.3.1.10).
+        if reply.is_positive() || reply.code == 452 { Action::Reply(reply) } else { self.error(reply) }
     }
 
     /// EHLO/HELO (RFC 5321 4.1.1.1): resets any transaction and lists our extensions.

@@ -328,6 +328,22 @@ fn too_many_errors_end_the_session() {
 }
 
 #[test]
+fn overshooting_recipients_is_not_an_error() {
+    let fx = fixture(|c| c.smtp.max_recipients = 1);
+    let mut session = fx.session(false);
+    let mut input = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n".to_vec();
+    for _ in 0..MAX_ERRORS + 10 {
+        input.extend_from_slice(b"RCPT TO:<x@example.test>\r\n");
+    }
+    input.extend_from_slice(b"DATA\r\nhi\r\n.\r\n");
+    let (text, ended) = talk(&mut session, &input);
+    assert_eq!(ended, Ended::Open);
+    assert_eq!(text.matches("452 4.5.3 too many recipients\r\n").count(), MAX_ERRORS + 9, "{text}");
+    assert!(text.contains("354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as "), "{text}");
+    assert_eq!(fx.context.spool.len(), 1);
+}
+
+#[test]
 fn data_split_across_feeds() {
     let fx = fixture(|_| {});
     let mut session = fx.session(false);
