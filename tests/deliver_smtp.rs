@@ -325,8 +325,8 @@ async fn parallel_connections_are_bounded() {
 
 #[tokio::test]
 async fn strict_order_uses_one_connection_and_stops_at_a_deferral() {
-    let mut script = Script::default();
-    script.final_replies = ["250 ok".to_string(), "250 ok".into(), "451 4.3.0 try later".into()].into();
+    let final_replies = ["250 ok".to_string(), "250 ok".into(), "451 4.3.0 try later".into()].into();
+    let script = Script { final_replies, ..Script::default() };
     let primary = FakePrimary::start(script).await;
     let dir = TempDir::new().unwrap();
     let jobs: Vec<Job> =
@@ -374,8 +374,7 @@ async fn dsn_parameters_only_when_offered() {
 
 #[tokio::test]
 async fn size_8bitmime_and_smtputf8_are_checked_before_sending() {
-    let mut script = Script::default();
-    script.capabilities = vec!["PIPELINING".into(), "SIZE 20".into()];
+    let script = Script { capabilities: vec!["PIPELINING".into(), "SIZE 20".into()], ..Script::default() };
     let primary = FakePrimary::start(script).await;
     let dir = TempDir::new().unwrap();
     let big = job(&dir, "big", &["a@example.test"], BODY);

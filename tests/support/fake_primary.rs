@@ -176,16 +176,13 @@ impl Connection {
         {
             return;
         }
-        match self.serve(&mut io).await {
-            Ok(Flow::StartTls) => {
-                let Starttls::Accept(config) = script.starttls else { return };
-                let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                let Ok(tls) = acceptor.accept(io.into_inner()).await else { return };
-                self.tls = true;
-                let mut io = BufReader::new(tls);
-                let _ = self.serve(&mut io).await;
-            }
-            _ => {}
+        if let Ok(Flow::StartTls) = self.serve(&mut io).await {
+            let Starttls::Accept(config) = script.starttls else { return };
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let Ok(tls) = acceptor.accept(io.into_inner()).await else { return };
+            self.tls = true;
+            let mut io = BufReader::new(tls);
+            let _ = self.serve(&mut io).await;
         }
     }
 
