@@ -571,7 +571,7 @@ impl Session {
         };
         let accepted: Vec<usize> = (0..rcpts.len()).filter(|&i| outcomes[i].is_none()).collect();
         match data_reply {
-            Some(reply) if reply.code == 354 && !accepted.is_empty() => match self.data(file.0, &reply).await {
+            Some(reply) if reply.code == 354 && !accepted.is_empty() => match self.data(file.0).await {
                 Ok(last) => {
                     for &i in &accepted {
                         outcomes[i] = Some(last.outcome(format!("end of DATA to {}: {last}", self.peer), &self.host));
@@ -761,7 +761,7 @@ impl Session {
     }
 
     /// Streams the body, dot-stuffed, and reads the final reply (RFC 5321 4.5.3.2.5-6 timeouts).
-    async fn data(&mut self, mut file: tokio::fs::File, _go_ahead: &Reply) -> Result<Reply, ClientError> {
+    async fn data(&mut self, mut file: tokio::fs::File) -> Result<Reply, ClientError> {
         let mut stuffer = DotStuffer::default();
         let mut input = vec![0u8; CHUNK];
         let mut out = Vec::with_capacity(CHUNK + CHUNK / 8);

@@ -328,3 +328,33 @@ fn uniform_result(job: &Job, domain: &str, outcome: &RcptOutcome) -> JobResult {
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_outside_a_runtime() {
+        let mut config = Config::demo();
+        config.dns.nameservers = vec!["127.0.0.1:5353".parse().expect("literal")];
+        assert!(Deliverer::new(Arc::new(config)).is_ok());
+    }
+
+    #[test]
+    fn missing_ca_file_is_reported() {
+        let mut config = Config::demo();
+        config.dns.nameservers = vec!["127.0.0.1:5353".parse().expect("literal")];
+        config.delivery.tls_ca_file = Some(PathBuf::from("/nonexistent/ca.pem"));
+        let err = Deliverer::new(Arc::new(config)).err().expect("an error");
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn loop_outcome_wording() {
+        let e = RouteError::Loop { domain: "example.test".into(), hostname: "backup.example.test".into() };
+        match e.outcome() {
+            RcptOutcome::Loop(d) => assert_eq!(d.text, "MX list for example.test points back to backup.example.test"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
