@@ -124,6 +124,10 @@ pub struct DeliveryConfig {
     pub data_init_timeout: HumanDuration,
     pub data_block_timeout: HumanDuration,
     pub data_done_timeout: HumanDuration,
+    /// Extra trust anchors (PEM) besides the Web PKI roots, for domains with `require_tls`.
+    pub tls_ca_file: Option<PathBuf>,
+    /// How long to wait for one DNS answer before asking again (two tries, then a temporary failure).
+    pub dns_timeout: HumanDuration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -176,6 +180,8 @@ impl Default for DeliveryConfig {
             data_init_timeout: HumanDuration::minutes(2),
             data_block_timeout: HumanDuration::minutes(3),
             data_done_timeout: HumanDuration::minutes(10),
+            tls_ca_file: None,
+            dns_timeout: HumanDuration::seconds(5),
         }
     }
 }
@@ -326,6 +332,14 @@ impl Config {
         }
         if self.delivery.max_connections_per_destination == 0 {
             return bad("delivery.max_connections_per_destination", "must be above 0".into());
+        }
+        if let Some(path) = &self.delivery.tls_ca_file
+            && let Err(err) = std::fs::metadata(path)
+        {
+            return bad("delivery.tls_ca_file", format!("{}: {err}", path.display()));
+        }
+        if self.delivery.dns_timeout.0.is_zero() {
+            return bad("delivery.dns_timeout", "must be longer than 0".into());
         }
         Ok(())
     }
