@@ -54,6 +54,8 @@ fn into_tokio(listener: std::net::TcpListener) -> Result<TcpListener, DaemonErro
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config, bound: Listeners) -> Result<(), DaemonError> {
     let config = Arc::new(config);
+    // A bad certificate is an error at start, not at the first STARTTLS.
+    smtp::tls_acceptor(&config).map_err(|e| DaemonError::Setup(e.to_string()))?;
     let listeners = bound.smtp.into_iter().map(into_tokio).collect::<Result<Vec<_>, _>>()?;
     let dir = config.queue.dir.clone();
     let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&dir))

@@ -118,7 +118,7 @@ impl Drop for Daemon {
 }
 
 pub fn cli_with_config(config: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .arg("--config")
         .arg(config)
         .args(args)
@@ -126,15 +126,19 @@ pub fn cli_with_config(config: &Path, args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run bartleby cli");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
+    let pid = rustix::process::Pid::from_child(&child);
+    // Read the output while waiting: a large listing would fill the pipe and block the CLI.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(output) => output.expect("cli output"),
+        Err(_) => {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             panic!("bartleby {args:?} did not finish in 30s");
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().expect("output")
 }
 
 fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
