@@ -102,7 +102,11 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).init();
     } else {
@@ -238,10 +242,10 @@ pub fn mailq(list: &[ListedMessage]) -> String {
         let sender = if m.sender.is_empty() { "MAILER-DAEMON" } else { &m.sender };
         out += &format!("{}{mark}{:>9} {:>20}  {sender}\n", m.id, m.size, short_time(&m.arrived));
         if let Some(error) = &m.last_error {
-            out += &format!("{:50}({error})\n", "");
+            out += &format!("{:49}({error})\n", "");
         }
         for rcpt in &m.recipients {
-            out += &format!("{:50}{rcpt}\n", "");
+            out += &format!("{:49}{rcpt}\n", "");
         }
         out.push('\n');
     }
