@@ -74,7 +74,7 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(config),
+        Command::Serve => serve(config, cli.config),
         Command::CheckConfig => {
             println!(
                 "# {}: valid; effective settings:",
@@ -114,13 +114,13 @@ pub fn init_logging() {
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     init_logging();
     // Bind first (port 25), drop privileges, and only then start the runtime's threads.
     let result = crate::daemon::bind(&config).and_then(|bound| {
         crate::privilege::drop_to(config.user.as_deref(), config.group.as_deref(), &config.queue.dir)
             .map_err(|e| crate::daemon::DaemonError::Setup(e.to_string()))?;
-        runtime()?.block_on(crate::daemon::run(config, bound))
+        runtime()?.block_on(crate::daemon::run(config, bound, path))
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

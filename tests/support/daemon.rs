@@ -102,6 +102,27 @@ impl Daemon {
         wait_bounded(&mut child, Duration::from_secs(20))
     }
 
+    /// SIGHUP: reload the configuration.
+    pub fn hup(&self) {
+        let child = self.child.as_ref().expect("running");
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_child(child), rustix::process::Signal::HUP);
+    }
+
+    /// Rewrites the configuration file.
+    pub fn rewrite_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read config");
+        std::fs::write(&self.config_path, edit(text)).expect("write config");
+    }
+
+    /// Waits (at most `limit`) until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} in the log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -223,6 +244,24 @@ pub fn strip_our_received(stored: &[u8]) -> &[u8] {
             return &stored[pos..];
         }
     }
+}
+
+/// The reply to `RCPT TO:<rcpt>` in a fresh session.
+pub fn rcpt_reply(addr: SocketAddr, rcpt: &str) -> String {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    writer
+        .write_all(format!("HELO client.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<{rcpt}>\r\nQUIT\r\n").as_bytes())
+        .expect("write");
+    let mut lines = Vec::new();
+    for _ in 0..4 {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read");
+        lines.push(line);
+    }
+    lines[3].trim_end().to_string()
 }
 
 /// The queue ID from "250 2.0.0 Ok: queued as ID".
