@@ -30,6 +30,12 @@ pub enum Command {
         #[command(subcommand)]
         action: QueueCommand,
     },
+    /// Write man pages or shell completions (used to build the Debian package).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: GenerateCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +72,9 @@ pub enum QueueCommand {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Generate { what }) = cli.command {
+        return generate(what);
+    }
     let config = match load_config(cli.config.as_ref()) {
         Ok(config) => config,
         Err(err) => {
@@ -84,6 +93,7 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Queue { action } => queue(config, action),
+        Command::Generate { what } => generate(what),
     }
 }
 
@@ -280,4 +290,49 @@ fn show(detail: &MessageDetail) -> String {
     out += "Headers:\n";
     out += &detail.headers.replace("\r\n", "\n");
     out
+}
+
+// --- Man pages and shell completions, generated from this CLI definition so they never drift ---
+
+/// What `bartleby generate` writes (a hidden command for packagers).
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// Write bartleby.8 and one page per subcommand (bartleby-queue-list.8, ...) into DIR.
+    Man { dir: PathBuf },
+    /// Print the completion script for SHELL on stdout.
+    Completions { shell: clap_complete::Shell },
+}
+
+fn generate(what: GenerateCommand) -> ExitCode {
+    let result = match what {
+        GenerateCommand::Man { dir } => write_man_pages(&dir),
+        GenerateCommand::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "bartleby", &mut std::io::stdout().lock());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Section 8 (system administration), since the binary lives in /usr/sbin. Hidden commands and
+/// clap's `help` subcommand get no page.
+pub fn write_man_pages(dir: &Path) -> std::io::Result<()> {
+    fn write(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            write(sub, dir)?;
+        }
+        clap_mangen::Man::new(cmd).section("8").generate_to(dir).map(|_| ())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    // Building gives subcommands their display names ("bartleby-queue-list"), which name the pages.
+    cmd.build();
+    write(cmd, dir)
 }
