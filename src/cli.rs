@@ -30,12 +30,6 @@ pub enum Command {
         #[command(subcommand)]
         action: QueueCommand,
     },
-    /// Write man pages or shell completions (used to build the Debian package).
-    #[command(hide = true)]
-    Generate {
-        #[command(subcommand)]
-        what: GenerateCommand,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,10 +65,11 @@ pub enum QueueCommand {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Some(Command::Generate { what }) = cli.command {
-        return generate(what);
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == "generate") {
+        // Drop "generate" so the separate parser sees only its own arguments.
+        return generate(GenerateCli::parse_from(std::env::args_os().take(1).chain(std::env::args_os().skip(2))));
     }
+    let cli = Cli::parse();
     let config = match load_config(cli.config.as_ref()) {
         Ok(config) => config,
         Err(err) => {
@@ -93,7 +88,6 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Queue { action } => queue(config, action),
-        Command::Generate { what } => generate(what),
     }
 }
 
@@ -292,9 +286,23 @@ fn show(detail: &MessageDetail) -> String {
     out
 }
 
-// --- Man pages and shell completions, generated from this CLI definition so they never drift ---
+// --- `bartleby generate`: man pages and shell completions from this CLI definition, so they
+// never drift from it. A separate parser keeps the command out of `--help`, the pages and the
+// completions it writes; packagers call it (packaging/build-deb.sh).
 
-/// What `bartleby generate` writes (a hidden command for packagers).
+/// `bartleby generate man DIR` | `bartleby generate completions SHELL`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bartleby generate",
+    bin_name = "bartleby generate",
+    about = "Write man pages or shell completions (for packagers)"
+)]
+pub struct GenerateCli {
+    #[command(subcommand)]
+    pub what: GenerateCommand,
+}
+
+/// What `bartleby generate` writes.
 #[derive(Debug, Subcommand)]
 pub enum GenerateCommand {
     /// Write bartleby.8 and one page per subcommand (bartleby-queue-list.8, ...) into DIR.
@@ -303,8 +311,8 @@ pub enum GenerateCommand {
     Completions { shell: clap_complete::Shell },
 }
 
-fn generate(what: GenerateCommand) -> ExitCode {
-    let result = match what {
+fn generate(cli: GenerateCli) -> ExitCode {
+    let result = match cli.what {
         GenerateCommand::Man { dir } => write_man_pages(&dir),
         GenerateCommand::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -321,8 +329,8 @@ fn generate(what: GenerateCommand) -> ExitCode {
     }
 }
 
-/// Section 8 (system administration), since the binary lives in /usr/sbin. Hidden commands and
-/// clap's `help` subcommand get no page.
+/// Section 8 (system administration), since the binary lives in /usr/sbin. Clap's `help`
+/// subcommand gets no page.
 pub fn write_man_pages(dir: &Path) -> std::io::Result<()> {
     fn write(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
         for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
