@@ -65,6 +65,10 @@ pub enum QueueCommand {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == "generate") {
+        // Drop "generate" so the separate parser sees only its own arguments.
+        return generate(GenerateCli::parse_from(std::env::args_os().take(1).chain(std::env::args_os().skip(2))));
+    }
     let cli = Cli::parse();
     let config = match load_config(cli.config.as_ref()) {
         Ok(config) => config,
@@ -284,4 +288,63 @@ fn show(detail: &MessageDetail) -> String {
     out += "Headers:\n";
     out += &detail.headers.replace("\r\n", "\n");
     out
+}
+
+// --- `bartleby generate`: man pages and shell completions from this CLI definition, so they
+// never drift from it. A separate parser keeps the command out of `--help`, the pages and the
+// completions it writes; packagers call it (packaging/build-deb.sh).
+
+/// `bartleby generate man DIR` | `bartleby generate completions SHELL`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bartleby generate",
+    bin_name = "bartleby generate",
+    about = "Write man pages or shell completions (for packagers)"
+)]
+pub struct GenerateCli {
+    #[command(subcommand)]
+    pub what: GenerateCommand,
+}
+
+/// What `bartleby generate` writes.
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// Write bartleby.8 and one page per subcommand (bartleby-queue-list.8, ...) into DIR.
+    Man { dir: PathBuf },
+    /// Print the completion script for SHELL on stdout.
+    Completions { shell: clap_complete::Shell },
+}
+
+fn generate(cli: GenerateCli) -> ExitCode {
+    let result = match cli.what {
+        GenerateCommand::Man { dir } => write_man_pages(&dir),
+        GenerateCommand::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "bartleby", &mut std::io::stdout().lock());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Section 8 (system administration), since the binary lives in /usr/sbin. Clap's `help`
+/// subcommand gets no page.
+pub fn write_man_pages(dir: &Path) -> std::io::Result<()> {
+    fn write(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            write(sub, dir)?;
+        }
+        clap_mangen::Man::new(cmd).section("8").generate_to(dir).map(|_| ())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    // Building gives subcommands their display names ("bartleby-queue-list"), which name the pages.
+    cmd.build();
+    write(cmd, dir)
 }
