@@ -355,9 +355,12 @@ impl Scheduler {
             jobs.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
             self.busy_domains.insert(domain.clone());
             let deliverer = Arc::clone(&self.deliverer);
+            let max_received = self.config.smtp.max_received_headers;
             tracing::debug!(domain = %domain, messages = jobs.len(), "delivery batch");
             self.batches.spawn(async move {
-                let results = deliverer.deliver(&domain, jobs).await;
+                let (jobs, mut looped) = split_loops(&domain, jobs, max_received).await;
+                let mut results = deliverer.deliver(&domain, jobs).await;
+                results.append(&mut looped);
                 (domain, results)
             });
         }
@@ -422,6 +425,50 @@ impl Scheduler {
             state.failed(now, d.text.clone());
         }
     }
+}
+
+/// Takes out the messages that carry more Received headers than `max` besides our own: they are
+/// in a mail loop and bounce (RFC 5321 6.3) instead of going round again. Only messages never tried
+/// are read: the count cannot change later.
+async fn split_loops(domain: &str, jobs: Vec<Job>, max: usize) -> (Vec<Job>, Vec<JobResult>) {
+    let mut keep = Vec::with_capacity(jobs.len());
+    let mut looped = Vec::new();
+    for job in jobs {
+        let hops = if job.envelope.attempts == 0 { received_count(&job.body).await } else { 0 };
+        if hops <= max + 1 {
+            keep.push(job);
+            continue;
+        }
+        let detail = Detail {
+            status: "5.4.6".into(),
+            text: format!("mail loop: the message carries {} Received headers (more than {max})", hops - 1),
+            remote_mta: None,
+            diagnostic: None,
+        };
+        let outcomes = job
+            .envelope
+            .pending()
+            .filter(|r| r.domain() == domain)
+            .map(|r| (r.address.clone(), RcptOutcome::PermFail(detail.clone())))
+            .collect();
+        looped.push(JobResult { id: job.envelope.id.clone(), outcomes });
+    }
+    (keep, looped)
+}
+
+/// Received headers in a stored message's header section (read up to 256 KiB).
+async fn received_count(body: &std::path::Path) -> usize {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let Ok(file) = tokio::fs::File::open(body).await else { return 0 };
+    if file.take(256 * 1024).read_to_end(&mut head).await.is_err() {
+        return 0;
+    }
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(head.len());
+    head[..end]
+        .split(|&b| b == b'\n')
+        .filter(|line| line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:"))
+        .count()
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
