@@ -352,6 +352,12 @@ impl Scheduler {
             }
         }
         for (domain, mut jobs) in batches {
+            if self.config.domain_policy(&domain).strict_order {
+                self.keep_arrival_order(&domain, &mut jobs);
+                if jobs.is_empty() {
+                    continue;
+                }
+            }
             jobs.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
             self.busy_domains.insert(domain.clone());
             let deliverer = Arc::clone(&self.deliverer);
@@ -363,6 +369,57 @@ impl Scheduler {
                 results.append(&mut looped);
                 (domain, results)
             });
+        }
+    }
+
+    /// `strict_order`: the primary must see the domain's mail in arrival order, so a batch always
+    /// starts with the oldest message of the domain and carries its whole backlog. If an older
+    /// message is waiting for its retry and the domain was tried less than `queue.first_retry` ago,
+    /// the batch's newer messages are parked until the backlog's turn: a message arriving while the
+    /// backlog waits never overtakes it, and arrivals during an outage do not retry the backlog
+    /// more than once per `first_retry`.
+    fn keep_arrival_order(&mut self, domain: &str, jobs: &mut Vec<Job>) {
+        let in_batch: HashSet<QueueId> = jobs.iter().map(|j| j.envelope.id.clone()).collect();
+        let waiting: Vec<Envelope> = self.spool.with_index(|index| {
+            index
+                .values()
+                .filter(|e| !e.held && !in_batch.contains(&e.id) && !self.in_flight.contains_key(&e.id))
+                .filter(|e| e.pending().any(|r| r.domain() == domain))
+                .cloned()
+                .collect()
+        });
+        let oldest_in_batch = jobs.iter().map(|j| j.envelope.id.clone()).min();
+        let last_attempt =
+            self.destinations.lock().unwrap_or_else(|p| p.into_inner()).get(domain).and_then(|d| d.last_attempt);
+        let first_retry = i64::try_from(self.config.queue.first_retry.0.as_micros()).unwrap_or(i64::MAX / 2);
+        let next_try = last_attempt.map_or(0, |at| at.saturating_add(first_retry));
+        match waiting.first() {
+            Some(first) if next_try > now_micros() && oldest_in_batch.is_some_and(|oldest| first.id < oldest) => {
+                let due = self.due_at.get(&first.id).copied().unwrap_or(first.next_attempt);
+                let at = due.min(next_try);
+                for job in jobs.drain(..) {
+                    self.release_in_flight(&job.envelope.id);
+                    self.schedule(job.envelope.id, at);
+                }
+            }
+            _ => {
+                for envelope in waiting {
+                    self.unschedule(&envelope.id);
+                    *self.in_flight.entry(envelope.id.clone()).or_insert(0) += 1;
+                    let body = self.spool.body_path(&envelope.id);
+                    jobs.push(Job { envelope, body });
+                }
+            }
+        }
+    }
+
+    /// One batch fewer carries the message.
+    fn release_in_flight(&mut self, id: &str) {
+        if let Some(n) = self.in_flight.get_mut(id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_flight.remove(id);
+            }
         }
     }
 
