@@ -16,6 +16,7 @@ pub mod control;
 pub mod daemon;
 pub mod deliver;
 pub mod dsn;
+pub mod monitor;
 pub mod privilege;
 pub mod schedule;
 pub mod smtp;
