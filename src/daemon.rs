@@ -1,11 +1,12 @@
 //! `bartleby serve`: wires the stages together. Binds every listener first, recovers the spool,
-//! starts the scheduler, the control socket and the SMTP server, and stops them in order on
+//! starts the scheduler, the monitor, the control socket and the SMTP server, and stops them in order on
 //! SIGTERM or SIGINT: no new mail, 421 to open sessions, nothing half-written left behind.
 
 use crate::config::Config;
 use crate::control;
 use crate::deliver::Deliverer;
-use crate::schedule::Scheduler;
+use crate::monitor::Monitor;
+use crate::schedule::{Scheduler, SchedulerHandle};
 use crate::smtp::{self, ServerContext};
 use crate::spool::{Spool, SpoolError};
 use std::net::SocketAddr;
@@ -73,7 +74,9 @@ pub async fn run(config: Config, bound: Listeners) -> Result<(), DaemonError> {
     let control_listener = control::bind(&socket_path)
         .map_err(|source| DaemonError::Control { path: socket_path.display().to_string(), source })?;
     let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(DaemonError::Setup)?);
-    let (scheduler, handle) = Scheduler::new(Arc::clone(&config), Arc::clone(&spool), deliverer);
+    let (scheduler, handle) = Scheduler::new(Arc::clone(&config), Arc::clone(&spool), Arc::clone(&deliverer));
+    let monitor = Monitor::new(Arc::clone(&config), Arc::clone(&spool), handle.clone(), deliverer)
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let scheduler_task = tokio::spawn(scheduler.run(shutdown.clone()));
@@ -84,7 +87,10 @@ pub async fn run(config: Config, bound: Listeners) -> Result<(), DaemonError> {
         config: Arc::clone(&config),
         spool: Arc::clone(&spool),
         on_queued: Box::new(move |envelope| queued_handle.queued(&envelope.id)),
+        etrn: Some(etrn_flusher(handle.clone())),
     });
+    let monitor_task = tokio::spawn(monitor.run(shutdown.clone()));
+    tokio::spawn(crate::check_dns::log_at_start(Arc::clone(&config)));
     let smtp_task = tokio::spawn(smtp::serve(context, listeners, shutdown.clone()));
     announce(&config);
     let watchdog = notify_systemd_ready();
@@ -102,10 +108,25 @@ pub async fn run(config: Config, bound: Listeners) -> Result<(), DaemonError> {
         _ => {}
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), scheduler_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), monitor_task).await;
     let _ = control_task.await;
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// ETRN (RFC 1985) starts a flush of the domain; the session answers without waiting for it.
+fn etrn_flusher(handle: SchedulerHandle) -> smtp::EtrnFlush {
+    Box::new(move |domain: &str| {
+        let (handle, domain) = (handle.clone(), domain.to_string());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(err) = handle.flush(Some(domain.clone())).await {
+                    tracing::error!(domain = %domain, error = %err, "ETRN flush failed");
+                }
+            });
+        }
+    })
 }
 
 /// Tells the person who started us where we are, on stdout (the log goes to stderr).

@@ -10,6 +10,7 @@
 //! Beside them: [`config`] (the TOML file), [`control`] (the daemon's control socket, used by
 //! [`cli`]), and [`daemon`], which wires the parts together for `bartleby serve`.
 
+pub mod check_dns;
 pub mod cli;
 pub mod config;
 pub mod control;

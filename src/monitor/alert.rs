@@ -33,7 +33,14 @@ pub struct Alert {
 
 impl Alert {
     /// An alert raised now.
-    pub fn new(host: &str, rule: &str, subject: &str, state: &str, summary: String, since: Option<SystemTime>) -> Alert {
+    pub fn new(
+        host: &str,
+        rule: &str,
+        subject: &str,
+        state: &str,
+        summary: String,
+        since: Option<SystemTime>,
+    ) -> Alert {
         Alert {
             host: host.to_string(),
             rule: rule.to_string(),
@@ -85,15 +92,18 @@ impl Alerter {
             (name, run_command(c, json.clone()).await)
         });
         let hooks = m.webhook.iter().map(|w| async { (format!("webhook {}", w.url), post(w, &json).await) });
-        let mails = m.email.iter().map(|e| async {
-            (format!("email {} via {}", e.to.join(","), e.smarthost), self.mail(e, alert).await)
-        });
+        let mails = m
+            .email
+            .iter()
+            .map(|e| async { (format!("email {} via {}", e.to.join(","), e.smarthost), self.mail(e, alert).await) });
         let mut results = join_all(commands).await;
         results.extend(join_all(hooks).await);
         results.extend(join_all(mails).await);
         for (channel, result) in &results {
             match result {
-                Ok(()) => tracing::info!(channel = %channel, rule = %alert.rule, subject = %alert.subject, state = %alert.state, "alert sent"),
+                Ok(()) => {
+                    tracing::info!(channel = %channel, rule = %alert.rule, subject = %alert.subject, state = %alert.state, "alert sent")
+                }
                 Err(err) => tracing::error!(channel = %channel, rule = %alert.rule, error = %err, "alert not sent"),
             }
         }
@@ -106,8 +116,8 @@ impl Alerter {
         let from = channel.from.clone().unwrap_or_else(|| format!("bartleby@{}", self.config.hostname));
         let message = mail_text(&self.config.hostname, &from, &channel.to, alert);
         let hop = smarthost_hop(channel).await?;
-        let mut settings = ClientSettings::new(self.config.hostname.clone(), &self.config.delivery)
-            .map_err(MonitorError::Setup)?;
+        let mut settings =
+            ClientSettings::new(self.config.hostname.clone(), &self.config.delivery).map_err(MonitorError::Setup)?;
         settings.timeouts = bounded(settings.timeouts, channel.timeout.0);
         let path = std::env::temp_dir().join(format!("bartleby-alert-{:016x}.eml", fastrand::u64(..)));
         write_private(&path, message.as_bytes()).map_err(|e| MonitorError::Mail(format!("{}: {e}", path.display())))?;
@@ -152,9 +162,8 @@ async fn send_mail(
     to: &[String],
     body: &std::path::Path,
 ) -> Result<(), MonitorError> {
-    let mut session = Session::open(hop, settings, TlsMode::Opportunistic)
-        .await
-        .map_err(|e| MonitorError::Mail(e.to_string()))?;
+    let mut session =
+        Session::open(hop, settings, TlsMode::Opportunistic).await.map_err(|e| MonitorError::Mail(e.to_string()))?;
     let recipients: Vec<Recipient> = to.iter().map(|a| Recipient::new(a.clone())).collect();
     let mut envelope = Envelope::new("alert".into(), from.to_string(), recipients.clone());
     envelope.size = std::fs::metadata(body).map(|m| m.len()).unwrap_or(0);

@@ -100,7 +100,9 @@ impl Monitor {
             ClientSettings::new(config.hostname.clone(), &config.delivery).map_err(MonitorError::Setup)?;
         let cap = config.monitor.probe_timeout.0;
         let t = &mut settings.timeouts;
-        for d in [&mut t.connect, &mut t.greeting, &mut t.command, &mut t.data_init, &mut t.data_block, &mut t.data_done] {
+        for d in
+            [&mut t.connect, &mut t.greeting, &mut t.command, &mut t.data_init, &mut t.data_block, &mut t.data_done]
+        {
             *d = (*d).min(cap);
         }
         Ok(Monitor {
@@ -139,10 +141,9 @@ impl Monitor {
             }
             while self.sending.try_join_next().is_some() {}
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while self.sending.join_next().await.is_some() {}
-        })
-        .await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), async { while self.sending.join_next().await.is_some() {} })
+                .await;
         self.sending.abort_all();
     }
 
@@ -209,7 +210,9 @@ impl Monitor {
         }
         let hold = self.config.monitor.primary_down_after.0;
         let summary = |event: Event, since: Option<SystemTime>| match event {
-            Event::Recovered => format!("primary of {domain} is back: {} answers", result.host.as_deref().unwrap_or("it")),
+            Event::Recovered => {
+                format!("primary of {domain} is back: {} answers", result.host.as_deref().unwrap_or("it"))
+            }
             _ => format!(
                 "primary of {domain} down for {}: {}",
                 age(since),

@@ -66,15 +66,16 @@ pub async fn run_check(check: &CheckConfig) -> ProbeResult {
     let started = Instant::now();
     let target = check.target.clone();
     let outcome = match check.kind {
-        CheckKind::Http => http::request("GET", &check.target, None, check.timeout.0).await.map_err(|e| e.to_string()).and_then(
-            |status| {
+        CheckKind::Http => http::request("GET", &check.target, None, check.timeout.0)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|status| {
                 if status == check.expect_status {
                     Ok(())
                 } else {
                     Err(format!("GET {}: HTTP status {status}, expected {}", check.target, check.expect_status))
                 }
-            },
-        ),
+            }),
         CheckKind::Tcp | CheckKind::Smtp => {
             match tokio::time::timeout(check.timeout.0, tcp_check(&check.target, check.kind == CheckKind::Smtp)).await {
                 Ok(result) => result,
@@ -91,7 +92,8 @@ pub async fn run_check(check: &CheckConfig) -> ProbeResult {
 /// TCP connect; with `smtp`, also a 220 greeting (RFC 5321 4.2), then QUIT.
 async fn tcp_check(target: &str, smtp: bool) -> Result<(), String> {
     let route: Route = target.parse()?;
-    let mut tcp = TcpStream::connect((route.host.as_str(), route.port)).await.map_err(|e| format!("{target}: connect: {e}"))?;
+    let mut tcp =
+        TcpStream::connect((route.host.as_str(), route.port)).await.map_err(|e| format!("{target}: connect: {e}"))?;
     if !smtp {
         return Ok(());
     }

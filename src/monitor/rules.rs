@@ -111,10 +111,7 @@ mod tests {
     fn reminders_at_the_interval_counted_from_the_last_message() {
         let mut rule = Rule::default();
         let events = run(&mut rule, true, 0, 5 * 60 * MIN, 30 * MIN, 2 * 60 * MIN);
-        assert_eq!(
-            events,
-            vec![(30 * MIN, Event::Firing), (150 * MIN, Event::Reminder), (270 * MIN, Event::Reminder)]
-        );
+        assert_eq!(events, vec![(30 * MIN, Event::Firing), (150 * MIN, Event::Reminder), (270 * MIN, Event::Reminder)]);
     }
 
     #[test]
