@@ -204,7 +204,9 @@ impl Monitor {
         let came_back = result.up && (previous == Some(false) || (previous.is_none() && failing));
         if came_back {
             match self.scheduler.flush(Some(domain.to_string())).await {
-                Ok(count) => tracing::info!(domain, messages = count, "destination is back: flushing its queue"),
+                Ok(count) => {
+                    tracing::info!(domain, messages = count, "probe found the destination back: flushing its queue")
+                }
                 Err(err) => tracing::error!(domain, error = %err, "cannot flush"),
             }
         }
