@@ -891,6 +891,65 @@ allow = ["127.0.0.1/32", "::1/128"]
     }
 
     #[test]
+    fn monitor_section() {
+        let text = r#"
+[smtp]
+etrn_allow = ["192.0.2.0/24", "2001:db8::/32"]
+
+[routes]
+"example.test" = "192.0.2.10:25"
+
+[monitor]
+probe_interval = "30s"
+primary_down_after = "15m"
+queue_max_messages = 500
+queue_max_age = "6h"
+spool_min_free_percent = 5
+reminder_interval = "2h"
+
+[[monitor.command]]
+argv = ["/usr/local/bin/page", "--urgent"]
+
+[[monitor.webhook]]
+url = "https://hooks.example.net/bartleby"
+timeout = "10s"
+
+[[monitor.email]]
+to = ["admin@example.net"]
+smarthost = "smtp.example.net:587"
+
+[[monitor.check]]
+name = "intranet"
+kind = "http"
+target = "http://192.0.2.20/health"
+down_after = "2m"
+"#;
+        let config = Config::parse(text, "m.toml").expect("valid");
+        assert_eq!(config.smtp.etrn_allow.len(), 2);
+        let m = &config.monitor;
+        assert_eq!(m.probe_interval, HumanDuration::seconds(30));
+        assert_eq!(m.primary_down_after, HumanDuration::minutes(15));
+        assert_eq!((m.queue_max_messages, m.spool_min_free_percent), (500, 5));
+        assert_eq!(m.command[0].timeout, HumanDuration::seconds(30));
+        assert_eq!(m.webhook[0].timeout, HumanDuration::seconds(10));
+        assert_eq!(m.email[0].smarthost.port, 587);
+        assert_eq!((m.check[0].kind, m.check[0].expect_status), (CheckKind::Http, 200));
+        let again = Config::parse(&config.to_toml(), "again").expect("effective settings parse back");
+        assert_eq!(again.monitor.check, m.check);
+        assert_eq!(again.monitor.email, m.email);
+
+        let bad = |extra: &str| Config::parse(&format!("{text}{extra}"), "m.toml").unwrap_err().to_string();
+        let err = bad("\n[[monitor.email]]\nto = [\"a@b.test\"]\nsmarthost = \"192.0.2.10:25\"\n");
+        assert!(err.contains("monitor.email[1].smarthost") && err.contains("must not be a primary"), "{err}");
+        let err = bad("\n[[monitor.check]]\nname = \"intranet\"\nkind = \"tcp\"\ntarget = \"h:1\"\n");
+        assert!(err.contains("monitor.check[1].name"), "{err}");
+        let err = bad("\n[[monitor.check]]\nname = \"x\"\nkind = \"ping\"\ntarget = \"h:1\"\n");
+        assert!(err.contains("monitor.check"), "{err}");
+        let err = bad("\n[[monitor.webhook]]\nurl = \"ftp://x\"\n");
+        assert!(err.contains("monitor.webhook[1].url"), "{err}");
+    }
+
+    #[test]
     fn demo_config_is_valid_and_round_trips() {
         let demo = Config::demo();
         assert!(demo.validate().is_ok());

@@ -8,7 +8,7 @@ use super::http;
 use crate::config::{CheckConfig, CheckKind, Route};
 use crate::deliver::{ClientSettings, Deliverer, NextHop, Session, TlsMode};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// What one probe found.
@@ -97,7 +97,8 @@ async fn tcp_check(target: &str, smtp: bool) -> Result<(), String> {
     if !smtp {
         return Ok(());
     }
-    let mut reader = BufReader::new(&mut tcp);
+    // A hostile or broken service must not make us buffer without end: 16 KiB of greeting at most.
+    let mut reader = BufReader::new((&mut tcp).take(16 * 1024));
     // A multiline greeting ends with the line whose fourth octet is a space (RFC 5321 4.2.1).
     let greeting = loop {
         let mut line = String::new();
