@@ -82,8 +82,9 @@ impl Alerter {
         m.command.len() + m.webhook.len() + m.email.len()
     }
 
-    /// Sends `alert` through every channel at once; returns each channel's name and result, and
-    /// logs them.
+    /// Sends `alert` through every channel, one after the other (each bounded by its own timeout);
+    /// returns each channel's name and result, and logs them. A failing channel does not stop the
+    /// others.
     pub async fn send(&self, alert: &Alert) -> Vec<(String, Result<(), MonitorError>)> {
         let m = &self.config.monitor;
         let json = alert.json();
@@ -129,8 +130,7 @@ impl Alerter {
 
 async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
     let mut out = Vec::new();
-    // Few channels: running them one after the other inside each kind keeps this simple, and
-    // every channel has its own timeout.
+    // Few channels: one after the other keeps this simple, and every channel has its own timeout.
     for future in futures {
         out.push(future.await);
     }
