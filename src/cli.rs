@@ -1,4 +1,5 @@
-//! The command line: `bartleby serve`, `check-config` and the `queue` commands (mailq-style).
+//! The command line: `bartleby serve`, `check-config`, `check-dns`, `alert-test` and the `queue`
+//! commands (mailq-style).
 //! Exit status: 0 success, 1 failure, 2 bad configuration.
 
 use crate::config::{Config, ConfigError};
@@ -25,6 +26,13 @@ pub enum Command {
     Serve,
     /// Validate the configuration and print the effective settings.
     CheckConfig,
+    /// Say whether each relayed domain's MX records are right for a backup MX (exit 1 if not).
+    CheckDns {
+        /// Only these domains (default: every relay domain).
+        domains: Vec<String>,
+    },
+    /// Send a test alert through every channel of [monitor] (exit 1 if one fails).
+    AlertTest,
     /// Look at and act on the queue (works while the daemon runs).
     Queue {
         #[command(subcommand)]
@@ -88,6 +96,8 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Queue { action } => queue(config, action),
+        Command::CheckDns { domains } => check_dns(config, &domains),
+        Command::AlertTest => alert_test(config),
     }
 }
 
@@ -134,6 +144,54 @@ fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn check_dns(config: Config, domains: &[String]) -> ExitCode {
+    let result =
+        runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(crate::check_dns::check(&config, domains)));
+    match result {
+        Ok(reports) if reports.is_empty() => {
+            eprintln!("bartleby: no domains to check (relay.domains is empty)");
+            ExitCode::FAILURE
+        }
+        Ok(reports) => {
+            print!("{}", crate::check_dns::render(&reports));
+            if reports.iter().any(|r| r.has_problems()) { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+        }
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn alert_test(config: Config) -> ExitCode {
+    let alerter = crate::monitor::alert::Alerter::new(std::sync::Arc::new(config.clone()));
+    if alerter.channels() == 0 {
+        eprintln!(
+            "bartleby: no alert channels configured ([[monitor.command]], [[monitor.webhook]], [[monitor.email]])"
+        );
+        return ExitCode::FAILURE;
+    }
+    let alert = crate::monitor::alert::Alert::test(&config.hostname);
+    let results = match runtime() {
+        Ok(rt) => rt.block_on(alerter.send(&alert)),
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = false;
+    for (channel, result) in results {
+        match result {
+            Ok(()) => println!("sent     {channel}"),
+            Err(err) => {
+                failed = true;
+                println!("FAILED   {channel}: {err}");
+            }
+        }
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
 fn queue(config: Config, action: QueueCommand) -> ExitCode {

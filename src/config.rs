@@ -42,6 +42,9 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     #[serde(default)]
     pub web: WebConfig,
+    /// Probes of the primaries, alert rules and channels, and other services to watch.
+    #[serde(default)]
+    pub monitor: MonitorConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -66,6 +69,8 @@ pub struct SmtpConfig {
     pub command_timeout: HumanDuration,
     /// Time to wait for the next chunk of message data (RFC 5321 4.5.3.2.7).
     pub data_timeout: HumanDuration,
+    /// Clients (CIDR) allowed to start a queue run with ETRN (RFC 1985); empty: nobody.
+    pub etrn_allow: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -152,6 +157,7 @@ impl Default for SmtpConfig {
             max_received_headers: 50,
             command_timeout: HumanDuration::minutes(5),
             data_timeout: HumanDuration::minutes(10),
+            etrn_allow: Vec::new(),
         }
     }
 }
@@ -238,6 +244,7 @@ impl Config {
             domain: BTreeMap::new(),
             delivery: DeliveryConfig::default(),
             web: WebConfig::default(),
+            monitor: MonitorConfig::default(),
         }
     }
 
@@ -341,7 +348,7 @@ impl Config {
         if self.delivery.dns_timeout.0.is_zero() {
             return bad("delivery.dns_timeout", "must be longer than 0".into());
         }
-        Ok(())
+        self.monitor.validate(&self.routes)
     }
 
     /// Is `domain` one we are backup MX for?
@@ -580,6 +587,186 @@ impl Serialize for Cidr {
     }
 }
 
+/// `[monitor]`: probes of each relayed domain's next hops, alert rules with their thresholds, the
+/// channels alerts go to, and other services to watch. A zero threshold (`0` or `"0s"`) turns its
+/// rule off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// How often the primaries (and the `check` entries) are probed; `"0s"` turns probing off.
+    pub probe_interval: HumanDuration,
+    /// How long one probe may take (connect, greeting, EHLO, QUIT); at most the interval.
+    pub probe_timeout: HumanDuration,
+    /// Alert when a relayed domain's primary has been down this long.
+    pub primary_down_after: HumanDuration,
+    /// Alert when more messages than this are queued.
+    pub queue_max_messages: usize,
+    /// Alert when the oldest queued message is older than this.
+    pub queue_max_age: HumanDuration,
+    /// Alert when less than this percentage of the spool's filesystem is free.
+    pub spool_min_free_percent: u8,
+    /// Repeat an alert that is still firing this often; `"0s"`: tell once.
+    pub reminder_interval: HumanDuration,
+    /// Commands run with the alert as JSON on stdin (a pager script).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<CommandChannel>,
+    /// URLs the alert JSON is POSTed to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhook: Vec<WebhookChannel>,
+    /// Mailboxes the alert is mailed to through a smarthost.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub email: Vec<EmailChannel>,
+    /// Other services on the network to watch, with the same rules and channels.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub check: Vec<CheckConfig>,
+}
+
+/// `[[monitor.command]]`: a program run for every alert, the alert JSON on its stdin.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CommandChannel {
+    /// Program and arguments, run directly (no shell).
+    pub argv: Vec<String>,
+    /// Killed after this long.
+    #[serde(default = "default_channel_timeout")]
+    pub timeout: HumanDuration,
+}
+
+/// `[[monitor.webhook]]`: an HTTP POST of the alert JSON.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookChannel {
+    /// `http://` or `https://` URL (https verifies the server against the Web PKI roots).
+    pub url: String,
+    #[serde(default = "default_channel_timeout")]
+    pub timeout: HumanDuration,
+}
+
+/// `[[monitor.email]]`: a mail to administrators, through a smarthost, never the primary (which
+/// may be the thing that is down).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EmailChannel {
+    /// Recipients.
+    pub to: Vec<String>,
+    /// The envelope and header sender; default `bartleby@<hostname>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The relay that takes the alert: `host:port`.
+    pub smarthost: Route,
+    #[serde(default = "default_channel_timeout")]
+    pub timeout: HumanDuration,
+}
+
+/// `[[monitor.check]]`: another service to watch.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    /// Shown in alerts and logs; unique.
+    pub name: String,
+    pub kind: CheckKind,
+    /// `host:port` for `tcp` and `smtp`; a URL for `http`.
+    pub target: String,
+    /// The HTTP status a healthy `http` service answers.
+    #[serde(default = "default_expect_status")]
+    pub expect_status: u16,
+    /// Alert once the service has failed for this long (`"0s"`: at the first failure).
+    #[serde(default)]
+    pub down_after: HumanDuration,
+    /// How long one check may take.
+    #[serde(default = "default_channel_timeout")]
+    pub timeout: HumanDuration,
+}
+
+/// What a `[[monitor.check]]` does.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connection is accepted.
+    Tcp,
+    /// An HTTP GET answers `expect_status`.
+    Http,
+    /// An SMTP server greets with 220.
+    Smtp,
+}
+
+impl Default for HumanDuration {
+    fn default() -> Self {
+        HumanDuration(Duration::ZERO)
+    }
+}
+
+fn default_channel_timeout() -> HumanDuration {
+    HumanDuration::seconds(30)
+}
+
+fn default_expect_status() -> u16 {
+    200
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            probe_interval: HumanDuration::seconds(60),
+            probe_timeout: HumanDuration::seconds(30),
+            primary_down_after: HumanDuration::minutes(30),
+            queue_max_messages: 10_000,
+            queue_max_age: HumanDuration::hours(24),
+            spool_min_free_percent: 10,
+            reminder_interval: HumanDuration::hours(4),
+            command: Vec::new(),
+            webhook: Vec::new(),
+            email: Vec::new(),
+            check: Vec::new(),
+        }
+    }
+}
+
+impl MonitorConfig {
+    fn validate(&self, routes: &BTreeMap<String, Route>) -> Result<(), (String, String)> {
+        let bad = |key: String, problem: &str| Err((key, problem.to_string()));
+        if self.spool_min_free_percent > 100 {
+            return bad("monitor.spool_min_free_percent".into(), "must be at most 100");
+        }
+        if self.probe_timeout.0.is_zero() {
+            return bad("monitor.probe_timeout".into(), "must be longer than 0");
+        }
+        for (i, c) in self.command.iter().enumerate() {
+            if c.argv.first().is_none_or(|p| p.is_empty()) {
+                return bad(format!("monitor.command[{i}].argv"), "needs a program");
+            }
+        }
+        for (i, w) in self.webhook.iter().enumerate() {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return bad(format!("monitor.webhook[{i}].url"), "must start with http:// or https://");
+            }
+        }
+        for (i, e) in self.email.iter().enumerate() {
+            if e.to.is_empty() || e.to.iter().any(|a| !a.contains('@')) {
+                return bad(format!("monitor.email[{i}].to"), "needs one or more addresses (user@domain)");
+            }
+            // The primary may be the thing that is down: alerts must not wait in its queue.
+            if routes.values().any(|r| r == &e.smarthost) {
+                return bad(format!("monitor.email[{i}].smarthost"), "must not be a primary (a route in [routes])");
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in self.check.iter().enumerate() {
+            if c.name.is_empty() || !names.insert(c.name.as_str()) {
+                return bad(format!("monitor.check[{i}].name"), "must be set and unique");
+            }
+            let ok = match c.kind {
+                CheckKind::Http => c.target.starts_with("http://") || c.target.starts_with("https://"),
+                CheckKind::Tcp | CheckKind::Smtp => c.target.parse::<Route>().is_ok(),
+            };
+            if !ok {
+                return bad(format!("monitor.check[{i}].target"), "must be host:port (tcp, smtp) or a URL (http)");
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -701,6 +888,65 @@ allow = ["127.0.0.1/32", "::1/128"]
         let host: Cidr = "::1".parse().unwrap();
         assert!(host.contains("::1".parse().unwrap()));
         assert!(!host.contains("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn monitor_section() {
+        let text = r#"
+[smtp]
+etrn_allow = ["192.0.2.0/24", "2001:db8::/32"]
+
+[routes]
+"example.test" = "192.0.2.10:25"
+
+[monitor]
+probe_interval = "30s"
+primary_down_after = "15m"
+queue_max_messages = 500
+queue_max_age = "6h"
+spool_min_free_percent = 5
+reminder_interval = "2h"
+
+[[monitor.command]]
+argv = ["/usr/local/bin/page", "--urgent"]
+
+[[monitor.webhook]]
+url = "https://hooks.example.net/bartleby"
+timeout = "10s"
+
+[[monitor.email]]
+to = ["admin@example.net"]
+smarthost = "smtp.example.net:587"
+
+[[monitor.check]]
+name = "intranet"
+kind = "http"
+target = "http://192.0.2.20/health"
+down_after = "2m"
+"#;
+        let config = Config::parse(text, "m.toml").expect("valid");
+        assert_eq!(config.smtp.etrn_allow.len(), 2);
+        let m = &config.monitor;
+        assert_eq!(m.probe_interval, HumanDuration::seconds(30));
+        assert_eq!(m.primary_down_after, HumanDuration::minutes(15));
+        assert_eq!((m.queue_max_messages, m.spool_min_free_percent), (500, 5));
+        assert_eq!(m.command[0].timeout, HumanDuration::seconds(30));
+        assert_eq!(m.webhook[0].timeout, HumanDuration::seconds(10));
+        assert_eq!(m.email[0].smarthost.port, 587);
+        assert_eq!((m.check[0].kind, m.check[0].expect_status), (CheckKind::Http, 200));
+        let again = Config::parse(&config.to_toml(), "again").expect("effective settings parse back");
+        assert_eq!(again.monitor.check, m.check);
+        assert_eq!(again.monitor.email, m.email);
+
+        let bad = |extra: &str| Config::parse(&format!("{text}{extra}"), "m.toml").unwrap_err().to_string();
+        let err = bad("\n[[monitor.email]]\nto = [\"a@b.test\"]\nsmarthost = \"192.0.2.10:25\"\n");
+        assert!(err.contains("monitor.email[1].smarthost") && err.contains("must not be a primary"), "{err}");
+        let err = bad("\n[[monitor.check]]\nname = \"intranet\"\nkind = \"tcp\"\ntarget = \"h:1\"\n");
+        assert!(err.contains("monitor.check[1].name"), "{err}");
+        let err = bad("\n[[monitor.check]]\nname = \"x\"\nkind = \"ping\"\ntarget = \"h:1\"\n");
+        assert!(err.contains("monitor.check"), "{err}");
+        let err = bad("\n[[monitor.webhook]]\nurl = \"ftp://x\"\n");
+        assert!(err.contains("monitor.webhook[1].url"), "{err}");
     }
 
     #[test]

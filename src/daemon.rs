@@ -1,12 +1,12 @@
 //! `bartleby serve`: wires the stages together. Binds every listener first, recovers the spool,
-//! starts the scheduler, the control socket and the SMTP server, and stops them in order on
+//! starts the scheduler, the monitor, the control socket and the SMTP server, and stops them in order on
 //! SIGTERM or SIGINT: no new mail, 421 to open sessions, nothing half-written left behind.
 
 use crate::config::{Config, ConfigError};
 use crate::control;
 use crate::deliver::Deliverer;
-use crate::schedule::Scheduler;
-use crate::schedule::SchedulerHandle;
+use crate::monitor::Monitor;
+use crate::schedule::{Scheduler, SchedulerHandle};
 use crate::smtp::{self, ServerContext, Serving};
 use crate::spool::{Spool, SpoolError};
 use std::net::SocketAddr;
@@ -75,7 +75,9 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     let control_listener = control::bind(&socket_path)
         .map_err(|source| DaemonError::Control { path: socket_path.display().to_string(), source })?;
     let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(DaemonError::Setup)?);
-    let (scheduler, handle) = Scheduler::new(Arc::clone(&config), Arc::clone(&spool), deliverer);
+    let (scheduler, handle) = Scheduler::new(Arc::clone(&config), Arc::clone(&spool), Arc::clone(&deliverer));
+    let monitor = Monitor::new(Arc::clone(&config), Arc::clone(&spool), handle.clone(), deliverer)
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let scheduler_task = tokio::spawn(scheduler.run(shutdown.clone()));
@@ -85,11 +87,20 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
         Serving::new(server_context(&config, &spool, &handle)).map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (serving_tx, serving_rx) = watch::channel(serving);
     let smtp_task = tokio::spawn(smtp::serve_reloadable(serving_rx, listeners, shutdown.clone()));
+    let monitor_task = tokio::spawn(monitor.run(shutdown.clone()));
+    tokio::spawn(crate::check_dns::log_at_start(Arc::clone(&config)));
     announce(&config);
     let watchdog = notify_systemd_ready();
 
-    let mut live =
-        Live { path: config_path, config, spool: Arc::clone(&spool), scheduler: handle, serving: serving_tx };
+    let mut live = Live {
+        path: config_path,
+        config,
+        spool: Arc::clone(&spool),
+        scheduler: handle,
+        serving: serving_tx,
+        monitor: monitor_task,
+        shutdown: shutdown.clone(),
+    };
     run_until_stopped(&mut live).await;
     tracing::info!("shutting down: no new mail; open sessions get 421");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -101,10 +112,25 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
         tracing::warn!("SMTP sessions did not end within 30s");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), scheduler_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), live.monitor).await;
     let _ = control_task.await;
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// ETRN (RFC 1985) starts a flush of the domain; the session answers without waiting for it.
+fn etrn_flusher(handle: SchedulerHandle) -> smtp::EtrnFlush {
+    Box::new(move |domain: &str| {
+        let (handle, domain) = (handle.clone(), domain.to_string());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(err) = handle.flush(Some(domain.clone())).await {
+                    tracing::error!(domain = %domain, error = %err, "ETRN flush failed");
+                }
+            });
+        }
+    })
 }
 
 /// Tells the person who started us where we are, on stdout (the log goes to stderr).
@@ -151,15 +177,19 @@ struct Live {
     spool: Arc<Spool>,
     scheduler: SchedulerHandle,
     serving: watch::Sender<Serving>,
+    /// The monitor runs with the configuration it was started with; a reload starts a new one.
+    monitor: tokio::task::JoinHandle<()>,
+    shutdown: watch::Receiver<bool>,
 }
 
 /// The SMTP server's view of the daemon, built at start and on every reload.
 fn server_context(config: &Arc<Config>, spool: &Arc<Spool>, scheduler: &SchedulerHandle) -> Arc<ServerContext> {
-    let scheduler = scheduler.clone();
+    let queued = scheduler.clone();
     Arc::new(ServerContext {
         config: Arc::clone(config),
         spool: Arc::clone(spool),
-        on_queued: Box::new(move |envelope| scheduler.queued(&envelope.id)),
+        on_queued: Box::new(move |envelope| queued.queued(&envelope.id)),
+        etrn: Some(etrn_flusher(scheduler.clone())),
     })
 }
 
@@ -212,8 +242,14 @@ impl Live {
         let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(ReloadError::Setup)?);
         let serving = Serving::new(server_context(&config, &self.spool, &self.scheduler))
             .map_err(|e| ReloadError::Setup(e.to_string()))?;
+        let monitor =
+            Monitor::new(Arc::clone(&config), Arc::clone(&self.spool), self.scheduler.clone(), Arc::clone(&deliverer))
+                .map_err(|e| ReloadError::Setup(e.to_string()))?;
         self.scheduler.reload(Arc::clone(&config), deliverer).map_err(|e| ReloadError::Setup(e.to_string()))?;
         let _ = self.serving.send(serving);
+        // Alert rules and checks come with the new monitor (an alert still firing is sent again).
+        self.monitor.abort();
+        self.monitor = tokio::spawn(monitor.run(self.shutdown.clone()));
         self.config = config;
         Ok(())
     }

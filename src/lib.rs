@@ -8,14 +8,18 @@
 //! - [`dsn`]: delivery status notifications (RFC 3464 bounces and delay notices).
 //!
 //! Beside them: [`config`] (the TOML file), [`control`] (the daemon's control socket, used by
-//! [`cli`]), and [`daemon`], which wires the parts together for `bartleby serve`.
+//! [`cli`]), [`monitor`] (probes of the primaries, auto-flush, alert rules and channels, checks of
+//! other services), [`check_dns`] (are the MX records right for a backup MX?), and [`daemon`],
+//! which wires the parts together for `bartleby serve`.
 
+pub mod check_dns;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod deliver;
 pub mod dsn;
+pub mod monitor;
 pub mod privilege;
 pub mod schedule;
 pub mod smtp;

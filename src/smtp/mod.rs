@@ -26,7 +26,12 @@ pub struct ServerContext {
     /// Called after a message is durably queued (and before 250 is sent), so the scheduler can
     /// consider it at once.
     pub on_queued: Box<dyn Fn(&Envelope) + Send + Sync>,
+    /// Starts a flush of a domain's queue for ETRN (RFC 1985); None: ETRN is not available.
+    pub etrn: Option<EtrnFlush>,
 }
+
+/// Starts a flush of one domain's queue (see [`ServerContext::etrn`]).
+pub type EtrnFlush = Box<dyn Fn(&str) + Send + Sync>;
 
 /// Errors of the SMTP module that reach the daemon (the rest become SMTP replies).
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@
 //! an action the server must carry out first (STARTTLS, committing a message, closing).
 
 use super::ServerContext;
-use super::command::{self, Command, CommandError, MAX_PARAMETER_LINE, MailFrom, RcptTo};
+use super::command::{self, Command, CommandError, EtrnNode, MAX_PARAMETER_LINE, MailFrom, RcptTo};
 use super::data::{DataProblem, DataReader};
 use super::reply::Reply;
 use crate::spool::{Envelope, IncomingMessage, Recipient, SpoolError};
@@ -312,6 +312,7 @@ impl Session {
                 Reply::new(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
             }
             Command::StartTls => return self.starttls(),
+            Command::Etrn(node) => self.etrn(node),
             Command::NotImplemented(verb) => Reply::new(502, "5.5.1", format!("{verb} not implemented")),
         };
         // 452 (too many recipients, low space) is the server's limit, not the client's error: a client
@@ -338,6 +339,9 @@ impl Session {
         ];
         if self.tls_available && !self.tls_active {
             lines.push("STARTTLS".to_string());
+        }
+        if self.etrn_allowed() {
+            lines.push("ETRN".to_string());
         }
         Reply::multiline(250, lines)
     }
@@ -548,6 +552,62 @@ impl Session {
                 Reply::new(451, "4.3.0", "error: queue file write error")
             }
         }
+    }
+
+    /// May this client use ETRN? Only when the daemon can flush and `smtp.etrn_allow` lists it.
+    fn etrn_allowed(&self) -> bool {
+        self.context.etrn.is_some()
+            && crate::config::cidr_list_contains(&self.context.config.smtp.etrn_allow, self.client)
+    }
+
+    /// ETRN (RFC 1985 5.2): start a queue run for a relay domain (`@domain`: and its subdomains).
+    /// 250 started, 251 nothing waiting, 458 cannot queue (named queues), 459 not a relay domain.
+    fn etrn(&mut self, node: EtrnNode) -> Reply {
+        if self.context.config.smtp.etrn_allow.is_empty() || self.context.etrn.is_none() {
+            return Reply::new(502, "5.5.1", "ETRN not available");
+        }
+        if !self.etrn_allowed() {
+            tracing::warn!(client = %self.client, "ETRN refused: client not in smtp.etrn_allow");
+            return Reply::new(550, "5.7.1", format!("ETRN not allowed from [{}]", self.client));
+        }
+        if self.helo.is_none() {
+            return Reply::new(503, "5.5.1", "send EHLO or HELO first");
+        }
+        if self.transaction.is_some() {
+            return Reply::new(503, "5.5.1", "MAIL transaction in progress");
+        }
+        let (name, domains): (String, Vec<String>) = match node {
+            EtrnNode::Queue(queue) => {
+                return Reply::new(
+                    458,
+                    "4.3.0",
+                    format!("Unable to queue messages for node #{queue}: no named queues"),
+                );
+            }
+            EtrnNode::Domain(d) => (d.clone(), self.relay_domains(|r| r == d)),
+            EtrnNode::Subdomains(d) => {
+                let suffix = format!(".{d}");
+                (format!("@{d}"), self.relay_domains(|r| r == d || r.ends_with(&suffix)))
+            }
+        };
+        if domains.is_empty() {
+            return Reply::new(459, "4.7.1", format!("Node {name} not allowed: not a relay domain"));
+        }
+        let waiting = self.context.spool.with_index(|index| {
+            index.values().filter(|e| !e.held && e.pending().any(|r| domains.contains(&r.domain()))).count()
+        });
+        tracing::info!(client = %self.client, node = %name, waiting, "ETRN");
+        if waiting == 0 {
+            return Reply::new(251, "2.0.0", format!("OK, no messages waiting for node {name}"));
+        }
+        if let Some(flush) = &self.context.etrn {
+            domains.iter().for_each(|d| flush(d));
+        }
+        Reply::new(250, "2.0.0", format!("OK, queuing for node {name} started"))
+    }
+
+    fn relay_domains(&self, wanted: impl Fn(&str) -> bool) -> Vec<String> {
+        self.context.config.relay.domains.iter().filter(|d| wanted(d)).cloned().collect()
     }
 
     /// STARTTLS (RFC 3207 4).

@@ -35,12 +35,14 @@ impl Daemon {
     }
 
     /// A daemon on 127.0.0.1:<free port> relaying `example.test`, with `extra` TOML appended
-    /// (sections only; top-level keys go in `top`).
+    /// (it continues the `[queue]` table; top-level keys go in `top`). DNS goes to 127.0.0.1:1,
+    /// where nothing answers, so no test ever asks a resolver beyond loopback; tests route by
+    /// `[routes]`.
     pub fn start(dir: &Path, top: &str, extra: &str) -> Daemon {
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
         let spool = dir.join("spool");
         let config = format!(
-            "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\n\n[relay]\ndomains = [\"example.test\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
+            "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\n\n[relay]\ndomains = [\"example.test\"]\n\n[dns]\nnameservers = [\"127.0.0.1:1\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
             spool.display()
         );
         Daemon::start_with(dir, &config, smtp)

@@ -23,7 +23,7 @@ fn fixture(tweak: impl FnOnce(&mut Config)) -> Fixture {
     let on_queued = Box::new(move |_: &Envelope| {
         counter.fetch_add(1, Ordering::SeqCst);
     });
-    let context = Arc::new(ServerContext { config: Arc::new(config), spool: Arc::new(spool), on_queued });
+    let context = Arc::new(ServerContext { config: Arc::new(config), spool: Arc::new(spool), on_queued, etrn: None });
     Fixture { _dir: dir, context, queued }
 }
 
