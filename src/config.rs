@@ -128,6 +128,20 @@ pub struct WebConfig {
     pub listen: SocketAddr,
     /// Peer addresses allowed to use the admin page (CIDR); everyone else gets 403.
     pub allow: Vec<Cidr>,
+    /// Optional accounts: user name -> argon2 PHC hash (`bartleby hash-password` makes one).
+    /// Empty: every allowed peer may use the page without logging in.
+    pub users: BTreeMap<String, String>,
+    /// With `tls_key`, the page is served over HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Least time between two flushes; a flush inside it gets 429, so clicks cannot become a DoS.
+    pub flush_cooldown: HumanDuration,
+    /// Free space on the spool's filesystem, in percent, below which the disk bar turns amber.
+    pub disk_warn_percent: u8,
+    /// Free space, in percent, below which the disk bar turns red.
+    pub disk_critical_percent: u8,
+    /// How often the queue size is sampled for the 24-hour chart.
+    pub sample_interval: HumanDuration,
 }
 
 impl Default for SmtpConfig {
@@ -183,7 +197,50 @@ impl Default for WebConfig {
                 Cidr::from_str("127.0.0.0/8").expect("literal CIDR"),
                 Cidr::from_str("::1/128").expect("literal CIDR"),
             ],
+            users: BTreeMap::new(),
+            tls_cert: None,
+            tls_key: None,
+            flush_cooldown: HumanDuration::seconds(60),
+            disk_warn_percent: 20,
+            disk_critical_percent: 10,
+            sample_interval: HumanDuration::minutes(5),
         }
+    }
+}
+
+impl WebConfig {
+    /// The `[web]` checks; errors name the key as [`Config::parse`] reports them.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, problem: String| Err((key.to_string(), problem));
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("web.tls_cert", "tls_cert and tls_key must be set together".into());
+        }
+        for (key, path) in [("web.tls_cert", &self.tls_cert), ("web.tls_key", &self.tls_key)] {
+            if let Some(path) = path
+                && let Err(err) = std::fs::metadata(path)
+            {
+                return bad(key, format!("{}: {err}", path.display()));
+            }
+        }
+        for (user, hash) in &self.users {
+            if user.is_empty() || user.chars().any(|c| c.is_control() || c == ':') {
+                return bad(&format!("web.users.{user}"), "not a usable user name".into());
+            }
+            let parsed = argon2::password_hash::PasswordHash::new(hash);
+            if !parsed.is_ok_and(|h| h.algorithm.as_str().starts_with("argon2")) {
+                return bad(
+                    &format!("web.users.{user}"),
+                    "not an argon2 hash (make one with `bartleby hash-password`)".into(),
+                );
+            }
+        }
+        if self.disk_critical_percent > self.disk_warn_percent || self.disk_warn_percent > 100 {
+            return bad("web.disk_warn_percent", "needs disk_critical_percent <= disk_warn_percent <= 100".into());
+        }
+        if self.sample_interval.0.as_secs() < 10 {
+            return bad("web.sample_interval", "must be at least 10s".into());
+        }
+        Ok(())
     }
 }
 
@@ -320,7 +377,7 @@ impl Config {
         if self.delivery.max_connections_per_destination == 0 {
             return bad("delivery.max_connections_per_destination", "must be above 0".into());
         }
-        Ok(())
+        self.web.validate()
     }
 
     /// Is `domain` one we are backup MX for?

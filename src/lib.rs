@@ -8,7 +8,8 @@
 //! - [`dsn`]: delivery status notifications (RFC 3464 bounces and delay notices).
 //!
 //! Beside them: [`config`] (the TOML file), [`control`] (the daemon's control socket, used by
-//! [`cli`]), and [`daemon`], which wires the parts together for `bartleby serve`.
+//! [`cli`]), [`web`] (the admin page, JSON API, `/metrics`) with [`metrics`] (the event counters),
+//! and [`daemon`], which wires the parts together for `bartleby serve`.
 
 pub mod cli;
 pub mod config;
@@ -16,6 +17,8 @@ pub mod control;
 pub mod daemon;
 pub mod deliver;
 pub mod dsn;
+pub mod metrics;
 pub mod schedule;
 pub mod smtp;
 pub mod spool;
+pub mod web;
