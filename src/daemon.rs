@@ -5,9 +5,11 @@
 use crate::config::Config;
 use crate::control;
 use crate::deliver::Deliverer;
+use crate::metrics::Metrics;
 use crate::schedule::Scheduler;
 use crate::smtp::{self, ServerContext};
 use crate::spool::{Spool, SpoolError};
+use crate::web;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +46,10 @@ pub fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     let listeners = config.smtp.listen.iter().map(|addr| bind_tcp(*addr)).collect::<Result<Vec<_>, _>>()?;
+    // The admin page is secondary to accepting mail: if its address is taken, say so and go on.
+    let web_listener = bind_tcp(config.web.listen)
+        .inspect_err(|err| tracing::error!(error = %err, "admin page disabled (web.listen)"))
+        .ok();
     let dir = config.queue.dir.clone();
     let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&dir))
         .await
@@ -66,6 +72,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let scheduler_task = tokio::spawn(scheduler.run(shutdown.clone()));
     let control_task =
         tokio::spawn(control::serve(control_listener, Arc::clone(&spool), handle.clone(), shutdown.clone()));
+    // The admin page, JSON API and /metrics (src/web), beside the SMTP server.
+    let metrics = Arc::new(Metrics::default());
+    if let Some(warning) = web::insecure_login_warning(&config.web) {
+        tracing::warn!("{warning}");
+    }
+    let web_state = web::WebState::new(Arc::clone(&config), Arc::clone(&spool), handle.clone(), Arc::clone(&metrics));
+    let web_task = web_listener.map(|listener| {
+        tracing::info!(listen = %config.web.listen, tls = config.web.tls_cert.is_some(), "admin page listening");
+        tokio::spawn(web::serve(web_state, listener, shutdown.clone()))
+    });
     let queued_handle = handle.clone();
     let context = Arc::new(ServerContext {
         config: Arc::clone(&config),
@@ -85,6 +101,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), scheduler_task).await;
     let _ = control_task.await;
+    if let Some(web_task) = web_task {
+        match tokio::time::timeout(Duration::from_secs(5), web_task).await {
+            Ok(Ok(Err(err))) => tracing::error!(error = %err, "admin page stopped with an error"),
+            Err(_) => tracing::warn!("admin page connections did not end within 5s"),
+            _ => {}
+        }
+    }
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("stopped");
     Ok(())

@@ -19,7 +19,7 @@ pub mod page;
 pub mod queue;
 pub mod tls;
 
-use crate::config::{Config, cidr_list_contains};
+use crate::config::{Config, WebConfig, cidr_list_contains};
 use crate::metrics::Metrics;
 use crate::schedule::SchedulerHandle;
 use crate::spool::Spool;
@@ -186,6 +186,19 @@ pub async fn serve(
     };
     sampler.abort();
     result.map_err(WebError::Io)
+}
+
+/// The warning to log at start when passwords and session cookies would cross the network in
+/// clear text: accounts configured, no TLS, and a listen address other than loopback.
+pub fn insecure_login_warning(web: &WebConfig) -> Option<String> {
+    let exposed = !web.listen.ip().is_loopback();
+    (exposed && !web.users.is_empty() && web.tls_cert.is_none()).then(|| {
+        format!(
+            "web.users is set but the admin page on {} has no TLS (web.tls_cert/tls_key): passwords and \
+             session cookies cross the network in clear text",
+            web.listen
+        )
+    })
 }
 
 /// Refuses peers outside `[web] allow` with 403 and one log line.
