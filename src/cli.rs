@@ -3,10 +3,10 @@
 
 use crate::config::{Config, ConfigError};
 use crate::control::{self, ControlError, ListedMessage, MessageDetail, Request};
-use crate::spool::{Spool, rfc3339};
+use crate::spool::{Spool, SpoolError, rfc3339};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
@@ -52,6 +52,11 @@ pub enum QueueCommand {
     Release { id: String },
     /// Try a message now.
     Retry { id: String },
+    /// Write every queued message to FILE (`-` for stdout), oldest first, to move a queue to
+    /// another host. Safe while the daemon runs.
+    Export { file: PathBuf },
+    /// Queue the messages of an export under their original IDs (stop the daemon first).
+    Import { file: PathBuf },
     /// Try every deferred message now (like sendmail -q / postqueue -f).
     Flush {
         /// Only messages with recipients in this domain.
@@ -138,8 +143,12 @@ pub fn init_logging() {
 
 fn serve(config: Config) -> ExitCode {
     init_logging();
-    let result =
-        runtime().map_err(crate::daemon::DaemonError::from).and_then(|rt| rt.block_on(crate::daemon::run(config)));
+    // Bind first (port 25), drop privileges, and only then start the runtime's threads.
+    let result = crate::daemon::bind(&config).and_then(|bound| {
+        crate::privilege::drop_to(config.user.as_deref(), config.group.as_deref(), &config.queue.dir)
+            .map_err(|e| crate::daemon::DaemonError::Setup(e.to_string()))?;
+        runtime()?.block_on(crate::daemon::run(config, bound))
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -151,16 +160,55 @@ fn serve(config: Config) -> ExitCode {
 }
 
 fn queue(config: Config, action: QueueCommand) -> ExitCode {
-    let (request, json) = match action {
-        QueueCommand::List { json } => (Request::List, json),
-        QueueCommand::Show { id } => (Request::Show { id }, false),
-        QueueCommand::Delete { id } => (Request::Delete { id }, false),
-        QueueCommand::Hold { id } => (Request::Hold { id }, false),
-        QueueCommand::Release { id } => (Request::Release { id }, false),
-        QueueCommand::Retry { id } => (Request::Retry { id }, false),
-        QueueCommand::Flush { domain } => (Request::Flush { domain }, false),
+    let result = match action {
+        QueueCommand::Export { file } => export(&config, &file),
+        QueueCommand::Import { file } => import(&config, &file),
+        QueueCommand::List { json } => return queue_request(&config, Request::List, json),
+        QueueCommand::Show { id } => return queue_request(&config, Request::Show { id }, false),
+        QueueCommand::Delete { id } => return queue_request(&config, Request::Delete { id }, false),
+        QueueCommand::Hold { id } => return queue_request(&config, Request::Hold { id }, false),
+        QueueCommand::Release { id } => return queue_request(&config, Request::Release { id }, false),
+        QueueCommand::Retry { id } => return queue_request(&config, Request::Retry { id }, false),
+        QueueCommand::Flush { domain } => return queue_request(&config, Request::Flush { domain }, false),
     };
-    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(send(&config, request.clone())));
+    match result {
+        Ok(message) => {
+            eprintln!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn export(config: &Config, file: &Path) -> Result<String, String> {
+    let count = if file == Path::new("-") {
+        crate::spool::export(&config.queue.dir, &mut std::io::stdout().lock())
+    } else {
+        let out = std::fs::File::create(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        crate::spool::export(&config.queue.dir, &mut std::io::BufWriter::new(out))
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(format!("exported {count} messages"))
+}
+
+fn import(config: &Config, file: &Path) -> Result<String, String> {
+    let input = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let spool = match Spool::open(&config.queue.dir) {
+        Ok((spool, _)) => std::sync::Arc::new(spool),
+        Err(SpoolError::Locked(dir)) => {
+            return Err(format!("{}: bartleby is running; stop it before importing", dir.display()));
+        }
+        Err(err) => return Err(err.to_string()),
+    };
+    let (imported, skipped) = spool.import(&mut std::io::BufReader::new(input)).map_err(|e| e.to_string())?;
+    Ok(format!("imported {imported} messages ({skipped} already queued)"))
+}
+
+fn queue_request(config: &Config, request: Request, json: bool) -> ExitCode {
+    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(send(config, request.clone())));
     match result {
         Ok(value) => {
             print!("{}", render(&request, value, json));

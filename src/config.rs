@@ -19,6 +19,11 @@ pub struct Config {
     /// Our name: in the greeting, in Received headers, and how we recognise ourselves in MX lists.
     #[serde(default = "default_hostname")]
     pub hostname: String,
+    /// Started as root, bartleby binds its ports and then becomes this user (and `group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     #[serde(default)]
     pub smtp: SmtpConfig,
     #[serde(default)]
@@ -119,6 +124,10 @@ pub struct DeliveryConfig {
     pub data_init_timeout: HumanDuration,
     pub data_block_timeout: HumanDuration,
     pub data_done_timeout: HumanDuration,
+    /// Extra trust anchors (PEM) besides the Web PKI roots, for domains with `require_tls`.
+    pub tls_ca_file: Option<PathBuf>,
+    /// How long to wait for one DNS answer before asking again (two tries, then a temporary failure).
+    pub dns_timeout: HumanDuration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -185,6 +194,8 @@ impl Default for DeliveryConfig {
             data_init_timeout: HumanDuration::minutes(2),
             data_block_timeout: HumanDuration::minutes(3),
             data_done_timeout: HumanDuration::minutes(10),
+            tls_ca_file: None,
+            dns_timeout: HumanDuration::seconds(5),
         }
     }
 }
@@ -274,6 +285,8 @@ impl Config {
     fn default_for(dir: PathBuf) -> Config {
         Config {
             hostname: default_hostname(),
+            user: None,
+            group: None,
             smtp: SmtpConfig::default(),
             relay: RelayConfig::default(),
             dns: DnsConfig::default(),
@@ -376,6 +389,14 @@ impl Config {
         }
         if self.delivery.max_connections_per_destination == 0 {
             return bad("delivery.max_connections_per_destination", "must be above 0".into());
+        }
+        if let Some(path) = &self.delivery.tls_ca_file
+            && let Err(err) = std::fs::metadata(path)
+        {
+            return bad("delivery.tls_ca_file", format!("{}: {err}", path.display()));
+        }
+        if self.delivery.dns_timeout.0.is_zero() {
+            return bad("delivery.dns_timeout", "must be longer than 0".into());
         }
         self.web.validate()
     }

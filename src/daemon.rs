@@ -31,25 +31,39 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
 }
 
-/// Binds a TCP listener with SO_REUSEADDR, so a restart does not wait for TIME_WAIT sockets.
-pub fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
-    let listen = || -> std::io::Result<TcpListener> {
-        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(1024)
-    };
-    listen().map_err(|source| DaemonError::Listen { addr, source })
+/// Sockets bound before privileges are dropped (port 25 needs root or CAP_NET_BIND_SERVICE).
+pub struct Listeners {
+    pub smtp: Vec<std::net::TcpListener>,
+    /// The admin page's socket; None when `web.listen` could not be bound.
+    pub web: Option<std::net::TcpListener>,
+}
+
+/// Binds every listener of the configuration (std sets SO_REUSEADDR, so a restart does not wait
+/// for TIME_WAIT sockets).
+pub fn bind(config: &Config) -> Result<Listeners, DaemonError> {
+    let smtp = config.smtp.listen.iter().map(|addr| bind_tcp(*addr)).collect::<Result<Vec<_>, _>>()?;
+    // The admin page is secondary to accepting mail: if its address is taken, say so and go on.
+    let web = bind_tcp(config.web.listen)
+        .inspect_err(|err| tracing::error!(error = %err, "admin page disabled (web.listen)"))
+        .ok();
+    Ok(Listeners { smtp, web })
+}
+
+fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|source| DaemonError::Listen { addr, source })?;
+    listener.set_nonblocking(true).map_err(|source| DaemonError::Listen { addr, source })?;
+    Ok(listener)
+}
+
+fn into_tokio(listener: std::net::TcpListener) -> Result<TcpListener, DaemonError> {
+    Ok(TcpListener::from_std(listener)?)
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+pub async fn run(config: Config, bound: Listeners) -> Result<(), DaemonError> {
     let config = Arc::new(config);
-    let listeners = config.smtp.listen.iter().map(|addr| bind_tcp(*addr)).collect::<Result<Vec<_>, _>>()?;
-    // The admin page is secondary to accepting mail: if its address is taken, say so and go on.
-    let web_listener = bind_tcp(config.web.listen)
-        .inspect_err(|err| tracing::error!(error = %err, "admin page disabled (web.listen)"))
-        .ok();
+    let listeners = bound.smtp.into_iter().map(into_tokio).collect::<Result<Vec<_>, _>>()?;
+    let web_listener = bound.web.map(into_tokio).transpose()?;
     let dir = config.queue.dir.clone();
     let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&dir))
         .await
@@ -90,9 +104,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     });
     let smtp_task = tokio::spawn(smtp::serve(context, listeners, shutdown.clone()));
     announce(&config);
+    let watchdog = notify_systemd_ready();
 
     wait_for_signal().await;
     tracing::info!("shutting down: no new mail; open sessions get 421");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     let _ = shutdown_tx.send(true);
     match tokio::time::timeout(Duration::from_secs(30), smtp_task).await {
         Ok(Ok(Err(err))) => tracing::error!(error = %err, "SMTP server stopped with an error"),
@@ -128,6 +147,25 @@ fn announce(config: &Config) {
             config.relay.domains.join(", ")
         },
     );
+}
+
+/// Tells systemd (Type=notify) that every listener is bound and the spool recovered, and feeds its
+/// watchdog at half the interval it asks for. Without systemd both are no-ops.
+fn notify_systemd_ready() -> Option<tokio::task::JoinHandle<()>> {
+    if let Err(err) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %err, "cannot notify systemd");
+    }
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) {
+        return None;
+    }
+    let period = Duration::from_micros(usec / 2);
+    Some(tokio::spawn(async move {
+        loop {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            tokio::time::sleep(period).await;
+        }
+    }))
 }
 
 async fn wait_for_signal() {

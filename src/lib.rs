@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod deliver;
 pub mod dsn;
 pub mod metrics;
+pub mod privilege;
 pub mod schedule;
 pub mod smtp;
 pub mod spool;

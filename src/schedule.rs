@@ -11,8 +11,8 @@ use crate::config::Config;
 use crate::deliver::{Deliverer, Detail, Job, JobResult, RcptOutcome};
 use crate::dsn::{self, DsnKind, ReportedRecipient};
 use crate::spool::{
-    BodyType, DsnNotify, DsnRet, Envelope, QueueId, Recipient, RecipientStatus, Spool, SpoolError, domain_of,
-    from_micros, now_micros,
+    DsnNotify, DsnRet, Envelope, QueueId, Recipient, RecipientStatus, Spool, SpoolError, domain_of, from_micros,
+    now_micros,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -462,7 +462,8 @@ pub fn apply_outcomes(
     let wait = backoff(envelope.attempts, config.queue.first_retry.0, config.queue.retry_interval.0);
     envelope.next_attempt = now + i64::try_from(wait.as_micros()).unwrap_or(i64::MAX / 2);
     verdict.done = envelope.is_done();
-    if !dsn::wanted(envelope) {
+    // Never answer the null sender or a notice of our own (RFC 3461 6.2, RFC 3834 2).
+    if envelope.sender.is_empty() || envelope.generated {
         verdict.bounce.clear();
         verdict.delay.clear();
     }
@@ -532,6 +533,7 @@ fn reported(rcpt: &Recipient, detail: &Detail) -> ReportedRecipient {
         diagnostic: detail.diagnostic.clone(),
         remote_mta: detail.remote_mta.clone(),
         text: detail.text.clone(),
+        last_attempt: Some(SystemTime::now()),
     }
 }
 
@@ -621,13 +623,8 @@ fn queue_dsn(
     let id = spool.new_id();
     let mut message = spool.incoming(&id)?;
     message.write(&bytes)?;
-    let mut notice = Envelope::new(id.clone(), String::new(), vec![Recipient::new(envelope.sender.clone())]);
-    notice.generated = true;
+    let mut notice = dsn::notice_envelope(id.clone(), envelope, &bytes);
     notice.helo = config.hostname.clone();
-    notice.smtputf8 = envelope.smtputf8 && !envelope.sender.is_ascii();
-    if bytes.iter().any(|b| *b >= 0x80) {
-        notice.body = BodyType::EightBitMime;
-    }
     notice.record(format!("{} notice for {} to <{}>", kind_name(kind), envelope.id, envelope.sender));
     message.commit(notice)?;
     tracing::info!(queue_id = %id, original = %envelope.id, to = %envelope.sender, kind = kind_name(kind), "DSN queued");

@@ -94,7 +94,22 @@ fn queue_commands_through_the_daemon_and_offline() {
     // The held state survives a restart, and the message is still there.
     bartleby.restart();
     assert_eq!(bartleby.queue()[0]["held"], true);
+
+    // Export while running, import into another host's spool (stopped), same IDs and state.
+    let export = dir.path().join("queue.export");
+    let out = bartleby.cli(&["queue", "export", export.to_str().expect("utf-8")]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("exported 1 messages"), "{out:?}");
     assert!(bartleby.stop().success());
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, format!("[queue]\ndir = \"{}\"\n", dir.path().join("other-spool").display()))
+        .expect("config");
+    let out = cli_with_config(&other, &["queue", "import", export.to_str().expect("utf-8")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("imported 1 messages"), "{out:?}");
+    let moved: Vec<serde_json::Value> =
+        serde_json::from_slice(&cli_with_config(&other, &["queue", "list", "--json"]).stdout).expect("json");
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0]["id"], first.as_str());
+    assert_eq!(moved[0]["held"], true);
 }
 
 #[test]

@@ -5,10 +5,25 @@
 //! gets back one [`RcptOutcome`] per pending recipient of that domain. The deliverer never touches
 //! the spool's state: turning outcomes into retries, bounces and removals is the scheduler's job.
 
+//!
+//! Layout: [`route`] finds the next hops (static routes, MX with the backup-MX rule of [`mx`],
+//! implicit MX), [`client`] speaks SMTP to one of them, and this file spreads a batch over a
+//! bounded number of connections per destination, each carrying many messages.
+
+pub mod client;
+pub mod mx;
+pub mod route;
+
+pub use client::{ClientError, ClientSettings, Session, TlsMode};
+pub use route::{NextHop, RouteError, Router};
+
 use crate::config::Config;
-use crate::spool::{Envelope, QueueId};
+use crate::spool::{Envelope, QueueId, Recipient, domain_of};
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 
 /// What happened to one recipient in one delivery attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,31 +55,306 @@ pub struct Detail {
 /// and where its body is.
 #[derive(Debug, Clone)]
 pub struct Job {
+    /// The message's envelope as the spool has it.
     pub envelope: Envelope,
+    /// The body file (CRLF line endings, not dot-stuffed).
     pub body: PathBuf,
 }
 
 /// The outcomes of one message, one entry per recipient address that was tried.
 #[derive(Debug, Clone)]
 pub struct JobResult {
+    /// The message's queue ID.
     pub id: QueueId,
+    /// (recipient address, outcome), in the envelope's order.
     pub outcomes: Vec<(String, RcptOutcome)>,
+}
+
+impl RcptOutcome {
+    /// The facts behind the outcome.
+    pub fn detail(&self) -> &Detail {
+        match self {
+            RcptOutcome::Delivered(d) | RcptOutcome::TempFail(d) | RcptOutcome::PermFail(d) | RcptOutcome::Loop(d) => d,
+        }
+    }
 }
 
 /// Delivery to next hops; one per daemon, shared by all queue runs.
 pub struct Deliverer {
     config: Arc<Config>,
+    router: Router,
+    settings: Arc<ClientSettings>,
+    /// One semaphore per destination domain, so that concurrent queue runs together stay within
+    /// `delivery.max_connections_per_destination`.
+    limits: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 impl Deliverer {
+    /// Builds the resolver and the TLS configurations; fails on an unreadable CA file or DNS setup.
     pub fn new(config: Arc<Config>) -> Result<Deliverer, String> {
-        Ok(Deliverer { config })
+        let router = Router::new(&config)?;
+        let settings = Arc::new(ClientSettings::new(config.hostname.clone(), &config.delivery)?);
+        Ok(Deliverer { config, router, settings, limits: Mutex::new(HashMap::new()) })
+    }
+
+    /// The addresses delivery to `domain` would try, best first (static route or MX list after the
+    /// backup-MX rule). `RouteError::outcome` says what recipients get when there are none.
+    pub async fn next_hops(&self, domain: &str) -> Result<Vec<NextHop>, RouteError> {
+        self.router.next_hops(domain).await
     }
 
     /// Delivers `jobs` (all with pending recipients in `domain`, oldest first) to the domain's next
     /// hops and reports per-recipient outcomes for that domain's recipients.
     pub async fn deliver(&self, domain: &str, jobs: Vec<Job>) -> Vec<JobResult> {
-        let _ = (&self.config, domain, jobs);
-        unimplemented!("deliver")
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let hops = match self.router.next_hops(&domain).await {
+            Ok(hops) => hops,
+            Err(e) => {
+                tracing::info!(domain = %domain, error = %e, "no next hop");
+                let outcome = e.outcome();
+                return jobs.iter().map(|job| uniform_result(job, &domain, &outcome)).collect();
+            }
+        };
+        let policy = self.config.domain_policy(&domain);
+        let connections = if policy.strict_order { 1 } else { self.config.delivery.max_connections_per_destination };
+        let run = Arc::new(Run {
+            targets: jobs.iter().map(|job| targets(job, &domain)).collect(),
+            jobs,
+            hops,
+            queue: Mutex::new(VecDeque::new()),
+            results: Mutex::new(HashMap::new()),
+            strict_order: policy.strict_order,
+            tls: if policy.require_tls { TlsMode::Required } else { TlsMode::Opportunistic },
+            settings: self.settings.clone(),
+            last_error: Mutex::new(None),
+        });
+        run.fill_queue();
+        let workers = connections.min(run.queue_len()).max(1);
+        let limit = self.limit_for(&domain);
+        let mut set = JoinSet::new();
+        for _ in 0..workers {
+            let (run, limit) = (run.clone(), limit.clone());
+            set.spawn(async move {
+                // A closed semaphore cannot happen (we never close it); without a permit, no worker.
+                if let Ok(permit) = limit.acquire_owned().await {
+                    worker(run, permit).await;
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+        run.collect()
+    }
+
+    fn limit_for(&self, domain: &str) -> Arc<Semaphore> {
+        let mut limits = self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let permits = self.config.delivery.max_connections_per_destination;
+        limits.entry(domain.to_string()).or_insert_with(|| Arc::new(Semaphore::new(permits))).clone()
+    }
+}
+
+/// The shared state of one `deliver` call: the work queue and the results.
+struct Run {
+    jobs: Vec<Job>,
+    /// Per job, the indices of its pending recipients in this domain.
+    targets: Vec<Vec<usize>>,
+    hops: Vec<NextHop>,
+    /// Job indices still to send, in arrival order.
+    queue: Mutex<VecDeque<usize>>,
+    results: Mutex<HashMap<usize, Vec<RcptOutcome>>>,
+    strict_order: bool,
+    tls: TlsMode,
+    settings: Arc<ClientSettings>,
+    /// Why the last connection attempt failed, for jobs no connection could take.
+    last_error: Mutex<Option<Detail>>,
+}
+
+impl Run {
+    fn fill_queue(&self) {
+        let mut queue = lock(&self.queue);
+        queue.extend((0..self.jobs.len()).filter(|&i| !self.targets[i].is_empty()));
+    }
+
+    fn queue_len(&self) -> usize {
+        lock(&self.queue).len()
+    }
+
+    fn next_job(&self) -> Option<usize> {
+        lock(&self.queue).pop_front()
+    }
+
+    fn give_back(&self, index: usize) {
+        lock(&self.queue).push_front(index);
+    }
+
+    fn record(&self, index: usize, outcomes: Vec<RcptOutcome>) {
+        lock(&self.results).insert(index, outcomes);
+    }
+
+    /// RFC-free but operator-promised: with strict order, once one message is deferred, every
+    /// later one waits too, or the primary would receive them out of order.
+    fn defer_rest(&self, detail: &Detail) {
+        let rest: Vec<usize> = lock(&self.queue).drain(..).collect();
+        let detail = Detail {
+            status: "4.4.0".into(),
+            text: format!(
+                "not tried: an earlier message is deferred and the domain has strict_order ({})",
+                detail.text
+            ),
+            ..Detail::default()
+        };
+        for index in rest {
+            let outcomes = vec![RcptOutcome::TempFail(detail.clone()); self.targets[index].len()];
+            self.record(index, outcomes);
+        }
+    }
+
+    fn recipients(&self, index: usize) -> Vec<&Recipient> {
+        self.targets[index].iter().map(|&r| &self.jobs[index].envelope.recipients[r]).collect()
+    }
+
+    /// One JobResult per job in input order; jobs no connection took are deferred with the last
+    /// connection error.
+    fn collect(&self) -> Vec<JobResult> {
+        let mut results = std::mem::take(&mut *lock(&self.results));
+        let fallback = lock(&self.last_error).clone().unwrap_or_else(|| Detail {
+            status: "4.4.1".into(),
+            text: "no connection to any next hop".into(),
+            ..Detail::default()
+        });
+        self.jobs
+            .iter()
+            .enumerate()
+            .map(|(index, job)| {
+                let outcomes = results
+                    .remove(&index)
+                    .unwrap_or_else(|| vec![RcptOutcome::TempFail(fallback.clone()); self.targets[index].len()]);
+                let addresses = self.targets[index].iter().map(|&r| job.envelope.recipients[r].address.clone());
+                JobResult { id: job.envelope.id.clone(), outcomes: addresses.zip(outcomes).collect() }
+            })
+            .collect()
+    }
+}
+
+/// One connection's worth of work: take the next message, (re)connect when needed, send.
+async fn worker(run: Arc<Run>, _permit: OwnedSemaphorePermit) {
+    let mut session: Option<Session> = None;
+    while let Some(index) = run.next_job() {
+        if session.is_none() {
+            match open_any(&run).await {
+                Ok(opened) => session = Some(opened),
+                Err(detail) => {
+                    // Another connection may still take it; if none can, `collect` defers it.
+                    run.give_back(index);
+                    *lock(&run.last_error) = Some(detail);
+                    return;
+                }
+            }
+        }
+        let Some(open) = session.as_mut() else { continue };
+        let job = &run.jobs[index];
+        let transaction = open.send(&job.envelope, &run.recipients(index), &job.body).await;
+        log_transaction(job, open.host(), &run.recipients(index), &transaction.outcomes);
+        let deferred = transaction.outcomes.iter().find(|o| matches!(o, RcptOutcome::TempFail(_))).cloned();
+        run.record(index, transaction.outcomes);
+        if !transaction.reusable {
+            session = None;
+        }
+        if run.strict_order
+            && let Some(deferred) = deferred
+        {
+            run.defer_rest(deferred.detail());
+        }
+    }
+    if let Some(open) = session {
+        open.quit().await;
+    }
+}
+
+/// Tries the next hops in order until one greets us; a host failing at connect, greeting or TLS
+/// sends us to the next (RFC 5321 5.1).
+async fn open_any(run: &Run) -> Result<Session, Detail> {
+    let mut last = None;
+    for hop in &run.hops {
+        match Session::open(hop, &run.settings, run.tls).await {
+            Ok(session) => return Ok(session),
+            Err(ClientError::Tls { required: false, .. }) => {
+                // A failed opportunistic handshake: Postfix-style, try the same host in plain text.
+                match Session::open(hop, &run.settings, TlsMode::Disabled).await {
+                    Ok(session) => return Ok(session),
+                    Err(e) => last = Some(e.temp_detail(Some(&hop.host))),
+                }
+            }
+            Err(e) => {
+                tracing::info!(mx = %hop.host, addr = %hop.addr, error = %e, "next hop failed");
+                last = Some(e.temp_detail(Some(&hop.host)));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Detail { status: "4.4.4".into(), text: "no next hop".into(), ..Detail::default() }))
+}
+
+fn log_transaction(job: &Job, host: &str, rcpts: &[&Recipient], outcomes: &[RcptOutcome]) {
+    for (rcpt, outcome) in rcpts.iter().zip(outcomes) {
+        let (result, detail) = match outcome {
+            RcptOutcome::Delivered(d) => ("delivered", d),
+            RcptOutcome::TempFail(d) => ("deferred", d),
+            RcptOutcome::PermFail(d) => ("failed", d),
+            RcptOutcome::Loop(d) => ("loop", d),
+        };
+        tracing::info!(queue_id = %job.envelope.id, rcpt = %rcpt.address, mx = %host, status = %detail.status, text = %detail.text, "{result}");
+    }
+}
+
+/// The indices of a job's pending recipients in `domain`.
+fn targets(job: &Job, domain: &str) -> Vec<usize> {
+    job.envelope
+        .recipients
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.status == crate::spool::RecipientStatus::Pending && domain_of(&r.address) == domain)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+fn uniform_result(job: &Job, domain: &str, outcome: &RcptOutcome) -> JobResult {
+    let outcomes = targets(job, domain)
+        .into_iter()
+        .map(|i| (job.envelope.recipients[i].address.clone(), outcome.clone()))
+        .collect();
+    JobResult { id: job.envelope.id.clone(), outcomes }
+}
+
+/// A poisoned lock only means another worker panicked; the data is still consistent enough to report.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_outside_a_runtime() {
+        let mut config = Config::demo();
+        config.dns.nameservers = vec!["127.0.0.1:5353".parse().expect("literal")];
+        assert!(Deliverer::new(Arc::new(config)).is_ok());
+    }
+
+    #[test]
+    fn missing_ca_file_is_reported() {
+        let mut config = Config::demo();
+        config.dns.nameservers = vec!["127.0.0.1:5353".parse().expect("literal")];
+        config.delivery.tls_ca_file = Some(PathBuf::from("/nonexistent/ca.pem"));
+        let err = Deliverer::new(Arc::new(config)).err().expect("an error");
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn loop_outcome_wording() {
+        let e = RouteError::Loop { domain: "example.test".into(), hostname: "backup.example.test".into() };
+        match e.outcome() {
+            RcptOutcome::Loop(d) => assert_eq!(d.text, "MX list for example.test points back to backup.example.test"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -1,7 +1,22 @@
 //! Inbound SMTP (RFC 5321): sessions are byte-driven state machines; the listener is a thin loop.
+//!
+//! - [`command`]: one command line into a typed command with its parameters;
+//! - [`reply`]: replies with enhanced status codes (RFC 2034, RFC 3463);
+//! - [`data`]: the DATA reader (dot-unstuffing, end of data, bare CR/LF, limits);
+//! - [`session`]: the per-connection state machine, one function per verb;
+//! - `server`: sockets, TLS upgrade, the session cap, timeouts and shutdown.
+
+pub mod command;
+pub mod data;
+pub mod reply;
+mod server;
+pub mod session;
 
 use crate::config::Config;
 use crate::spool::{Envelope, Spool};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// What a session needs from the rest of the daemon.
@@ -13,13 +28,50 @@ pub struct ServerContext {
     pub on_queued: Box<dyn Fn(&Envelope) + Send + Sync>,
 }
 
-/// Listens on already-bound sockets until `shutdown` turns true, then answers 421 to open sessions.
+/// Errors of the SMTP module that reach the daemon (the rest become SMTP replies).
+#[derive(Debug, thiserror::Error)]
+pub enum SmtpError {
+    /// The certificate or key named by `smtp.tls_cert` / `smtp.tls_key` cannot be used.
+    #[error("{key} {}: {problem}", path.display())]
+    Tls { key: &'static str, path: PathBuf, problem: String },
+}
+
+/// Builds the STARTTLS acceptor from `smtp.tls_cert` and `smtp.tls_key` (PEM), or None when TLS is not
+/// configured. The daemon calls it at start so a bad certificate stops it with a clear message.
+pub fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, SmtpError> {
+    let (Some(cert_path), Some(key_path)) = (&config.smtp.tls_cert, &config.smtp.tls_key) else {
+        return Ok(None);
+    };
+    let cert_error = |problem: String| SmtpError::Tls { key: "smtp.tls_cert", path: cert_path.clone(), problem };
+    let certs = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|err| cert_error(err.to_string()))?;
+    if certs.is_empty() {
+        return Err(cert_error("no certificate found in the file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|err| key_error(key_path, err.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| cert_error(err.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|err| key_error(key_path, format!("does not fit the certificate: {err}")))?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls))))
+}
+
+fn key_error(path: &Path, problem: String) -> SmtpError {
+    SmtpError::Tls { key: "smtp.tls_key", path: path.to_path_buf(), problem }
+}
+
+/// Listens on already-bound sockets until `shutdown` turns true (or its sender is dropped), then
+/// answers 421 to open sessions and returns once they have closed (waiting a few seconds at most).
 pub async fn serve(
     context: Arc<ServerContext>,
     listeners: Vec<tokio::net::TcpListener>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let _ = (context, listeners);
-    let _ = shutdown.changed().await;
-    unimplemented!("smtp serve")
+    let acceptor = tls_acceptor(&context.config).map_err(|err| std::io::Error::other(err.to_string()))?;
+    server::serve(context, acceptor, listeners, shutdown).await;
+    Ok(())
 }

@@ -340,6 +340,82 @@ impl Spool {
     }
 }
 
+/// First line of a queue export; the number is the export format version.
+const EXPORT_MAGIC: &str = "bartleby-queue-export 1";
+
+/// One message's header line in an export: the envelope and the body's length in octets.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ExportEntry {
+    envelope: Envelope,
+    size: u64,
+}
+
+/// Writes every message of the spool at `root` to `out`, oldest first: a magic line, then per
+/// message one JSON line and the body's octets. Reads only immutable bodies and atomically replaced
+/// envelopes, so it is safe while the daemon runs. Returns how many messages were written.
+pub fn export(root: &Path, out: &mut impl Write) -> Result<usize, SpoolError> {
+    let messages = root.join(MESSAGES);
+    let mut ids: Vec<String> = fs::read_dir(&messages)
+        .map_err(io_err(&messages))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".env").map(str::to_string))
+        .filter(|id| is_queue_id(id))
+        .collect();
+    ids.sort();
+    let out_err = |source| SpoolError::Io { path: PathBuf::from("(export)"), source };
+    writeln!(out, "{EXPORT_MAGIC}").map_err(out_err)?;
+    let mut count = 0;
+    for id in ids {
+        let (envelope, body) =
+            match (read_envelope(&messages.join(format!("{id}.env"))), fs::read(messages.join(format!("{id}.msg")))) {
+                (Ok(envelope), Ok(body)) => (envelope, body),
+                _ => continue, // delivered and removed while we read
+            };
+        let line = serde_json::to_string(&ExportEntry { envelope, size: body.len() as u64 })
+            .map_err(|source| SpoolError::BadEnvelope { path: messages.join(&id), source })?;
+        writeln!(out, "{line}").and_then(|()| out.write_all(&body)).map_err(out_err)?;
+        count += 1;
+    }
+    out.flush().map_err(out_err)?;
+    Ok(count)
+}
+
+impl Spool {
+    /// Queues every message of an export under its original ID (so arrival order is kept across
+    /// hosts). Messages already queued are skipped. Returns (imported, skipped).
+    pub fn import(self: &Arc<Self>, input: &mut impl io::BufRead) -> Result<(usize, usize), SpoolError> {
+        let in_err = |source| SpoolError::Io { path: PathBuf::from("(import)"), source };
+        let bad = |what: &str| in_err(io::Error::new(io::ErrorKind::InvalidData, what.to_string()));
+        let mut line = String::new();
+        input.read_line(&mut line).map_err(in_err)?;
+        if line.trim_end() != EXPORT_MAGIC {
+            return Err(bad("not a bartleby queue export (bad first line)"));
+        }
+        let (mut imported, mut skipped) = (0, 0);
+        loop {
+            line.clear();
+            if input.read_line(&mut line).map_err(in_err)? == 0 {
+                return Ok((imported, skipped));
+            }
+            let entry: ExportEntry = serde_json::from_str(&line)
+                .map_err(|source| SpoolError::BadEnvelope { path: PathBuf::from("(import)"), source })?;
+            let mut body = vec![0; usize::try_from(entry.size).map_err(|_| bad("message too large"))?];
+            input.read_exact(&mut body).map_err(in_err)?;
+            let id = entry.envelope.id.clone();
+            if !is_queue_id(&id) {
+                return Err(bad("bad queue ID in export"));
+            }
+            if self.get(&id).is_some() {
+                skipped += 1;
+                continue;
+            }
+            let mut message = self.incoming(&id)?;
+            message.write(&body)?;
+            message.commit(entry.envelope)?;
+            imported += 1;
+        }
+    }
+}
+
 /// statvfs of the filesystem holding `path`.
 pub fn space_of(path: &Path) -> Result<SpaceInfo, SpoolError> {
     let st = rustix::fs::statvfs(path).map_err(|e| SpoolError::Io { path: path.to_path_buf(), source: e.into() })?;
@@ -400,6 +476,10 @@ impl IncomingMessage {
             return Err(err);
         }
         self.path = PathBuf::new();
+        if let Some(parsed) = parse_id(&envelope.id) {
+            let mut last = spool.last_id.lock().unwrap_or_else(|p| p.into_inner());
+            *last = (*last).max(parsed);
+        }
         spool.index.lock().unwrap_or_else(|p| p.into_inner()).insert(envelope.id.clone(), envelope.clone());
         Ok(envelope)
     }

@@ -164,3 +164,32 @@ fn batch_update_and_remove() {
     assert_eq!(spool.list().len(), 1);
     assert_eq!(spool.list()[0].id, ids[2]);
 }
+
+#[test]
+fn export_and_import_keep_envelopes_bodies_and_order() {
+    let from = tempfile::tempdir().unwrap();
+    let spool = open(from.path());
+    let mut envs: Vec<_> = (0..3).map(|i| put(&spool, format!("Subject: {i}\r\n\r\n.dot\r\n").as_bytes())).collect();
+    envs[1].held = true;
+    spool.update(&envs[1]).unwrap();
+    let mut exported = Vec::new();
+    assert_eq!(export(from.path(), &mut exported).unwrap(), 3);
+
+    let to = tempfile::tempdir().unwrap();
+    let target = open(to.path());
+    let older_local = put(&target, b"local\r\n");
+    let (imported, skipped) = target.import(&mut &exported[..]).unwrap();
+    assert_eq!((imported, skipped), (3, 0));
+    assert_eq!(target.import(&mut &exported[..]).unwrap(), (0, 3), "a second import skips what is there");
+    let listed = target.list();
+    assert_eq!(listed.len(), 4);
+    for env in &envs {
+        let got = target.get(&env.id).expect("imported under its ID");
+        assert_eq!(got.held, env.held);
+        assert_eq!(got.arrived, env.arrived);
+        assert_eq!(target.read_body(&env.id).unwrap(), spool.read_body(&env.id).unwrap());
+    }
+    assert!(target.new_id() > listed.last().unwrap().id);
+    let _ = older_local;
+    assert!(matches!(target.import(&mut &b"garbage\n"[..]), Err(SpoolError::Io { .. })));
+}

@@ -127,9 +127,9 @@ mod tests {
         let now = 100 * 3_600_000_000;
         let samples =
             [Sample { at: now - 7_200_000_000, messages: 10, bytes: 0 }, Sample { at: now, messages: 40, bytes: 0 }];
-        let svg = svg(&samples, now).into_string();
-        assert!(svg.contains("<polyline"), "{svg}");
-        assert!(svg.contains(">40<"), "{svg}");
+        let drawn = svg(&samples, now).into_string();
+        assert!(drawn.contains("<polyline"), "{drawn}");
+        assert!(drawn.contains(">40<"), "{drawn}");
         assert!(svg(&[], now).into_string().contains("no samples yet"));
     }
 }

@@ -1,0 +1,1006 @@
+//! The outbound SMTP client (RFC 5321): one connection to one next hop, carrying any number of
+//! transactions. Replies and EHLO keywords are parsed by small pure functions; the session is a
+//! thin loop of writes and reads, each bounded by its RFC 5321 4.5.3.2 timeout.
+
+use super::route::NextHop;
+use super::{Detail, RcptOutcome};
+use crate::config::DeliveryConfig;
+use crate::spool::{BodyType, DsnNotify, DsnRet, Envelope, Recipient};
+use rustls::ClientConfig;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// Longest reply line we accept; RFC 5321 4.5.3.1.5 says 512 octets, servers send more.
+const MAX_REPLY_LINE: u64 = 16 * 1024;
+/// Lines of one multiline reply we keep (more are read and dropped).
+const MAX_REPLY_LINES: usize = 100;
+/// Size of the chunks read from the body file and written to the socket.
+const CHUNK: usize = 256 * 1024;
+
+/// What went wrong on a connection; `Display` is the text shown to operators and in DSNs.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The TCP connection could not be made.
+    #[error("connect to {addr}: {reason}")]
+    Connect { addr: std::net::SocketAddr, reason: String },
+    /// The connection broke, timed out or was closed during a stage.
+    #[error("{stage} to {peer}: {reason}")]
+    Network { stage: String, peer: String, reason: String },
+    /// The server's reply ended the session or the transaction.
+    #[error("{stage} to {peer}: {reply}")]
+    Reply { stage: String, peer: String, reply: Reply },
+    /// TLS was required and could not be had, or the handshake failed.
+    #[error("{stage} to {peer}: {reason}")]
+    Tls { stage: String, peer: String, reason: String, required: bool },
+    /// The body file could not be read.
+    #[error("cannot read message body: {0}")]
+    Body(String),
+}
+
+impl ClientError {
+    /// A temporary-failure detail for every recipient this error stops (4.x.x, RFC 3463).
+    pub fn temp_detail(&self, remote_mta: Option<&str>) -> Detail {
+        let (status, diagnostic) = match self {
+            ClientError::Connect { .. } => ("4.4.1".to_string(), None),
+            ClientError::Network { .. } => ("4.4.2".to_string(), None),
+            ClientError::Reply { reply, .. } => (temporary_status(&reply.status()), Some(reply.to_string())),
+            ClientError::Tls { .. } => ("4.7.5".to_string(), None),
+            ClientError::Body(_) => ("4.3.0".to_string(), None),
+        };
+        let remote_mta = match self {
+            ClientError::Connect { .. } | ClientError::Body(_) => None,
+            _ => remote_mta.map(str::to_string),
+        };
+        Detail { status, text: self.to_string(), remote_mta, diagnostic }
+    }
+}
+
+/// The same status in class 4: a failure that ends a session is always retried.
+fn temporary_status(status: &str) -> String {
+    match status.split_once('.') {
+        Some((_, rest)) => format!("4.{rest}"),
+        None => "4.0.0".to_string(),
+    }
+}
+
+/// One SMTP reply: the code and its text lines (without the code and separator).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    /// The RFC 3463 enhanced code at the start of the text, if the server sent one.
+    pub fn enhanced(&self) -> Option<&str> {
+        let first = self.lines.first()?;
+        let word = first.split_whitespace().next()?;
+        let parts: Vec<&str> = word.split('.').collect();
+        let ok = parts.len() == 3
+            && parts.iter().all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+            && matches!(parts[0], "2" | "4" | "5")
+            && parts[0].as_bytes()[0] == b'0' + (self.code / 100) as u8;
+        ok.then_some(word)
+    }
+
+    /// The enhanced status: the server's, or the class default (X.0.0).
+    pub fn status(&self) -> String {
+        self.enhanced().map(str::to_string).unwrap_or_else(|| format!("{}.0.0", self.code / 100))
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+
+    fn outcome(&self, text: String, remote_mta: &str) -> RcptOutcome {
+        let detail = Detail {
+            status: self.status(),
+            text,
+            remote_mta: Some(remote_mta.to_string()),
+            diagnostic: Some(self.to_string()),
+        };
+        match self.code / 100 {
+            2 => RcptOutcome::Delivered(detail),
+            5 => RcptOutcome::PermFail(detail),
+            _ => RcptOutcome::TempFail(Detail { status: temporary_status(&detail.status), ..detail }),
+        }
+    }
+}
+
+impl fmt::Display for Reply {
+    /// `550 5.1.1 first line second line`: continuation lines that repeat the enhanced code drop it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.code)?;
+        let enhanced = self.enhanced();
+        for (i, line) in self.lines.iter().enumerate() {
+            let line = match enhanced {
+                Some(code) if i > 0 => line.strip_prefix(code).map(str::trim_start).unwrap_or(line),
+                _ => line,
+            };
+            if !line.is_empty() {
+                write!(f, " {line}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses one reply line: `Ok((code, is_last, text))` (RFC 5321 4.2.1).
+pub fn parse_reply_line(line: &str) -> Result<(u16, bool, &str), String> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let bytes = line.as_bytes();
+    if bytes.len() < 3 || !bytes[..3].iter().all(u8::is_ascii_digit) || !(b'2'..=b'5').contains(&bytes[0]) {
+        return Err(format!("malformed reply: {:?}", truncate(line, 80)));
+    }
+    let code = u16::from(bytes[0] - b'0') * 100 + u16::from(bytes[1] - b'0') * 10 + u16::from(bytes[2] - b'0');
+    match bytes.get(3) {
+        None => Ok((code, true, "")),
+        Some(b' ') => Ok((code, true, &line[4..])),
+        Some(b'-') => Ok((code, false, &line[4..])),
+        Some(_) => Err(format!("malformed reply: {:?}", truncate(line, 80))),
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => &text[..i],
+        None => text,
+    }
+}
+
+/// What the server announced in its EHLO reply (RFC 5321 4.1.1.1).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// RFC 2920.
+    pub pipelining: bool,
+    /// RFC 3207.
+    pub starttls: bool,
+    /// RFC 1870: the largest message; None when not announced or unlimited (0).
+    pub size: Option<u64>,
+    /// The SIZE keyword itself, so we may send SIZE= on MAIL.
+    pub size_offered: bool,
+    /// RFC 6152.
+    pub eightbitmime: bool,
+    /// RFC 6531.
+    pub smtputf8: bool,
+    /// RFC 3461.
+    pub dsn: bool,
+}
+
+impl Capabilities {
+    /// Reads the keywords from the lines after the greeting line of an EHLO reply.
+    pub fn parse(reply: &Reply) -> Capabilities {
+        let mut caps = Capabilities::default();
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_whitespace();
+            let Some(keyword) = words.next() else { continue };
+            match keyword.to_ascii_uppercase().as_str() {
+                "PIPELINING" => caps.pipelining = true,
+                "STARTTLS" => caps.starttls = true,
+                "8BITMIME" => caps.eightbitmime = true,
+                "SMTPUTF8" => caps.smtputf8 = true,
+                "DSN" => caps.dsn = true,
+                "SIZE" => {
+                    caps.size_offered = true;
+                    caps.size = words.next().and_then(|n| n.parse::<u64>().ok()).filter(|&n| n > 0);
+                }
+                _ => {}
+            }
+        }
+        caps
+    }
+}
+
+/// RFC 3461 4: xtext encoding: `+`, `=`, controls, space and non-ASCII become `+XX`.
+pub fn xtext_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Dot-stuffs a CRLF body while streaming (RFC 5321 4.5.2): a line starting with `.` gets one more.
+#[derive(Debug, Clone)]
+pub struct DotStuffer {
+    at_line_start: bool,
+    /// The last two bytes seen, to know whether the body ends with CRLF.
+    tail: [u8; 2],
+    seen: u64,
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer { at_line_start: true, tail: [0, 0], seen: 0 }
+    }
+}
+
+impl DotStuffer {
+    /// Appends `input`, stuffed, to `out`.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        let mut start = 0;
+        for (i, &b) in input.iter().enumerate() {
+            if self.at_line_start && b == b'.' {
+                out.extend_from_slice(&input[start..i]);
+                out.push(b'.');
+                start = i;
+            }
+            self.at_line_start = b == b'\n';
+        }
+        out.extend_from_slice(&input[start..]);
+        for &b in input.iter().rev().take(2).collect::<Vec<_>>().iter().rev() {
+            self.tail = [self.tail[1], *b];
+        }
+        self.seen += input.len() as u64;
+    }
+
+    /// Ends the data: CRLF unless the body already ends with one, then `.` CRLF.
+    pub fn finish(&self, out: &mut Vec<u8>) {
+        if self.seen > 0 && self.tail != *b"\r\n" {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+    }
+}
+
+/// The RFC 5321 4.5.3.2 client timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub greeting: Duration,
+    pub command: Duration,
+    pub data_init: Duration,
+    pub data_block: Duration,
+    pub data_done: Duration,
+}
+
+impl Timeouts {
+    pub fn from_config(delivery: &DeliveryConfig) -> Timeouts {
+        Timeouts {
+            connect: delivery.connect_timeout.0,
+            greeting: delivery.greeting_timeout.0,
+            command: delivery.command_timeout.0,
+            data_init: delivery.data_init_timeout.0,
+            data_block: delivery.data_block_timeout.0,
+            data_done: delivery.data_done_timeout.0,
+        }
+    }
+}
+
+/// Everything a session needs that does not change between connections.
+pub struct ClientSettings {
+    /// Our name in EHLO.
+    pub helo_name: String,
+    pub timeouts: Timeouts,
+    /// Opportunistic TLS: any certificate (RFC 3207 4.1 lets the client decide; an unverified
+    /// channel is still better than plain text).
+    pub opportunistic: TlsConnector,
+    /// TLS for `require_tls` domains: Web PKI roots plus the configured extra CA file.
+    pub verified: TlsConnector,
+}
+
+impl ClientSettings {
+    /// Builds the TLS configurations; fails when the CA file cannot be read.
+    pub fn new(helo_name: String, delivery: &DeliveryConfig) -> Result<ClientSettings, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &delivery.tls_ca_file {
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
+                let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+                roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+        }
+        let verified = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let any = AcceptAnyCertificate(provider.signature_verification_algorithms);
+        let opportunistic = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(any))
+            .with_no_client_auth();
+        Ok(ClientSettings {
+            helo_name,
+            timeouts: Timeouts::from_config(delivery),
+            opportunistic: TlsConnector::from(Arc::new(opportunistic)),
+            verified: TlsConnector::from(Arc::new(verified)),
+        })
+    }
+}
+
+/// Accepts any certificate but still checks the handshake signatures, so the channel is
+/// encrypted to whoever holds the presented key.
+#[derive(Debug)]
+struct AcceptAnyCertificate(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+/// The socket, before or after STARTTLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Only while the TCP stream is handed to the TLS handshake.
+    Closed,
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection closed")
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// How a session treats STARTTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Use it when offered, with any certificate.
+    Opportunistic,
+    /// Plain text only (after a failed opportunistic handshake).
+    Disabled,
+    /// Insist on it with a verified chain and name.
+    Required,
+}
+
+/// The per-recipient results of one transaction, and whether the connection can carry another.
+#[derive(Debug)]
+pub struct Transaction {
+    pub outcomes: Vec<RcptOutcome>,
+    pub reusable: bool,
+}
+
+/// An open SMTP connection to one next hop, greeted and EHLO'd (and with TLS when used).
+pub struct Session {
+    io: BufReader<Stream>,
+    /// `host[ip]`, for messages.
+    peer: String,
+    /// The host name, for DSN Remote-MTA.
+    host: String,
+    caps: Capabilities,
+    /// Is the connection encrypted?
+    pub tls: bool,
+    /// A transaction ran on this connection: RSET before the next one.
+    used: bool,
+    timeouts: Timeouts,
+}
+
+impl Session {
+    /// Connects to `hop`, reads the greeting, sends EHLO (HELO after a 5xx) and STARTTLS as `mode` says.
+    pub async fn open(hop: &NextHop, settings: &ClientSettings, mode: TlsMode) -> Result<Session, ClientError> {
+        let timeouts = settings.timeouts;
+        let tcp = match tokio::time::timeout(timeouts.connect, TcpStream::connect(hop.addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(ClientError::Connect { addr: hop.addr, reason: io_reason(&e) }),
+            Err(_) => return Err(ClientError::Connect { addr: hop.addr, reason: "timed out".into() }),
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut session = Session {
+            io: BufReader::with_capacity(64 * 1024, Stream::Plain(tcp)),
+            peer: format!("{}[{}]", hop.host, hop.addr.ip()),
+            host: hop.host.clone(),
+            caps: Capabilities::default(),
+            tls: false,
+            used: false,
+            timeouts,
+        };
+        let greeting = session.read_reply("greeting", timeouts.greeting).await?;
+        if greeting.code != 220 {
+            return Err(session.reply_error("greeting", greeting));
+        }
+        session.hello(&settings.helo_name).await?;
+        session.starttls(hop, settings, mode).await?;
+        Ok(session)
+    }
+
+    /// The host name this session talks to.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// What the server announced.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    async fn hello(&mut self, name: &str) -> Result<(), ClientError> {
+        let ehlo = self.command(&format!("EHLO {name}\r\n"), "EHLO", self.timeouts.command).await?;
+        if ehlo.is_positive() {
+            self.caps = Capabilities::parse(&ehlo);
+            return Ok(());
+        }
+        // RFC 5321 3.2: a server that does not know EHLO answers 5xx; fall back to HELO.
+        if ehlo.code / 100 != 5 {
+            return Err(self.reply_error("EHLO", ehlo));
+        }
+        let helo = self.command(&format!("HELO {name}\r\n"), "HELO", self.timeouts.command).await?;
+        if !helo.is_positive() {
+            return Err(self.reply_error("HELO", helo));
+        }
+        self.caps = Capabilities::default();
+        Ok(())
+    }
+
+    /// RFC 3207: STARTTLS, then EHLO again, since the capabilities may differ under TLS.
+    async fn starttls(&mut self, hop: &NextHop, settings: &ClientSettings, mode: TlsMode) -> Result<(), ClientError> {
+        let required = mode == TlsMode::Required;
+        let tls_error = |peer: &str, reason: String| ClientError::Tls {
+            stage: "STARTTLS".into(),
+            peer: peer.into(),
+            reason,
+            required,
+        };
+        if mode == TlsMode::Disabled || (!self.caps.starttls && !required) {
+            return Ok(());
+        }
+        if !self.caps.starttls {
+            return Err(tls_error(&self.peer, "TLS is required, but STARTTLS was not offered".into()));
+        }
+        let reply = self.command("STARTTLS\r\n", "STARTTLS", self.timeouts.command).await?;
+        if reply.code != 220 {
+            if required {
+                return Err(tls_error(&self.peer, format!("TLS is required, but STARTTLS got {reply}")));
+            }
+            // Opportunistic TLS: carry on in plain text (RFC 3207 4.1).
+            return Ok(());
+        }
+        let name = server_name(&hop.host).map_err(|reason| tls_error(&self.peer, reason))?;
+        let connector = if required { &settings.verified } else { &settings.opportunistic };
+        // RFC 3207 4.2: nothing may follow the 220 before the handshake; buffered bytes would be
+        // injected plain text.
+        if !self.io.buffer().is_empty() {
+            return Err(tls_error(&self.peer, "data after the STARTTLS reply".into()));
+        }
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.io, BufReader::new(Stream::Closed)).into_inner() else {
+            return Err(tls_error(&self.peer, "STARTTLS on an encrypted connection".into()));
+        };
+        let handshake = tokio::time::timeout(self.timeouts.command, connector.connect(name, tcp)).await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return Err(tls_error(&self.peer, format!("TLS handshake failed: {e}"))),
+            Err(_) => return Err(tls_error(&self.peer, "TLS handshake timed out".into())),
+        };
+        self.io = BufReader::with_capacity(64 * 1024, Stream::Tls(Box::new(tls)));
+        self.tls = true;
+        self.hello(&settings.helo_name).await
+    }
+
+    /// Runs one mail transaction for `rcpts` of `envelope` with the body at `body`.
+    pub async fn send(&mut self, envelope: &Envelope, rcpts: &[&Recipient], body: &Path) -> Transaction {
+        let file = match open_body(body).await {
+            Ok(file) => file,
+            Err(e) => return self.all(rcpts.len(), RcptOutcome::TempFail(e.temp_detail(None)), true),
+        };
+        let size = file.1;
+        if let Some(refusal) = self.refuse_before_sending(envelope, size) {
+            return self.all(rcpts.len(), refusal, true);
+        }
+        let mail = self.mail_command(envelope, size);
+        let rcpt_cmds: Vec<String> = rcpts.iter().map(|r| self.rcpt_command(r)).collect();
+        let result = if self.caps.pipelining {
+            self.envelope_pipelined(&mail, &rcpt_cmds, rcpts).await
+        } else {
+            self.envelope_one_by_one(&mail, &rcpt_cmds, rcpts).await
+        };
+        self.used = true;
+        let (mut outcomes, data_reply) = match result {
+            Ok(done) => done,
+            Err((partial, e)) => return self.broken(partial, &e),
+        };
+        let accepted: Vec<usize> = (0..rcpts.len()).filter(|&i| outcomes[i].is_none()).collect();
+        match data_reply {
+            Some(reply) if reply.code == 354 && !accepted.is_empty() => match self.data(file.0).await {
+                Ok(last) => {
+                    for &i in &accepted {
+                        outcomes[i] = Some(last.outcome(format!("end of DATA to {}: {last}", self.peer), &self.host));
+                    }
+                }
+                Err(e) => return self.broken(outcomes, &e),
+            },
+            Some(reply) if reply.code == 354 => {
+                // RFC 2920 3.1: DATA accepted with no valid recipient: send an empty message's end.
+                if let Err(e) = self.finish_empty_data().await {
+                    return self.broken(outcomes, &e);
+                }
+            }
+            Some(reply) => {
+                for &i in &accepted {
+                    outcomes[i] = Some(reply.outcome(format!("DATA to {}: {reply}", self.peer), &self.host));
+                }
+            }
+            None => {}
+        }
+        let reusable = self.reset_if_failed(&outcomes).await;
+        Transaction { outcomes: outcomes.into_iter().map(|o| o.unwrap_or_else(|| self.no_reply())).collect(), reusable }
+    }
+
+    /// RFC 1870 SIZE, RFC 6152 8BITMIME and RFC 6531 SMTPUTF8 checks: refuse rather than send
+    /// what the server cannot take.
+    fn refuse_before_sending(&self, envelope: &Envelope, size: u64) -> Option<RcptOutcome> {
+        let refuse = |status: &str, text: String| {
+            Some(RcptOutcome::PermFail(Detail {
+                status: status.to_string(),
+                text,
+                remote_mta: Some(self.host.clone()),
+                diagnostic: None,
+            }))
+        };
+        if let Some(limit) = self.caps.size
+            && size > limit
+        {
+            return refuse("5.3.4", format!("message size {size} exceeds the limit {limit} of {}", self.peer));
+        }
+        match envelope.body {
+            BodyType::EightBitMime if !self.caps.eightbitmime => {
+                return refuse("5.6.3", format!("8-bit message, but {} does not offer 8BITMIME", self.peer));
+            }
+            BodyType::BinaryMime => {
+                return refuse("5.6.3", format!("binary message, and {} cannot take it with DATA", self.peer));
+            }
+            _ => {}
+        }
+        if envelope.smtputf8 && !self.caps.smtputf8 {
+            return refuse("5.6.7", format!("internationalised address, but {} does not offer SMTPUTF8", self.peer));
+        }
+        None
+    }
+
+    fn mail_command(&self, envelope: &Envelope, size: u64) -> String {
+        let mut cmd = format!("MAIL FROM:<{}>", envelope.sender);
+        if self.caps.size_offered {
+            cmd.push_str(&format!(" SIZE={size}"));
+        }
+        if envelope.body == BodyType::EightBitMime {
+            cmd.push_str(" BODY=8BITMIME");
+        }
+        if envelope.smtputf8 {
+            cmd.push_str(" SMTPUTF8");
+        }
+        if self.caps.dsn {
+            match envelope.ret {
+                Some(DsnRet::Full) => cmd.push_str(" RET=FULL"),
+                Some(DsnRet::Hdrs) => cmd.push_str(" RET=HDRS"),
+                None => {}
+            }
+            if let Some(envid) = &envelope.envid {
+                cmd.push_str(&format!(" ENVID={}", xtext_encode(envid)));
+            }
+        }
+        cmd.push_str("\r\n");
+        cmd
+    }
+
+    fn rcpt_command(&self, rcpt: &Recipient) -> String {
+        let mut cmd = format!("RCPT TO:<{}>", rcpt.address);
+        if self.caps.dsn {
+            if let Some(notify) = &rcpt.notify {
+                let words: Vec<&str> = notify
+                    .iter()
+                    .map(|n| match n {
+                        DsnNotify::Never => "NEVER",
+                        DsnNotify::Success => "SUCCESS",
+                        DsnNotify::Failure => "FAILURE",
+                        DsnNotify::Delay => "DELAY",
+                    })
+                    .collect();
+                cmd.push_str(&format!(" NOTIFY={}", words.join(",")));
+            }
+            if let Some(orcpt) = &rcpt.orcpt {
+                cmd.push_str(&format!(" ORCPT={orcpt}"));
+            }
+        }
+        cmd.push_str("\r\n");
+        cmd
+    }
+
+    /// RFC 2920: RSET (when needed), MAIL, every RCPT and DATA in one write, then the replies in order.
+    async fn envelope_pipelined(&mut self, mail: &str, rcpts: &[String], who: &[&Recipient]) -> EnvelopeResult {
+        let mut batch = String::with_capacity(mail.len() + rcpts.iter().map(String::len).sum::<usize>() + 16);
+        if self.used {
+            batch.push_str("RSET\r\n");
+        }
+        batch.push_str(mail);
+        rcpts.iter().for_each(|r| batch.push_str(r));
+        batch.push_str("DATA\r\n");
+        let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; rcpts.len()];
+        if let Err(e) = self.write("MAIL FROM", batch.as_bytes(), self.timeouts.command).await {
+            return Err((outcomes, e));
+        }
+        if self.used {
+            match self.read_reply("RSET", self.timeouts.command).await {
+                Ok(reply) if reply.is_positive() => {}
+                Ok(reply) => return Err((outcomes, self.reply_error("RSET", reply))),
+                Err(e) => return Err((outcomes, e)),
+            }
+        }
+        let mail_reply = match self.read_reply("MAIL FROM", self.timeouts.command).await {
+            Ok(reply) => reply,
+            Err(e) => return Err((outcomes, e)),
+        };
+        for (i, rcpt) in who.iter().enumerate() {
+            let stage = format!("RCPT TO:<{}>", rcpt.address);
+            let reply = match self.read_reply(&stage, self.timeouts.command).await {
+                Ok(reply) => reply,
+                Err(e) => return Err((outcomes, e)),
+            };
+            if !mail_reply.is_positive() {
+                outcomes[i] = Some(self.mail_refused(&mail_reply));
+            } else if !reply.is_positive() {
+                outcomes[i] = Some(self.rcpt_refused(&stage, &reply));
+            }
+        }
+        match self.read_reply("DATA", self.timeouts.data_init).await {
+            Ok(reply) => Ok((outcomes, Some(reply))),
+            Err(e) => Err((outcomes, e)),
+        }
+    }
+
+    /// Without PIPELINING: one command, one reply; DATA only when a recipient was accepted.
+    async fn envelope_one_by_one(&mut self, mail: &str, rcpts: &[String], who: &[&Recipient]) -> EnvelopeResult {
+        let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; rcpts.len()];
+        if self.used {
+            match self.command("RSET\r\n", "RSET", self.timeouts.command).await {
+                Ok(reply) if reply.is_positive() => {}
+                Ok(reply) => return Err((outcomes, self.reply_error("RSET", reply))),
+                Err(e) => return Err((outcomes, e)),
+            }
+        }
+        let mail_reply = match self.command(mail, "MAIL FROM", self.timeouts.command).await {
+            Ok(reply) => reply,
+            Err(e) => return Err((outcomes, e)),
+        };
+        if !mail_reply.is_positive() {
+            let refused = self.mail_refused(&mail_reply);
+            return Ok((vec![Some(refused); rcpts.len()], None));
+        }
+        for (i, (cmd, rcpt)) in rcpts.iter().zip(who).enumerate() {
+            let stage = format!("RCPT TO:<{}>", rcpt.address);
+            match self.command(cmd, &stage, self.timeouts.command).await {
+                Ok(reply) if !reply.is_positive() => outcomes[i] = Some(self.rcpt_refused(&stage, &reply)),
+                Ok(_) => {}
+                Err(e) => return Err((outcomes, e)),
+            }
+        }
+        if outcomes.iter().all(Option::is_some) {
+            return Ok((outcomes, None));
+        }
+        match self.command("DATA\r\n", "DATA", self.timeouts.data_init).await {
+            Ok(reply) => Ok((outcomes, Some(reply))),
+            Err(e) => Err((outcomes, e)),
+        }
+    }
+
+    fn mail_refused(&self, reply: &Reply) -> RcptOutcome {
+        reply.outcome(format!("MAIL FROM to {}: {reply}", self.peer), &self.host)
+    }
+
+    fn rcpt_refused(&self, stage: &str, reply: &Reply) -> RcptOutcome {
+        reply.outcome(format!("{stage} to {}: {reply}", self.peer), &self.host)
+    }
+
+    /// Streams the body, dot-stuffed, and reads the final reply (RFC 5321 4.5.3.2.5-6 timeouts).
+    async fn data(&mut self, mut file: tokio::fs::File) -> Result<Reply, ClientError> {
+        let mut stuffer = DotStuffer::default();
+        let mut input = vec![0u8; CHUNK];
+        let mut out = Vec::with_capacity(CHUNK + CHUNK / 8);
+        loop {
+            let n = match file.read(&mut input).await {
+                Ok(n) => n,
+                Err(e) => return Err(ClientError::Body(e.to_string())),
+            };
+            if n == 0 {
+                break;
+            }
+            stuffer.push(&input[..n], &mut out);
+            if out.len() >= CHUNK {
+                self.write("DATA", &out, self.timeouts.data_block).await?;
+                out.clear();
+            }
+        }
+        stuffer.finish(&mut out);
+        self.write("DATA", &out, self.timeouts.data_block).await?;
+        self.read_reply("end of DATA", self.timeouts.data_done).await
+    }
+
+    async fn finish_empty_data(&mut self) -> Result<(), ClientError> {
+        self.command(".\r\n", "end of DATA", self.timeouts.data_done).await.map(|_| ())
+    }
+
+    /// After a transaction that did not deliver, RSET right away so the connection is clean
+    /// (RFC 5321 4.1.1.5); returns whether the connection is still usable.
+    async fn reset_if_failed(&mut self, outcomes: &[Option<RcptOutcome>]) -> bool {
+        if outcomes.iter().any(|o| matches!(o, Some(RcptOutcome::Delivered(_)))) {
+            return true;
+        }
+        match self.command("RSET\r\n", "RSET", self.timeouts.command).await {
+            Ok(reply) if reply.is_positive() => {
+                self.used = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Says goodbye (RFC 5321 4.1.1.10); errors do not matter any more.
+    pub async fn quit(mut self) {
+        let _ = self.command("QUIT\r\n", "QUIT", self.timeouts.command).await;
+        let _ = tokio::time::timeout(self.timeouts.command, self.io.get_mut().shutdown()).await;
+    }
+
+    /// The connection broke mid-transaction: every recipient without a reply yet is deferred.
+    fn broken(&self, outcomes: Vec<Option<RcptOutcome>>, error: &ClientError) -> Transaction {
+        let temp = RcptOutcome::TempFail(error.temp_detail(Some(&self.host)));
+        Transaction {
+            outcomes: outcomes.into_iter().map(|o| o.unwrap_or_else(|| temp.clone())).collect(),
+            reusable: false,
+        }
+    }
+
+    fn all(&self, n: usize, outcome: RcptOutcome, reusable: bool) -> Transaction {
+        Transaction { outcomes: vec![outcome; n], reusable }
+    }
+
+    fn no_reply(&self) -> RcptOutcome {
+        RcptOutcome::TempFail(Detail {
+            status: "4.4.2".into(),
+            text: format!("no reply from {} for this recipient", self.peer),
+            remote_mta: Some(self.host.clone()),
+            diagnostic: None,
+        })
+    }
+
+    fn reply_error(&self, stage: &str, reply: Reply) -> ClientError {
+        ClientError::Reply { stage: stage.to_string(), peer: self.peer.clone(), reply }
+    }
+
+    fn network(&self, stage: &str, reason: String) -> ClientError {
+        ClientError::Network { stage: stage.to_string(), peer: self.peer.clone(), reason }
+    }
+
+    async fn command(&mut self, line: &str, stage: &str, wait: Duration) -> Result<Reply, ClientError> {
+        self.write(stage, line.as_bytes(), self.timeouts.command).await?;
+        self.read_reply(stage, wait).await
+    }
+
+    async fn write(&mut self, stage: &str, data: &[u8], wait: Duration) -> Result<(), ClientError> {
+        let stream = self.io.get_mut();
+        let io = async {
+            stream.write_all(data).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout(wait, io).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.network(stage, io_reason(&e))),
+            Err(_) => Err(self.network(stage, format!("timed out after {}s", wait.as_secs_f32()))),
+        }
+    }
+
+    /// Reads one (possibly multiline) reply within `wait`.
+    async fn read_reply(&mut self, stage: &str, wait: Duration) -> Result<Reply, ClientError> {
+        match tokio::time::timeout(wait, read_reply(&mut self.io)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(reason)) => Err(self.network(stage, reason)),
+            Err(_) => Err(self.network(stage, format!("timed out after {}s", wait.as_secs_f32()))),
+        }
+    }
+}
+
+/// MAIL, RCPT and DATA results: per-recipient refusals so far and DATA's reply; on error, the
+/// refusals gathered before the connection broke.
+type EnvelopeResult = Result<(Vec<Option<RcptOutcome>>, Option<Reply>), (Vec<Option<RcptOutcome>>, ClientError)>;
+
+async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Result<Reply, String> {
+    let mut lines = Vec::new();
+    let mut buf = Vec::with_capacity(128);
+    loop {
+        buf.clear();
+        let n = (&mut *io).take(MAX_REPLY_LINE).read_until(b'\n', &mut buf).await.map_err(|e| io_reason(&e))?;
+        if n == 0 {
+            return Err("connection closed by the server".into());
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let (code, last, text) = parse_reply_line(&line)?;
+        if lines.len() < MAX_REPLY_LINES {
+            lines.push(text.to_string());
+        }
+        if last {
+            return Ok(Reply { code, lines });
+        }
+    }
+}
+
+/// The body file and its size.
+async fn open_body(path: &Path) -> Result<(tokio::fs::File, u64), ClientError> {
+    let file = tokio::fs::File::open(path).await.map_err(|e| ClientError::Body(format!("{}: {e}", path.display())))?;
+    let size = file.metadata().await.map_err(|e| ClientError::Body(format!("{}: {e}", path.display())))?.len();
+    Ok((file, size))
+}
+
+/// The TLS server name: the MX host name (or the route's IP literal).
+fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(host.to_string()).map_err(|e| format!("{host:?} is not a TLS server name: {e}"))
+}
+
+/// `Connection refused`, not `Connection refused (os error 111)`.
+fn io_reason(error: &io::Error) -> String {
+    let text = error.to_string();
+    match text.find(" (os error") {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_lines() {
+        assert_eq!(parse_reply_line("250 ok\r\n"), Ok((250, true, "ok")));
+        assert_eq!(parse_reply_line("250-PIPELINING\r\n"), Ok((250, false, "PIPELINING")));
+        assert_eq!(parse_reply_line("354\r\n"), Ok((354, true, "")));
+        assert!(parse_reply_line("hello\r\n").is_err());
+        assert!(parse_reply_line("250x\r\n").is_err());
+        assert!(parse_reply_line("650 no\r\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn multiline_reply_and_enhanced_code() {
+        let wire: &[u8] =
+            b"550-5.1.1 The email account does not exist.\r\n550-5.1.1 Please check.\r\n550 5.1.1 Bye\r\n";
+        let mut reader = BufReader::new(wire);
+        let reply = read_reply(&mut reader).await.unwrap();
+        assert_eq!(reply.code, 550);
+        assert_eq!(reply.lines.len(), 3);
+        assert_eq!(reply.enhanced(), Some("5.1.1"));
+        assert_eq!(reply.to_string(), "550 5.1.1 The email account does not exist. Please check. Bye");
+        let plain = Reply { code: 451, lines: vec!["try later".into()] };
+        assert_eq!(plain.enhanced(), None);
+        assert_eq!(plain.status(), "4.0.0");
+        // An enhanced code of another class than the reply is not taken.
+        let odd = Reply { code: 250, lines: vec!["5.1.1 odd".into()] };
+        assert_eq!(odd.enhanced(), None);
+        let closed: &[u8] = b"250-first\r\n";
+        assert!(read_reply(&mut BufReader::new(closed)).await.is_err());
+    }
+
+    #[test]
+    fn ehlo_capabilities() {
+        let reply = Reply {
+            code: 250,
+            lines: vec![
+                "mx.example.test greets you".into(),
+                "PIPELINING".into(),
+                "SIZE 10240000".into(),
+                "starttls".into(),
+                "8BITMIME".into(),
+                "DSN".into(),
+                "SMTPUTF8".into(),
+                "ENHANCEDSTATUSCODES".into(),
+            ],
+        };
+        let caps = Capabilities::parse(&reply);
+        assert!(caps.pipelining && caps.starttls && caps.eightbitmime && caps.dsn && caps.smtputf8);
+        assert_eq!(caps.size, Some(10_240_000));
+        let bare = Capabilities::parse(&Reply { code: 250, lines: vec!["hi".into(), "SIZE".into()] });
+        assert!(bare.size_offered && bare.size.is_none() && !bare.pipelining);
+        let unlimited = Capabilities::parse(&Reply { code: 250, lines: vec!["hi".into(), "SIZE 0".into()] });
+        assert_eq!(unlimited.size, None);
+    }
+
+    fn stuff(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut stuffer = DotStuffer::default();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            stuffer.push(chunk, &mut out);
+        }
+        stuffer.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn dot_stuffing() {
+        assert_eq!(stuff(&[b"a\r\n.b\r\n..c\r\n"]), b"a\r\n..b\r\n...c\r\n.\r\n");
+        assert_eq!(stuff(&[b".start\r\nx.y\r\n"]), b"..start\r\nx.y\r\n.\r\n");
+        // A dot at a chunk boundary, and a body without a final CRLF.
+        assert_eq!(stuff(&[b"a\r\n", b".", b"b"]), b"a\r\n..b\r\n.\r\n");
+        assert_eq!(stuff(&[b"a\r", b"\n"]), b"a\r\n.\r\n");
+        assert_eq!(stuff(&[b"x", b"\r\n.\r\n"]), b"x\r\n..\r\n.\r\n");
+        assert_eq!(stuff(&[]), b".\r\n");
+    }
+
+    #[test]
+    fn xtext() {
+        assert_eq!(xtext_encode("abc@example.test"), "abc@example.test");
+        assert_eq!(xtext_encode("a+b=c d"), "a+2Bb+3Dc+20d");
+        assert_eq!(xtext_encode("é"), "+C3+A9");
+    }
+
+    #[test]
+    fn os_error_suffix_is_dropped() {
+        let e = io::Error::from_raw_os_error(111);
+        assert_eq!(io_reason(&e), "Connection refused");
+    }
+}

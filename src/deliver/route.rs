@@ -1,0 +1,235 @@
+//! Where a domain's mail goes: a static route, or the MX list (RFC 5321 5.1) filtered by the
+//! backup-MX rule, each host expanded to its addresses.
+
+use super::mx::{MxChoice, MxHost, SelfIdentity, backup_mx_rule, interface_addresses};
+use super::{Detail, RcptOutcome};
+use crate::config::{Config, Route};
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::NetError;
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+/// One address to try, in order: a host of the MX list (or the static route) on one of its addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    /// The host's name as found in the MX record or route (an IP literal for routes by address);
+    /// shown in messages and used as the TLS server name.
+    pub host: String,
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// The MX preference; None for a static route or an implicit MX.
+    pub preference: Option<u16>,
+}
+
+/// Why a domain has no next hop to try.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RouteError {
+    /// RFC 7505: the domain says it accepts no mail.
+    #[error("domain {0} does not accept mail (null MX)")]
+    NullMx(String),
+    /// The domain does not exist.
+    #[error("host or domain name not found: {0} (NXDOMAIN)")]
+    NxDomain(String),
+    /// The domain exists but has neither MX nor address records (RFC 5321 5.1).
+    #[error("domain {0} has no MX, A or AAAA records")]
+    NoRecords(String),
+    /// A lookup failed for now: SERVFAIL, timeout, unreachable name server.
+    #[error("DNS lookup of {name} {kind} failed: {reason}")]
+    Temporary { name: String, kind: &'static str, reason: String },
+    /// No host of the list has an address.
+    #[error("no address found for the next hops of {0}")]
+    NoAddress(String),
+    /// We are the best MX: delivering would loop.
+    #[error("MX list for {domain} points back to {hostname}")]
+    Loop { domain: String, hostname: String },
+}
+
+impl RouteError {
+    /// The outcome every recipient of the domain gets.
+    pub fn outcome(&self) -> RcptOutcome {
+        let detail = |status: &str| Detail { status: status.to_string(), text: self.to_string(), ..Detail::default() };
+        match self {
+            // RFC 7505 3: 5.1.10 for a null MX.
+            RouteError::NullMx(_) => RcptOutcome::PermFail(detail("5.1.10")),
+            RouteError::NxDomain(_) => RcptOutcome::PermFail(detail("5.1.2")),
+            RouteError::NoRecords(_) => RcptOutcome::PermFail(detail("5.4.4")),
+            RouteError::Temporary { .. } => RcptOutcome::TempFail(detail("4.4.3")),
+            RouteError::NoAddress(_) => RcptOutcome::TempFail(detail("4.4.4")),
+            // RFC 3463: X.4.6 routing loop detected.
+            RouteError::Loop { .. } => RcptOutcome::Loop(detail("5.4.6")),
+        }
+    }
+}
+
+/// Resolves next hops; one per deliverer.
+pub struct Router {
+    resolver: TokioResolver,
+    me: SelfIdentity,
+    hostname: String,
+    routes: BTreeMap<String, Route>,
+    mx_port: u16,
+}
+
+impl Router {
+    /// Builds the resolver (configured name servers, or the system's) and our identity.
+    pub fn new(config: &Config) -> Result<Router, String> {
+        let mut builder = if config.dns.nameservers.is_empty() {
+            TokioResolver::builder_tokio().map_err(|e| format!("system DNS configuration: {e}"))?
+        } else {
+            let servers = config.dns.nameservers.iter().map(|ns| name_server(*ns)).collect();
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(servers),
+                TokioRuntimeProvider::default(),
+            )
+        };
+        let options = builder.options_mut();
+        options.timeout = config.delivery.dns_timeout.0;
+        options.attempts = 2;
+        options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        let resolver = builder.build().map_err(|e| format!("DNS resolver: {e}"))?;
+        let mut names = vec![config.hostname.clone()];
+        names.extend(config.relay.also_me.iter().cloned());
+        let wildcard = config.smtp.listen.iter().any(|l| l.ip().is_unspecified());
+        let interfaces = if wildcard { interface_addresses() } else { Vec::new() };
+        Ok(Router {
+            resolver,
+            me: SelfIdentity::new(&names, &config.smtp.listen, &interfaces),
+            hostname: config.hostname.clone(),
+            routes: config.routes.clone(),
+            mx_port: config.delivery.mx_port,
+        })
+    }
+
+    /// The addresses to try for `domain`, best first.
+    pub async fn next_hops(&self, domain: &str) -> Result<Vec<NextHop>, RouteError> {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(route) = self.routes.get(&domain) {
+            return self.route_hops(route).await;
+        }
+        let hosts = match self.mx_hosts(&domain).await? {
+            Some(hosts) => hosts,
+            None => return self.implicit_mx(&domain).await,
+        };
+        match backup_mx_rule(hosts, |h| self.me.is_me(h, self.mx_port)) {
+            MxChoice::Loop => Err(RouteError::Loop { domain, hostname: self.hostname.clone() }),
+            MxChoice::Hosts(hosts) => {
+                let hops: Vec<NextHop> = hosts
+                    .iter()
+                    .flat_map(|h| {
+                        h.addrs.iter().map(|ip| NextHop {
+                            host: h.name.clone(),
+                            addr: SocketAddr::new(*ip, self.mx_port),
+                            preference: Some(h.preference),
+                        })
+                    })
+                    .collect();
+                if hops.is_empty() { Err(RouteError::NoAddress(domain)) } else { Ok(hops) }
+            }
+        }
+    }
+
+    /// A static route: an IP literal, or a name resolved with A/AAAA. Any failure defers: a
+    /// broken route is the operator's to fix, and the mail must wait for it.
+    async fn route_hops(&self, route: &Route) -> Result<Vec<NextHop>, RouteError> {
+        if let Ok(ip) = route.host.parse::<IpAddr>() {
+            return Ok(vec![NextHop {
+                host: route.host.clone(),
+                addr: SocketAddr::new(ip, route.port),
+                preference: None,
+            }]);
+        }
+        let ips = self.addresses(&route.host).await.map_err(|e| match e {
+            temp @ RouteError::Temporary { .. } => temp,
+            other => RouteError::Temporary { name: route.host.clone(), kind: "A/AAAA", reason: other.to_string() },
+        })?;
+        if ips.is_empty() {
+            return Err(RouteError::NoAddress(route.host.clone()));
+        }
+        Ok(ips
+            .into_iter()
+            .map(|ip| NextHop { host: route.host.clone(), addr: SocketAddr::new(ip, route.port), preference: None })
+            .collect())
+    }
+
+    /// The MX hosts with their addresses; None when the domain has no MX records.
+    async fn mx_hosts(&self, domain: &str) -> Result<Option<Vec<MxHost>>, RouteError> {
+        let lookup = match self.resolver.mx_lookup(fqdn(domain)).await {
+            Ok(lookup) => lookup,
+            Err(e) if e.is_nx_domain() => return Err(RouteError::NxDomain(domain.to_string())),
+            Err(e) if e.is_no_records_found() => return Ok(None),
+            Err(e) => return Err(temporary(domain, "MX", &e)),
+        };
+        let mut records: Vec<(u16, String)> = lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::MX(mx) => Some((mx.preference, mx.exchange.to_ascii())),
+                _ => None,
+            })
+            .collect();
+        // RFC 7505 3: one MX record whose exchange is the root is a null MX.
+        if records.len() == 1 && records[0].1.trim_end_matches('.').is_empty() {
+            return Err(RouteError::NullMx(domain.to_string()));
+        }
+        records.retain(|(_, name)| !name.trim_end_matches('.').is_empty());
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let mut hosts = Vec::with_capacity(records.len());
+        for (preference, name) in records {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            // A host whose lookup fails keeps an empty address list: its name may still be us.
+            let addrs = self.addresses(&name).await.unwrap_or_default();
+            hosts.push(MxHost { preference, name, addrs });
+        }
+        Ok(Some(hosts))
+    }
+
+    /// RFC 5321 5.1: without MX records the domain itself is the only host (implicit MX).
+    async fn implicit_mx(&self, domain: &str) -> Result<Vec<NextHop>, RouteError> {
+        let ips = self.addresses(domain).await?;
+        if ips.is_empty() {
+            return Err(RouteError::NoRecords(domain.to_string()));
+        }
+        let host = MxHost { preference: 0, name: domain.to_string(), addrs: ips.clone() };
+        if self.me.is_me(&host, self.mx_port) {
+            return Err(RouteError::Loop { domain: domain.to_string(), hostname: self.hostname.clone() });
+        }
+        Ok(ips
+            .into_iter()
+            .map(|ip| NextHop { host: domain.to_string(), addr: SocketAddr::new(ip, self.mx_port), preference: None })
+            .collect())
+    }
+
+    /// A and AAAA addresses of a name; empty when it exists without addresses.
+    async fn addresses(&self, name: &str) -> Result<Vec<IpAddr>, RouteError> {
+        match self.resolver.lookup_ip(fqdn(name)).await {
+            Ok(found) => Ok(found.iter().collect()),
+            Err(e) if e.is_nx_domain() => Err(RouteError::NxDomain(name.to_string())),
+            Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) => Err(temporary(name, "A/AAAA", &e)),
+        }
+    }
+}
+
+/// A name server at a given address and port, over UDP with TCP for truncated answers.
+fn name_server(addr: SocketAddr) -> NameServerConfig {
+    let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+    server.connections = vec![ConnectionConfig::udp(), ConnectionConfig::tcp()];
+    for connection in &mut server.connections {
+        connection.port = addr.port();
+    }
+    server
+}
+
+/// Names are looked up fully qualified so the search list never applies.
+fn fqdn(name: &str) -> String {
+    format!("{}.", name.trim_end_matches('.'))
+}
+
+fn temporary(name: &str, kind: &'static str, error: &NetError) -> RouteError {
+    RouteError::Temporary { name: name.to_string(), kind, reason: error.to_string() }
+}

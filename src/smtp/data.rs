@@ -1,0 +1,200 @@
+//! The DATA reader (RFC 5321 4.1.1.4, 4.5.2): a byte-at-a-time state machine that removes dot-stuffing,
+//! finds the end of data, and judges the message without ever holding it whole.
+//!
+//! Data ends only at `<CRLF>.<CRLF>`. A CR not followed by LF, or an LF not preceded by CR, is a
+//! "bare" line ending: it never starts a new line here, so sequences like `\n.\n` or `\r\n.\r` cannot
+//! end the data early, and a message containing one is refused once the real end is reached (as
+//! Postfix's smtpd_forbid_bare_newline does). Receivers downstream that treat a bare LF as a line end
+//! therefore never see what an attacker hoped to smuggle (SMTP smuggling, CVE-2023-51766 and kin).
+
+/// Why a message read to its end is refused; the first problem found wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataProblem {
+    /// A bare CR or LF somewhere in the data.
+    BareNewline,
+    /// More octets than the configured maximum message size.
+    TooBig,
+    /// A text line longer than the configured maximum line length.
+    LineTooLong,
+    /// More Received headers than allowed: a mail loop (RFC 5321 6.3).
+    TooManyReceived,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a line (after CRLF, or at the start of data).
+    LineStart,
+    /// A dot at the start of a line.
+    Dot,
+    /// `.` then CR at the start of a line: LF now ends the data.
+    DotCr,
+    /// Inside a line.
+    Text,
+    /// CR inside a line: LF now ends the line.
+    Cr,
+}
+
+/// Tracks the header section of the (unstuffed) message to count Received headers.
+#[derive(Debug, Clone, Default)]
+struct HeaderScan {
+    /// Past the empty line that ends the header section.
+    done: bool,
+    /// The first octets of the current line, enough to recognise `Received:`.
+    prefix: Vec<u8>,
+    /// Received headers seen so far.
+    received: usize,
+}
+
+const RECEIVED: &[u8] = b"received:";
+
+impl HeaderScan {
+    fn text(&mut self, byte: u8) {
+        if !self.done && self.prefix.len() < RECEIVED.len() {
+            self.prefix.push(byte.to_ascii_lowercase());
+            if self.prefix == RECEIVED {
+                self.received += 1;
+            }
+        }
+    }
+
+    fn end_of_line(&mut self) {
+        if self.prefix.is_empty() {
+            self.done = true;
+        }
+        self.prefix.clear();
+    }
+}
+
+/// Reads one message's data; feed it bytes until it reports the end.
+#[derive(Debug, Clone)]
+pub struct DataReader {
+    state: State,
+    /// Octets of the current line so far, without CRLF.
+    line_length: usize,
+    /// Octets of unstuffed data so far, with CRLFs.
+    size: u64,
+    max_size: u64,
+    max_line: usize,
+    max_received: usize,
+    problem: Option<DataProblem>,
+    headers: HeaderScan,
+}
+
+impl DataReader {
+    /// A reader for one message, with the limits from `[smtp]`.
+    pub fn new(max_size: u64, max_line: usize, max_received: usize) -> DataReader {
+        DataReader {
+            state: State::LineStart,
+            line_length: 0,
+            size: 0,
+            max_size,
+            max_line,
+            max_received,
+            problem: None,
+            headers: HeaderScan::default(),
+        }
+    }
+
+    /// Consumes `input`, appending the unstuffed data to `out` (only while the message is still
+    /// acceptable: after a problem nothing more is produced, so memory and disk stay bounded).
+    /// Returns `Some(n)` when the end of data was reached after `n` octets of `input`; the octets
+    /// after that are the next commands.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+        for (i, &byte) in input.iter().enumerate() {
+            if self.step(byte, out) {
+                return Some(i + 1);
+            }
+        }
+        None
+    }
+
+    /// Octets of unstuffed data seen (counting CRLFs, not the final `.CRLF`).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Why the message must be refused, if it must; meaningful once the end was reached.
+    pub fn problem(&self) -> Option<DataProblem> {
+        self.problem
+    }
+
+    /// Received headers counted in the header section.
+    pub fn received_headers(&self) -> usize {
+        self.headers.received
+    }
+
+    /// Processes one octet; true at the end of data.
+    fn step(&mut self, byte: u8, out: &mut Vec<u8>) -> bool {
+        match (self.state, byte) {
+            (State::LineStart, b'.') => self.state = State::Dot,
+            (State::DotCr, b'\n') => return true,
+            // RFC 5321 4.5.2: a leading dot followed by more text is removed.
+            (State::Dot, b'\r') => self.state = State::DotCr,
+            (State::Dot, _) => {
+                self.state = State::Text;
+                self.step(byte, out);
+            }
+            (State::DotCr, _) => {
+                // `.` CR and something other than LF: a bare CR in a line that began with a dot.
+                self.flag(DataProblem::BareNewline);
+                self.state = State::Text;
+                self.step(byte, out);
+            }
+            (State::Cr, b'\n') => self.end_line(out),
+            (State::Cr, _) => {
+                self.flag(DataProblem::BareNewline);
+                self.state = State::Text;
+                self.step(byte, out);
+            }
+            (_, b'\r') => self.state = State::Cr,
+            (_, b'\n') => {
+                // A bare LF: not a line end, so the next octet does not start a line.
+                self.flag(DataProblem::BareNewline);
+                self.state = State::Text;
+            }
+            _ => {
+                self.state = State::Text;
+                self.text_byte(byte, out);
+            }
+        }
+        false
+    }
+
+    fn text_byte(&mut self, byte: u8, out: &mut Vec<u8>) {
+        self.line_length += 1;
+        if self.line_length > self.max_line {
+            self.flag(DataProblem::LineTooLong);
+        }
+        self.headers.text(byte);
+        self.emit(&[byte], out);
+    }
+
+    fn end_line(&mut self, out: &mut Vec<u8>) {
+        self.state = State::LineStart;
+        self.line_length = 0;
+        self.headers.end_of_line();
+        if self.headers.received > self.max_received {
+            self.flag(DataProblem::TooManyReceived);
+        }
+        self.emit(b"\r\n", out);
+    }
+
+    fn emit(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        self.size += bytes.len() as u64;
+        if self.size > self.max_size {
+            self.flag(DataProblem::TooBig);
+        }
+        if self.problem.is_none() {
+            out.extend_from_slice(bytes);
+        }
+    }
+
+    fn flag(&mut self, problem: DataProblem) {
+        if self.problem.is_none() {
+            self.problem = Some(problem);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

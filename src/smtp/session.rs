@@ -1,0 +1,586 @@
+//! One SMTP session as a byte-driven state machine: [`Session::feed`] takes whatever arrived from the
+//! client and returns what to do (replies to send, a TLS upgrade, a message to commit, a close). The
+//! socket loop in `server.rs` is a thin shell around it, so these rules are testable without a network.
+//!
+//! Commands may be pipelined (RFC 2920): `feed` answers every complete command it holds, and stops at
+//! an action the server must carry out first (STARTTLS, committing a message, closing).
+
+use super::ServerContext;
+use super::command::{self, Command, CommandError, MAX_PARAMETER_LINE, MailFrom, RcptTo};
+use super::data::{DataProblem, DataReader};
+use super::reply::Reply;
+use crate::spool::{Envelope, IncomingMessage, Recipient, SpoolError};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// After this many error replies the session is ended, like Postfix's smtpd_hard_error_limit.
+const MAX_ERRORS: usize = 20;
+/// Free-space checks are cached this long, so a burst of MAILs costs one statvfs.
+const SPACE_CACHE: Duration = Duration::from_secs(1);
+
+/// What the server must do after feeding bytes. At most one action that is not `Reply` is returned,
+/// and it is the last one.
+#[derive(Debug)]
+pub enum Action {
+    /// Send this reply.
+    Reply(Reply),
+    /// Send this reply, then close the connection.
+    Close(Reply),
+    /// Send this reply (220), then run the TLS handshake and call [`Session::tls_started`].
+    StartTls(Reply),
+    /// Commit this message on a blocking thread, then send what [`Session::committed`] returns.
+    Commit(Box<PendingMessage>),
+}
+
+/// A message read to its end and found acceptable, waiting to be made durable.
+pub struct PendingMessage {
+    message: IncomingMessage,
+    envelope: Envelope,
+}
+
+impl std::fmt::Debug for PendingMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingMessage").field("id", &self.message.id()).field("envelope", &self.envelope).finish()
+    }
+}
+
+impl PendingMessage {
+    /// Makes the message durable (fsyncs; call it from `spawn_blocking`).
+    pub fn commit(self) -> Result<Envelope, SpoolError> {
+        self.message.commit(self.envelope)
+    }
+}
+
+/// Free space on the spool, checked at each MAIL and cached briefly; shared by all sessions.
+pub struct SpaceMonitor {
+    /// Last check: when, and whether there was room.
+    last: Mutex<Option<(Instant, bool)>>,
+}
+
+impl SpaceMonitor {
+    pub fn new() -> SpaceMonitor {
+        SpaceMonitor { last: Mutex::new(None) }
+    }
+
+    /// Is there room for new mail: at least `queue.min_free` bytes free and some inodes?
+    /// A failed statvfs counts as no room: better a 452 than a message we cannot store.
+    fn has_room(&self, context: &ServerContext) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, room)) = *last
+            && at.elapsed() < SPACE_CACHE
+        {
+            return room;
+        }
+        let room = match context.spool.space() {
+            Ok(space) => {
+                space.free_bytes >= context.config.queue.min_free
+                    && (space.total_inodes == 0 || space.free_inodes >= 64)
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot check free space on the spool");
+                false
+            }
+        };
+        if !room {
+            tracing::warn!(min_free = context.config.queue.min_free, "spool is low on space: refusing new mail");
+        }
+        *last = Some((Instant::now(), room));
+        room
+    }
+}
+
+impl Default for SpaceMonitor {
+    fn default() -> Self {
+        SpaceMonitor::new()
+    }
+}
+
+/// The client's greeting.
+#[derive(Debug, Clone)]
+struct Helo {
+    name: String,
+    /// EHLO rather than HELO.
+    extended: bool,
+}
+
+/// A mail transaction, from MAIL to the end of DATA (RFC 5321 3.3).
+#[derive(Debug)]
+struct Transaction {
+    mail: MailFrom,
+    recipients: Vec<Recipient>,
+}
+
+/// A message being received.
+struct DataPhase {
+    reader: DataReader,
+    message: IncomingMessage,
+    /// The first write error; the data is still read to its end, then 451.
+    write_error: Option<SpoolError>,
+    /// Reused buffer for unstuffed data on its way to the spool.
+    scratch: Vec<u8>,
+}
+
+/// Counters for the disconnect log line.
+#[derive(Debug, Default, Clone, Copy)]
+struct Stats {
+    commands: usize,
+    queued: usize,
+    rejected_messages: usize,
+    rejected_rcpts: usize,
+}
+
+/// One SMTP session.
+pub struct Session {
+    context: Arc<ServerContext>,
+    space: Arc<SpaceMonitor>,
+    client: IpAddr,
+    /// A TLS certificate is configured, so STARTTLS can be offered.
+    tls_available: bool,
+    tls_active: bool,
+    helo: Option<Helo>,
+    transaction: Option<Transaction>,
+    data: Option<DataPhase>,
+    /// Received octets not yet processed (a partial command line, or input held back while the
+    /// server carries out an action).
+    pending: Vec<u8>,
+    /// Discarding an overlong command line up to its LF.
+    discarding: bool,
+    errors: usize,
+    stats: Stats,
+}
+
+impl Session {
+    /// A session for a client connected from `client`.
+    pub fn new(context: Arc<ServerContext>, space: Arc<SpaceMonitor>, client: IpAddr, tls_available: bool) -> Session {
+        let client = match client {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(client),
+            v4 => v4,
+        };
+        tracing::info!(client = %client, "connect");
+        Session {
+            context,
+            space,
+            client,
+            tls_available,
+            tls_active: false,
+            helo: None,
+            transaction: None,
+            data: None,
+            pending: Vec::new(),
+            discarding: false,
+            errors: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The configuration this session runs with.
+    pub fn config(&self) -> &crate::config::Config {
+        &self.context.config
+    }
+
+    fn hostname(&self) -> &str {
+        &self.context.config.hostname
+    }
+
+    /// The 220 greeting (RFC 5321 4.2, 3.1).
+    pub fn greeting(&self) -> Reply {
+        Reply::plain(220, format!("{} ESMTP bartleby", self.hostname()))
+    }
+
+    /// The reply when the server is shutting down.
+    pub fn shutdown_reply(&self) -> Reply {
+        Reply::new(421, "4.3.2", format!("{} shutting down", self.hostname()))
+    }
+
+    /// The reply when the client was silent too long (RFC 5321 4.5.3.2).
+    pub fn timeout_reply(&self) -> Reply {
+        Reply::new(421, "4.4.2", format!("{} timeout, closing", self.hostname()))
+    }
+
+    /// Is a message being received (so the DATA timeout applies)?
+    pub fn in_data(&self) -> bool {
+        self.data.is_some()
+    }
+
+    /// Takes bytes from the client (possibly none, to resume after an action) and returns what to do.
+    pub fn feed(&mut self, input: &[u8]) -> Vec<Action> {
+        self.pending.extend_from_slice(input);
+        let buffer = std::mem::take(&mut self.pending);
+        let mut pos = 0;
+        let mut actions = Vec::new();
+        while pos < buffer.len() {
+            let (used, action) =
+                if self.data.is_some() { self.feed_data(&buffer[pos..]) } else { self.feed_command(&buffer[pos..]) };
+            pos += used;
+            let Some(action) = action else {
+                if used == 0 {
+                    break;
+                }
+                continue;
+            };
+            let stop = !matches!(action, Action::Reply(_));
+            actions.push(action);
+            if stop {
+                break;
+            }
+        }
+        match actions.last() {
+            // RFC 3207 5: whatever the client pipelined behind STARTTLS must be thrown away.
+            Some(Action::StartTls(_)) | Some(Action::Close(_)) => {}
+            _ => self.pending = buffer[pos..].to_vec(),
+        }
+        actions
+    }
+
+    /// Handles the next command line in `input`, if complete. Returns octets used and the action.
+    fn feed_command(&mut self, input: &[u8]) -> (usize, Option<Action>) {
+        let newline = input.iter().position(|&b| b == b'\n');
+        if self.discarding {
+            // RFC 5321 4.5.3.1.4: an overlong line is refused without buffering it.
+            return match newline {
+                Some(i) => {
+                    self.discarding = false;
+                    (i + 1, Some(self.error(CommandError::TooLong.reply())))
+                }
+                None => (input.len(), None),
+            };
+        }
+        match newline {
+            Some(i) => {
+                let line = input[..i].strip_suffix(b"\r").unwrap_or(&input[..i]);
+                (i + 1, Some(self.command(line)))
+            }
+            None if input.len() >= MAX_PARAMETER_LINE => {
+                self.discarding = true;
+                (input.len(), None)
+            }
+            None => (0, None),
+        }
+    }
+
+    /// Feeds message data; at its end, judges the message.
+    fn feed_data(&mut self, input: &[u8]) -> (usize, Option<Action>) {
+        let Some(data) = self.data.as_mut() else { return (0, None) };
+        data.scratch.clear();
+        let end = data.reader.feed(input, &mut data.scratch);
+        if data.write_error.is_none()
+            && !data.scratch.is_empty()
+            && let Err(err) = data.message.write(&data.scratch)
+        {
+            data.write_error = Some(err);
+        }
+        match end {
+            Some(used) => (used, Some(self.end_of_data())),
+            None => (input.len(), None),
+        }
+    }
+
+    /// Counts an error reply; too many end the session.
+    fn error(&mut self, reply: Reply) -> Action {
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            tracing::warn!(client = %self.client, errors = self.errors, "too many errors, disconnecting");
+            return Action::Close(Reply::new(421, "4.7.0", format!("{} too many errors", self.hostname())));
+        }
+        Action::Reply(reply)
+    }
+
+    fn command(&mut self, line: &[u8]) -> Action {
+        self.stats.commands += 1;
+        let command = match command::parse(line) {
+            Ok(command) => command,
+            Err(err) => return self.error(err.reply()),
+        };
+        let reply = match command {
+            Command::Ehlo(name) => self.ehlo(name, true),
+            Command::Helo(name) => self.ehlo(name, false),
+            Command::Mail(mail) => self.mail(mail),
+            Command::Rcpt(rcpt) => self.rcpt(rcpt),
+            Command::Data => return self.data(),
+            Command::Rset => {
+                self.transaction = None;
+                Reply::new(250, "2.0.0", "Ok")
+            }
+            Command::Noop => Reply::new(250, "2.0.0", "Ok"),
+            Command::Quit => return Action::Close(Reply::new(221, "2.0.0", "Bye")),
+            // RFC 5321 3.5.3: 252 when we cannot verify but will accept.
+            Command::Vrfy(_) => {
+                Reply::new(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+            }
+            Command::Help => {
+                Reply::new(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
+            }
+            Command::StartTls => return self.starttls(),
+            Command::NotImplemented(verb) => Reply::new(502, "5.5.1", format!("{verb} not implemented")),
+        };
+        // 452 (too many recipients, low space) is the server's limit, not the client's error: a client
+        // with many recipients must be able to send the rest later (RFC 5321 4.5.3.1.10).
+        if reply.is_positive() || reply.code == 452 { Action::Reply(reply) } else { self.error(reply) }
+    }
+
+    /// EHLO/HELO (RFC 5321 4.1.1.1): resets any transaction and lists our extensions.
+    fn ehlo(&mut self, name: String, extended: bool) -> Reply {
+        tracing::info!(client = %self.client, helo = %name, extended, "helo");
+        self.transaction = None;
+        self.helo = Some(Helo { name, extended });
+        if !extended {
+            return Reply::plain(250, self.hostname().to_string());
+        }
+        let mut lines = vec![
+            self.hostname().to_string(),
+            format!("SIZE {}", self.context.config.smtp.max_message_size),
+            "PIPELINING".to_string(),
+            "8BITMIME".to_string(),
+            "SMTPUTF8".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+            "DSN".to_string(),
+        ];
+        if self.tls_available && !self.tls_active {
+            lines.push("STARTTLS".to_string());
+        }
+        Reply::multiline(250, lines)
+    }
+
+    /// MAIL (RFC 5321 4.1.1.2), with SIZE (RFC 1870 6) and the low-space check.
+    fn mail(&mut self, mail: MailFrom) -> Reply {
+        if self.helo.is_none() {
+            return Reply::new(503, "5.5.1", "send EHLO or HELO first");
+        }
+        if self.transaction.is_some() {
+            return Reply::new(503, "5.5.1", "nested MAIL command");
+        }
+        if !mail.address.is_empty() {
+            if !mail.smtputf8 && !mail.address.is_ascii() {
+                return Reply::new(553, "5.6.7", "a non-ASCII sender address needs SMTPUTF8");
+            }
+            if let Err(why) = command::check_mailbox(&mail.address, mail.smtputf8) {
+                return Reply::new(501, "5.1.7", format!("bad sender address syntax: {why}"));
+            }
+        }
+        let max = self.context.config.smtp.max_message_size;
+        if mail.size.is_some_and(|size| size > max) {
+            return Reply::new(552, "5.3.4", format!("message size exceeds fixed limit of {max} octets"));
+        }
+        if !self.space.has_room(&self.context) {
+            return Reply::new(452, "4.3.1", "insufficient system storage");
+        }
+        self.transaction = Some(Transaction { mail, recipients: Vec::new() });
+        Reply::new(250, "2.1.0", "Ok")
+    }
+
+    /// RCPT (RFC 5321 4.1.1.3): only relay domains, never an open relay.
+    fn rcpt(&mut self, rcpt: RcptTo) -> Reply {
+        let Some(transaction) = self.transaction.as_ref() else {
+            return Reply::new(503, "5.5.1", "need MAIL command");
+        };
+        let smtputf8 = transaction.mail.smtputf8;
+        if transaction.recipients.len() >= self.context.config.smtp.max_recipients {
+            return self.reject_rcpt(&rcpt.address, Reply::new(452, "4.5.3", "too many recipients"));
+        }
+        let address = match self.postmaster(&rcpt.address) {
+            Some(Ok(address)) => address,
+            Some(Err(reply)) => return self.reject_rcpt(&rcpt.address, reply),
+            None => rcpt.address.clone(),
+        };
+        if !smtputf8 && !address.is_ascii() {
+            return self
+                .reject_rcpt(&address, Reply::new(553, "5.6.7", "a non-ASCII recipient address needs SMTPUTF8"));
+        }
+        let domain = match command::check_mailbox(&address, smtputf8) {
+            Ok(domain) => domain,
+            Err(why) => {
+                let reply = Reply::new(501, "5.1.3", format!("bad recipient address syntax: {why}"));
+                return self.reject_rcpt(&address, reply);
+            }
+        };
+        if !self.context.config.is_relay_domain(domain) {
+            return self.reject_rcpt(&address, Reply::new(550, "5.7.1", "relaying denied"));
+        }
+        let mut recipient = Recipient::new(address);
+        recipient.notify = rcpt.notify;
+        recipient.orcpt = rcpt.orcpt;
+        if let Some(transaction) = self.transaction.as_mut() {
+            transaction.recipients.push(recipient);
+        }
+        Reply::new(250, "2.1.5", "Ok")
+    }
+
+    /// RFC 5321 4.5.1 requires accepting `<postmaster>` without a domain. We take it as the postmaster
+    /// of the first relay domain (the site we are backup MX for); with no relay domain it is refused.
+    fn postmaster(&self, address: &str) -> Option<Result<String, Reply>> {
+        if !address.eq_ignore_ascii_case("postmaster") {
+            return None;
+        }
+        Some(match self.context.config.relay.domains.first() {
+            Some(domain) => Ok(format!("postmaster@{domain}")),
+            None => Err(Reply::new(550, "5.7.1", "no domain to deliver <postmaster> to")),
+        })
+    }
+
+    fn reject_rcpt(&mut self, address: &str, reply: Reply) -> Reply {
+        self.stats.rejected_rcpts += 1;
+        let from = self.transaction.as_ref().map(|t| t.mail.address.as_str()).unwrap_or("");
+        tracing::warn!(client = %self.client, from, rcpt = %address, reason = %reply.to_string().trim_end(), "rcpt rejected");
+        reply
+    }
+
+    /// DATA (RFC 5321 4.1.1.4): opens the spool file and writes our Received header first.
+    fn data(&mut self) -> Action {
+        let reply = match self.transaction.as_ref() {
+            None => Some(Reply::new(503, "5.5.1", "need MAIL command")),
+            // RFC 2920 3.1 / RFC 5321 3.3: with no accepted recipient, DATA gets 554.
+            Some(t) if t.recipients.is_empty() => Some(Reply::new(554, "5.5.1", "no valid recipients")),
+            Some(_) => None,
+        };
+        if let Some(reply) = reply {
+            return self.error(reply);
+        }
+        let id = self.context.spool.new_id();
+        let header = self.received_header(&id, SystemTime::now());
+        let opened = self.context.spool.incoming(&id).and_then(|mut message| {
+            message.write(header.as_bytes())?;
+            Ok(message)
+        });
+        let message = match opened {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::error!(client = %self.client, queue_id = %id, error = %err, "cannot create queue file");
+                return Action::Reply(Reply::new(451, "4.3.0", "error: cannot write queue file"));
+            }
+        };
+        let smtp = &self.context.config.smtp;
+        self.data = Some(DataPhase {
+            reader: DataReader::new(smtp.max_message_size, smtp.max_line_length, smtp.max_received_headers),
+            message,
+            write_error: None,
+            scratch: Vec::new(),
+        });
+        Action::Reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"))
+    }
+
+    /// `Received:` as in RFC 5321 4.4, without a reverse DNS name: `from HELO ([IP])`.
+    fn received_header(&self, id: &str, now: SystemTime) -> String {
+        let helo = self.helo.as_ref().map(|h| h.name.as_str()).unwrap_or("unknown");
+        let literal = match self.client {
+            IpAddr::V4(ip) => format!("[{ip}]"),
+            IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
+        };
+        let protocol = match (self.tls_active, self.helo.as_ref().is_some_and(|h| h.extended)) {
+            (true, _) => "ESMTPS",
+            (false, true) => "ESMTP",
+            (false, false) => "SMTP",
+        };
+        let mut header =
+            format!("Received: from {helo} ({literal})\r\n\tby {} (bartleby) with {protocol} id {id}", self.hostname());
+        if let Some(t) = &self.transaction
+            && let [only] = t.recipients.as_slice()
+        {
+            header.push_str(&format!("\r\n\tfor <{}>", only.address));
+        }
+        header.push_str(&format!("; {}\r\n", crate::spool::rfc5322_date(now)));
+        header
+    }
+
+    /// The final dot arrived: refuse the message or hand it over for commit. Either way the
+    /// transaction is over (RFC 5321 4.1.1.4).
+    fn end_of_data(&mut self) -> Action {
+        let (Some(data), Some(transaction)) = (self.data.take(), self.transaction.take()) else {
+            return Action::Reply(Reply::new(451, "4.3.0", "internal error: no transaction"));
+        };
+        let id = data.message.id().to_string();
+        let smtp = &self.context.config.smtp;
+        let refusal = match data.reader.problem() {
+            Some(DataProblem::BareNewline) => Some(Reply::new(550, "5.5.2", "message contains bare CR or LF")),
+            Some(DataProblem::TooBig) => Some(Reply::new(
+                552,
+                "5.3.4",
+                format!("message size exceeds fixed limit of {} octets", smtp.max_message_size),
+            )),
+            Some(DataProblem::LineTooLong) => Some(Reply::new(
+                554,
+                "5.6.0",
+                format!("message contains a line longer than {} octets", smtp.max_line_length),
+            )),
+            Some(DataProblem::TooManyReceived) => {
+                Some(Reply::new(554, "5.4.6", "too many Received headers: mail loop"))
+            }
+            None => None,
+        };
+        if let Some(reply) = refusal {
+            self.stats.rejected_messages += 1;
+            tracing::warn!(client = %self.client, queue_id = %id, from = %transaction.mail.address,
+                size = data.reader.size(), reason = %reply.to_string().trim_end(), "message rejected");
+            return self.error(reply);
+        }
+        if let Some(err) = data.write_error {
+            tracing::error!(client = %self.client, queue_id = %id, error = %err, "queue file write error");
+            return Action::Reply(Reply::new(451, "4.3.0", "error: queue file write error"));
+        }
+        Action::Commit(Box::new(PendingMessage { message: data.message, envelope: self.envelope(transaction) }))
+    }
+
+    fn envelope(&self, transaction: Transaction) -> Envelope {
+        let mail = transaction.mail;
+        let mut envelope = Envelope::new(String::new(), mail.address, transaction.recipients);
+        envelope.ret = mail.ret;
+        envelope.envid = mail.envid;
+        envelope.body = mail.body;
+        envelope.smtputf8 = mail.smtputf8;
+        envelope.client_ip = Some(self.client);
+        envelope.helo = self.helo.as_ref().map(|h| h.name.clone()).unwrap_or_default();
+        envelope.record(format!("received from {} [{}]", envelope.helo, self.client));
+        envelope
+    }
+
+    /// The result of [`PendingMessage::commit`]: only now may 250 be sent.
+    pub fn committed(&mut self, result: Result<Envelope, SpoolError>) -> Reply {
+        match result {
+            Ok(envelope) => {
+                (self.context.on_queued)(&envelope);
+                self.stats.queued += 1;
+                tracing::info!(client = %self.client, queue_id = %envelope.id, from = %envelope.sender,
+                    nrcpt = envelope.recipients.len(), size = envelope.size, "queued");
+                Reply::new(250, "2.0.0", format!("Ok: queued as {}", envelope.id))
+            }
+            Err(err) => {
+                tracing::error!(client = %self.client, error = %err, "cannot commit message");
+                Reply::new(451, "4.3.0", "error: queue file write error")
+            }
+        }
+    }
+
+    /// STARTTLS (RFC 3207 4).
+    fn starttls(&mut self) -> Action {
+        let reply = if !self.tls_available {
+            Reply::new(502, "5.5.1", "STARTTLS not available")
+        } else if self.tls_active {
+            Reply::new(503, "5.5.1", "TLS already active")
+        } else if self.transaction.is_some() {
+            Reply::new(503, "5.5.1", "MAIL transaction in progress")
+        } else {
+            return Action::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"));
+        };
+        self.error(reply)
+    }
+
+    /// The TLS handshake succeeded: RFC 3207 4.2 says to forget everything learnt before it.
+    pub fn tls_started(&mut self) {
+        tracing::info!(client = %self.client, "tls started");
+        self.tls_active = true;
+        self.helo = None;
+        self.transaction = None;
+        self.pending.clear();
+        self.discarding = false;
+    }
+
+    /// Logs the end of the session with its counters.
+    pub fn log_disconnect(&self, reason: &str) {
+        let s = self.stats;
+        tracing::info!(client = %self.client, reason, commands = s.commands, queued = s.queued,
+            rejected_messages = s.rejected_messages, rejected_rcpts = s.rejected_rcpts, errors = self.errors, "disconnect");
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,360 @@
+use super::*;
+use crate::config::Config;
+use crate::spool::{BodyType, DsnNotify, DsnRet, Spool};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    context: Arc<ServerContext>,
+    queued: Arc<AtomicUsize>,
+}
+
+fn fixture(tweak: impl FnOnce(&mut Config)) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::demo();
+    config.hostname = "mx.test".into();
+    config.relay.domains = vec!["example.test".into(), "other.test".into()];
+    config.queue.dir = dir.path().to_path_buf();
+    config.queue.min_free = 0;
+    tweak(&mut config);
+    let (spool, _) = Spool::open(dir.path()).expect("spool");
+    let queued = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&queued);
+    let on_queued = Box::new(move |_: &Envelope| {
+        counter.fetch_add(1, Ordering::SeqCst);
+    });
+    let context = Arc::new(ServerContext { config: Arc::new(config), spool: Arc::new(spool), on_queued });
+    Fixture { _dir: dir, context, queued }
+}
+
+impl Fixture {
+    fn session(&self, tls: bool) -> Session {
+        Session::new(Arc::clone(&self.context), Arc::new(SpaceMonitor::new()), "192.0.2.7".parse().expect("ip"), tls)
+    }
+}
+
+/// What the server would do with the actions: the replies as text, and how the batch ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    Open,
+    Closed,
+    StartTls,
+}
+
+/// Feeds `input`, commits messages as the server would, and returns every reply sent.
+fn talk(session: &mut Session, input: &[u8]) -> (String, Ended) {
+    let mut text = String::new();
+    let mut actions: std::collections::VecDeque<Action> = session.feed(input).into();
+    while let Some(action) = actions.pop_front() {
+        match action {
+            Action::Reply(reply) => text.push_str(&reply.to_string()),
+            Action::Close(reply) => {
+                text.push_str(&reply.to_string());
+                return (text, Ended::Closed);
+            }
+            Action::StartTls(reply) => {
+                text.push_str(&reply.to_string());
+                return (text, Ended::StartTls);
+            }
+            Action::Commit(pending) => {
+                let reply = session.committed(pending.commit());
+                text.push_str(&reply.to_string());
+                actions.extend(session.feed(&[]));
+            }
+        }
+    }
+    (text, Ended::Open)
+}
+
+fn codes(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| l.as_bytes().get(3) == Some(&b' ')).map(|l| &l[..3]).collect()
+}
+
+#[test]
+fn greeting_and_ehlo_keywords() {
+    let fx = fixture(|c| c.smtp.max_message_size = 12345);
+    let mut session = fx.session(false);
+    assert_eq!(session.greeting().to_string(), "220 mx.test ESMTP bartleby\r\n");
+    let (text, _) = talk(&mut session, b"EHLO client.test\r\n");
+    assert_eq!(
+        text,
+        "250-mx.test\r\n250-SIZE 12345\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n\
+         250-ENHANCEDSTATUSCODES\r\n250 DSN\r\n"
+    );
+    let (text, _) = talk(&mut session, b"HELO client.test\r\n");
+    assert_eq!(text, "250 mx.test\r\n");
+    let mut tls = fx.session(true);
+    let (text, _) = talk(&mut tls, b"EHLO client.test\r\n");
+    assert!(text.ends_with("250-DSN\r\n250 STARTTLS\r\n"), "{text}");
+}
+
+#[test]
+fn small_verbs() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let (text, _) = talk(&mut session, b"NOOP\r\nVRFY alice\r\nHELP\r\nEXPN list\r\nFOO\r\nSTARTTLS\r\nRSET\r\n");
+    assert_eq!(
+        text,
+        "250 2.0.0 Ok\r\n252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n\
+         214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS\r\n\
+         502 5.5.1 EXPN not implemented\r\n500 5.5.2 command unrecognized: FOO\r\n\
+         502 5.5.1 STARTTLS not available\r\n250 2.0.0 Ok\r\n"
+    );
+    assert_eq!(talk(&mut session, b"QUIT\r\nNOOP\r\n"), ("221 2.0.0 Bye\r\n".to_string(), Ended::Closed));
+}
+
+#[test]
+fn sequence_errors() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let (text, _) = talk(&mut session, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@example.test>\r\nDATA\r\n");
+    assert_eq!(
+        text,
+        "503 5.5.1 send EHLO or HELO first\r\n503 5.5.1 need MAIL command\r\n503 5.5.1 need MAIL command\r\n"
+    );
+    let (text, _) = talk(&mut session, b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n");
+    assert_eq!(codes(&text), ["250", "250", "503", "554"]);
+    assert!(text.contains("503 5.5.1 nested MAIL command\r\n554 5.5.1 no valid recipients\r\n"), "{text}");
+    // RSET ends the transaction; so does EHLO.
+    let (text, _) = talk(&mut session, b"RSET\r\nRCPT TO:<c@example.test>\r\nMAIL FROM:<>\r\nEHLO c.test\r\nDATA\r\n");
+    assert_eq!(codes(&text), ["250", "503", "250", "250", "503"]);
+}
+
+#[test]
+fn pipelined_session_in_one_chunk_queues_the_message() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let input = b"EHLO client.test\r\nMAIL FROM:<a@b.test> BODY=8BITMIME RET=HDRS ENVID=e+2B1\r\n\
+        RCPT TO:<c@Example.TEST> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;c@example.test\r\n\
+        RCPT TO:<d@elsewhere.test>\r\nRCPT TO:<postmaster>\r\nDATA\r\n\
+        Subject: hi\r\n\r\n..dot\r\n.\r\nQUIT\r\n";
+    let (text, ended) = talk(&mut session, input);
+    assert_eq!(ended, Ended::Closed);
+    assert_eq!(codes(&text), ["250", "250", "250", "550", "250", "354", "250", "221"], "{text}");
+    assert!(text.contains("550 5.7.1 relaying denied\r\n"), "{text}");
+    assert_eq!(fx.queued.load(Ordering::SeqCst), 1);
+    let envelopes = fx.context.spool.list();
+    assert_eq!(envelopes.len(), 1);
+    let env = &envelopes[0];
+    assert!(text.contains(&format!("250 2.0.0 Ok: queued as {}\r\n", env.id)), "{text}");
+    assert_eq!(env.sender, "a@b.test");
+    let addresses: Vec<_> = env.recipients.iter().map(|r| r.address.as_str()).collect();
+    assert_eq!(addresses, ["c@Example.TEST", "postmaster@example.test"]);
+    assert_eq!(env.recipients[0].notify, Some(vec![DsnNotify::Success, DsnNotify::Failure]));
+    assert_eq!(env.recipients[0].orcpt.as_deref(), Some("rfc822;c@example.test"));
+    assert_eq!((env.body, env.ret, env.envid.as_deref()), (BodyType::EightBitMime, Some(DsnRet::Hdrs), Some("e+1")));
+    assert_eq!((env.client_ip, env.helo.as_str()), (Some("192.0.2.7".parse().expect("ip")), "client.test"));
+    assert_eq!(env.next_attempt, env.arrived);
+    assert_eq!(env.history[0].event, "received from client.test [192.0.2.7]");
+    let body = String::from_utf8(fx.context.spool.read_body(&env.id).expect("body")).expect("utf8");
+    let expected_start =
+        format!("Received: from client.test ([192.0.2.7])\r\n\tby mx.test (bartleby) with ESMTP id {}; ", env.id);
+    assert!(body.starts_with(&expected_start), "{body}");
+    assert!(body.ends_with("\r\nSubject: hi\r\n\r\n.dot\r\n"), "{body}");
+    assert_eq!(env.size, body.len() as u64);
+}
+
+#[test]
+fn received_names_the_only_recipient_and_helo_protocol() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let (text, _) = talk(&mut session, b"HELO c.test\r\nMAIL FROM:<>\r\nRCPT TO:<x@other.test>\r\nDATA\r\nhi\r\n.\r\n");
+    assert_eq!(codes(&text), ["250", "250", "250", "354", "250"], "{text}");
+    let env = &fx.context.spool.list()[0];
+    assert_eq!(env.sender, "");
+    let body = String::from_utf8(fx.context.spool.read_body(&env.id).expect("body")).expect("utf8");
+    let start = format!(
+        "Received: from c.test ([192.0.2.7])\r\n\tby mx.test (bartleby) with SMTP id {}\r\n\tfor <x@other.test>; ",
+        env.id
+    );
+    assert!(body.starts_with(&start), "{body}");
+}
+
+#[test]
+fn recipient_limits_and_checks() {
+    let fx = fixture(|c| c.smtp.max_recipients = 2);
+    let mut session = fx.session(false);
+    let (text, _) = talk(
+        &mut session,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nRCPT TO:<bad@>\r\n\
+          RCPT TO:<j\xc3\xb6rg@example.test>\r\nRCPT TO:<y@[127.0.0.1]>\r\nRCPT TO:<y@example.test>\r\nRCPT TO:<z@example.test>\r\n",
+    );
+    assert_eq!(
+        text.lines().skip(7).collect::<Vec<_>>(),
+        [
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "501 5.1.3 bad recipient address syntax: invalid domain",
+            "553 5.6.7 a non-ASCII recipient address needs SMTPUTF8",
+            "550 5.7.1 relaying denied",
+            "250 2.1.5 Ok",
+            "452 4.5.3 too many recipients",
+        ]
+    );
+}
+
+#[test]
+fn smtputf8_addresses() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let (text, _) = talk(
+        &mut session,
+        "EHLO c.test\r\nMAIL FROM:<j\u{f6}rg@b.test>\r\nMAIL FROM:<j\u{f6}rg@b.test> SMTPUTF8\r\nRCPT TO:<\u{e9}l\u{e8}ve@example.test>\r\nDATA\r\nSubject: caf\u{e9}\r\n\r\n.\r\n".as_bytes(),
+    );
+    assert_eq!(codes(&text), ["250", "553", "250", "250", "354", "250"], "{text}");
+    let env = &fx.context.spool.list()[0];
+    assert!(env.smtputf8);
+    assert_eq!(env.recipients[0].address, "\u{e9}l\u{e8}ve@example.test");
+}
+
+#[test]
+fn size_is_checked_at_mail_and_in_data() {
+    let fx = fixture(|c| c.smtp.max_message_size = 100);
+    let mut session = fx.session(false);
+    let (text, _) =
+        talk(&mut session, b"EHLO c.test\r\nMAIL FROM:<a@b.test> SIZE=101\r\nMAIL FROM:<a@b.test> SIZE=100\r\n");
+    assert!(text.contains("552 5.3.4 message size exceeds fixed limit of 100 octets\r\n"), "{text}");
+    let mut data = b"RCPT TO:<x@example.test>\r\nDATA\r\n".to_vec();
+    data.extend(std::iter::repeat_n(b"0123456789\r\n".as_slice(), 20).flatten());
+    data.extend_from_slice(b".\r\nNOOP\r\n");
+    let (text, _) = talk(&mut session, &data);
+    assert_eq!(codes(&text), ["250", "354", "552", "250"], "{text}");
+    assert!(fx.context.spool.is_empty());
+}
+
+#[test]
+fn bare_newline_rejects_the_message_and_smuggles_nothing() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let (text, _) = talk(
+        &mut session,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\nSubject: one\r\n\r\nbody\n.\n\
+          MAIL FROM:<evil@b.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nSubject: smuggled\r\n\r\n.\r\nNOOP\r\n",
+    );
+    assert_eq!(codes(&text), ["250", "250", "250", "354", "550", "250"], "{text}");
+    assert!(text.contains("550 5.5.2 message contains bare CR or LF\r\n"), "{text}");
+    assert!(fx.context.spool.is_empty());
+    assert_eq!(fx.queued.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn long_command_lines_are_refused_without_buffering() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    for _ in 0..100 {
+        let (text, _) = talk(&mut session, &[b'x'; 1000]);
+        assert_eq!(text, "");
+        assert!(session.pending.len() <= MAX_PARAMETER_LINE);
+    }
+    let (text, _) = talk(&mut session, b"xx\r\nNOOP\r\n");
+    assert_eq!(text, "500 5.5.2 line too long\r\n250 2.0.0 Ok\r\n");
+    let long = format!("NOOP {}\r\nNOOP\r\n", "y".repeat(600));
+    assert_eq!(talk(&mut session, long.as_bytes()).0, "500 5.5.2 line too long\r\n250 2.0.0 Ok\r\n");
+}
+
+#[test]
+fn long_text_lines_and_mail_loops_are_refused_after_the_data() {
+    let fx = fixture(|c| {
+        c.smtp.max_line_length = 1000;
+        c.smtp.max_received_headers = 2;
+    });
+    let mut session = fx.session(false);
+    let mut input = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n".to_vec();
+    input.extend_from_slice(&[b'a'; 1001]);
+    input.extend_from_slice(b"\r\n.\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n");
+    input.extend_from_slice(b"Received: 1\r\nReceived: 2\r\nReceived: 3\r\n\r\n.\r\n");
+    let (text, _) = talk(&mut session, &input);
+    assert!(text.contains("554 5.6.0 message contains a line longer than 1000 octets\r\n"), "{text}");
+    assert!(text.ends_with("554 5.4.6 too many Received headers: mail loop\r\n"), "{text}");
+    assert!(fx.context.spool.is_empty());
+}
+
+#[test]
+fn starttls_discards_pipelined_input_and_resets_state() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(true);
+    let (text, ended) = talk(&mut session, b"EHLO c.test\r\nSTARTTLS\r\nMAIL FROM:<a@b.test>\r\n");
+    assert_eq!(ended, Ended::StartTls);
+    assert!(text.ends_with("220 2.0.0 Ready to start TLS\r\n"), "{text}");
+    session.tls_started();
+    // The injected MAIL was thrown away, and the EHLO before TLS is forgotten.
+    let (text, _) = talk(&mut session, b"");
+    assert_eq!(text, "");
+    let (text, _) = talk(&mut session, b"MAIL FROM:<a@b.test>\r\nEHLO c.test\r\nSTARTTLS\r\n");
+    assert!(text.starts_with("503 5.5.1 send EHLO or HELO first\r\n"), "{text}");
+    assert!(!text.contains("STARTTLS\r\n"), "{text}");
+    assert!(text.ends_with("503 5.5.1 TLS already active\r\n"), "{text}");
+    let (text, _) = talk(&mut session, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\nhi\r\n.\r\n");
+    assert_eq!(codes(&text), ["250", "250", "354", "250"], "{text}");
+    let env = &fx.context.spool.list()[0];
+    let body = String::from_utf8(fx.context.spool.read_body(&env.id).expect("body")).expect("utf8");
+    assert!(body.contains("with ESMTPS id"), "{body}");
+}
+
+#[test]
+fn starttls_inside_a_transaction_is_refused() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(true);
+    let (text, ended) = talk(&mut session, b"EHLO c.test\r\nMAIL FROM:<>\r\nSTARTTLS\r\n");
+    assert_eq!(ended, Ended::Open);
+    assert!(text.ends_with("503 5.5.1 MAIL transaction in progress\r\n"), "{text}");
+}
+
+#[test]
+fn low_space_refuses_mail() {
+    let fx = fixture(|c| c.queue.min_free = u64::MAX);
+    let mut session = fx.session(false);
+    let (text, _) = talk(&mut session, b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n");
+    assert!(text.ends_with("452 4.3.1 insufficient system storage\r\n"), "{text}");
+}
+
+#[test]
+fn bad_senders() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let (text, _) = talk(&mut session, b"EHLO c.test\r\nMAIL FROM:<nodomain>\r\nMAIL FROM:<a@b.test> FOO=1\r\n");
+    assert!(text.contains("501 5.1.7 bad sender address syntax"), "{text}");
+    assert!(text.ends_with("555 5.5.4 unsupported MAIL parameter FOO\r\n"), "{text}");
+}
+
+#[test]
+fn too_many_errors_end_the_session() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let (text, ended) = talk(&mut session, "BAD\r\n".repeat(MAX_ERRORS + 5).as_bytes());
+    assert_eq!(ended, Ended::Closed);
+    assert_eq!(text.lines().count(), MAX_ERRORS);
+    assert!(text.ends_with("421 4.7.0 mx.test too many errors\r\n"), "{text}");
+}
+
+#[test]
+fn overshooting_recipients_is_not_an_error() {
+    let fx = fixture(|c| c.smtp.max_recipients = 1);
+    let mut session = fx.session(false);
+    let mut input = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n".to_vec();
+    for _ in 0..MAX_ERRORS + 10 {
+        input.extend_from_slice(b"RCPT TO:<x@example.test>\r\n");
+    }
+    input.extend_from_slice(b"DATA\r\nhi\r\n.\r\n");
+    let (text, ended) = talk(&mut session, &input);
+    assert_eq!(ended, Ended::Open);
+    assert_eq!(text.matches("452 4.5.3 too many recipients\r\n").count(), MAX_ERRORS + 9, "{text}");
+    assert!(text.contains("354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as "), "{text}");
+    assert_eq!(fx.context.spool.len(), 1);
+}
+
+#[test]
+fn data_split_across_feeds() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let input =
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\nA: b\r\n\r\n..x\r\n.\r\nNOOP\r\n";
+    let mut text = String::new();
+    for byte in input {
+        text.push_str(&talk(&mut session, std::slice::from_ref(byte)).0);
+    }
+    assert_eq!(codes(&text), ["250", "250", "250", "354", "250", "250"], "{text}");
+    let env = &fx.context.spool.list()[0];
+    let body = fx.context.spool.read_body(&env.id).expect("body");
+    assert!(body.ends_with(b"\r\nA: b\r\n\r\n.x\r\n"));
+}
