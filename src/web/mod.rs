@@ -216,7 +216,7 @@ async fn allowlist(
 }
 
 /// Headers on every response: no script at all (the pages need none), no framing, no sniffing, no
-/// referrer leaking queue IDs or filters, no caching of queue contents.
+/// referrer leaking queue IDs or filters to other sites, no caching of queue contents.
 async fn security_headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
@@ -228,7 +228,9 @@ async fn security_headers(request: Request, next: Next) -> Response {
         ),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // Not "no-referrer": under it browsers send `Origin: null` with form POSTs, and the origin
+        // check could no longer tell our own forms from a forged one.
+        (header::REFERRER_POLICY, "same-origin"),
         (header::CACHE_CONTROL, "no-store"),
     ];
     for (name, value) in fixed {
