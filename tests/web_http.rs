@@ -86,7 +86,9 @@ async fn every_page_and_api_route_answers() {
         assert!(svg.body.starts_with("<svg"), "{}", svg.body);
         let samples = client.get("/api/chart").await.json();
         assert!(samples["samples"].as_array().is_some());
-        assert_eq!(client.get("/healthz").await.status, 200);
+        let health = web.client().get("/healthz").await;
+        assert_eq!(health.status, 200);
+        assert!(health.header("set-cookie").is_none(), "monitors get no session");
 
         let metrics = client.get("/metrics").await;
         assert!(metrics.body.contains("bartleby_queue_messages{domain=\"example.test\"} 2"), "{}", metrics.body);
@@ -343,6 +345,50 @@ async fn accounts_need_a_login() {
         let csrf = page.csrf();
         assert_eq!(client.post_form("/logout", &format!("csrf={csrf}")).await.status, 303);
         assert_eq!(client.get("/api/status").await.status, 401);
+        web.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_https_with_secure_cookies() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded(async {
+        let certs = tempfile::tempdir().unwrap();
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+        std::fs::write(&cert_path, key.cert.pem()).unwrap();
+        std::fs::write(&key_path, key.signing_key.serialize_pem()).unwrap();
+        let web =
+            TestWeb::start(&format!("tls_cert = \"{}\"\ntls_key = \"{}\"", cert_path.display(), key_path.display()))
+                .await;
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(key.cert.der().clone()).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(web.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.expect("TLS handshake");
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut raw = Vec::new();
+        let _ = tls.read_to_end(&mut raw).await;
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let cookie = text.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).expect("cookie");
+        assert!(cookie.contains("; Secure"), "{cookie}");
+
+        // Plain HTTP on the TLS port gets no page.
+        let mut stream = tokio::net::TcpStream::connect(web.addr).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut answer)).await;
+        assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"));
         web.stop().await;
     })
     .await;

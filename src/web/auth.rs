@@ -155,12 +155,21 @@ fn set_cookie(state: &WebState, session: &Session) -> Option<HeaderValue> {
 
 /// Paths served without a login even when accounts are configured.
 fn open_path(path: &str) -> bool {
-    matches!(path, "/login" | "/healthz" | "/metrics" | "/static/style.css")
+    path == "/login" || sessionless(path)
+}
+
+/// Read-only paths that need no session at all (the allowlist still applies).
+fn sessionless(path: &str) -> bool {
+    matches!(path, "/healthz" | "/metrics" | "/static/style.css")
 }
 
 /// Finds or creates the session, enforces login and, for POST, the origin and CSRF checks; the
 /// session is handed to handlers as an `Extension<Session>`.
 pub async fn session_layer(State(state): State<WebState>, request: Request, next: Next) -> Response {
+    // Monitors and scrapers poll these every few seconds and never act: no session for them.
+    if sessionless(request.uri().path()) && request.method() == Method::GET {
+        return next.run(request).await;
+    }
     let known = cookie_value(request.headers()).and_then(|id| state.sessions.get(&id));
     let (session, fresh) = match known {
         Some(s) => (s, false),

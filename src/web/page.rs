@@ -96,6 +96,11 @@ pub fn human_age(secs: u64) -> String {
     }
 }
 
+/// "2026-11-29T13:14:06Z" -> "2026-11-29 13:14:06" (every time on the page is UTC, as it says).
+fn short_time(rfc3339: &str) -> String {
+    rfc3339.trim_end_matches('Z').replacen('T', " ", 1)
+}
+
 fn age_of(micros: i64) -> String {
     human_age(u64::try_from((now_micros() - micros) / 1_000_000).unwrap_or(0))
 }
@@ -235,7 +240,7 @@ fn queue_section(page: &QueuePage) -> Markup {
                 button type="submit" { "Filter" }
                 " " a href="/" { "Clear" }
             }
-            p { (page.matched) " of " (page.total) " messages; page " (page.page) " of " (page.pages) "." }
+            p { (page.matched) " of " (page.total) " messages; page " (page.page) " of " (page.pages) ". Times are UTC." }
             div.scroll {
                 table.queue {
                     thead { tr {
@@ -255,13 +260,13 @@ fn queue_row(m: &QueueEntry) -> Markup {
     html! {
         tr.held[l.held] {
             td.id { a href=(format!("/message/{}", l.id)) { (l.id) } }
-            td { (l.arrived) br; small { (age_of(m.arrived_micros)) " ago" } }
+            td.time { (short_time(&l.arrived)) br; small { (age_of(m.arrived_micros)) " ago" } }
             td.num { (human_bytes(l.size)) }
             td.addr { @if l.sender.is_empty() { "<>" } @else { (l.sender) } }
             td.addr { @for r in &l.recipients { (r) br; } }
             td { (m.subject.clone().unwrap_or_default()) }
             td.num { (l.attempts) }
-            td { (l.next_attempt) }
+            td.time { (short_time(&l.next_attempt)) }
             td.error { (l.last_error.clone().unwrap_or_default()) }
             td { @if l.held { "held" } }
         }

@@ -231,13 +231,33 @@ fn totals(spool: &Spool) -> Totals {
             t.bytes += e.size;
             t.held += usize::from(e.held);
             t.oldest = Some(t.oldest.map_or(e.arrived, |o| o.min(e.arrived)));
-            let domains: BTreeSet<String> = e.pending().map(|r| r.domain()).collect();
-            for d in domains {
-                *t.per_domain.entry(d).or_default() += 1;
-            }
+            for_each_domain(e, |d| match t.per_domain.get_mut(d) {
+                Some(n) => *n += 1,
+                None => {
+                    t.per_domain.insert(d.to_string(), 1);
+                }
+            });
         }
         t
     })
+}
+
+/// Calls `f` once per distinct domain of the pending recipients, lower-cased, allocating only for
+/// a domain not already in lower case (this runs for every queued message).
+fn for_each_domain(envelope: &Envelope, mut f: impl FnMut(&str)) {
+    let mut seen: Vec<std::borrow::Cow<'_, str>> = Vec::new();
+    for r in envelope.pending() {
+        let raw = r.address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.')).unwrap_or_default();
+        let domain = if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(raw.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(raw)
+        };
+        if !seen.contains(&domain) {
+            f(&domain);
+            seen.push(domain);
+        }
+    }
 }
 
 /// The status summary, computed now.
