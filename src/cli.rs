@@ -67,6 +67,10 @@ pub enum QueueCommand {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == "generate") {
+        // Drop "generate" so the separate parser sees only its own arguments.
+        return generate(GenerateCli::parse_from(std::env::args_os().take(1).chain(std::env::args_os().skip(2))));
+    }
     let cli = Cli::parse();
     let config = match load_config(cli.config.as_ref()) {
         Ok(config) => config,
@@ -76,7 +80,7 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(config),
+        Command::Serve => serve(config, cli.config),
         Command::CheckConfig => {
             println!(
                 "# {}: valid; effective settings:",
@@ -133,7 +137,11 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).init();
     } else {
@@ -141,13 +149,13 @@ pub fn init_logging() {
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     init_logging();
     // Bind first (port 25), drop privileges, and only then start the runtime's threads.
     let result = crate::daemon::bind(&config).and_then(|bound| {
         crate::privilege::drop_to(config.user.as_deref(), config.group.as_deref(), &config.queue.dir)
             .map_err(|e| crate::daemon::DaemonError::Setup(e.to_string()))?;
-        runtime()?.block_on(crate::daemon::run(config, bound))
+        runtime()?.block_on(crate::daemon::run(config, bound, path))
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -269,10 +277,10 @@ pub fn mailq(list: &[ListedMessage]) -> String {
         let sender = if m.sender.is_empty() { "MAILER-DAEMON" } else { &m.sender };
         out += &format!("{}{mark}{:>9} {:>20}  {sender}\n", m.id, m.size, short_time(&m.arrived));
         if let Some(error) = &m.last_error {
-            out += &format!("{:50}({error})\n", "");
+            out += &format!("{:49}({error})\n", "");
         }
         for rcpt in &m.recipients {
-            out += &format!("{:50}{rcpt}\n", "");
+            out += &format!("{:49}{rcpt}\n", "");
         }
         out.push('\n');
     }
@@ -311,4 +319,63 @@ fn show(detail: &MessageDetail) -> String {
     out += "Headers:\n";
     out += &detail.headers.replace("\r\n", "\n");
     out
+}
+
+// --- `bartleby generate`: man pages and shell completions from this CLI definition, so they
+// never drift from it. A separate parser keeps the command out of `--help`, the pages and the
+// completions it writes; packagers call it (packaging/build-deb.sh).
+
+/// `bartleby generate man DIR` | `bartleby generate completions SHELL`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bartleby generate",
+    bin_name = "bartleby generate",
+    about = "Write man pages or shell completions (for packagers)"
+)]
+pub struct GenerateCli {
+    #[command(subcommand)]
+    pub what: GenerateCommand,
+}
+
+/// What `bartleby generate` writes.
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// Write bartleby.8 and one page per subcommand (bartleby-queue-list.8, ...) into DIR.
+    Man { dir: PathBuf },
+    /// Print the completion script for SHELL on stdout.
+    Completions { shell: clap_complete::Shell },
+}
+
+fn generate(cli: GenerateCli) -> ExitCode {
+    let result = match cli.what {
+        GenerateCommand::Man { dir } => write_man_pages(&dir),
+        GenerateCommand::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "bartleby", &mut std::io::stdout().lock());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Section 8 (system administration), since the binary lives in /usr/sbin. Clap's `help`
+/// subcommand gets no page.
+pub fn write_man_pages(dir: &Path) -> std::io::Result<()> {
+    fn write(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            write(sub, dir)?;
+        }
+        clap_mangen::Man::new(cmd).section("8").generate_to(dir).map(|_| ())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    // Building gives subcommands their display names ("bartleby-queue-list"), which name the pages.
+    cmd.build();
+    write(cmd, dir)
 }

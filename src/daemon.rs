@@ -2,15 +2,17 @@
 //! starts the scheduler, the control socket and the SMTP server, and stops them in order on
 //! SIGTERM or SIGINT: no new mail, 421 to open sessions, nothing half-written left behind.
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::control;
 use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
 use crate::schedule::Scheduler;
-use crate::smtp::{self, ServerContext};
+use crate::schedule::SchedulerHandle;
+use crate::smtp::{self, ServerContext, Serving};
 use crate::spool::{Spool, SpoolError};
 use crate::web;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -60,8 +62,10 @@ fn into_tokio(listener: std::net::TcpListener) -> Result<TcpListener, DaemonErro
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config, bound: Listeners) -> Result<(), DaemonError> {
+pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let config = Arc::new(config);
+    // A bad certificate is an error at start, not at the first STARTTLS.
+    smtp::tls_acceptor(&config).map_err(|e| DaemonError::Setup(e.to_string()))?;
     let listeners = bound.smtp.into_iter().map(into_tokio).collect::<Result<Vec<_>, _>>()?;
     let web_listener = bound.web.map(into_tokio).transpose()?;
     let dir = config.queue.dir.clone();
@@ -96,27 +100,24 @@ pub async fn run(config: Config, bound: Listeners) -> Result<(), DaemonError> {
         tracing::info!(listen = %config.web.listen, tls = config.web.tls_cert.is_some(), "admin page listening");
         tokio::spawn(web::serve(web_state, listener, shutdown.clone()))
     });
-    let queued_handle = handle.clone();
-    let context = Arc::new(ServerContext {
-        config: Arc::clone(&config),
-        spool: Arc::clone(&spool),
-        on_queued: Box::new(move |envelope| queued_handle.queued(&envelope.id)),
-    });
-    let smtp_task = tokio::spawn(smtp::serve(context, listeners, shutdown.clone()));
+    let serving =
+        Serving::new(server_context(&config, &spool, &handle)).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let (serving_tx, serving_rx) = watch::channel(serving);
+    let smtp_task = tokio::spawn(smtp::serve_reloadable(serving_rx, listeners, shutdown.clone()));
     announce(&config);
     let watchdog = notify_systemd_ready();
 
-    wait_for_signal().await;
+    let mut live =
+        Live { path: config_path, config, spool: Arc::clone(&spool), scheduler: handle, serving: serving_tx };
+    run_until_stopped(&mut live).await;
     tracing::info!("shutting down: no new mail; open sessions get 421");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
     let _ = shutdown_tx.send(true);
-    match tokio::time::timeout(Duration::from_secs(30), smtp_task).await {
-        Ok(Ok(Err(err))) => tracing::error!(error = %err, "SMTP server stopped with an error"),
-        Err(_) => tracing::warn!("SMTP sessions did not end within 30s"),
-        _ => {}
+    if tokio::time::timeout(Duration::from_secs(30), smtp_task).await.is_err() {
+        tracing::warn!("SMTP sessions did not end within 30s");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), scheduler_task).await;
     let _ = control_task.await;
@@ -168,14 +169,103 @@ fn notify_systemd_ready() -> Option<tokio::task::JoinHandle<()>> {
     }))
 }
 
-async fn wait_for_signal() {
+/// What a reload replaces, and what it needs to build the replacements.
+struct Live {
+    /// The file to re-read; None when running on built-in settings.
+    path: Option<PathBuf>,
+    config: Arc<Config>,
+    spool: Arc<Spool>,
+    scheduler: SchedulerHandle,
+    serving: watch::Sender<Serving>,
+}
+
+/// The SMTP server's view of the daemon, built at start and on every reload.
+fn server_context(config: &Arc<Config>, spool: &Arc<Spool>, scheduler: &SchedulerHandle) -> Arc<ServerContext> {
+    let scheduler = scheduler.clone();
+    Arc::new(ServerContext {
+        config: Arc::clone(config),
+        spool: Arc::clone(spool),
+        on_queued: Box::new(move |envelope| scheduler.queued(&envelope.id)),
+    })
+}
+
+/// Settings that only take effect at start: what a reload keeps, with the key named.
+fn fixed_at_start(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    if old.smtp.listen != new.smtp.listen {
+        new.smtp.listen = old.smtp.listen.clone();
+        kept.push("smtp.listen");
+    }
+    if old.smtp.max_sessions != new.smtp.max_sessions {
+        new.smtp.max_sessions = old.smtp.max_sessions;
+        kept.push("smtp.max_sessions");
+    }
+    if old.queue.dir != new.queue.dir {
+        new.queue.dir = old.queue.dir.clone();
+        kept.push("queue.dir");
+    }
+    if old.web.listen != new.web.listen {
+        new.web.listen = old.web.listen;
+        kept.push("web.listen");
+    }
+    if (&old.user, &old.group) != (&new.user, &new.group) {
+        (new.user, new.group) = (old.user.clone(), old.group.clone());
+        kept.push("user/group");
+    }
+    kept
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error("no configuration file (running on built-in settings)")]
+    NoFile,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl Live {
+    /// Re-reads the configuration, certificates included. Everything is built before anything is
+    /// replaced, so an invalid new configuration leaves the old one in force.
+    fn reload(&mut self) -> Result<(), ReloadError> {
+        let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;
+        let mut config = Config::load(path)?;
+        for key in fixed_at_start(&self.config, &mut config) {
+            tracing::warn!(key, "changed in the configuration; takes effect only after a restart");
+        }
+        let config = Arc::new(config);
+        let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(ReloadError::Setup)?);
+        let serving = Serving::new(server_context(&config, &self.spool, &self.scheduler))
+            .map_err(|e| ReloadError::Setup(e.to_string()))?;
+        self.scheduler.reload(Arc::clone(&config), deliverer).map_err(|e| ReloadError::Setup(e.to_string()))?;
+        let _ = self.serving.send(serving);
+        self.config = config;
+        Ok(())
+    }
+}
+
+/// Waits for SIGTERM or SIGINT; reloads on SIGHUP.
+async fn run_until_stopped(live: &mut Live) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
         tracing::error!("cannot install signal handlers; running until killed");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                match live.reload() {
+                    Ok(()) => tracing::info!("configuration reloaded"),
+                    Err(err) => tracing::error!(error = %err, "reload refused; the running configuration stays in force"),
+                }
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            }
+        }
     }
 }

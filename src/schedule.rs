@@ -47,6 +47,7 @@ enum Command {
     Retry { id: QueueId, reply: oneshot::Sender<Result<(), ScheduleError>> },
     Hold { id: QueueId, held: bool, reply: oneshot::Sender<Result<Envelope, ScheduleError>> },
     Delete { id: QueueId, reply: oneshot::Sender<Result<(), ScheduleError>> },
+    Reload { config: Arc<Config>, deliverer: Arc<Deliverer> },
 }
 
 /// What the last deliveries to a destination domain said about its next hop (the primary).
@@ -125,6 +126,12 @@ impl SchedulerHandle {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Hold { id: id.to_string(), held, reply }).map_err(|_| ScheduleError::NotRunning)?;
         rx.await.map_err(|_| ScheduleError::NotRunning)?
+    }
+
+    /// Uses a reloaded configuration (and the deliverer built from it) for the next batches;
+    /// batches already out finish with the old one.
+    pub fn reload(&self, config: Arc<Config>, deliverer: Arc<Deliverer>) -> Result<(), ScheduleError> {
+        self.tx.send(Command::Reload { config, deliverer }).map_err(|_| ScheduleError::NotRunning)
     }
 
     /// Deletes a message without a bounce (an operator's decision).
@@ -280,6 +287,10 @@ impl Scheduler {
                     }
                 }
                 let _ = reply.send(result);
+            }
+            Command::Reload { config, deliverer } => {
+                self.config = config;
+                self.deliverer = deliverer;
             }
             Command::Delete { id, reply } => {
                 let result = if self.in_flight.contains_key(&id) {

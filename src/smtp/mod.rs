@@ -72,6 +72,33 @@ pub async fn serve(
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let acceptor = tls_acceptor(&context.config).map_err(|err| std::io::Error::other(err.to_string()))?;
-    server::serve(context, acceptor, listeners, shutdown).await;
+    let (_keep, current) = tokio::sync::watch::channel(Serving { context, acceptor });
+    server::serve(current, listeners, shutdown).await;
     Ok(())
+}
+
+/// What new sessions are started with; replaced as a whole on a configuration reload.
+#[derive(Clone)]
+pub struct Serving {
+    pub context: Arc<ServerContext>,
+    pub acceptor: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Serving {
+    /// Builds the context's TLS acceptor; fails on an unusable certificate or key.
+    pub fn new(context: Arc<ServerContext>) -> Result<Serving, SmtpError> {
+        let acceptor = tls_acceptor(&context.config)?;
+        Ok(Serving { context, acceptor })
+    }
+}
+
+/// Like [`serve`], but every new session takes the latest [`Serving`] from `current`, so a reload
+/// (new settings, renewed certificates) applies to the next connection while open sessions finish
+/// with what they started with. The session cap stays as it was at start.
+pub async fn serve_reloadable(
+    current: tokio::sync::watch::Receiver<Serving>,
+    listeners: Vec<tokio::net::TcpListener>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    server::serve(current, listeners, shutdown).await;
 }

@@ -1,9 +1,9 @@
 //! The socket side of SMTP: accept loops, the session cap, one task per session moving bytes between
 //! the socket and its [`Session`], the STARTTLS upgrade, timeouts and shutdown.
 
-use super::ServerContext;
 use super::reply::Reply;
 use super::session::{Action, PendingMessage, Session, SpaceMonitor};
+use super::{ServerContext, Serving};
 use crate::spool::{Envelope, SpoolError};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -37,13 +37,19 @@ async fn shutting_down(shutdown: &mut watch::Receiver<bool>) {
 }
 
 pub(super) async fn serve(
-    context: Arc<ServerContext>,
-    acceptor: Option<TlsAcceptor>,
+    current: watch::Receiver<Serving>,
     listeners: Vec<TcpListener>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let limit = Arc::new(Semaphore::new(context.config.smtp.max_sessions));
-    let shared = Shared { context, space: Arc::new(SpaceMonitor::new()), acceptor, shutdown: shutdown.clone() };
+    let limit = Arc::new(Semaphore::new(current.borrow().context.config.smtp.max_sessions));
+    let space = Arc::new(SpaceMonitor::new());
+    let session_shutdown = shutdown.clone();
+    let shared = |serving: &Serving| Shared {
+        context: Arc::clone(&serving.context),
+        space: Arc::clone(&space),
+        acceptor: serving.acceptor.clone(),
+        shutdown: session_shutdown.clone(),
+    };
     let (sender, mut accepted) = mpsc::channel(64);
     let mut accepters = JoinSet::new();
     for listener in listeners {
@@ -57,7 +63,8 @@ pub(super) async fn serve(
             conn = accepted.recv() => match conn {
                 Some((stream, peer)) => match Arc::clone(&limit).try_acquire_owned() {
                     Ok(permit) => {
-                        sessions.spawn(run_session(shared.clone(), stream, peer, permit));
+                        let shared = shared(&current.borrow());
+                        sessions.spawn(run_session(shared, stream, peer, permit));
                     }
                     Err(_) => {
                         sessions.spawn(refuse(stream, peer));

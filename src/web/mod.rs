@@ -170,7 +170,9 @@ pub async fn serve(
     state.stopping = shutdown.clone();
     let sampler =
         tokio::spawn(chart::run_sampler(Arc::clone(&state.samples), Arc::clone(&state.spool), shutdown.clone()));
-    let tls = tls::acceptor(&state.config.web)?;
+    // Logged here and now: the daemon only looks at this task's result when it stops.
+    let tls = tls::acceptor(&state.config.web)
+        .inspect_err(|err| tracing::error!(error = %err, "admin page disabled: bad web.tls_cert/tls_key"))?;
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let mut stop = shutdown.clone();
     let stopped = async move {

@@ -102,6 +102,27 @@ impl Daemon {
         wait_bounded(&mut child, Duration::from_secs(20))
     }
 
+    /// SIGHUP: reload the configuration.
+    pub fn hup(&self) {
+        let child = self.child.as_ref().expect("running");
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_child(child), rustix::process::Signal::HUP);
+    }
+
+    /// Rewrites the configuration file.
+    pub fn rewrite_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read config");
+        std::fs::write(&self.config_path, edit(text)).expect("write config");
+    }
+
+    /// Waits (at most `limit`) until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} in the log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -118,7 +139,7 @@ impl Drop for Daemon {
 }
 
 pub fn cli_with_config(config: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .arg("--config")
         .arg(config)
         .args(args)
@@ -126,15 +147,19 @@ pub fn cli_with_config(config: &Path, args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run bartleby cli");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
+    let pid = rustix::process::Pid::from_child(&child);
+    // Read the output while waiting: a large listing would fill the pipe and block the CLI.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(output) => output.expect("cli output"),
+        Err(_) => {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             panic!("bartleby {args:?} did not finish in 30s");
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().expect("output")
 }
 
 fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
@@ -219,6 +244,24 @@ pub fn strip_our_received(stored: &[u8]) -> &[u8] {
             return &stored[pos..];
         }
     }
+}
+
+/// The reply to `RCPT TO:<rcpt>` in a fresh session.
+pub fn rcpt_reply(addr: SocketAddr, rcpt: &str) -> String {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    writer
+        .write_all(format!("HELO client.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<{rcpt}>\r\nQUIT\r\n").as_bytes())
+        .expect("write");
+    let mut lines = Vec::new();
+    for _ in 0..4 {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read");
+        lines.push(line);
+    }
+    lines[3].trim_end().to_string()
 }
 
 /// The queue ID from "250 2.0.0 Ok: queued as ID".
