@@ -8,8 +8,9 @@
 use super::{WebError, WebState};
 use crate::control::ListedMessage;
 use crate::schedule::DestinationState;
-use crate::spool::{Envelope, SpaceInfo, Spool, now_micros, rfc3339};
+use crate::spool::{Envelope, RecipientStatus, SpaceInfo, Spool, now_micros, rfc3339};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Messages per page unless asked otherwise.
@@ -121,6 +122,11 @@ pub fn select(spool: &Spool, filter: &QueueFilter) -> (usize, usize, Vec<Envelop
     let per_page = filter.per_page.unwrap_or(DEFAULT_PER_PAGE);
     let skip = (filter.page.unwrap_or(1) - 1).saturating_mul(per_page);
     spool.with_index(|index| {
+        if filter.domain.is_none() && filter.sender.is_none() && filter.recipient.is_none() {
+            // No filter: no need to look at every envelope to count the matches.
+            let chosen = index.values().skip(skip).take(per_page).cloned().collect();
+            return (index.len(), index.len(), chosen);
+        }
         let mut matched = 0;
         let mut chosen = Vec::new();
         for envelope in index.values().filter(|e| filter.matches(e)) {
@@ -242,17 +248,24 @@ fn totals(spool: &Spool) -> Totals {
     })
 }
 
-/// Calls `f` once per distinct domain of the pending recipients, lower-cased, allocating only for
-/// a domain not already in lower case (this runs for every queued message).
+/// The domain of an address, lower-cased, allocating only when it is not already in lower case.
+fn lower_domain(address: &str) -> Cow<'_, str> {
+    let raw = address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.')).unwrap_or_default();
+    if raw.bytes().any(|b| b.is_ascii_uppercase()) { Cow::Owned(raw.to_ascii_lowercase()) } else { Cow::Borrowed(raw) }
+}
+
+/// Calls `f` once per distinct domain of the pending recipients (this runs for every queued
+/// message, so the common single-recipient case allocates nothing).
 fn for_each_domain(envelope: &Envelope, mut f: impl FnMut(&str)) {
-    let mut seen: Vec<std::borrow::Cow<'_, str>> = Vec::new();
+    if let [only] = envelope.recipients.as_slice() {
+        if only.status == RecipientStatus::Pending {
+            f(&lower_domain(&only.address));
+        }
+        return;
+    }
+    let mut seen: Vec<Cow<'_, str>> = Vec::new();
     for r in envelope.pending() {
-        let raw = r.address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.')).unwrap_or_default();
-        let domain = if raw.bytes().any(|b| b.is_ascii_uppercase()) {
-            std::borrow::Cow::Owned(raw.to_ascii_lowercase())
-        } else {
-            std::borrow::Cow::Borrowed(raw)
-        };
+        let domain = lower_domain(&r.address);
         if !seen.contains(&domain) {
             f(&domain);
             seen.push(domain);
