@@ -736,6 +736,23 @@ allow = ["127.0.0.1/32", "::1/128"]
     }
 
     #[test]
+    fn web_settings_are_checked() {
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$dfPVWFS0qiFj+EmwrvJaCA$WF+YYmMJ4aBERvXbZXLT9xYvH/4gsMi+vP+vnEr69eU";
+        let ok =
+            Config::parse(&format!("[web]\nusers = {{ alice = \"{hash}\" }}\nflush_cooldown = \"2m\"\n"), "w.toml")
+                .expect("valid");
+        assert_eq!(ok.web.flush_cooldown.0, Duration::from_secs(120));
+        assert!(ok.web.users.contains_key("alice"));
+        let err = Config::parse("[web]\nusers = { alice = \"secret\" }\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("key `web.users.alice`"), "{err}");
+        let err = Config::parse("[web]\ntls_cert = \"/x\"\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("web.tls_cert"), "{err}");
+        let err = Config::parse("[web]\ndisk_warn_percent = 5\ndisk_critical_percent = 10\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("web.disk_warn_percent"), "{err}");
+        assert_eq!(Config::demo().web.flush_cooldown.0, Duration::from_secs(60));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!("90s".parse::<HumanDuration>().unwrap().0.as_secs(), 90);
         assert_eq!("1h30m".parse::<HumanDuration>().unwrap().0.as_secs(), 5400);
