@@ -352,14 +352,74 @@ impl Scheduler {
             }
         }
         for (domain, mut jobs) in batches {
+            if self.config.domain_policy(&domain).strict_order {
+                self.keep_arrival_order(&domain, &mut jobs);
+                if jobs.is_empty() {
+                    continue;
+                }
+            }
             jobs.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
             self.busy_domains.insert(domain.clone());
             let deliverer = Arc::clone(&self.deliverer);
+            let max_received = self.config.smtp.max_received_headers;
             tracing::debug!(domain = %domain, messages = jobs.len(), "delivery batch");
             self.batches.spawn(async move {
-                let results = deliverer.deliver(&domain, jobs).await;
+                let (jobs, mut looped) = split_loops(&domain, jobs, max_received).await;
+                let mut results = deliverer.deliver(&domain, jobs).await;
+                results.append(&mut looped);
                 (domain, results)
             });
+        }
+    }
+
+    /// `strict_order`: the primary must see the domain's mail in arrival order, so a batch always
+    /// starts with the oldest message of the domain and carries its whole backlog. If an older
+    /// message is waiting for its retry and the domain was tried less than `queue.first_retry` ago,
+    /// the batch's newer messages are parked until the backlog's turn: a message arriving while the
+    /// backlog waits never overtakes it, and arrivals during an outage do not retry the backlog
+    /// more than once per `first_retry`.
+    fn keep_arrival_order(&mut self, domain: &str, jobs: &mut Vec<Job>) {
+        let in_batch: HashSet<QueueId> = jobs.iter().map(|j| j.envelope.id.clone()).collect();
+        let waiting: Vec<Envelope> = self.spool.with_index(|index| {
+            index
+                .values()
+                .filter(|e| !e.held && !in_batch.contains(&e.id) && !self.in_flight.contains_key(&e.id))
+                .filter(|e| e.pending().any(|r| r.domain() == domain))
+                .cloned()
+                .collect()
+        });
+        let oldest_in_batch = jobs.iter().map(|j| j.envelope.id.clone()).min();
+        let last_attempt =
+            self.destinations.lock().unwrap_or_else(|p| p.into_inner()).get(domain).and_then(|d| d.last_attempt);
+        let first_retry = i64::try_from(self.config.queue.first_retry.0.as_micros()).unwrap_or(i64::MAX / 2);
+        let next_try = last_attempt.map_or(0, |at| at.saturating_add(first_retry));
+        match waiting.first() {
+            Some(first) if next_try > now_micros() && oldest_in_batch.is_some_and(|oldest| first.id < oldest) => {
+                let due = self.due_at.get(&first.id).copied().unwrap_or(first.next_attempt);
+                let at = due.min(next_try);
+                for job in jobs.drain(..) {
+                    self.release_in_flight(&job.envelope.id);
+                    self.schedule(job.envelope.id, at);
+                }
+            }
+            _ => {
+                for envelope in waiting {
+                    self.unschedule(&envelope.id);
+                    *self.in_flight.entry(envelope.id.clone()).or_insert(0) += 1;
+                    let body = self.spool.body_path(&envelope.id);
+                    jobs.push(Job { envelope, body });
+                }
+            }
+        }
+    }
+
+    /// One batch fewer carries the message.
+    fn release_in_flight(&mut self, id: &str) {
+        if let Some(n) = self.in_flight.get_mut(id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_flight.remove(id);
+            }
         }
     }
 
@@ -422,6 +482,50 @@ impl Scheduler {
             state.failed(now, d.text.clone());
         }
     }
+}
+
+/// Takes out the messages that carry more Received headers than `max` besides our own: they are
+/// in a mail loop and bounce (RFC 5321 6.3) instead of going round again. Only messages never tried
+/// are read: the count cannot change later.
+async fn split_loops(domain: &str, jobs: Vec<Job>, max: usize) -> (Vec<Job>, Vec<JobResult>) {
+    let mut keep = Vec::with_capacity(jobs.len());
+    let mut looped = Vec::new();
+    for job in jobs {
+        let hops = if job.envelope.attempts == 0 { received_count(&job.body).await } else { 0 };
+        if hops <= max + 1 {
+            keep.push(job);
+            continue;
+        }
+        let detail = Detail {
+            status: "5.4.6".into(),
+            text: format!("mail loop: the message carries {} Received headers (more than {max})", hops - 1),
+            remote_mta: None,
+            diagnostic: None,
+        };
+        let outcomes = job
+            .envelope
+            .pending()
+            .filter(|r| r.domain() == domain)
+            .map(|r| (r.address.clone(), RcptOutcome::PermFail(detail.clone())))
+            .collect();
+        looped.push(JobResult { id: job.envelope.id.clone(), outcomes });
+    }
+    (keep, looped)
+}
+
+/// Received headers in a stored message's header section (read up to 256 KiB).
+async fn received_count(body: &std::path::Path) -> usize {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let Ok(file) = tokio::fs::File::open(body).await else { return 0 };
+    if file.take(256 * 1024).read_to_end(&mut head).await.is_err() {
+        return 0;
+    }
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(head.len());
+    head[..end]
+        .split(|&b| b == b'\n')
+        .filter(|line| line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:"))
+        .count()
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -158,3 +158,26 @@ fn outcomes_for_unknown_or_settled_recipients_are_ignored() {
     assert!(verdict.done && verdict.bounce.is_empty());
     assert_eq!(env.recipients[0].status, RecipientStatus::Delivered);
 }
+
+#[tokio::test]
+async fn a_message_with_too_many_received_headers_bounces_as_a_loop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = |name: &str, hops: usize| {
+        let mut text = String::new();
+        for hop in 0..hops {
+            text += &format!("Received: from hop{hop}.test\r\n\tby next.test; Sun, 29 Nov 2026 10:00:00 +0000\r\n");
+        }
+        text += "Subject: loop\r\n\r\nreceived: in the body does not count\r\n";
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        Job { envelope: envelope("a@s.test", &["b@example.test", "c@other.test"]), body: path }
+    };
+    // Ours plus 50 is fine (the SMTP server refuses more at DATA); ours plus 51 is a loop.
+    let (kept, looped) = split_loops("example.test", vec![job("ok", 51), job("loop", 52)], 50).await;
+    assert_eq!(kept.len(), 1);
+    assert_eq!(looped.len(), 1);
+    assert_eq!(looped[0].outcomes.len(), 1, "only the batch's domain");
+    let (address, outcome) = &looped[0].outcomes[0];
+    assert_eq!(address, "b@example.test");
+    assert!(matches!(outcome, RcptOutcome::PermFail(d) if d.status == "5.4.6" && d.text.contains("51 Received")));
+}
