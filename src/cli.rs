@@ -38,6 +38,8 @@ pub enum Command {
         #[command(subcommand)]
         action: QueueCommand,
     },
+    /// Read a password on stdin and print its argon2 hash for `[web] users`.
+    HashPassword,
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +100,35 @@ pub fn main() -> ExitCode {
         Command::Queue { action } => queue(config, action),
         Command::CheckDns { domains } => check_dns(config, &domains),
         Command::AlertTest => alert_test(config),
+        Command::HashPassword => hash_password(),
+    }
+}
+
+/// `bartleby hash-password`: one line from stdin (the password), its PHC hash on stdout.
+fn hash_password() -> ExitCode {
+    use std::io::{BufRead, IsTerminal};
+    if std::io::stdin().is_terminal() {
+        eprint!("Password (echoed; or pipe it in): ");
+    }
+    let mut line = String::new();
+    if let Err(err) = std::io::stdin().lock().read_line(&mut line) {
+        eprintln!("bartleby: cannot read the password: {err}");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("bartleby: empty password");
+        return ExitCode::FAILURE;
+    }
+    match crate::web::auth::hash_password(password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -142,6 +142,20 @@ pub struct WebConfig {
     pub listen: SocketAddr,
     /// Peer addresses allowed to use the admin page (CIDR); everyone else gets 403.
     pub allow: Vec<Cidr>,
+    /// Optional accounts: user name -> argon2 PHC hash (`bartleby hash-password` makes one).
+    /// Empty: every allowed peer may use the page without logging in.
+    pub users: BTreeMap<String, String>,
+    /// With `tls_key`, the page is served over HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Least time between two flushes; a flush inside it gets 429, so clicks cannot become a DoS.
+    pub flush_cooldown: HumanDuration,
+    /// Free space on the spool's filesystem, in percent, below which the disk bar turns amber.
+    pub disk_warn_percent: u8,
+    /// Free space, in percent, below which the disk bar turns red.
+    pub disk_critical_percent: u8,
+    /// How often the queue size is sampled for the 24-hour chart.
+    pub sample_interval: HumanDuration,
 }
 
 impl Default for SmtpConfig {
@@ -200,7 +214,50 @@ impl Default for WebConfig {
                 Cidr::from_str("127.0.0.0/8").expect("literal CIDR"),
                 Cidr::from_str("::1/128").expect("literal CIDR"),
             ],
+            users: BTreeMap::new(),
+            tls_cert: None,
+            tls_key: None,
+            flush_cooldown: HumanDuration::seconds(60),
+            disk_warn_percent: 20,
+            disk_critical_percent: 10,
+            sample_interval: HumanDuration::minutes(5),
         }
+    }
+}
+
+impl WebConfig {
+    /// The `[web]` checks; errors name the key as [`Config::parse`] reports them.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, problem: String| Err((key.to_string(), problem));
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("web.tls_cert", "tls_cert and tls_key must be set together".into());
+        }
+        for (key, path) in [("web.tls_cert", &self.tls_cert), ("web.tls_key", &self.tls_key)] {
+            if let Some(path) = path
+                && let Err(err) = std::fs::metadata(path)
+            {
+                return bad(key, format!("{}: {err}", path.display()));
+            }
+        }
+        for (user, hash) in &self.users {
+            if user.is_empty() || user.chars().any(|c| c.is_control() || c == ':') {
+                return bad(&format!("web.users.{user}"), "not a usable user name".into());
+            }
+            let parsed = argon2::password_hash::PasswordHash::new(hash);
+            if !parsed.is_ok_and(|h| h.algorithm.as_str().starts_with("argon2")) {
+                return bad(
+                    &format!("web.users.{user}"),
+                    "not an argon2 hash (make one with `bartleby hash-password`)".into(),
+                );
+            }
+        }
+        if self.disk_critical_percent > self.disk_warn_percent || self.disk_warn_percent > 100 {
+            return bad("web.disk_warn_percent", "needs disk_critical_percent <= disk_warn_percent <= 100".into());
+        }
+        if self.sample_interval.0.as_secs() < 10 {
+            return bad("web.sample_interval", "must be at least 10s".into());
+        }
+        Ok(())
     }
 }
 
@@ -348,7 +405,8 @@ impl Config {
         if self.delivery.dns_timeout.0.is_zero() {
             return bad("delivery.dns_timeout", "must be longer than 0".into());
         }
-        self.monitor.validate(&self.routes)
+        self.monitor.validate(&self.routes)?;
+        self.web.validate()
     }
 
     /// Is `domain` one we are backup MX for?
@@ -863,6 +921,23 @@ allow = ["127.0.0.1/32", "::1/128"]
         assert!(err.to_string().contains("/no/cert"), "{err}");
         let err = Config::parse("[queue]\nretry_interval = \"0s\"\n", "e.toml").unwrap_err();
         assert!(err.to_string().contains("queue.retry_interval"), "{err}");
+    }
+
+    #[test]
+    fn web_settings_are_checked() {
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$dfPVWFS0qiFj+EmwrvJaCA$WF+YYmMJ4aBERvXbZXLT9xYvH/4gsMi+vP+vnEr69eU";
+        let ok =
+            Config::parse(&format!("[web]\nusers = {{ alice = \"{hash}\" }}\nflush_cooldown = \"2m\"\n"), "w.toml")
+                .expect("valid");
+        assert_eq!(ok.web.flush_cooldown.0, Duration::from_secs(120));
+        assert!(ok.web.users.contains_key("alice"));
+        let err = Config::parse("[web]\nusers = { alice = \"secret\" }\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("key `web.users.alice`"), "{err}");
+        let err = Config::parse("[web]\ntls_cert = \"/x\"\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("web.tls_cert"), "{err}");
+        let err = Config::parse("[web]\ndisk_warn_percent = 5\ndisk_critical_percent = 10\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("web.disk_warn_percent"), "{err}");
+        assert_eq!(Config::demo().web.flush_cooldown.0, Duration::from_secs(60));
     }
 
     #[test]

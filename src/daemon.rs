@@ -5,10 +5,12 @@
 use crate::config::{Config, ConfigError};
 use crate::control;
 use crate::deliver::Deliverer;
+use crate::metrics::Metrics;
 use crate::monitor::Monitor;
 use crate::schedule::{Scheduler, SchedulerHandle};
 use crate::smtp::{self, ServerContext, Serving};
 use crate::spool::{Spool, SpoolError};
+use crate::web;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,13 +36,19 @@ pub enum DaemonError {
 /// Sockets bound before privileges are dropped (port 25 needs root or CAP_NET_BIND_SERVICE).
 pub struct Listeners {
     pub smtp: Vec<std::net::TcpListener>,
+    /// The admin page's socket; None when `web.listen` could not be bound.
+    pub web: Option<std::net::TcpListener>,
 }
 
 /// Binds every listener of the configuration (std sets SO_REUSEADDR, so a restart does not wait
 /// for TIME_WAIT sockets).
 pub fn bind(config: &Config) -> Result<Listeners, DaemonError> {
     let smtp = config.smtp.listen.iter().map(|addr| bind_tcp(*addr)).collect::<Result<Vec<_>, _>>()?;
-    Ok(Listeners { smtp })
+    // The admin page is secondary to accepting mail: if its address is taken, say so and go on.
+    let web = bind_tcp(config.web.listen)
+        .inspect_err(|err| tracing::error!(error = %err, "admin page disabled (web.listen)"))
+        .ok();
+    Ok(Listeners { smtp, web })
 }
 
 fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
@@ -59,6 +67,7 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     // A bad certificate is an error at start, not at the first STARTTLS.
     smtp::tls_acceptor(&config).map_err(|e| DaemonError::Setup(e.to_string()))?;
     let listeners = bound.smtp.into_iter().map(into_tokio).collect::<Result<Vec<_>, _>>()?;
+    let web_listener = bound.web.map(into_tokio).transpose()?;
     let dir = config.queue.dir.clone();
     let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&dir))
         .await
@@ -83,6 +92,16 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     let scheduler_task = tokio::spawn(scheduler.run(shutdown.clone()));
     let control_task =
         tokio::spawn(control::serve(control_listener, Arc::clone(&spool), handle.clone(), shutdown.clone()));
+    // The admin page, JSON API and /metrics (src/web), beside the SMTP server.
+    let metrics = Arc::new(Metrics::default());
+    if let Some(warning) = web::insecure_login_warning(&config.web) {
+        tracing::warn!("{warning}");
+    }
+    let web_state = web::WebState::new(Arc::clone(&config), Arc::clone(&spool), handle.clone(), Arc::clone(&metrics));
+    let web_task = web_listener.map(|listener| {
+        tracing::info!(listen = %config.web.listen, tls = config.web.tls_cert.is_some(), "admin page listening");
+        tokio::spawn(web::serve(web_state, listener, shutdown.clone()))
+    });
     let serving =
         Serving::new(server_context(&config, &spool, &handle)).map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (serving_tx, serving_rx) = watch::channel(serving);
@@ -114,6 +133,13 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     let _ = tokio::time::timeout(Duration::from_secs(5), scheduler_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), live.monitor).await;
     let _ = control_task.await;
+    if let Some(web_task) = web_task {
+        match tokio::time::timeout(Duration::from_secs(5), web_task).await {
+            Ok(Ok(Err(err))) => tracing::error!(error = %err, "admin page stopped with an error"),
+            Err(_) => tracing::warn!("admin page connections did not end within 5s"),
+            _ => {}
+        }
+    }
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("stopped");
     Ok(())

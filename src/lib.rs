@@ -9,8 +9,9 @@
 //!
 //! Beside them: [`config`] (the TOML file), [`control`] (the daemon's control socket, used by
 //! [`cli`]), [`monitor`] (probes of the primaries, auto-flush, alert rules and channels, checks of
-//! other services), [`check_dns`] (are the MX records right for a backup MX?), and [`daemon`],
-//! which wires the parts together for `bartleby serve`.
+//! other services), [`check_dns`] (are the MX records right for a backup MX?), [`web`] (the admin
+//! page, JSON API, `/metrics`) with [`metrics`] (the event counters), and [`daemon`], which wires
+//! the parts together for `bartleby serve`.
 
 pub mod check_dns;
 pub mod cli;
@@ -19,8 +20,10 @@ pub mod control;
 pub mod daemon;
 pub mod deliver;
 pub mod dsn;
+pub mod metrics;
 pub mod monitor;
 pub mod privilege;
 pub mod schedule;
 pub mod smtp;
 pub mod spool;
+pub mod web;
