@@ -2,7 +2,9 @@
 //! starts the scheduler, the control socket and the SMTP server, and stops them in order on
 //! SIGTERM or SIGINT: no new mail, 421 to open sessions, nothing half-written left behind.
 
+use crate::auth::SenderCheck;
 use crate::config::Config;
+use crate::recipients::Recipients;
 use crate::control;
 use crate::deliver::Deliverer;
 use crate::schedule::Scheduler;
@@ -73,18 +75,29 @@ pub async fn run(config: Config, bound: Listeners) -> Result<(), DaemonError> {
     let control_listener = control::bind(&socket_path)
         .map_err(|source| DaemonError::Control { path: socket_path.display().to_string(), source })?;
     let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(DaemonError::Setup)?);
+    let recipients = Arc::new(
+        Recipients::open(Arc::clone(&config), &config.queue.dir).map_err(|e| DaemonError::Setup(e.to_string()))?,
+    );
+    let sender_check = match config.smtp.sender_auth {
+        true => Some(Arc::new(SenderCheck::new(&config).map_err(|e| DaemonError::Setup(e.to_string()))?)),
+        false => None,
+    };
     let (scheduler, handle) = Scheduler::new(Arc::clone(&config), Arc::clone(&spool), deliverer);
+    let scheduler = scheduler.learning_into(Arc::clone(&recipients));
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let scheduler_task = tokio::spawn(scheduler.run(shutdown.clone()));
     let control_task =
         tokio::spawn(control::serve(control_listener, Arc::clone(&spool), handle.clone(), shutdown.clone()));
     let queued_handle = handle.clone();
-    let context = Arc::new(ServerContext {
-        config: Arc::clone(&config),
-        spool: Arc::clone(&spool),
-        on_queued: Box::new(move |envelope| queued_handle.queued(&envelope.id)),
-    });
+    let mut context = ServerContext::new(
+        Arc::clone(&config),
+        Arc::clone(&spool),
+        Box::new(move |envelope| queued_handle.queued(&envelope.id)),
+    );
+    context.recipients = Some(recipients);
+    context.sender_check = sender_check;
+    let context = Arc::new(context);
     let smtp_task = tokio::spawn(smtp::serve(context, listeners, shutdown.clone()));
     announce(&config);
     let watchdog = notify_systemd_ready();
