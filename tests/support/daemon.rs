@@ -40,7 +40,7 @@ impl Daemon {
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
         let spool = dir.join("spool");
         let config = format!(
-            "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\n\n[relay]\ndomains = [\"example.test\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
+            "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\nsender_auth = false\n\n[relay]\ndomains = [\"example.test\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
             spool.display()
         );
         Daemon::start_with(dir, &config, smtp)
