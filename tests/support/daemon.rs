@@ -102,6 +102,11 @@ impl Daemon {
         wait_bounded(&mut child, Duration::from_secs(20))
     }
 
+    /// The running daemon's process ID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
