@@ -4,9 +4,9 @@
 
 use crate::auth::SenderCheck;
 use crate::config::Config;
-use crate::recipients::Recipients;
 use crate::control;
 use crate::deliver::Deliverer;
+use crate::recipients::Recipients;
 use crate::schedule::Scheduler;
 use crate::smtp::{self, ServerContext};
 use crate::spool::{Spool, SpoolError};
@@ -45,8 +45,21 @@ pub fn bind(config: &Config) -> Result<Listeners, DaemonError> {
 
 fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
     let listener = std::net::TcpListener::bind(addr).map_err(|source| DaemonError::Listen { addr, source })?;
+    raise_backlog(&listener);
     listener.set_nonblocking(true).map_err(|source| DaemonError::Listen { addr, source })?;
     Ok(listener)
+}
+
+/// std listens with a backlog of 128: a burst of senders (a site's whole backlog after an outage,
+/// or the 1,000-session load test) overflows it and connections stall in SYN retries. Linux lets
+/// `listen` be called again on a listening socket to raise the backlog (capped by somaxconn).
+fn raise_backlog(listener: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is a valid, bound and listening socket owned by `listener`.
+    let result = unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    if result != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the listen backlog");
+    }
 }
 
 fn into_tokio(listener: std::net::TcpListener) -> Result<TcpListener, DaemonError> {

@@ -588,7 +588,10 @@ pub fn suppress_backscatter(config: &Config, envelope: &mut Envelope, verdict: &
         let spf = envelope.sender_auth.as_ref().map(|a| a.spf);
         tracing::warn!(queue_id = %envelope.id, from = %envelope.sender, ?spf, failed = verdict.bounce.len(),
             "failure notice not sent: the sender may be forged (backscatter)");
-        envelope.record(format!("failure notice to <{}> not sent: sender not authenticated (SPF {spf:?})", envelope.sender));
+        envelope.record(format!(
+            "failure notice to <{}> not sent: sender not authenticated (SPF {spf:?})",
+            envelope.sender
+        ));
         envelope.bounce_suppressed = true;
     }
     verdict.bounce.clear();

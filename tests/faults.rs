@@ -26,7 +26,11 @@ fn tag_of(body: &[u8]) -> Option<String> {
 }
 
 /// 20 clients sending until `stop`; returns the tags that got a 250.
-fn clients(smtp: std::net::SocketAddr, round: usize, stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<Vec<String>>> {
+fn clients(
+    smtp: std::net::SocketAddr,
+    round: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Vec<String>>> {
     (0..CLIENTS)
         .map(|client| {
             let stop = Arc::clone(&stop);

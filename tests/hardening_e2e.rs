@@ -62,7 +62,8 @@ const VARIANTS: &[(&str, &[u8])] = &[
 ];
 
 fn smuggling_session(variant: &[u8]) -> Vec<u8> {
-    let mut input = b"EHLO attacker.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n".to_vec();
+    let mut input =
+        b"EHLO attacker.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\n".to_vec();
     input.extend_from_slice(b"Subject: innocent\r\n\r\nfirst part");
     input.extend_from_slice(variant);
     // What an attacker hopes a receiver takes as a second, pipelined transaction.
@@ -87,8 +88,10 @@ async fn smuggling_variants_never_reach_the_primary() {
     let smtp = bartleby.smtp;
     for (name, variant) in VARIANTS {
         let input = smuggling_session(variant);
-        let text = tokio::task::spawn_blocking(move || converse(smtp, &input, Duration::from_secs(20))).await.expect("join");
-        let finals: Vec<&str> = text.lines().filter(|l| l.starts_with("250 2.0.0 Ok: queued") || l.starts_with("550 5.5.2")).collect();
+        let text =
+            tokio::task::spawn_blocking(move || converse(smtp, &input, Duration::from_secs(20))).await.expect("join");
+        let finals: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("250 2.0.0 Ok: queued") || l.starts_with("550 5.5.2")).collect();
         assert_eq!(finals, ["550 5.5.2 message contains bare CR or LF"], "{name}: one transaction, refused:\n{text}");
         assert!(!text.contains("354 End data with <CR><LF>.<CR><LF>\r\n354"), "{name}: DATA ended early:\n{text}");
         assert!(text.ends_with("221 2.0.0 Bye\r\n"), "{name}: the pipelined QUIT is the next command:\n{text}");
@@ -134,7 +137,8 @@ async fn forged_sender_gets_no_bounce_and_the_message_is_kept() {
     let config_path = dir.path().join("bartleby.toml");
     let config = std::fs::read_to_string(&config_path).expect("config");
     let config = config.replacen("[routes]\n", &format!("[routes]\n{routes}"), 1);
-    let smtp: SocketAddr = config.split("listen = [\"").nth(1).and_then(|r| r.split('"').next()).expect("listen").parse().expect("addr");
+    let smtp: SocketAddr =
+        config.split("listen = [\"").nth(1).and_then(|r| r.split('"').next()).expect("listen").parse().expect("addr");
     let bartleby = Daemon::start_with(dir.path(), &config, smtp);
     for sender in ["x@forged.test", "x@soft.test", "x@good.test"] {
         let reply = tokio::task::spawn_blocking(move || {

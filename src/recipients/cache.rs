@@ -64,7 +64,9 @@ pub fn cache_path(spool_dir: &Path) -> PathBuf {
 pub fn load(spool_dir: &Path) -> Result<CacheFile, RecipientsError> {
     let path = cache_path(spool_dir);
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| RecipientsError::Corrupt { path, problem: e.to_string() }),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|e| RecipientsError::Corrupt { path, problem: e.to_string() })
+        }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(CacheFile { version: 1, ..CacheFile::default() }),
         Err(source) => Err(RecipientsError::Io { path, source }),
     }
@@ -98,7 +100,8 @@ fn write_atomically(spool_dir: &Path, cache: &CacheFile) -> Result<(), Recipient
         let path = path.to_path_buf();
         move |source| RecipientsError::Io { path, source }
     };
-    let bytes = serde_json::to_vec_pretty(cache).map_err(|e| RecipientsError::Corrupt { path: path.clone(), problem: e.to_string() })?;
+    let bytes = serde_json::to_vec_pretty(cache)
+        .map_err(|e| RecipientsError::Corrupt { path: path.clone(), problem: e.to_string() })?;
     let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;

@@ -81,7 +81,9 @@ impl Recipients {
         let lists = config
             .domain
             .iter()
-            .filter_map(|(domain, policy)| policy.recipients_file.as_ref().map(|p| (domain.clone(), StaticList::new(p))))
+            .filter_map(|(domain, policy)| {
+                policy.recipients_file.as_ref().map(|p| (domain.clone(), StaticList::new(p)))
+            })
             .collect();
         let router = Router::new(&config).map_err(RecipientsError::Setup)?;
         let mut delivery = config.delivery.clone();

@@ -33,15 +33,20 @@ fn list_cache_and_policy() {
     assert_eq!(entries.len(), 3);
     assert!(forget(dir.path(), "DAVE@example.test").expect("forget"));
     assert!(!forget(dir.path(), "dave@example.test").expect("forget"));
-    assert!(matches!(add(dir.path(), &["no-at".into()], true, Source::Operator, None), Err(RecipientsError::BadAddress(_))));
+    assert!(matches!(
+        add(dir.path(), &["no-at".into()], true, Source::Operator, None),
+        Err(RecipientsError::BadAddress(_))
+    ));
 }
 
 #[tokio::test]
 async fn callout_with_the_primary_down_follows_the_policy() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (policy, expected) in
-        [(UnknownPolicy::Tempfail, Decision::TempFail), (UnknownPolicy::Accept, Decision::Accept), (UnknownPolicy::Hold, Decision::Hold)]
-    {
+    for (policy, expected) in [
+        (UnknownPolicy::Tempfail, Decision::TempFail),
+        (UnknownPolicy::Accept, Decision::Accept),
+        (UnknownPolicy::Hold, Decision::Hold),
+    ] {
         let domain = DomainConfig { callout: true, unknown_recipient: policy, ..DomainConfig::default() };
         let recipients = Recipients::open(config(dir.path(), domain), dir.path()).expect("open");
         assert_eq!(recipients.lookup("x@example.test"), Decision::Callout);

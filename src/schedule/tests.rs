@@ -165,9 +165,18 @@ mod backscatter {
 
     fn failed_message(spf: Option<SpfVerdict>, dkim: bool) -> (Config, Envelope, Verdict) {
         let config = Config::demo();
-        let mut envelope = Envelope::new("0005F2A1B3C4D000".into(), "forged@sender.test".into(), vec![Recipient::new("a@example.test".into())]);
+        let mut envelope = Envelope::new(
+            "0005F2A1B3C4D000".into(),
+            "forged@sender.test".into(),
+            vec![Recipient::new("a@example.test".into())],
+        );
         envelope.sender_auth = spf.map(|spf| SenderAuth { spf, dkim_aligned: dkim, dkim_domain: None });
-        let detail = Detail { status: "5.1.1".into(), text: "RCPT TO: 550 5.1.1 no such user".into(), remote_mta: None, diagnostic: None };
+        let detail = Detail {
+            status: "5.1.1".into(),
+            text: "RCPT TO: 550 5.1.1 no such user".into(),
+            remote_mta: None,
+            diagnostic: None,
+        };
         let outcomes = vec![("a@example.test".to_string(), RcptOutcome::PermFail(detail))];
         let now = envelope.arrived;
         let verdict = apply_outcomes(&config, &mut envelope, &outcomes, now);
@@ -187,7 +196,12 @@ mod backscatter {
 
     #[test]
     fn pass_aligned_dkim_and_unchecked_senders_get_their_bounce() {
-        for (spf, dkim) in [(Some(SpfVerdict::Pass), false), (Some(SpfVerdict::Softfail), true), (None, false), (Some(SpfVerdict::None), false)] {
+        for (spf, dkim) in [
+            (Some(SpfVerdict::Pass), false),
+            (Some(SpfVerdict::Softfail), true),
+            (None, false),
+            (Some(SpfVerdict::None), false),
+        ] {
             let (config, mut envelope, mut verdict) = failed_message(spf, dkim);
             suppress_backscatter(&config, &mut envelope, &mut verdict);
             assert_eq!(verdict.bounce.len(), 1, "{spf:?} {dkim}");

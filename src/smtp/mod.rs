@@ -16,8 +16,8 @@ pub mod session;
 use crate::auth::SenderCheck;
 use crate::config::Config;
 use crate::recipients::Recipients;
-use limits::IpLimits;
 use crate::spool::{Envelope, Spool};
+use limits::IpLimits;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
@@ -40,7 +40,11 @@ pub struct ServerContext {
 
 impl ServerContext {
     /// A context without recipient checks or sender checks; add them with the public fields.
-    pub fn new(config: Arc<Config>, spool: Arc<Spool>, on_queued: Box<dyn Fn(&Envelope) + Send + Sync>) -> ServerContext {
+    pub fn new(
+        config: Arc<Config>,
+        spool: Arc<Spool>,
+        on_queued: Box<dyn Fn(&Envelope) + Send + Sync>,
+    ) -> ServerContext {
         ServerContext { config, spool, on_queued, recipients: None, sender_check: None, limits: IpLimits::new() }
     }
 }

@@ -4,8 +4,8 @@
 use super::ServerContext;
 use super::limits::SessionSlot;
 use super::reply::Reply;
-use crate::recipients::Decision;
 use super::session::{Action, PendingMessage, Session, SpaceMonitor};
+use crate::recipients::Decision;
 use crate::spool::{Envelope, SpoolError};
 use std::collections::VecDeque;
 use std::net::SocketAddr;

@@ -1,6 +1,6 @@
 use super::*;
-use crate::recipients::Decision;
 use crate::config::Config;
+use crate::recipients::Decision;
 use crate::spool::{BodyType, DsnNotify, DsnRet, Spool};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -374,7 +374,6 @@ fn data_split_across_feeds() {
     assert!(body.ends_with(b"\r\nA: b\r\n\r\n.x\r\n"));
 }
 
-
 #[test]
 fn max_errors_is_configurable() {
     let fx = fixture(|c| c.smtp.max_errors = 3);
@@ -428,12 +427,22 @@ fn unknown_recipients_follow_the_domain_policy() {
     let path = list.path().to_path_buf();
     let fx = fixture(move |c| {
         let strict = DomainConfig { recipients_file: Some(path.clone()), ..DomainConfig::default() };
-        let hold = DomainConfig { recipients_file: Some(path), unknown_recipient: UnknownPolicy::Hold, ..DomainConfig::default() };
+        let hold = DomainConfig {
+            recipients_file: Some(path),
+            unknown_recipient: UnknownPolicy::Hold,
+            ..DomainConfig::default()
+        };
         c.domain.insert("example.test".into(), strict);
         c.domain.insert("other.test".into(), hold);
     });
-    crate::recipients::add(fx._dir.path(), &["ghost@example.test".into()], false, crate::recipients::cache::Source::Operator, None)
-        .expect("add");
+    crate::recipients::add(
+        fx._dir.path(),
+        &["ghost@example.test".into()],
+        false,
+        crate::recipients::cache::Source::Operator,
+        None,
+    )
+    .expect("add");
     let mut session = fx.session(false);
     let (text, _) = talk(
         &mut session,
