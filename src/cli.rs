@@ -1,5 +1,5 @@
-//! The command line: `bartleby serve`, `check-config`, `check-dns`, `alert-test` and the `queue`
-//! commands (mailq-style).
+//! The command line: `bartleby serve`, `check-config`, `check-dns`, `alert-test`, the `queue`
+//! commands (mailq-style), `recipients` (the recipient cache) and `hash-password`.
 //! Exit status: 0 success, 1 failure, 2 bad configuration.
 
 use crate::config::{Config, ConfigError};
@@ -40,6 +40,31 @@ pub enum Command {
     },
     /// Read a password on stdin and print its argon2 hash for `[web] users`.
     HashPassword,
+    /// The recipient cache: callout answers, addresses learned from deliveries, your own entries
+    /// (works while the daemon runs; it picks up changes within a second).
+    Recipients {
+        #[command(subcommand)]
+        action: RecipientsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecipientsCommand {
+    /// List the cache: address, valid or invalid, source, expiry.
+    List {
+        /// An array of JSON objects instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Vouch for addresses (they are accepted at RCPT even while the primary is down).
+    Add {
+        addresses: Vec<String>,
+        /// Record the addresses as invalid instead (550 5.1.1 at RCPT).
+        #[arg(long)]
+        invalid: bool,
+    },
+    /// Forget addresses (the next RCPT asks the list, a callout or the policy again).
+    Forget { addresses: Vec<String> },
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,6 +126,7 @@ pub fn main() -> ExitCode {
         Command::CheckDns { domains } => check_dns(config, &domains),
         Command::AlertTest => alert_test(config),
         Command::HashPassword => hash_password(),
+        Command::Recipients { action } => recipients(&config, action),
     }
 }
 
@@ -130,6 +156,56 @@ fn hash_password() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn recipients(config: &Config, action: RecipientsCommand) -> ExitCode {
+    use crate::recipients::{self, cache::Source};
+    let dir = &config.queue.dir;
+    let result = match action {
+        RecipientsCommand::List { json } => recipients::list(dir).map(|entries| print_recipients(&entries, json)),
+        RecipientsCommand::Add { addresses, invalid } => {
+            recipients::add(dir, &addresses, !invalid, Source::Operator, None).map(|_| {
+                println!("{} address(es) recorded as {}", addresses.len(), if invalid { "invalid" } else { "valid" });
+            })
+        }
+        RecipientsCommand::Forget { addresses } => addresses.iter().try_for_each(|address| {
+            let found = recipients::forget(dir, address)?;
+            println!("{address}: {}", if found { "forgotten" } else { "not in the cache" });
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_recipients(entries: &[(String, crate::recipients::cache::Entry)], json: bool) {
+    if json {
+        let list: Vec<Value> = entries
+            .iter()
+            .map(|(address, e)| {
+                serde_json::json!({"address": address, "valid": e.valid, "source": e.source,
+                    "learned": rfc3339(e.at), "expires": e.expires.map(rfc3339)})
+            })
+            .collect();
+        println!("{}", Value::Array(list));
+        return;
+    }
+    println!("{:<40} {:<8} {:<9} EXPIRES", "ADDRESS", "VALID", "SOURCE");
+    for (address, e) in entries {
+        let source = match e.source {
+            crate::recipients::cache::Source::Callout => "callout",
+            crate::recipients::cache::Source::Delivery => "delivery",
+            crate::recipients::cache::Source::Operator => "operator",
+        };
+        let expires = e.expires.map(rfc3339).unwrap_or_else(|| "never".into());
+        println!("{address:<40} {:<8} {source:<9} {expires}", if e.valid { "yes" } else { "no" });
+    }
+    println!("-- {} address(es)", entries.len());
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config, ConfigError> {

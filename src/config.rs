@@ -71,6 +71,57 @@ pub struct SmtpConfig {
     pub data_timeout: HumanDuration,
     /// Clients (CIDR) allowed to start a queue run with ETRN (RFC 1985); empty: nobody.
     pub etrn_allow: Vec<Cidr>,
+    /// Concurrent SMTP sessions from one client IP address; beyond it new connections get 421 4.7.0.
+    pub max_sessions_per_ip: usize,
+    /// Messages (MAIL commands) one client IP may start per minute; beyond it MAIL gets 452 4.7.0.
+    pub max_messages_per_ip_per_minute: u32,
+    /// Recipients one client IP may give per minute; beyond it RCPT gets 452 4.7.0.
+    pub max_recipients_per_ip_per_minute: u32,
+    /// Error replies in one session before it is closed with 421 4.7.0 (Postfix's
+    /// smtpd_hard_error_limit).
+    pub max_errors: usize,
+    /// Largest header section, in octets; a message with more gets 552 5.3.4 (Postfix's
+    /// header_size_limit).
+    pub max_header_size: u64,
+    /// Check the sender with SPF and DKIM at accept time (see `docs/security.md`); the verdict decides
+    /// later whether a failure notice may be sent.
+    pub sender_auth: bool,
+    /// What to do with a failure notice when the sender's SPF result is none or neutral and no aligned
+    /// DKIM signature passed: `send` (the default) or `hold`.
+    pub bounce_unverified: BounceUnverified,
+    /// Callouts to primaries in one minute, over all domains; beyond it unknown recipients get the
+    /// domain's unknown-recipient policy.
+    pub callouts_per_minute: u32,
+    /// How long a primary's yes to a callout is remembered.
+    pub callout_positive_ttl: HumanDuration,
+    /// How long a primary's no to a callout is remembered.
+    pub callout_negative_ttl: HumanDuration,
+    /// How long a callout may take in total (the client waits for its RCPT reply meanwhile).
+    pub callout_timeout: HumanDuration,
+}
+
+/// Failure notices to senders whose SPF said nothing either way (none, neutral, errors).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BounceUnverified {
+    /// Send the notice.
+    #[default]
+    Send,
+    /// Keep the failed message held and counted instead, like an SPF failure.
+    Hold,
+}
+
+/// What happens at RCPT to an address bartleby cannot vouch for (issue 6; `docs/security.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownPolicy {
+    /// 451 4.4.3: the sender retries, and by then the primary may answer a callout.
+    #[default]
+    Tempfail,
+    /// Accept and relay later; the primary decides.
+    Accept,
+    /// Accept, but keep the message held for the operator to review.
+    Hold,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -113,6 +164,23 @@ pub struct DomainConfig {
     pub strict_order: bool,
     /// Insist on STARTTLS with a verified certificate chain and name when delivering.
     pub require_tls: bool,
+    /// A file of valid recipients: one address, `@domain` (every address of the domain) or pattern
+    /// with `*` per line, `#` comments. Reloaded when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients_file: Option<PathBuf>,
+    /// Ask the primary about unknown recipients (`MAIL FROM:<>`, `RCPT TO`, `RSET`) and cache its answers.
+    pub callout: bool,
+    /// What unknown recipients get while the primary cannot answer: `tempfail` (451 4.4.3, the
+    /// default), `accept` or `hold`. Applies only when `recipients_file` or `callout` is set.
+    pub unknown_recipient: UnknownPolicy,
+}
+
+impl DomainConfig {
+    /// Does bartleby check recipients of this domain at all? Without a list or callouts every
+    /// address of a relay domain is accepted, as before.
+    pub fn verifies_recipients(&self) -> bool {
+        self.recipients_file.is_some() || self.callout
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -172,6 +240,17 @@ impl Default for SmtpConfig {
             command_timeout: HumanDuration::minutes(5),
             data_timeout: HumanDuration::minutes(10),
             etrn_allow: Vec::new(),
+            max_sessions_per_ip: 20,
+            max_messages_per_ip_per_minute: 120,
+            max_recipients_per_ip_per_minute: 600,
+            max_errors: 20,
+            max_header_size: 1024 * 1024,
+            sender_auth: true,
+            bounce_unverified: BounceUnverified::Send,
+            callouts_per_minute: 60,
+            callout_positive_ttl: HumanDuration::hours(30 * 24),
+            callout_negative_ttl: HumanDuration::hours(1),
+            callout_timeout: HumanDuration::seconds(30),
         }
     }
 }
@@ -372,6 +451,7 @@ impl Config {
         if self.smtp.max_sessions == 0 {
             return bad("smtp.max_sessions", "must be above 0".into());
         }
+        self.validate_limits()?;
         for (i, domain) in self.relay.domains.iter().enumerate() {
             if !is_domain_name(domain) {
                 return bad(&format!("relay.domains[{i}]"), format!("{domain:?} is not a domain name"));
@@ -423,6 +503,39 @@ impl Config {
     /// The effective settings as TOML, for `bartleby check-config`.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot print settings: {err}\n"))
+    }
+}
+
+impl Config {
+    /// The abuse limits of `[smtp]` and the per-domain recipient settings (issue 6).
+    fn validate_limits(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, problem: String| Err((key.to_string(), problem));
+        let smtp = &self.smtp;
+        for (key, value) in [
+            ("smtp.max_sessions_per_ip", smtp.max_sessions_per_ip as u64),
+            ("smtp.max_messages_per_ip_per_minute", u64::from(smtp.max_messages_per_ip_per_minute)),
+            ("smtp.max_recipients_per_ip_per_minute", u64::from(smtp.max_recipients_per_ip_per_minute)),
+            ("smtp.max_errors", smtp.max_errors as u64),
+        ] {
+            if value == 0 {
+                return bad(key, "must be above 0".into());
+            }
+        }
+        // RFC 5322 2.1.1 lines and a handful of headers must fit.
+        if smtp.max_header_size < 4096 {
+            return bad("smtp.max_header_size", "must be at least 4096".into());
+        }
+        if smtp.callout_timeout.0.is_zero() {
+            return bad("smtp.callout_timeout", "must be longer than 0".into());
+        }
+        for (domain, policy) in &self.domain {
+            if let Some(path) = &policy.recipients_file
+                && let Err(err) = std::fs::metadata(path)
+            {
+                return bad(&format!("domain.{domain}.recipients_file"), format!("{}: {err}", path.display()));
+            }
+        }
+        Ok(())
     }
 }
 

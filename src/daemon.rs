@@ -2,11 +2,13 @@
 //! starts the scheduler, the monitor, the control socket and the SMTP server, and stops them in order on
 //! SIGTERM or SIGINT: no new mail, 421 to open sessions, nothing half-written left behind.
 
+use crate::auth::SenderCheck;
 use crate::config::{Config, ConfigError};
 use crate::control;
 use crate::deliver::Deliverer;
 use crate::metrics::Metrics;
 use crate::monitor::Monitor;
+use crate::recipients::Recipients;
 use crate::schedule::{Scheduler, SchedulerHandle};
 use crate::smtp::{self, ServerContext, Serving};
 use crate::spool::{Spool, SpoolError};
@@ -53,8 +55,21 @@ pub fn bind(config: &Config) -> Result<Listeners, DaemonError> {
 
 fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
     let listener = std::net::TcpListener::bind(addr).map_err(|source| DaemonError::Listen { addr, source })?;
+    raise_backlog(&listener);
     listener.set_nonblocking(true).map_err(|source| DaemonError::Listen { addr, source })?;
     Ok(listener)
+}
+
+/// std listens with a backlog of 128: a burst of senders (a site's whole backlog after an outage,
+/// or the 1,000-session load test) overflows it and connections stall in SYN retries. Linux lets
+/// `listen` be called again on a listening socket to raise the backlog (capped by somaxconn).
+fn raise_backlog(listener: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is a valid, bound and listening socket owned by `listener`.
+    let result = unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    if result != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the listen backlog");
+    }
 }
 
 fn into_tokio(listener: std::net::TcpListener) -> Result<TcpListener, DaemonError> {
@@ -84,7 +99,9 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     let control_listener = control::bind(&socket_path)
         .map_err(|source| DaemonError::Control { path: socket_path.display().to_string(), source })?;
     let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(DaemonError::Setup)?);
+    let guards = Guards::open(&config)?;
     let (scheduler, handle) = Scheduler::new(Arc::clone(&config), Arc::clone(&spool), Arc::clone(&deliverer));
+    let scheduler = scheduler.learning_into(Arc::clone(&guards.recipients));
     let monitor = Monitor::new(Arc::clone(&config), Arc::clone(&spool), handle.clone(), deliverer)
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -102,8 +119,8 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
         tracing::info!(listen = %config.web.listen, tls = config.web.tls_cert.is_some(), "admin page listening");
         tokio::spawn(web::serve(web_state, listener, shutdown.clone()))
     });
-    let serving =
-        Serving::new(server_context(&config, &spool, &handle)).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let serving = Serving::new(server_context(&config, &spool, &handle, &guards, None))
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (serving_tx, serving_rx) = watch::channel(serving);
     let smtp_task = tokio::spawn(smtp::serve_reloadable(serving_rx, listeners, shutdown.clone()));
     let monitor_task = tokio::spawn(monitor.run(shutdown.clone()));
@@ -208,15 +225,47 @@ struct Live {
     shutdown: watch::Receiver<bool>,
 }
 
-/// The SMTP server's view of the daemon, built at start and on every reload.
-fn server_context(config: &Arc<Config>, spool: &Arc<Spool>, scheduler: &SchedulerHandle) -> Arc<ServerContext> {
+/// What guards the door (issue 6), built from the configuration at start and on every reload.
+struct Guards {
+    recipients: Arc<Recipients>,
+    sender_check: Option<Arc<SenderCheck>>,
+}
+
+impl Guards {
+    fn open(config: &Arc<Config>) -> Result<Guards, DaemonError> {
+        let setup = |e: String| DaemonError::Setup(e);
+        let recipients =
+            Arc::new(Recipients::open(Arc::clone(config), &config.queue.dir).map_err(|e| setup(e.to_string()))?);
+        let sender_check = match config.smtp.sender_auth {
+            true => Some(Arc::new(SenderCheck::new(config).map_err(|e| setup(e.to_string()))?)),
+            false => None,
+        };
+        Ok(Guards { recipients, sender_check })
+    }
+}
+
+/// The SMTP server's view of the daemon, built at start and on every reload. `previous` carries
+/// the per-IP counters over a reload, so a reload does not reset the limits.
+fn server_context(
+    config: &Arc<Config>,
+    spool: &Arc<Spool>,
+    scheduler: &SchedulerHandle,
+    guards: &Guards,
+    previous: Option<&ServerContext>,
+) -> Arc<ServerContext> {
     let queued = scheduler.clone();
-    Arc::new(ServerContext {
-        config: Arc::clone(config),
-        spool: Arc::clone(spool),
-        on_queued: Box::new(move |envelope| queued.queued(&envelope.id)),
-        etrn: Some(etrn_flusher(scheduler.clone())),
-    })
+    let mut context = ServerContext::new(
+        Arc::clone(config),
+        Arc::clone(spool),
+        Box::new(move |envelope| queued.queued(&envelope.id)),
+    );
+    context.etrn = Some(etrn_flusher(scheduler.clone()));
+    context.recipients = Some(Arc::clone(&guards.recipients));
+    context.sender_check = guards.sender_check.clone();
+    if let Some(previous) = previous {
+        context.limits = Arc::clone(&previous.limits);
+    }
+    Arc::new(context)
 }
 
 /// Settings that only take effect at start: what a reload keeps, with the key named.
@@ -266,7 +315,9 @@ impl Live {
         }
         let config = Arc::new(config);
         let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(ReloadError::Setup)?);
-        let serving = Serving::new(server_context(&config, &self.spool, &self.scheduler))
+        let guards = Guards::open(&config).map_err(|e| ReloadError::Setup(e.to_string()))?;
+        let previous = Arc::clone(&self.serving.borrow().context);
+        let serving = Serving::new(server_context(&config, &self.spool, &self.scheduler, &guards, Some(&previous)))
             .map_err(|e| ReloadError::Setup(e.to_string()))?;
         let monitor =
             Monitor::new(Arc::clone(&config), Arc::clone(&self.spool), self.scheduler.clone(), Arc::clone(&deliverer))

@@ -42,7 +42,7 @@ impl Daemon {
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
         let spool = dir.join("spool");
         let config = format!(
-            "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\n\n[relay]\ndomains = [\"example.test\"]\n\n[dns]\nnameservers = [\"127.0.0.1:1\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
+            "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\nsender_auth = false\n\n[relay]\ndomains = [\"example.test\"]\n\n[dns]\nnameservers = [\"127.0.0.1:1\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
             spool.display()
         );
         Daemon::start_with(dir, &config, smtp)
@@ -123,6 +123,11 @@ impl Daemon {
             assert!(Instant::now() < deadline, "no {needle:?} in the log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The running daemon's process ID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL: a crash.

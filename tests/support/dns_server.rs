@@ -64,6 +64,11 @@ impl Zone {
         }
     }
 
+    /// A TXT record (one string), e.g. an SPF policy.
+    pub fn txt(self, name: &str, text: &str) -> Zone {
+        self.add(name, RecordType::TXT, RData::TXT(hickory_server::proto::rr::rdata::TXT::new(vec![text.to_string()])))
+    }
+
     pub fn servfail(mut self, name: &str) -> Zone {
         self.servfail.insert(key(name));
         self
