@@ -45,6 +45,12 @@ impl Daemon {
             "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\nsender_auth = false\n\n[relay]\ndomains = [\"example.test\"]\n\n[dns]\nnameservers = [\"127.0.0.1:1\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
             spool.display()
         );
+        // Each daemon gets its own admin page port, so parallel tests do not fight over 8025.
+        let config = if extra.contains("[web]") {
+            config
+        } else {
+            format!("{config}\n[web]\nlisten = \"127.0.0.1:{}\"\n", free_port("127.0.0.1"))
+        };
         Daemon::start_with(dir, &config, smtp)
     }
 
