@@ -101,7 +101,8 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(DaemonError::Setup)?);
     let guards = Guards::open(&config)?;
     let (scheduler, handle) = Scheduler::new(Arc::clone(&config), Arc::clone(&spool), Arc::clone(&deliverer));
-    let scheduler = scheduler.learning_into(Arc::clone(&guards.recipients));
+    let metrics = Arc::new(Metrics::default());
+    let scheduler = scheduler.learning_into(Arc::clone(&guards.recipients)).counting_into(Arc::clone(&metrics));
     let monitor = Monitor::new(Arc::clone(&config), Arc::clone(&spool), handle.clone(), deliverer)
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -110,7 +111,6 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     let control_task =
         tokio::spawn(control::serve(control_listener, Arc::clone(&spool), handle.clone(), shutdown.clone()));
     // The admin page, JSON API and /metrics (src/web), beside the SMTP server.
-    let metrics = Arc::new(Metrics::default());
     if let Some(warning) = web::insecure_login_warning(&config.web) {
         tracing::warn!("{warning}");
     }
@@ -119,7 +119,7 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
         tracing::info!(listen = %config.web.listen, tls = config.web.tls_cert.is_some(), "admin page listening");
         tokio::spawn(web::serve(web_state, listener, shutdown.clone()))
     });
-    let serving = Serving::new(server_context(&config, &spool, &handle, &guards, None))
+    let serving = Serving::new(server_context(&config, &spool, &handle, &guards, &metrics, None))
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (serving_tx, serving_rx) = watch::channel(serving);
     let smtp_task = tokio::spawn(smtp::serve_reloadable(serving_rx, listeners, shutdown.clone()));
@@ -251,6 +251,7 @@ fn server_context(
     spool: &Arc<Spool>,
     scheduler: &SchedulerHandle,
     guards: &Guards,
+    metrics: &Arc<Metrics>,
     previous: Option<&ServerContext>,
 ) -> Arc<ServerContext> {
     let queued = scheduler.clone();
@@ -262,6 +263,7 @@ fn server_context(
     context.etrn = Some(etrn_flusher(scheduler.clone()));
     context.recipients = Some(Arc::clone(&guards.recipients));
     context.sender_check = guards.sender_check.clone();
+    context.metrics = Arc::clone(metrics);
     if let Some(previous) = previous {
         context.limits = Arc::clone(&previous.limits);
     }
@@ -317,8 +319,15 @@ impl Live {
         let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(ReloadError::Setup)?);
         let guards = Guards::open(&config).map_err(|e| ReloadError::Setup(e.to_string()))?;
         let previous = Arc::clone(&self.serving.borrow().context);
-        let serving = Serving::new(server_context(&config, &self.spool, &self.scheduler, &guards, Some(&previous)))
-            .map_err(|e| ReloadError::Setup(e.to_string()))?;
+        let serving = Serving::new(server_context(
+            &config,
+            &self.spool,
+            &self.scheduler,
+            &guards,
+            &previous.metrics,
+            Some(&previous),
+        ))
+        .map_err(|e| ReloadError::Setup(e.to_string()))?;
         let monitor =
             Monitor::new(Arc::clone(&config), Arc::clone(&self.spool), self.scheduler.clone(), Arc::clone(&deliverer))
                 .map_err(|e| ReloadError::Setup(e.to_string()))?;

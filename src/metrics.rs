@@ -135,9 +135,11 @@ fn register_queue(registry: &mut Registry, spool: &Spool) {
     let bytes = Family::<DomainLabel, Gauge>::default();
     let total = Gauge::<i64>::default();
     let oldest = Gauge::<i64>::default();
+    let suppressed = Gauge::<i64>::default();
     let now = now_micros();
     spool.with_index(|index| {
         total.set(i64::try_from(index.len()).unwrap_or(i64::MAX));
+        suppressed.set(i64::try_from(index.values().filter(|e| e.bounce_suppressed).count()).unwrap_or(i64::MAX));
         if let Some(first) = index.values().map(|e| e.arrived).min() {
             oldest.set((now - first).max(0) / 1_000_000);
         }
@@ -156,6 +158,11 @@ fn register_queue(registry: &mut Registry, spool: &Spool) {
     registry.register("queue_bytes", "Bytes of queued messages with recipients pending in the domain", bytes);
     registry.register("queue_messages_total", "Queued messages", total);
     registry.register("queue_oldest_age_seconds", "Age of the oldest queued message", oldest);
+    registry.register(
+        "bounces_suppressed",
+        "Failed messages kept held instead of bounced to a sender that failed SPF/DKIM (no backscatter)",
+        suppressed,
+    );
     if let Ok(space) = spool.space() {
         let free = Gauge::<i64>::default();
         free.set(i64::try_from(space.free_bytes).unwrap_or(i64::MAX));

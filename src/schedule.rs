@@ -10,6 +10,7 @@
 use crate::config::Config;
 use crate::deliver::{Deliverer, Detail, Job, JobResult, RcptOutcome};
 use crate::dsn::{self, DsnKind, ReportedRecipient};
+use crate::metrics::Metrics;
 use crate::recipients::Recipients;
 use crate::spool::{
     DsnNotify, DsnRet, Envelope, QueueId, Recipient, RecipientStatus, Spool, SpoolError, domain_of, from_micros,
@@ -190,6 +191,8 @@ pub struct Scheduler {
     destinations: Destinations,
     /// Where addresses the primary accepted are remembered (issue 6: a 250 is proof).
     recipients: Option<Arc<Recipients>>,
+    /// Event counters for `/metrics` (delivered, deferred, bounced).
+    metrics: Arc<Metrics>,
     /// When held messages whose bounce was suppressed were last swept for expiry.
     swept: Option<std::time::Instant>,
 }
@@ -201,6 +204,7 @@ impl Scheduler {
         let destinations = Destinations::default();
         let mut scheduler = Scheduler {
             destinations: Arc::clone(&destinations),
+            metrics: Arc::default(),
             config,
             spool,
             deliverer,
@@ -225,6 +229,12 @@ impl Scheduler {
             }
         }
         (scheduler, SchedulerHandle { tx, destinations })
+    }
+
+    /// Counts deliveries, deferrals and bounces in `metrics`.
+    pub fn counting_into(mut self, metrics: Arc<Metrics>) -> Scheduler {
+        self.metrics = metrics;
+        self
     }
 
     /// Remembers every recipient the primary accepts in `recipients`.
@@ -467,7 +477,8 @@ impl Scheduler {
         }
         let spool = Arc::clone(&self.spool);
         let config = Arc::clone(&self.config);
-        let settle = tokio::task::spawn_blocking(move || settle(&config, &spool, settled)).await;
+        let metrics = Arc::clone(&self.metrics);
+        let settle = tokio::task::spawn_blocking(move || settle(&config, &spool, &metrics, settled)).await;
         match settle {
             Ok(next) => {
                 for (id, at) in next {
@@ -752,6 +763,7 @@ pub fn sweep_suppressed(config: &Config, spool: &Spool, now: i64) -> usize {
 fn settle(
     config: &Config,
     spool: &Arc<Spool>,
+    metrics: &Metrics,
     settled: Vec<(QueueId, Vec<(String, RcptOutcome)>)>,
 ) -> Vec<(QueueId, i64)> {
     let now = now_micros();
@@ -762,6 +774,7 @@ fn settle(
         let Some(mut envelope) = spool.get(&id) else { continue };
         let mut verdict = apply_outcomes(config, &mut envelope, &outcomes, now);
         suppress_backscatter(config, &mut envelope, &mut verdict);
+        count(metrics, &outcomes, &verdict);
         for (kind, rcpts) in [(DsnKind::Failure, &verdict.bounce), (DsnKind::Delay, &verdict.delay)] {
             if rcpts.is_empty() {
                 continue;
@@ -791,6 +804,20 @@ fn settle(
         tracing::error!(error = %err, "cannot remove delivered messages");
     }
     next
+}
+
+/// One attempt of one message in the counters: delivered if any recipient was, deferred if one
+/// is still pending, bounced if a failure notice goes out.
+fn count(metrics: &Metrics, outcomes: &[(String, RcptOutcome)], verdict: &Verdict) {
+    if outcomes.iter().any(|(_, o)| matches!(o, RcptOutcome::Delivered(_))) {
+        metrics.delivered();
+    }
+    if !verdict.done {
+        metrics.deferred();
+    }
+    if !verdict.bounce.is_empty() {
+        metrics.bounced();
+    }
 }
 
 fn kind_name(kind: DsnKind) -> &'static str {

@@ -38,6 +38,8 @@ pub struct ServerContext {
     pub sender_check: Option<Arc<SenderCheck>>,
     /// Per-client-IP sessions and rates, shared by every session.
     pub limits: Arc<IpLimits>,
+    /// Event counters for `/metrics` (received, rejected, open sessions).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ServerContext {
@@ -55,6 +57,7 @@ impl ServerContext {
             recipients: None,
             sender_check: None,
             limits: IpLimits::new(),
+            metrics: Arc::default(),
         }
     }
 }

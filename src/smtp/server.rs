@@ -152,6 +152,8 @@ enum End {
 type Permits = (OwnedSemaphorePermit, SessionSlot);
 
 async fn run_session(mut shared: Shared, mut stream: TcpStream, peer: SocketAddr, _permits: Permits) {
+    let metrics = Arc::clone(&shared.context.metrics);
+    let _open = metrics.session_started();
     let tls_available = shared.acceptor.is_some();
     let mut session = Session::new(Arc::clone(&shared.context), Arc::clone(&shared.space), peer.ip(), tls_available);
     let greeting = session.greeting().to_bytes();

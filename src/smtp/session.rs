@@ -518,6 +518,7 @@ impl Session {
 
     fn reject_rcpt(&mut self, address: &str, reply: Reply) -> Reply {
         self.stats.rejected_rcpts += 1;
+        self.context.metrics.rejected();
         let from = self.transaction.as_ref().map(|t| t.mail.address.as_str()).unwrap_or("");
         tracing::warn!(client = %self.client, from, rcpt = %address, reason = %reply.to_string().trim_end(), "rcpt rejected");
         reply
@@ -614,6 +615,7 @@ impl Session {
         };
         if let Some(reply) = refusal {
             self.stats.rejected_messages += 1;
+            self.context.metrics.rejected();
             tracing::warn!(client = %self.client, queue_id = %id, from = %transaction.mail.address,
                 size = data.reader.size(), reason = %reply.to_string().trim_end(), "message rejected");
             return self.error(reply);
@@ -651,6 +653,7 @@ impl Session {
             Ok(envelope) => {
                 (self.context.on_queued)(&envelope);
                 self.stats.queued += 1;
+                self.context.metrics.received();
                 tracing::info!(client = %self.client, queue_id = %envelope.id, from = %envelope.sender,
                     nrcpt = envelope.recipients.len(), size = envelope.size, "queued");
                 Reply::new(250, "2.0.0", format!("Ok: queued as {}", envelope.id))
