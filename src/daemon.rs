@@ -180,10 +180,11 @@ fn etrn_flusher(handle: SchedulerHandle) -> smtp::EtrnFlush {
 fn announce(config: &Config) {
     let smtp: Vec<String> = config.smtp.listen.iter().map(|a| a.to_string()).collect();
     println!(
-        "bartleby {} ({}) listening: SMTP on {}; spool in {}; backup MX for {}",
+        "bartleby {} ({}) listening: SMTP on {}; admin page http://{}/; spool in {}; backup MX for {}",
         env!("CARGO_PKG_VERSION"),
         config.hostname,
         smtp.join(", "),
+        config.web.listen,
         config.queue.dir.display(),
         if config.relay.domains.is_empty() {
             "no domains (relay.domains is empty)".to_string()
