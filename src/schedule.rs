@@ -193,6 +193,12 @@ pub struct Scheduler {
     recipients: Option<Arc<Recipients>>,
     /// Event counters for `/metrics` (delivered, deferred, bounced).
     metrics: Arc<Metrics>,
+    /// Each message's result as soon as the next hop answered for it, settled at once (durable
+    /// before the batch goes on), so a crash repeats only deliveries in flight.
+    progress_tx: mpsc::UnboundedSender<(String, JobResult)>,
+    progress_rx: mpsc::UnboundedReceiver<(String, JobResult)>,
+    /// What the results of each domain's running batch said so far, for its destination state.
+    tallies: HashMap<String, Tally>,
     /// When held messages whose bounce was suppressed were last swept for expiry.
     swept: Option<std::time::Instant>,
 }
@@ -201,10 +207,14 @@ impl Scheduler {
     /// Creates the scheduler with every queued message scheduled at its `next_attempt`.
     pub fn new(config: Arc<Config>, spool: Arc<Spool>, deliverer: Arc<Deliverer>) -> (Scheduler, SchedulerHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (progress_tx, progress_rx) = mpsc::unbounded_channel();
         let destinations = Destinations::default();
         let mut scheduler = Scheduler {
             destinations: Arc::clone(&destinations),
             metrics: Arc::default(),
+            progress_tx,
+            progress_rx,
+            tallies: HashMap::new(),
             config,
             spool,
             deliverer,
@@ -261,6 +271,13 @@ impl Scheduler {
                     Some(command) => self.handle(command),
                     None => break,
                 },
+                Some(first) = self.progress_rx.recv() => {
+                    let mut results = vec![first];
+                    while let Ok(more) = self.progress_rx.try_recv() {
+                        results.push(more);
+                    }
+                    self.absorb(results).await;
+                }
                 Some(done) = self.batches.join_next(), if !self.batches.is_empty() => match done {
                     Ok((domain, results)) => self.finish(domain, results).await,
                     Err(err) => tracing::error!(error = %err, "delivery batch failed"),
@@ -392,10 +409,11 @@ impl Scheduler {
             self.busy_domains.insert(domain.clone());
             let deliverer = Arc::clone(&self.deliverer);
             let max_received = self.config.smtp.max_received_headers;
+            let progress = self.progress_tx.clone();
             tracing::debug!(domain = %domain, messages = jobs.len(), "delivery batch");
             self.batches.spawn(async move {
                 let (jobs, mut looped) = split_loops(&domain, jobs, max_received).await;
-                let mut results = deliverer.deliver(&domain, jobs).await;
+                let mut results = deliverer.deliver_with_progress(&domain, jobs, progress).await;
                 results.append(&mut looped);
                 (domain, results)
             });
@@ -455,16 +473,39 @@ impl Scheduler {
 
     /// Applies a returned batch: gathers outcomes, settles messages whose last batch is back.
     async fn finish(&mut self, domain: String, results: Vec<JobResult>) {
+        // Results streamed before the batch ended are in the channel already: take them first.
+        let mut all = Vec::new();
+        while let Ok(more) = self.progress_rx.try_recv() {
+            all.push(more);
+        }
+        all.extend(results.into_iter().map(|r| (domain.clone(), r)));
+        self.absorb(all).await;
         self.busy_domains.remove(&domain);
-        let delivered = results.iter().flat_map(|r| &r.outcomes).any(|(_, o)| matches!(o, RcptOutcome::Delivered(_)));
-        let deferred = results
-            .iter()
-            .flat_map(|r| &r.outcomes)
-            .any(|(_, o)| matches!(o, RcptOutcome::TempFail(_) | RcptOutcome::Loop(_)));
-        self.record_destination(&domain, &results);
-        self.learn(&results);
+        let tally = self.tallies.remove(&domain).unwrap_or_default();
+        self.record_destination(&domain, &tally);
+        let now = now_micros();
+        for id in std::mem::take(&mut self.blocked) {
+            self.schedule(id, now);
+        }
+        if tally.delivered && self.down_domains.remove(&domain) {
+            tracing::info!(domain = %domain, "destination is back: flushing its queue");
+            self.flush(Some(&domain));
+        } else if tally.deferred.is_some() && !tally.delivered {
+            self.down_domains.insert(domain);
+        }
+    }
+
+    /// Takes in results (from a running batch or at its end): tallies them per domain, gathers
+    /// each message's outcomes, and settles the messages whose last batch has answered.
+    async fn absorb(&mut self, results: Vec<(String, JobResult)>) {
+        if results.is_empty() {
+            return;
+        }
+        let plain: Vec<JobResult> = results.iter().map(|(_, r)| r.clone()).collect();
+        self.learn(&plain);
         let mut settled = Vec::new();
-        for result in results {
+        for (domain, result) in results {
+            self.tallies.entry(domain).or_default().add(&result);
             self.gathered.entry(result.id.clone()).or_default().extend(result.outcomes);
             let left = self.in_flight.get_mut(&result.id).map(|n| {
                 *n = n.saturating_sub(1);
@@ -478,8 +519,7 @@ impl Scheduler {
         let spool = Arc::clone(&self.spool);
         let config = Arc::clone(&self.config);
         let metrics = Arc::clone(&self.metrics);
-        let settle = tokio::task::spawn_blocking(move || settle(&config, &spool, &metrics, settled)).await;
-        match settle {
+        match tokio::task::spawn_blocking(move || settle(&config, &spool, &metrics, settled)).await {
             Ok(next) => {
                 for (id, at) in next {
                     self.schedule(id, at);
@@ -487,15 +527,27 @@ impl Scheduler {
             }
             Err(err) => tracing::error!(error = %err, "settling delivery results failed"),
         }
-        let now = now_micros();
-        for id in std::mem::take(&mut self.blocked) {
-            self.schedule(id, now);
-        }
-        if delivered && self.down_domains.remove(&domain) {
-            tracing::info!(domain = %domain, "destination is back: flushing its queue");
-            self.flush(Some(&domain));
-        } else if deferred && !delivered {
-            self.down_domains.insert(domain);
+    }
+}
+
+/// What one batch's results said about its destination.
+#[derive(Debug, Default)]
+struct Tally {
+    delivered: bool,
+    /// The first temporary failure's text.
+    deferred: Option<String>,
+}
+
+impl Tally {
+    fn add(&mut self, result: &JobResult) {
+        for (_, outcome) in &result.outcomes {
+            match outcome {
+                RcptOutcome::Delivered(_) => self.delivered = true,
+                RcptOutcome::TempFail(d) | RcptOutcome::Loop(d) if self.deferred.is_none() => {
+                    self.deferred = Some(d.text.clone());
+                }
+                _ => {}
+            }
         }
     }
 }
@@ -516,17 +568,14 @@ impl Scheduler {
         }
     }
 
-    fn record_destination(&self, domain: &str, results: &[JobResult]) {
-        let outcomes = || results.iter().flat_map(|r| &r.outcomes).map(|(_, o)| o);
+    fn record_destination(&self, domain: &str, tally: &Tally) {
         let now = now_micros();
         let mut table = self.destinations.lock().unwrap_or_else(|p| p.into_inner());
         let state = table.entry(domain.to_string()).or_default();
-        if outcomes().any(|o| matches!(o, RcptOutcome::Delivered(_))) {
+        if tally.delivered {
             state.succeeded(now);
-        } else if let Some(RcptOutcome::TempFail(d) | RcptOutcome::Loop(d)) =
-            outcomes().find(|o| matches!(o, RcptOutcome::TempFail(_) | RcptOutcome::Loop(_)))
-        {
-            state.failed(now, d.text.clone());
+        } else if let Some(error) = &tally.deferred {
+            state.failed(now, error.clone());
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::spool::{Envelope, QueueId, Recipient, domain_of};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 /// What happened to one recipient in one delivery attempt.
@@ -106,6 +106,28 @@ impl Deliverer {
     /// Delivers `jobs` (all with pending recipients in `domain`, oldest first) to the domain's next
     /// hops and reports per-recipient outcomes for that domain's recipients.
     pub async fn deliver(&self, domain: &str, jobs: Vec<Job>) -> Vec<JobResult> {
+        self.run(domain, jobs, None).await
+    }
+
+    /// Like [`Deliverer::deliver`], but sends each message's result on `progress` (with the
+    /// domain) as soon as the next hop has answered for it, so the caller can make it durable
+    /// before the rest of the batch is done: a crash then repeats only deliveries in flight.
+    /// Returns the results not sent on `progress` (messages no connection took).
+    pub async fn deliver_with_progress(
+        &self,
+        domain: &str,
+        jobs: Vec<Job>,
+        progress: mpsc::UnboundedSender<(String, JobResult)>,
+    ) -> Vec<JobResult> {
+        self.run(domain, jobs, Some(progress)).await
+    }
+
+    async fn run(
+        &self,
+        domain: &str,
+        jobs: Vec<Job>,
+        progress: Option<mpsc::UnboundedSender<(String, JobResult)>>,
+    ) -> Vec<JobResult> {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let hops = match self.router.next_hops(&domain).await {
             Ok(hops) => hops,
@@ -123,9 +145,11 @@ impl Deliverer {
             hops,
             queue: Mutex::new(VecDeque::new()),
             results: Mutex::new(HashMap::new()),
+            reported: Mutex::new(std::collections::HashSet::new()),
             tls: if policy.require_tls { TlsMode::Required } else { TlsMode::Opportunistic },
             settings: self.settings.clone(),
             last_error: Mutex::new(None),
+            progress: progress.map(|sender| (domain.clone(), sender)),
         });
         run.fill_queue();
         let workers = connections.min(run.queue_len()).max(1);
@@ -160,10 +184,14 @@ struct Run {
     /// Job indices still to send, in arrival order.
     queue: Mutex<VecDeque<usize>>,
     results: Mutex<HashMap<usize, Vec<RcptOutcome>>>,
+    /// Jobs whose result went out on `progress`.
+    reported: Mutex<std::collections::HashSet<usize>>,
     tls: TlsMode,
     settings: Arc<ClientSettings>,
     /// Why the last connection attempt failed, for jobs no connection could take.
     last_error: Mutex<Option<Detail>>,
+    /// Where each message's result goes as soon as it is known (see `deliver_with_progress`).
+    progress: Option<(String, mpsc::UnboundedSender<(String, JobResult)>)>,
 }
 
 impl Run {
@@ -185,7 +213,21 @@ impl Run {
     }
 
     fn record(&self, index: usize, outcomes: Vec<RcptOutcome>) {
+        if let Some((domain, sender)) = &self.progress
+            && sender.send((domain.clone(), self.result(index, outcomes.clone()))).is_ok()
+        {
+            // Reported already: `collect` leaves it out.
+            lock(&self.results).insert(index, Vec::new());
+            lock(&self.reported).insert(index);
+            return;
+        }
         lock(&self.results).insert(index, outcomes);
+    }
+
+    fn result(&self, index: usize, outcomes: Vec<RcptOutcome>) -> JobResult {
+        let job = &self.jobs[index];
+        let addresses = self.targets[index].iter().map(|&r| job.envelope.recipients[r].address.clone());
+        JobResult { id: job.envelope.id.clone(), outcomes: addresses.zip(outcomes).collect() }
     }
 
     fn recipients(&self, index: usize) -> Vec<&Recipient> {
@@ -201,15 +243,14 @@ impl Run {
             text: "no connection to any next hop".into(),
             ..Detail::default()
         });
-        self.jobs
-            .iter()
-            .enumerate()
-            .map(|(index, job)| {
+        let reported = std::mem::take(&mut *lock(&self.reported));
+        (0..self.jobs.len())
+            .filter(|index| !reported.contains(index))
+            .map(|index| {
                 let outcomes = results
                     .remove(&index)
                     .unwrap_or_else(|| vec![RcptOutcome::TempFail(fallback.clone()); self.targets[index].len()]);
-                let addresses = self.targets[index].iter().map(|&r| job.envelope.recipients[r].address.clone());
-                JobResult { id: job.envelope.id.clone(), outcomes: addresses.zip(outcomes).collect() }
+                self.result(index, outcomes)
             })
             .collect()
     }
