@@ -117,7 +117,7 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     let web_state = web::WebState::new(Arc::clone(&config), Arc::clone(&spool), handle.clone(), Arc::clone(&metrics));
     let web_task = web_listener.map(|listener| {
         tracing::info!(listen = %config.web.listen, tls = config.web.tls_cert.is_some(), "admin page listening");
-        tokio::spawn(web::serve(web_state, listener, shutdown.clone()))
+        tokio::spawn(web::serve(web_state.clone(), listener, shutdown.clone()))
     });
     let serving = Serving::new(server_context(&config, &spool, &handle, &guards, &metrics, None))
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
@@ -136,6 +136,7 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
         serving: serving_tx,
         monitor: monitor_task,
         shutdown: shutdown.clone(),
+        web: web_state,
     };
     run_until_stopped(&mut live).await;
     tracing::info!("shutting down: no new mail; open sessions get 421");
@@ -224,6 +225,8 @@ struct Live {
     /// The monitor runs with the configuration it was started with; a reload starts a new one.
     monitor: tokio::task::JoinHandle<()>,
     shutdown: watch::Receiver<bool>,
+    /// The admin page takes the new settings (allowlist, accounts) in place.
+    web: web::WebState,
 }
 
 /// What guards the door (issue 6), built from the configuration at start and on every reload.
@@ -334,6 +337,7 @@ impl Live {
                 .map_err(|e| ReloadError::Setup(e.to_string()))?;
         self.scheduler.reload(Arc::clone(&config), deliverer).map_err(|e| ReloadError::Setup(e.to_string()))?;
         let _ = self.serving.send(serving);
+        self.web.set_config(Arc::clone(&config));
         // Alert rules and checks come with the new monitor (an alert still firing is sent again).
         self.monitor.abort();
         self.monitor = tokio::spawn(monitor.run(self.shutdown.clone()));

@@ -79,7 +79,7 @@ fn plural(n: usize) -> &'static str {
 /// One flush per `[web] flush_cooldown`: every flush makes the whole queue due, so repeated clicks
 /// (or a script) must not turn into a storm of connections to a primary that just came back.
 fn flush_gate(state: &WebState) -> Result<(), WebError> {
-    let cooldown = state.config.web.flush_cooldown.0;
+    let cooldown = state.config().web.flush_cooldown.0;
     let mut last = state.flush_gate.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(at) = *last {
         let elapsed = at.elapsed();

@@ -131,6 +131,6 @@ async fn flush(
 }
 
 async fn chart(State(state): State<WebState>) -> Response {
-    Json(json!({ "interval_seconds": state.config.web.sample_interval.0.as_secs(), "samples": state.samples.snapshot() }))
+    Json(json!({ "interval_seconds": state.config().web.sample_interval.0.as_secs(), "samples": state.samples.snapshot() }))
         .into_response()
 }

@@ -203,7 +203,7 @@ fn respond_error(path: &str, err: WebError) -> Response {
 /// Login and, for POST, origin and CSRF; returns the request rebuilt around its buffered body.
 async fn check(state: &WebState, session: &Session, request: Request) -> Result<Request, WebError> {
     let path = request.uri().path();
-    if !state.config.web.users.is_empty() && session.user.is_none() && !open_path(path) {
+    if !state.config().web.users.is_empty() && session.user.is_none() && !open_path(path) {
         return Err(WebError::Unauthorized);
     }
     if request.method() != Method::POST {
@@ -299,7 +299,7 @@ pub async fn login(
     Extension(session): Extension<Session>,
     Form(form): Form<LoginForm>,
 ) -> Response {
-    let hash = state.config.web.users.get(&form.user).cloned();
+    let hash = state.config().web.users.get(&form.user).cloned();
     let password = form.password;
     let ok = tokio::task::spawn_blocking(move || hash.is_some_and(|h| verify_password(&h, &password)))
         .await
@@ -325,7 +325,7 @@ pub async fn login(
 /// POST /logout.
 pub async fn logout(State(state): State<WebState>, Extension(session): Extension<Session>) -> Response {
     state.sessions.remove(&session.id);
-    Redirect::to(if state.config.web.users.is_empty() { "/" } else { "/login" }).into_response()
+    Redirect::to(if state.config().web.users.is_empty() { "/" } else { "/login" }).into_response()
 }
 
 #[cfg(test)]

@@ -102,7 +102,8 @@ fn with_retry_after(err: &WebError, mut response: Response) -> Response {
 /// Everything the handlers share. Cheap to clone.
 #[derive(Clone)]
 pub struct WebState {
-    pub config: Arc<Config>,
+    /// The running configuration; replaced on a reload (SIGHUP).
+    config: Arc<std::sync::RwLock<Arc<Config>>>,
     pub spool: Arc<Spool>,
     pub scheduler: SchedulerHandle,
     pub metrics: Arc<Metrics>,
@@ -117,12 +118,23 @@ pub struct WebState {
 }
 
 impl WebState {
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts a reloaded configuration in force (allowlist, accounts, cooldown, thresholds). The
+    /// listener and its TLS certificate stay as they were at start.
+    pub fn set_config(&self, config: Arc<Config>) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
     /// The state for [`serve`]; the sampler for the chart is started by `serve`.
     pub fn new(config: Arc<Config>, spool: Arc<Spool>, scheduler: SchedulerHandle, metrics: Arc<Metrics>) -> Self {
         let samples = Arc::new(chart::Samples::new(config.web.sample_interval.0));
         let (_, stopping) = watch::channel(false);
         WebState {
-            config,
+            config: Arc::new(std::sync::RwLock::new(config)),
             spool,
             scheduler,
             metrics,
@@ -135,7 +147,7 @@ impl WebState {
 
     /// Are the pages served over TLS (so cookies get the Secure attribute)?
     pub fn tls(&self) -> bool {
-        self.config.web.tls_cert.is_some()
+        self.config().web.tls_cert.is_some()
     }
 }
 
@@ -171,7 +183,7 @@ pub async fn serve(
     let sampler =
         tokio::spawn(chart::run_sampler(Arc::clone(&state.samples), Arc::clone(&state.spool), shutdown.clone()));
     // Logged here and now: the daemon only looks at this task's result when it stops.
-    let tls = tls::acceptor(&state.config.web)
+    let tls = tls::acceptor(&state.config().web)
         .inspect_err(|err| tracing::error!(error = %err, "admin page disabled: bad web.tls_cert/tls_key"))?;
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let mut stop = shutdown.clone();
@@ -210,7 +222,7 @@ async fn allowlist(
     request: Request,
     next: Next,
 ) -> Response {
-    if cidr_list_contains(&state.config.web.allow, peer.ip()) {
+    if cidr_list_contains(&state.config().web.allow, peer.ip()) {
         return next.run(request).await;
     }
     tracing::warn!(peer = %peer.ip(), path = %request.uri().path(), "web request refused: peer not in web.allow");
@@ -247,7 +259,7 @@ async fn healthz(State(state): State<WebState>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response();
     }
     match state.spool.space() {
-        Ok(space) if space.free_bytes < state.config.queue.min_free => {
+        Ok(space) if space.free_bytes < state.config().queue.min_free => {
             (StatusCode::SERVICE_UNAVAILABLE, "spool filesystem below queue.min_free: new mail gets 452\n")
                 .into_response()
         }

@@ -278,7 +278,7 @@ pub fn status(state: &WebState) -> Status {
     let t = totals(&state.spool);
     let now = now_micros();
     let destinations = state.scheduler.destinations();
-    let mut names: BTreeSet<String> = state.config.relay.domains.iter().cloned().collect();
+    let mut names: BTreeSet<String> = state.config().relay.domains.iter().cloned().collect();
     names.extend(destinations.keys().cloned());
     names.extend(t.per_domain.keys().cloned());
     let domains = names
@@ -286,14 +286,14 @@ pub fn status(state: &WebState) -> Status {
         .map(|d| domain_status(&d, destinations.get(&d), t.per_domain.get(&d).copied().unwrap_or(0)))
         .collect();
     Status {
-        hostname: state.config.hostname.clone(),
+        hostname: state.config().hostname.clone(),
         messages: t.messages,
         bytes: t.bytes,
         held: t.held,
         oldest_arrived: t.oldest.map(rfc3339),
         oldest_age_seconds: t.oldest.map(|o| u64::try_from((now - o) / 1_000_000).unwrap_or(0)),
         domains,
-        disk: state.spool.space().ok().map(|s| disk(&state.config.web, s)),
+        disk: state.spool.space().ok().map(|s| disk(&state.config().web, s)),
         counters: state.metrics.counters(),
         open_smtp_sessions: state.metrics.open_sessions(),
     }
