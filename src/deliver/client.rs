@@ -776,8 +776,11 @@ impl Session {
     /// Streams the body, dot-stuffed, and reads the final reply (RFC 5321 4.5.3.2.5-6 timeouts).
     async fn data(&mut self, mut file: tokio::fs::File) -> Result<Reply, ClientError> {
         let mut stuffer = DotStuffer::default();
-        let mut input = vec![0u8; CHUNK];
-        let mut out = Vec::with_capacity(CHUNK + CHUNK / 8);
+        // Sized to the message: zeroing 256 KiB for a 4 KiB message was most of a drain's CPU.
+        let size = file.metadata().await.map(|m| m.len()).unwrap_or(CHUNK as u64);
+        let chunk = usize::try_from(size).unwrap_or(CHUNK).clamp(1, CHUNK);
+        let mut input = vec![0u8; chunk];
+        let mut out = Vec::with_capacity(chunk + chunk / 8 + 8);
         loop {
             let n = match file.read(&mut input).await {
                 Ok(n) => n,
@@ -787,7 +790,7 @@ impl Session {
                 break;
             }
             stuffer.push(&input[..n], &mut out);
-            if out.len() >= CHUNK {
+            if out.len() >= chunk {
                 self.write("DATA", &out, self.timeouts.data_block).await?;
                 out.clear();
             }

@@ -121,29 +121,34 @@ impl Spool {
             fs::remove_file(&path).map_err(io_err(&path))?;
             recovery.removed_partial += 1;
         }
-        let mut bodies = Vec::new();
+        // One directory read tells which bodies exist; no stat per message (restart time matters
+        // with 100,000 queued).
+        let mut bodies = std::collections::HashSet::new();
         let mut envelopes = Vec::new();
         for entry in fs::read_dir(&self.messages).map_err(io_err(&self.messages))? {
             let path = entry.map_err(io_err(&self.messages))?.path();
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
             match path.extension().and_then(|e| e.to_str()) {
-                Some("msg") => bodies.push(path),
-                Some("env") => envelopes.push(path),
+                Some("msg") => {
+                    bodies.insert(stem);
+                }
+                Some("env") => envelopes.push((stem, path)),
                 _ => {
                     fs::remove_file(&path).map_err(io_err(&path))?;
                     recovery.removed_partial += 1;
                 }
             }
         }
+        let (complete, orphans): (Vec<_>, Vec<_>) = envelopes.into_iter().partition(|(id, _)| bodies.contains(id));
+        for (_, path) in orphans {
+            // The rename of the envelope reached the disk but the directory was never fsync'd
+            // with its body: the message was not acknowledged.
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            recovery.removed_partial += 1;
+        }
         let mut index = BTreeMap::new();
-        for path in envelopes {
-            if !path.with_extension("msg").exists() {
-                // The rename of the envelope reached the disk but the directory was never fsync'd
-                // with its body: the message was not acknowledged.
-                fs::remove_file(&path).map_err(io_err(&path))?;
-                recovery.removed_partial += 1;
-                continue;
-            }
-            match read_envelope(&path) {
+        for (path, parsed) in read_envelopes(complete.into_iter().map(|(_, path)| path).collect())? {
+            match parsed {
                 Ok(envelope) => {
                     index.insert(envelope.id.clone(), envelope);
                 }
@@ -154,14 +159,18 @@ impl Spool {
                 }
             }
         }
-        for body in bodies {
-            let id = body.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-            let quarantined_env = self.root.join(CORRUPT).join(format!("{id}.env"));
-            if !index.contains_key(id) && !quarantined_env.exists() {
+        let quarantined: std::collections::HashSet<String> = fs::read_dir(self.root.join(CORRUPT))
+            .map(|dir| {
+                dir.filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".env").map(str::to_string)).collect()
+            })
+            .unwrap_or_default();
+        for id in bodies {
+            let body = self.messages.join(format!("{id}.msg"));
+            if quarantined.contains(&id) {
+                self.quarantine(&body)?;
+            } else if !index.contains_key(&id) {
                 fs::remove_file(&body).map_err(io_err(&body))?;
                 recovery.removed_partial += 1;
-            } else if quarantined_env.exists() {
-                self.quarantine(&body)?;
             }
         }
         self.messages_sync.sync(&self.messages)?;
@@ -501,6 +510,31 @@ impl Drop for IncomingMessage {
 
 fn create_private(path: &Path) -> Result<File, SpoolError> {
     OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io_err(path))
+}
+
+/// Reads and parses envelopes on all cores; returns each path with its result. A worker that
+/// failed outright fails the whole read: a message missing from the result would be taken for a
+/// leftover and its body removed.
+type Parsed = Vec<(PathBuf, Result<Envelope, SpoolError>)>;
+
+fn read_envelopes(paths: Vec<PathBuf>) -> Result<Parsed, SpoolError> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let per_thread = paths.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = paths
+            .chunks(per_thread)
+            .map(|chunk| scope.spawn(move || chunk.iter().map(|p| (p.clone(), read_envelope(p))).collect::<Vec<_>>()))
+            .collect();
+        let mut all = Vec::with_capacity(paths.len());
+        for worker in workers {
+            let parsed = worker.join().map_err(|_| SpoolError::Io {
+                path: PathBuf::from("(recovery)"),
+                source: io::Error::other("an envelope reader failed"),
+            })?;
+            all.extend(parsed);
+        }
+        Ok(all)
+    })
 }
 
 fn read_envelope(path: &Path) -> Result<Envelope, SpoolError> {
