@@ -255,10 +255,7 @@ impl Spool {
     /// Writes the envelope to a temporary file, fsyncs it and renames it over `target`.
     fn write_envelope(&self, envelope: &Envelope, target: &Path) -> Result<(), SpoolError> {
         let tmp = self.incoming.join(format!("{}.env", envelope.id));
-        let json =
-            serde_json::to_vec(envelope).map_err(|source| SpoolError::BadEnvelope { path: tmp.clone(), source })?;
-        let mut file = create_private(&tmp)?;
-        file.write_all(&json).map_err(io_err(&tmp))?;
+        let file = write_private_json(envelope, &tmp)?;
         file.sync_all().map_err(io_err(&tmp))?;
         fs::rename(&tmp, target).map_err(io_err(target))
     }
@@ -470,21 +467,35 @@ impl IncomingMessage {
     /// directory fsync'd. Only after this returns Ok may the server answer 250.
     pub fn commit(mut self, mut envelope: Envelope) -> Result<Envelope, SpoolError> {
         let writer = self.file.take().ok_or_else(|| SpoolError::NotFound(self.id.clone()))?;
-        let file =
+        let body =
             writer.into_inner().map_err(|e| SpoolError::Io { path: self.path.clone(), source: e.into_error() })?;
-        file.sync_all().map_err(io_err(&self.path))?;
-        drop(file);
         envelope.id = self.id.clone();
         envelope.size = self.size;
         let spool = Arc::clone(&self.spool);
+        let env_tmp = spool.incoming.join(format!("{}.env", self.id));
+        let env_file = write_private_json(&envelope, &env_tmp);
+        // The body and the envelope are fsync'd at the same time (two waits on the disk would be
+        // one after the other otherwise): one round before the renames, one for the directory.
+        let (body_synced, env_synced) = std::thread::scope(|scope| {
+            let env = scope.spawn(|| env_file.and_then(|f| f.sync_all().map_err(io_err(&env_tmp))));
+            let body_synced = body.sync_all().map_err(io_err(&self.path));
+            (body_synced, env.join().unwrap_or_else(|_| Err(io_err(&env_tmp)(io::Error::other("fsync thread failed")))))
+        });
+        drop(body);
+        if let Err(err) = body_synced.and(env_synced) {
+            let _ = fs::remove_file(&env_tmp);
+            return Err(err);
+        }
         let body_target = spool.messages.join(format!("{}.msg", self.id));
         let env_target = spool.messages.join(format!("{}.env", self.id));
         fs::rename(&self.path, &body_target).map_err(io_err(&body_target))?;
         self.path = body_target.clone();
-        if let Err(err) =
-            spool.write_envelope(&envelope, &env_target).and_then(|()| spool.messages_sync.sync(&spool.messages))
+        if let Err(err) = fs::rename(&env_tmp, &env_target)
+            .map_err(io_err(&env_target))
+            .and_then(|()| spool.messages_sync.sync(&spool.messages))
         {
             // Not acknowledged: take the body back out so the queue never holds a half message.
+            let _ = fs::remove_file(&env_tmp);
             let _ = fs::remove_file(&env_target);
             let _ = fs::remove_file(&body_target);
             return Err(err);
@@ -506,6 +517,15 @@ impl Drop for IncomingMessage {
             let _ = fs::remove_file(&self.path);
         }
     }
+}
+
+/// Writes an envelope as JSON to a new private file (not yet fsync'd).
+fn write_private_json(envelope: &Envelope, path: &Path) -> Result<File, SpoolError> {
+    let json =
+        serde_json::to_vec(envelope).map_err(|source| SpoolError::BadEnvelope { path: path.to_path_buf(), source })?;
+    let mut file = create_private(path)?;
+    file.write_all(&json).map_err(io_err(path))?;
+    Ok(file)
 }
 
 fn create_private(path: &Path) -> Result<File, SpoolError> {
