@@ -149,6 +149,13 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
         tracing::warn!("SMTP sessions did not end within 30s");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), scheduler_task).await;
+    // Retry bookkeeping kept in memory during the run reaches the disk now (see Spool::note).
+    let dirty_spool = Arc::clone(&spool);
+    match tokio::task::spawn_blocking(move || dirty_spool.persist_dirty()).await {
+        Ok(Ok(written)) => tracing::info!(envelopes = written, "retry state saved"),
+        Ok(Err(err)) => tracing::error!(error = %err, "cannot save retry state"),
+        Err(err) => tracing::error!(error = %err, "cannot save retry state"),
+    }
     let _ = tokio::time::timeout(Duration::from_secs(10), live.monitor).await;
     let _ = control_task.await;
     if let Some(web_task) = web_task {

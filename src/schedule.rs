@@ -817,10 +817,12 @@ fn settle(
 ) -> Vec<(QueueId, i64)> {
     let now = now_micros();
     let mut updated = Vec::new();
+    let mut noted = Vec::new();
     let mut removed = Vec::new();
     let mut next = Vec::new();
     for (id, outcomes) in settled {
         let Some(mut envelope) = spool.get(&id) else { continue };
+        let before = envelope.clone();
         let mut verdict = apply_outcomes(config, &mut envelope, &outcomes, now);
         suppress_backscatter(config, &mut envelope, &mut verdict);
         count(metrics, &outcomes, &verdict);
@@ -843,16 +845,31 @@ fn settle(
             if !envelope.held {
                 next.push((id, envelope.next_attempt));
             }
-            updated.push(envelope);
+            if changes_state(&before, &envelope) {
+                updated.push(envelope);
+            } else {
+                noted.push(envelope);
+            }
         }
     }
     if let Err(err) = spool.update_many(&updated) {
         tracing::error!(error = %err, "cannot save delivery state");
     }
+    spool.note(noted);
     if let Err(err) = spool.remove_many(&removed) {
         tracing::error!(error = %err, "cannot remove delivered messages");
     }
     next
+}
+
+/// Did more than retry bookkeeping change (a recipient's status, a notice sent, held)? Those
+/// changes are written durably before bartleby acts on them; a bare deferral is only noted.
+fn changes_state(before: &Envelope, after: &Envelope) -> bool {
+    let statuses = |e: &Envelope| e.recipients.iter().map(|r| r.status).collect::<Vec<_>>();
+    statuses(before) != statuses(after)
+        || before.held != after.held
+        || before.delay_notified != after.delay_notified
+        || before.bounce_suppressed != after.bounce_suppressed
 }
 
 /// One attempt of one message in the counters: delivered if any recipient was, deferred if one

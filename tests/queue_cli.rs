@@ -82,10 +82,11 @@ fn queue_commands_through_the_daemon_and_offline() {
 
     assert!(bartleby.stop().success(), "SIGTERM exits 0");
 
-    // Offline: the CLI opens the spool itself.
+    // Offline: the CLI opens the spool itself. The retry state kept in memory was saved at the stop.
     let queue = bartleby.queue();
     assert_eq!(queue.len(), 1);
     assert_eq!(queue[0]["id"], first.as_str());
+    assert!(queue[0]["attempts"].as_u64() >= Some(1) && queue[0]["last_error"].is_string(), "{}", queue[0]);
     assert!(stdout(&bartleby.cli(&["queue", "hold", &first])).contains("held"));
     let out = bartleby.cli(&["queue", "flush"]);
     assert_eq!(out.status.code(), Some(1));

@@ -60,6 +60,8 @@ pub struct Spool {
     index: Mutex<BTreeMap<QueueId, Envelope>>,
     /// The last issued ID as (microseconds, sequence), so IDs stay unique and increasing.
     last_id: Mutex<(i64, u16)>,
+    /// Messages whose retry bookkeeping changed in memory only (see [`Spool::note`]).
+    dirty: Mutex<std::collections::HashSet<QueueId>>,
     /// Coalesces fsyncs of `messages/` across concurrent commits (group commit).
     messages_sync: DirSync,
     /// Held for the life of the Spool: one owner at a time.
@@ -99,6 +101,7 @@ impl Spool {
             index: Mutex::new(BTreeMap::new()),
             last_id: Mutex::new((0, 0)),
             messages_sync: DirSync::default(),
+            dirty: Mutex::new(std::collections::HashSet::new()),
             _lock: lock,
         };
         let recovery = spool.recover()?;
@@ -249,6 +252,7 @@ impl Spool {
         self.write_envelope(envelope, &target)?;
         self.messages_sync.sync(&self.messages)?;
         self.index.lock().unwrap_or_else(|p| p.into_inner()).insert(envelope.id.clone(), envelope.clone());
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).remove(&envelope.id);
         Ok(())
     }
 
@@ -260,8 +264,35 @@ impl Spool {
         fs::rename(&tmp, target).map_err(io_err(target))
     }
 
+    /// Records retry bookkeeping (attempts, next attempt, last error) in memory only. It is not part
+    /// of the promise behind 250 — losing it in a crash means an earlier retry, never lost mail — and
+    /// writing it durably would cost an fsync per message per failed attempt while a primary is down.
+    /// It reaches the disk with the message's next durable change or [`Spool::persist_dirty`].
+    pub fn note(&self, envelopes: Vec<Envelope>) {
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        for envelope in envelopes {
+            if let Some(slot) = index.get_mut(&envelope.id) {
+                dirty.insert(envelope.id.clone());
+                *slot = envelope;
+            }
+        }
+    }
+
+    /// Writes every envelope changed by [`Spool::note`] (at shutdown). Returns how many.
+    pub fn persist_dirty(&self) -> Result<usize, SpoolError> {
+        let ids: Vec<QueueId> = self.dirty.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        let envelopes: Vec<Envelope> =
+            self.with_index(|index| ids.iter().filter_map(|id| index.get(id).cloned()).collect());
+        self.update_many(&envelopes)?;
+        Ok(envelopes.len())
+    }
+
     /// Like [`Spool::update`] for many envelopes, with one directory fsync for all of them.
     pub fn update_many(&self, envelopes: &[Envelope]) -> Result<(), SpoolError> {
+        if envelopes.is_empty() {
+            return Ok(());
+        }
         for envelope in envelopes {
             let target = self.messages.join(format!("{}.env", envelope.id));
             if !target.exists() {
@@ -271,7 +302,9 @@ impl Spool {
         }
         self.messages_sync.sync(&self.messages)?;
         let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
         for envelope in envelopes {
+            dirty.remove(&envelope.id);
             index.insert(envelope.id.clone(), envelope.clone());
         }
         Ok(())
@@ -279,6 +312,9 @@ impl Spool {
 
     /// Removes many messages with one directory fsync; a message already gone is not an error.
     pub fn remove_many(&self, ids: &[QueueId]) -> Result<(), SpoolError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         for id in ids {
             for ext in ["env", "msg"] {
                 let path = self.messages.join(format!("{id}.{ext}"));

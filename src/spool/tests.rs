@@ -213,3 +213,23 @@ fn concurrent_commits_share_directory_syncs_and_all_survive() {
     assert_eq!(spool.len(), 320);
     assert!(ids.iter().all(|id| spool.get(id).is_some()));
 }
+
+#[test]
+fn noted_bookkeeping_is_in_memory_until_persisted() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let mut env = put(&spool, b"x\r\n");
+    env.attempts = 3;
+    env.recipients[0].last_error = Some("connect: refused".into());
+    spool.note(vec![env.clone()]);
+    assert_eq!(spool.get(&env.id).unwrap().attempts, 3, "listings see it at once");
+    drop(spool);
+    let spool = open(dir.path());
+    assert_eq!(spool.get(&env.id).unwrap().attempts, 0, "a crash loses only the bookkeeping");
+    spool.note(vec![env.clone()]);
+    assert_eq!(spool.persist_dirty().unwrap(), 1);
+    assert_eq!(spool.persist_dirty().unwrap(), 0, "nothing left to write");
+    drop(spool);
+    let spool = open(dir.path());
+    assert_eq!(spool.get(&env.id).unwrap().last_error(), Some("connect: refused"));
+}
