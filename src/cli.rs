@@ -7,6 +7,7 @@ use crate::control::{self, ControlError, ListedMessage, MessageDetail, Request};
 use crate::spool::{Spool, SpoolError, rfc3339};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -364,7 +365,7 @@ fn queue_request(config: &Config, request: Request, json: bool) -> ExitCode {
 }
 
 /// Through the daemon when it runs; otherwise on the spool directly, under its lock.
-async fn send(config: &Config, request: Request) -> Result<Value, String> {
+async fn send(config: &Config, request: Request) -> Result<Box<RawValue>, String> {
     let socket = Spool::control_socket_path(&config.queue.dir);
     match control::request(&socket, &request).await {
         Err(ControlError::NotRunning(_)) => {}
@@ -377,23 +378,24 @@ async fn send(config: &Config, request: Request) -> Result<Value, String> {
     control::execute(request, &spool, None).await
 }
 
-fn render(request: &Request, value: Value, json: bool) -> String {
+fn render(request: &Request, value: Box<RawValue>, json: bool) -> String {
+    let raw = value.get();
     match request {
-        Request::List if json => format!("{}\n", serde_json::to_string_pretty(&value).unwrap_or_default()),
-        Request::List => match serde_json::from_value::<Vec<ListedMessage>>(value) {
+        Request::List => match serde_json::from_str::<Vec<ListedMessage>>(raw) {
+            Ok(list) if json => format!("{}\n", serde_json::to_string_pretty(&list).unwrap_or_default()),
             Ok(list) => mailq(&list),
             Err(err) => format!("bad listing: {err}\n"),
         },
-        Request::Show { .. } => match serde_json::from_value::<MessageDetail>(value) {
+        Request::Show { .. } => match serde_json::from_str::<MessageDetail>(raw) {
             Ok(detail) => show(&detail),
             Err(err) => format!("bad message: {err}\n"),
         },
         Request::Flush { domain } => {
-            let count = value.as_u64().unwrap_or(0);
+            let count: u64 = serde_json::from_str(raw).unwrap_or(0);
             let scope = domain.as_ref().map(|d| format!(" for {d}")).unwrap_or_default();
             format!("flush{scope}: {count} message{} scheduled for delivery now\n", if count == 1 { "" } else { "s" })
         }
-        _ => format!("{}\n", value.as_str().unwrap_or_default()),
+        _ => format!("{}\n", serde_json::from_str::<String>(raw).unwrap_or_default()),
     }
 }
 

@@ -6,7 +6,7 @@
 use crate::schedule::{self, ScheduleError, SchedulerHandle};
 use crate::spool::{Envelope, Spool, SpoolError, is_queue_id, rfc3339};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -28,10 +28,11 @@ pub enum Request {
     Flush { domain: Option<String> },
 }
 
+/// One answer; `ok` is kept as raw JSON so a listing of 100,000 messages is never built as a tree.
 #[derive(Debug, Serialize, Deserialize)]
 struct Response {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    ok: Option<Value>,
+    ok: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
@@ -92,20 +93,25 @@ pub enum ControlError {
 }
 
 /// Carries out one request against the spool, through the scheduler when the daemon runs.
-pub async fn execute(request: Request, spool: &Spool, scheduler: Option<&SchedulerHandle>) -> Result<Value, String> {
+pub async fn execute(
+    request: Request,
+    spool: &Spool,
+    scheduler: Option<&SchedulerHandle>,
+) -> Result<Box<RawValue>, String> {
     let id_ok = |id: &str| if is_queue_id(id) { Ok(()) } else { Err(format!("{id:?} is not a queue ID")) };
-    let json = |v: Result<Value, serde_json::Error>| v.map_err(|e| e.to_string());
+    let json = |v: Result<Box<RawValue>, serde_json::Error>| v.map_err(|e| e.to_string());
+    let text = |t: String| json(serde_json::value::to_raw_value(&t));
     match request {
         Request::List => {
             let list: Vec<ListedMessage> = spool.with_index(|index| index.values().map(ListedMessage::from).collect());
-            json(serde_json::to_value(list))
+            json(serde_json::value::to_raw_value(&list))
         }
         Request::Show { id } => {
             id_ok(&id)?;
             let envelope = spool.get(&id).ok_or_else(|| SpoolError::NotFound(id.clone()).to_string())?;
             let headers = spool.read_headers(&id, 256 * 1024).map_err(|e| e.to_string())?;
             let headers = String::from_utf8_lossy(&headers).into_owned();
-            json(serde_json::to_value(MessageDetail { envelope, headers }))
+            json(serde_json::value::to_raw_value(&MessageDetail { envelope, headers }))
         }
         Request::Delete { id } => {
             id_ok(&id)?;
@@ -114,9 +120,11 @@ pub async fn execute(request: Request, spool: &Spool, scheduler: Option<&Schedul
                 None => schedule::delete(spool, &id),
             }
             .map_err(|e| e.to_string())?;
-            Ok(Value::String(format!("{id} deleted")))
+            text(format!("{id} deleted"))
         }
-        Request::Hold { id } | Request::Release { id } if id_ok(&id).is_err() => id_ok(&id).map(|()| Value::Null),
+        Request::Hold { id } | Request::Release { id } if id_ok(&id).is_err() => {
+            Err(id_ok(&id).err().unwrap_or_default())
+        }
         Request::Hold { id } => set_held(spool, scheduler, &id, true).await,
         Request::Release { id } => set_held(spool, scheduler, &id, false).await,
         Request::Retry { id } => {
@@ -126,23 +134,29 @@ pub async fn execute(request: Request, spool: &Spool, scheduler: Option<&Schedul
                 .retry(&id)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok(Value::String(format!("{id} scheduled for delivery now")))
+            text(format!("{id} scheduled for delivery now"))
         }
         Request::Flush { domain } => {
             let scheduler = scheduler.ok_or_else(|| ScheduleError::NotRunning.to_string())?;
             let count = scheduler.flush(domain).await.map_err(|e| e.to_string())?;
-            Ok(Value::from(count))
+            json(serde_json::value::to_raw_value(&count))
         }
     }
 }
 
-async fn set_held(spool: &Spool, scheduler: Option<&SchedulerHandle>, id: &str, held: bool) -> Result<Value, String> {
+async fn set_held(
+    spool: &Spool,
+    scheduler: Option<&SchedulerHandle>,
+    id: &str,
+    held: bool,
+) -> Result<Box<RawValue>, String> {
     let envelope = match scheduler {
         Some(s) => s.hold(id, held).await,
         None => schedule::set_held(spool, id, held),
     }
     .map_err(|e| e.to_string())?;
-    Ok(Value::String(format!("{} {}", envelope.id, if held { "held" } else { "released" })))
+    serde_json::value::to_raw_value(&format!("{} {}", envelope.id, if held { "held" } else { "released" }))
+        .map_err(|e| e.to_string())
 }
 
 /// Binds the control socket, replacing a stale one (we hold the spool lock, so no other daemon
@@ -202,8 +216,9 @@ async fn answer(stream: UnixStream, spool: &Spool, scheduler: &SchedulerHandle) 
     write.shutdown().await
 }
 
-/// Sends one request to the running daemon.
-pub async fn request(socket: &Path, request: &Request) -> Result<Value, ControlError> {
+/// Sends one request to the running daemon; the answer is raw JSON for the caller to parse into
+/// the type it expects.
+pub async fn request(socket: &Path, request: &Request) -> Result<Box<RawValue>, ControlError> {
     let stream = UnixStream::connect(socket).await.map_err(|err| match err.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
             ControlError::NotRunning(socket.display().to_string())
