@@ -354,7 +354,7 @@ fn queue_request(config: &Config, request: Request, json: bool) -> ExitCode {
     let result = runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(send(config, request.clone())));
     match result {
         Ok(value) => {
-            print!("{}", render(&request, value, json));
+            print!("{}", render(&request, &value, json));
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -378,7 +378,7 @@ async fn send(config: &Config, request: Request) -> Result<Box<RawValue>, String
     control::execute(request, &spool, None).await
 }
 
-fn render(request: &Request, value: Box<RawValue>, json: bool) -> String {
+fn render(request: &Request, value: &RawValue, json: bool) -> String {
     let raw = value.get();
     match request {
         Request::List => match serde_json::from_str::<Vec<ListedMessage>>(raw) {
