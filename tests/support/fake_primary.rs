@@ -82,6 +82,8 @@ pub struct Received {
     pub body: Vec<u8>,
     /// Was the connection encrypted?
     pub tls: bool,
+    /// The final reply the fake primary gave (None: it dropped or stalled instead).
+    pub reply: Option<String>,
 }
 
 /// What the fake primary saw.
@@ -294,6 +296,13 @@ impl Connection {
             }
             body.extend_from_slice(if line.starts_with(b".") { &line[1..] } else { &line });
         }
+        let script = self.script();
+        let answers = !script.drop_after_data && script.stall != Some(Stall::AfterData);
+        // Taken with the message, so each recorded message carries the reply it got.
+        let reply = answers.then(|| {
+            let next = self.script.lock().unwrap().final_replies.pop_front();
+            next.unwrap_or_else(|| "250 2.0.0 Ok: queued".into())
+        });
         let received = Received {
             connection: self.number,
             mail: tx.mail.unwrap_or_default(),
@@ -301,17 +310,16 @@ impl Connection {
             raw,
             body,
             tls: self.tls,
+            reply: reply.clone(),
         };
         self.state.lock().unwrap().messages.push(received);
-        let script = self.script();
         if script.drop_after_data {
             return Ok(None);
         }
         if script.stall == Some(Stall::AfterData) {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
-        let reply = self.script.lock().unwrap().final_replies.pop_front();
-        Ok(Some(reply.unwrap_or_else(|| "250 2.0.0 Ok: queued".into())))
+        Ok(reply)
     }
 }
 
