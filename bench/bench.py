@@ -14,6 +14,7 @@ Five figures, each measured for the three systems in the same run, on loopback o
   listing  with BIG messages queued: `bartleby queue list` and the admin page's first page
            against `postqueue -p` (wall time of the command, output to /dev/null).
   restart  with BIG messages queued: kill, start, time until the SMTP greeting answers.
+           Then, for information, each server's RSS holding the BIG queue.
 
 The ceiling is smtp-sink (no disk): for accept, smtp-source into it; for drain, smtp-source with
 connection reuse (-d) into it, the best any client could do; for memory, its own RSS. It has no
@@ -544,6 +545,10 @@ def big_queue(bartleby, postfix, args, results):
         results["restart_postfix"].append(postfix.start())
         log(f"restart with {args.big}: bartleby {results['restart_bartleby'][-1]:.3f}s, "
             f"postfix {results['restart_postfix'][-1]:.3f}s")
+    # Just restarted: what holding the big queue costs (bartleby keeps an index of every envelope).
+    time.sleep(2)
+    results["big_rss_bartleby"].append(bartleby.rss())
+    results["big_rss_postfix"].append(postfix.rss())
     bartleby.wipe()
     postfix.wipe()
 
@@ -593,6 +598,8 @@ def figures(r, args):
                queued=args.big, note="bartleby: SIGKILL then start; postfix: stop then start; "
                                      "until the 220 greeting",
                goal="< 2 s"),
+        figure("memory_big_queue", "kB", "lower", r["big_rss_bartleby"], r["big_rss_postfix"], [],
+               queued=args.big, note="RSS 2 s after the last restart, the queue full (postfix: summed)"),
         figure("fill_big", "messages/s", "higher", r["fill_rate_bartleby"], r["fill_rate_postfix"], [],
                note=f"filling {args.big} for listing/restart: smtp-source, 50 sessions, primary down"),
     ]
@@ -648,6 +655,7 @@ def parse_args():
     p.add_argument("--workdir", default="/var/tmp/bartleby-bench", help="queues live here (wiped)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args()
+    args.binary = os.path.abspath(args.binary)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.messages = args.messages or (2000 if args.quick else 10000)
     args.big = args.big or (10000 if args.quick else 100000)
