@@ -1,4 +1,5 @@
-//! The command line: `bartleby serve`, `check-config` and the `queue` commands (mailq-style).
+//! The command line: `bartleby serve`, `check-config`, `check-dns`, `alert-test`, the `queue`
+//! commands (mailq-style), `recipients` (the recipient cache) and `hash-password`.
 //! Exit status: 0 success, 1 failure, 2 bad configuration.
 
 use crate::config::{Config, ConfigError};
@@ -25,11 +26,45 @@ pub enum Command {
     Serve,
     /// Validate the configuration and print the effective settings.
     CheckConfig,
+    /// Say whether each relayed domain's MX records are right for a backup MX (exit 1 if not).
+    CheckDns {
+        /// Only these domains (default: every relay domain).
+        domains: Vec<String>,
+    },
+    /// Send a test alert through every channel of [monitor] (exit 1 if one fails).
+    AlertTest,
     /// Look at and act on the queue (works while the daemon runs).
     Queue {
         #[command(subcommand)]
         action: QueueCommand,
     },
+    /// Read a password on stdin and print its argon2 hash for `[web] users`.
+    HashPassword,
+    /// The recipient cache: callout answers, addresses learned from deliveries, your own entries
+    /// (works while the daemon runs; it picks up changes within a second).
+    Recipients {
+        #[command(subcommand)]
+        action: RecipientsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecipientsCommand {
+    /// List the cache: address, valid or invalid, source, expiry.
+    List {
+        /// An array of JSON objects instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Vouch for addresses (they are accepted at RCPT even while the primary is down).
+    Add {
+        addresses: Vec<String>,
+        /// Record the addresses as invalid instead (550 5.1.1 at RCPT).
+        #[arg(long)]
+        invalid: bool,
+    },
+    /// Forget addresses (the next RCPT asks the list, a callout or the policy again).
+    Forget { addresses: Vec<String> },
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,7 +123,89 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Queue { action } => queue(config, action),
+        Command::CheckDns { domains } => check_dns(config, &domains),
+        Command::AlertTest => alert_test(config),
+        Command::HashPassword => hash_password(),
+        Command::Recipients { action } => recipients(&config, action),
     }
+}
+
+/// `bartleby hash-password`: one line from stdin (the password), its PHC hash on stdout.
+fn hash_password() -> ExitCode {
+    use std::io::{BufRead, IsTerminal};
+    if std::io::stdin().is_terminal() {
+        eprint!("Password (echoed; or pipe it in): ");
+    }
+    let mut line = String::new();
+    if let Err(err) = std::io::stdin().lock().read_line(&mut line) {
+        eprintln!("bartleby: cannot read the password: {err}");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!("bartleby: empty password");
+        return ExitCode::FAILURE;
+    }
+    match crate::web::auth::hash_password(password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn recipients(config: &Config, action: RecipientsCommand) -> ExitCode {
+    use crate::recipients::{self, cache::Source};
+    let dir = &config.queue.dir;
+    let result = match action {
+        RecipientsCommand::List { json } => recipients::list(dir).map(|entries| print_recipients(&entries, json)),
+        RecipientsCommand::Add { addresses, invalid } => {
+            recipients::add(dir, &addresses, !invalid, Source::Operator, None).map(|_| {
+                println!("{} address(es) recorded as {}", addresses.len(), if invalid { "invalid" } else { "valid" });
+            })
+        }
+        RecipientsCommand::Forget { addresses } => addresses.iter().try_for_each(|address| {
+            let found = recipients::forget(dir, address)?;
+            println!("{address}: {}", if found { "forgotten" } else { "not in the cache" });
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_recipients(entries: &[(String, crate::recipients::cache::Entry)], json: bool) {
+    if json {
+        let list: Vec<Value> = entries
+            .iter()
+            .map(|(address, e)| {
+                serde_json::json!({"address": address, "valid": e.valid, "source": e.source,
+                    "learned": rfc3339(e.at), "expires": e.expires.map(rfc3339)})
+            })
+            .collect();
+        println!("{}", Value::Array(list));
+        return;
+    }
+    println!("{:<40} {:<8} {:<9} EXPIRES", "ADDRESS", "VALID", "SOURCE");
+    for (address, e) in entries {
+        let source = match e.source {
+            crate::recipients::cache::Source::Callout => "callout",
+            crate::recipients::cache::Source::Delivery => "delivery",
+            crate::recipients::cache::Source::Operator => "operator",
+        };
+        let expires = e.expires.map(rfc3339).unwrap_or_else(|| "never".into());
+        println!("{address:<40} {:<8} {source:<9} {expires}", if e.valid { "yes" } else { "no" });
+    }
+    println!("-- {} address(es)", entries.len());
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
@@ -134,6 +251,54 @@ fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn check_dns(config: Config, domains: &[String]) -> ExitCode {
+    let result =
+        runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(crate::check_dns::check(&config, domains)));
+    match result {
+        Ok(reports) if reports.is_empty() => {
+            eprintln!("bartleby: no domains to check (relay.domains is empty)");
+            ExitCode::FAILURE
+        }
+        Ok(reports) => {
+            print!("{}", crate::check_dns::render(&reports));
+            if reports.iter().any(|r| r.has_problems()) { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+        }
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn alert_test(config: Config) -> ExitCode {
+    let alerter = crate::monitor::alert::Alerter::new(std::sync::Arc::new(config.clone()));
+    if alerter.channels() == 0 {
+        eprintln!(
+            "bartleby: no alert channels configured ([[monitor.command]], [[monitor.webhook]], [[monitor.email]])"
+        );
+        return ExitCode::FAILURE;
+    }
+    let alert = crate::monitor::alert::Alert::test(&config.hostname);
+    let results = match runtime() {
+        Ok(rt) => rt.block_on(alerter.send(&alert)),
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = false;
+    for (channel, result) in results {
+        match result {
+            Ok(()) => println!("sent     {channel}"),
+            Err(err) => {
+                failed = true;
+                println!("FAILED   {channel}: {err}");
+            }
+        }
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
 fn queue(config: Config, action: QueueCommand) -> ExitCode {

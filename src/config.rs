@@ -42,6 +42,9 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     #[serde(default)]
     pub web: WebConfig,
+    /// Probes of the primaries, alert rules and channels, and other services to watch.
+    #[serde(default)]
+    pub monitor: MonitorConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -66,6 +69,59 @@ pub struct SmtpConfig {
     pub command_timeout: HumanDuration,
     /// Time to wait for the next chunk of message data (RFC 5321 4.5.3.2.7).
     pub data_timeout: HumanDuration,
+    /// Clients (CIDR) allowed to start a queue run with ETRN (RFC 1985); empty: nobody.
+    pub etrn_allow: Vec<Cidr>,
+    /// Concurrent SMTP sessions from one client IP address; beyond it new connections get 421 4.7.0.
+    pub max_sessions_per_ip: usize,
+    /// Messages (MAIL commands) one client IP may start per minute; beyond it MAIL gets 452 4.7.0.
+    pub max_messages_per_ip_per_minute: u32,
+    /// Recipients one client IP may give per minute; beyond it RCPT gets 452 4.7.0.
+    pub max_recipients_per_ip_per_minute: u32,
+    /// Error replies in one session before it is closed with 421 4.7.0 (Postfix's
+    /// smtpd_hard_error_limit).
+    pub max_errors: usize,
+    /// Largest header section, in octets; a message with more gets 552 5.3.4 (Postfix's
+    /// header_size_limit).
+    pub max_header_size: u64,
+    /// Check the sender with SPF and DKIM at accept time (see `docs/security.md`); the verdict decides
+    /// later whether a failure notice may be sent.
+    pub sender_auth: bool,
+    /// What to do with a failure notice when the sender's SPF result is none or neutral and no aligned
+    /// DKIM signature passed: `send` (the default) or `hold`.
+    pub bounce_unverified: BounceUnverified,
+    /// Callouts to primaries in one minute, over all domains; beyond it unknown recipients get the
+    /// domain's unknown-recipient policy.
+    pub callouts_per_minute: u32,
+    /// How long a primary's yes to a callout is remembered.
+    pub callout_positive_ttl: HumanDuration,
+    /// How long a primary's no to a callout is remembered.
+    pub callout_negative_ttl: HumanDuration,
+    /// How long a callout may take in total (the client waits for its RCPT reply meanwhile).
+    pub callout_timeout: HumanDuration,
+}
+
+/// Failure notices to senders whose SPF said nothing either way (none, neutral, errors).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BounceUnverified {
+    /// Send the notice.
+    #[default]
+    Send,
+    /// Keep the failed message held and counted instead, like an SPF failure.
+    Hold,
+}
+
+/// What happens at RCPT to an address bartleby cannot vouch for (issue 6; `docs/security.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownPolicy {
+    /// 451 4.4.3: the sender retries, and by then the primary may answer a callout.
+    #[default]
+    Tempfail,
+    /// Accept and relay later; the primary decides.
+    Accept,
+    /// Accept, but keep the message held for the operator to review.
+    Hold,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -108,6 +164,23 @@ pub struct DomainConfig {
     pub strict_order: bool,
     /// Insist on STARTTLS with a verified certificate chain and name when delivering.
     pub require_tls: bool,
+    /// A file of valid recipients: one address, `@domain` (every address of the domain) or pattern
+    /// with `*` per line, `#` comments. Reloaded when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients_file: Option<PathBuf>,
+    /// Ask the primary about unknown recipients (`MAIL FROM:<>`, `RCPT TO`, `RSET`) and cache its answers.
+    pub callout: bool,
+    /// What unknown recipients get while the primary cannot answer: `tempfail` (451 4.4.3, the
+    /// default), `accept` or `hold`. Applies only when `recipients_file` or `callout` is set.
+    pub unknown_recipient: UnknownPolicy,
+}
+
+impl DomainConfig {
+    /// Does bartleby check recipients of this domain at all? Without a list or callouts every
+    /// address of a relay domain is accepted, as before.
+    pub fn verifies_recipients(&self) -> bool {
+        self.recipients_file.is_some() || self.callout
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -137,6 +210,20 @@ pub struct WebConfig {
     pub listen: SocketAddr,
     /// Peer addresses allowed to use the admin page (CIDR); everyone else gets 403.
     pub allow: Vec<Cidr>,
+    /// Optional accounts: user name -> argon2 PHC hash (`bartleby hash-password` makes one).
+    /// Empty: every allowed peer may use the page without logging in.
+    pub users: BTreeMap<String, String>,
+    /// With `tls_key`, the page is served over HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Least time between two flushes; a flush inside it gets 429, so clicks cannot become a DoS.
+    pub flush_cooldown: HumanDuration,
+    /// Free space on the spool's filesystem, in percent, below which the disk bar turns amber.
+    pub disk_warn_percent: u8,
+    /// Free space, in percent, below which the disk bar turns red.
+    pub disk_critical_percent: u8,
+    /// How often the queue size is sampled for the 24-hour chart.
+    pub sample_interval: HumanDuration,
 }
 
 impl Default for SmtpConfig {
@@ -152,6 +239,18 @@ impl Default for SmtpConfig {
             max_received_headers: 50,
             command_timeout: HumanDuration::minutes(5),
             data_timeout: HumanDuration::minutes(10),
+            etrn_allow: Vec::new(),
+            max_sessions_per_ip: 20,
+            max_messages_per_ip_per_minute: 120,
+            max_recipients_per_ip_per_minute: 600,
+            max_errors: 20,
+            max_header_size: 1024 * 1024,
+            sender_auth: true,
+            bounce_unverified: BounceUnverified::Send,
+            callouts_per_minute: 60,
+            callout_positive_ttl: HumanDuration::hours(30 * 24),
+            callout_negative_ttl: HumanDuration::hours(1),
+            callout_timeout: HumanDuration::seconds(30),
         }
     }
 }
@@ -194,7 +293,50 @@ impl Default for WebConfig {
                 Cidr::from_str("127.0.0.0/8").expect("literal CIDR"),
                 Cidr::from_str("::1/128").expect("literal CIDR"),
             ],
+            users: BTreeMap::new(),
+            tls_cert: None,
+            tls_key: None,
+            flush_cooldown: HumanDuration::seconds(60),
+            disk_warn_percent: 20,
+            disk_critical_percent: 10,
+            sample_interval: HumanDuration::minutes(5),
         }
+    }
+}
+
+impl WebConfig {
+    /// The `[web]` checks; errors name the key as [`Config::parse`] reports them.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, problem: String| Err((key.to_string(), problem));
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("web.tls_cert", "tls_cert and tls_key must be set together".into());
+        }
+        for (key, path) in [("web.tls_cert", &self.tls_cert), ("web.tls_key", &self.tls_key)] {
+            if let Some(path) = path
+                && let Err(err) = std::fs::metadata(path)
+            {
+                return bad(key, format!("{}: {err}", path.display()));
+            }
+        }
+        for (user, hash) in &self.users {
+            if user.is_empty() || user.chars().any(|c| c.is_control() || c == ':') {
+                return bad(&format!("web.users.{user}"), "not a usable user name".into());
+            }
+            let parsed = argon2::password_hash::PasswordHash::new(hash);
+            if !parsed.is_ok_and(|h| h.algorithm.as_str().starts_with("argon2")) {
+                return bad(
+                    &format!("web.users.{user}"),
+                    "not an argon2 hash (make one with `bartleby hash-password`)".into(),
+                );
+            }
+        }
+        if self.disk_critical_percent > self.disk_warn_percent || self.disk_warn_percent > 100 {
+            return bad("web.disk_warn_percent", "needs disk_critical_percent <= disk_warn_percent <= 100".into());
+        }
+        if self.sample_interval.0.as_secs() < 10 {
+            return bad("web.sample_interval", "must be at least 10s".into());
+        }
+        Ok(())
     }
 }
 
@@ -238,6 +380,7 @@ impl Config {
             domain: BTreeMap::new(),
             delivery: DeliveryConfig::default(),
             web: WebConfig::default(),
+            monitor: MonitorConfig::default(),
         }
     }
 
@@ -308,6 +451,7 @@ impl Config {
         if self.smtp.max_sessions == 0 {
             return bad("smtp.max_sessions", "must be above 0".into());
         }
+        self.validate_limits()?;
         for (i, domain) in self.relay.domains.iter().enumerate() {
             if !is_domain_name(domain) {
                 return bad(&format!("relay.domains[{i}]"), format!("{domain:?} is not a domain name"));
@@ -341,7 +485,8 @@ impl Config {
         if self.delivery.dns_timeout.0.is_zero() {
             return bad("delivery.dns_timeout", "must be longer than 0".into());
         }
-        Ok(())
+        self.monitor.validate(&self.routes)?;
+        self.web.validate()
     }
 
     /// Is `domain` one we are backup MX for?
@@ -358,6 +503,39 @@ impl Config {
     /// The effective settings as TOML, for `bartleby check-config`.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot print settings: {err}\n"))
+    }
+}
+
+impl Config {
+    /// The abuse limits of `[smtp]` and the per-domain recipient settings (issue 6).
+    fn validate_limits(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, problem: String| Err((key.to_string(), problem));
+        let smtp = &self.smtp;
+        for (key, value) in [
+            ("smtp.max_sessions_per_ip", smtp.max_sessions_per_ip as u64),
+            ("smtp.max_messages_per_ip_per_minute", u64::from(smtp.max_messages_per_ip_per_minute)),
+            ("smtp.max_recipients_per_ip_per_minute", u64::from(smtp.max_recipients_per_ip_per_minute)),
+            ("smtp.max_errors", smtp.max_errors as u64),
+        ] {
+            if value == 0 {
+                return bad(key, "must be above 0".into());
+            }
+        }
+        // RFC 5322 2.1.1 lines and a handful of headers must fit.
+        if smtp.max_header_size < 4096 {
+            return bad("smtp.max_header_size", "must be at least 4096".into());
+        }
+        if smtp.callout_timeout.0.is_zero() {
+            return bad("smtp.callout_timeout", "must be longer than 0".into());
+        }
+        for (domain, policy) in &self.domain {
+            if let Some(path) = &policy.recipients_file
+                && let Err(err) = std::fs::metadata(path)
+            {
+                return bad(&format!("domain.{domain}.recipients_file"), format!("{}: {err}", path.display()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -580,6 +758,186 @@ impl Serialize for Cidr {
     }
 }
 
+/// `[monitor]`: probes of each relayed domain's next hops, alert rules with their thresholds, the
+/// channels alerts go to, and other services to watch. A zero threshold (`0` or `"0s"`) turns its
+/// rule off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// How often the primaries (and the `check` entries) are probed; `"0s"` turns probing off.
+    pub probe_interval: HumanDuration,
+    /// How long one probe may take (connect, greeting, EHLO, QUIT); at most the interval.
+    pub probe_timeout: HumanDuration,
+    /// Alert when a relayed domain's primary has been down this long.
+    pub primary_down_after: HumanDuration,
+    /// Alert when more messages than this are queued.
+    pub queue_max_messages: usize,
+    /// Alert when the oldest queued message is older than this.
+    pub queue_max_age: HumanDuration,
+    /// Alert when less than this percentage of the spool's filesystem is free.
+    pub spool_min_free_percent: u8,
+    /// Repeat an alert that is still firing this often; `"0s"`: tell once.
+    pub reminder_interval: HumanDuration,
+    /// Commands run with the alert as JSON on stdin (a pager script).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<CommandChannel>,
+    /// URLs the alert JSON is POSTed to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhook: Vec<WebhookChannel>,
+    /// Mailboxes the alert is mailed to through a smarthost.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub email: Vec<EmailChannel>,
+    /// Other services on the network to watch, with the same rules and channels.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub check: Vec<CheckConfig>,
+}
+
+/// `[[monitor.command]]`: a program run for every alert, the alert JSON on its stdin.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CommandChannel {
+    /// Program and arguments, run directly (no shell).
+    pub argv: Vec<String>,
+    /// Killed after this long.
+    #[serde(default = "default_channel_timeout")]
+    pub timeout: HumanDuration,
+}
+
+/// `[[monitor.webhook]]`: an HTTP POST of the alert JSON.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookChannel {
+    /// `http://` or `https://` URL (https verifies the server against the Web PKI roots).
+    pub url: String,
+    #[serde(default = "default_channel_timeout")]
+    pub timeout: HumanDuration,
+}
+
+/// `[[monitor.email]]`: a mail to administrators, through a smarthost, never the primary (which
+/// may be the thing that is down).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EmailChannel {
+    /// Recipients.
+    pub to: Vec<String>,
+    /// The envelope and header sender; default `bartleby@<hostname>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The relay that takes the alert: `host:port`.
+    pub smarthost: Route,
+    #[serde(default = "default_channel_timeout")]
+    pub timeout: HumanDuration,
+}
+
+/// `[[monitor.check]]`: another service to watch.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    /// Shown in alerts and logs; unique.
+    pub name: String,
+    pub kind: CheckKind,
+    /// `host:port` for `tcp` and `smtp`; a URL for `http`.
+    pub target: String,
+    /// The HTTP status a healthy `http` service answers.
+    #[serde(default = "default_expect_status")]
+    pub expect_status: u16,
+    /// Alert once the service has failed for this long (`"0s"`: at the first failure).
+    #[serde(default)]
+    pub down_after: HumanDuration,
+    /// How long one check may take.
+    #[serde(default = "default_channel_timeout")]
+    pub timeout: HumanDuration,
+}
+
+/// What a `[[monitor.check]]` does.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connection is accepted.
+    Tcp,
+    /// An HTTP GET answers `expect_status`.
+    Http,
+    /// An SMTP server greets with 220.
+    Smtp,
+}
+
+impl Default for HumanDuration {
+    fn default() -> Self {
+        HumanDuration(Duration::ZERO)
+    }
+}
+
+fn default_channel_timeout() -> HumanDuration {
+    HumanDuration::seconds(30)
+}
+
+fn default_expect_status() -> u16 {
+    200
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            probe_interval: HumanDuration::seconds(60),
+            probe_timeout: HumanDuration::seconds(30),
+            primary_down_after: HumanDuration::minutes(30),
+            queue_max_messages: 10_000,
+            queue_max_age: HumanDuration::hours(24),
+            spool_min_free_percent: 10,
+            reminder_interval: HumanDuration::hours(4),
+            command: Vec::new(),
+            webhook: Vec::new(),
+            email: Vec::new(),
+            check: Vec::new(),
+        }
+    }
+}
+
+impl MonitorConfig {
+    fn validate(&self, routes: &BTreeMap<String, Route>) -> Result<(), (String, String)> {
+        let bad = |key: String, problem: &str| Err((key, problem.to_string()));
+        if self.spool_min_free_percent > 100 {
+            return bad("monitor.spool_min_free_percent".into(), "must be at most 100");
+        }
+        if self.probe_timeout.0.is_zero() {
+            return bad("monitor.probe_timeout".into(), "must be longer than 0");
+        }
+        for (i, c) in self.command.iter().enumerate() {
+            if c.argv.first().is_none_or(|p| p.is_empty()) {
+                return bad(format!("monitor.command[{i}].argv"), "needs a program");
+            }
+        }
+        for (i, w) in self.webhook.iter().enumerate() {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return bad(format!("monitor.webhook[{i}].url"), "must start with http:// or https://");
+            }
+        }
+        for (i, e) in self.email.iter().enumerate() {
+            if e.to.is_empty() || e.to.iter().any(|a| !a.contains('@')) {
+                return bad(format!("monitor.email[{i}].to"), "needs one or more addresses (user@domain)");
+            }
+            // The primary may be the thing that is down: alerts must not wait in its queue.
+            if routes.values().any(|r| r == &e.smarthost) {
+                return bad(format!("monitor.email[{i}].smarthost"), "must not be a primary (a route in [routes])");
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in self.check.iter().enumerate() {
+            if c.name.is_empty() || !names.insert(c.name.as_str()) {
+                return bad(format!("monitor.check[{i}].name"), "must be set and unique");
+            }
+            let ok = match c.kind {
+                CheckKind::Http => c.target.starts_with("http://") || c.target.starts_with("https://"),
+                CheckKind::Tcp | CheckKind::Smtp => c.target.parse::<Route>().is_ok(),
+            };
+            if !ok {
+                return bad(format!("monitor.check[{i}].target"), "must be host:port (tcp, smtp) or a URL (http)");
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,6 +1037,23 @@ allow = ["127.0.0.1/32", "::1/128"]
     }
 
     #[test]
+    fn web_settings_are_checked() {
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$dfPVWFS0qiFj+EmwrvJaCA$WF+YYmMJ4aBERvXbZXLT9xYvH/4gsMi+vP+vnEr69eU";
+        let ok =
+            Config::parse(&format!("[web]\nusers = {{ alice = \"{hash}\" }}\nflush_cooldown = \"2m\"\n"), "w.toml")
+                .expect("valid");
+        assert_eq!(ok.web.flush_cooldown.0, Duration::from_secs(120));
+        assert!(ok.web.users.contains_key("alice"));
+        let err = Config::parse("[web]\nusers = { alice = \"secret\" }\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("key `web.users.alice`"), "{err}");
+        let err = Config::parse("[web]\ntls_cert = \"/x\"\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("web.tls_cert"), "{err}");
+        let err = Config::parse("[web]\ndisk_warn_percent = 5\ndisk_critical_percent = 10\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("web.disk_warn_percent"), "{err}");
+        assert_eq!(Config::demo().web.flush_cooldown.0, Duration::from_secs(60));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!("90s".parse::<HumanDuration>().unwrap().0.as_secs(), 90);
         assert_eq!("1h30m".parse::<HumanDuration>().unwrap().0.as_secs(), 5400);
@@ -701,6 +1076,65 @@ allow = ["127.0.0.1/32", "::1/128"]
         let host: Cidr = "::1".parse().unwrap();
         assert!(host.contains("::1".parse().unwrap()));
         assert!(!host.contains("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn monitor_section() {
+        let text = r#"
+[smtp]
+etrn_allow = ["192.0.2.0/24", "2001:db8::/32"]
+
+[routes]
+"example.test" = "192.0.2.10:25"
+
+[monitor]
+probe_interval = "30s"
+primary_down_after = "15m"
+queue_max_messages = 500
+queue_max_age = "6h"
+spool_min_free_percent = 5
+reminder_interval = "2h"
+
+[[monitor.command]]
+argv = ["/usr/local/bin/page", "--urgent"]
+
+[[monitor.webhook]]
+url = "https://hooks.example.net/bartleby"
+timeout = "10s"
+
+[[monitor.email]]
+to = ["admin@example.net"]
+smarthost = "smtp.example.net:587"
+
+[[monitor.check]]
+name = "intranet"
+kind = "http"
+target = "http://192.0.2.20/health"
+down_after = "2m"
+"#;
+        let config = Config::parse(text, "m.toml").expect("valid");
+        assert_eq!(config.smtp.etrn_allow.len(), 2);
+        let m = &config.monitor;
+        assert_eq!(m.probe_interval, HumanDuration::seconds(30));
+        assert_eq!(m.primary_down_after, HumanDuration::minutes(15));
+        assert_eq!((m.queue_max_messages, m.spool_min_free_percent), (500, 5));
+        assert_eq!(m.command[0].timeout, HumanDuration::seconds(30));
+        assert_eq!(m.webhook[0].timeout, HumanDuration::seconds(10));
+        assert_eq!(m.email[0].smarthost.port, 587);
+        assert_eq!((m.check[0].kind, m.check[0].expect_status), (CheckKind::Http, 200));
+        let again = Config::parse(&config.to_toml(), "again").expect("effective settings parse back");
+        assert_eq!(again.monitor.check, m.check);
+        assert_eq!(again.monitor.email, m.email);
+
+        let bad = |extra: &str| Config::parse(&format!("{text}{extra}"), "m.toml").unwrap_err().to_string();
+        let err = bad("\n[[monitor.email]]\nto = [\"a@b.test\"]\nsmarthost = \"192.0.2.10:25\"\n");
+        assert!(err.contains("monitor.email[1].smarthost") && err.contains("must not be a primary"), "{err}");
+        let err = bad("\n[[monitor.check]]\nname = \"intranet\"\nkind = \"tcp\"\ntarget = \"h:1\"\n");
+        assert!(err.contains("monitor.check[1].name"), "{err}");
+        let err = bad("\n[[monitor.check]]\nname = \"x\"\nkind = \"ping\"\ntarget = \"h:1\"\n");
+        assert!(err.contains("monitor.check"), "{err}");
+        let err = bad("\n[[monitor.webhook]]\nurl = \"ftp://x\"\n");
+        assert!(err.contains("monitor.webhook[1].url"), "{err}");
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! `bartleby serve`: wires the stages together. Binds every listener first, recovers the spool,
-//! starts the scheduler, the control socket and the SMTP server, and stops them in order on
+//! starts the scheduler, the monitor, the control socket and the SMTP server, and stops them in order on
 //! SIGTERM or SIGINT: no new mail, 421 to open sessions, nothing half-written left behind.
 
+use crate::auth::SenderCheck;
 use crate::config::{Config, ConfigError};
 use crate::control;
 use crate::deliver::Deliverer;
-use crate::schedule::Scheduler;
-use crate::schedule::SchedulerHandle;
+use crate::metrics::Metrics;
+use crate::monitor::Monitor;
+use crate::recipients::Recipients;
+use crate::schedule::{Scheduler, SchedulerHandle};
 use crate::smtp::{self, ServerContext, Serving};
 use crate::spool::{Spool, SpoolError};
+use crate::web;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,19 +38,38 @@ pub enum DaemonError {
 /// Sockets bound before privileges are dropped (port 25 needs root or CAP_NET_BIND_SERVICE).
 pub struct Listeners {
     pub smtp: Vec<std::net::TcpListener>,
+    /// The admin page's socket; None when `web.listen` could not be bound.
+    pub web: Option<std::net::TcpListener>,
 }
 
 /// Binds every listener of the configuration (std sets SO_REUSEADDR, so a restart does not wait
 /// for TIME_WAIT sockets).
 pub fn bind(config: &Config) -> Result<Listeners, DaemonError> {
     let smtp = config.smtp.listen.iter().map(|addr| bind_tcp(*addr)).collect::<Result<Vec<_>, _>>()?;
-    Ok(Listeners { smtp })
+    // The admin page is secondary to accepting mail: if its address is taken, say so and go on.
+    let web = bind_tcp(config.web.listen)
+        .inspect_err(|err| tracing::error!(error = %err, "admin page disabled (web.listen)"))
+        .ok();
+    Ok(Listeners { smtp, web })
 }
 
 fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
     let listener = std::net::TcpListener::bind(addr).map_err(|source| DaemonError::Listen { addr, source })?;
+    raise_backlog(&listener);
     listener.set_nonblocking(true).map_err(|source| DaemonError::Listen { addr, source })?;
     Ok(listener)
+}
+
+/// std listens with a backlog of 128: a burst of senders (a site's whole backlog after an outage,
+/// or the 1,000-session load test) overflows it and connections stall in SYN retries. Linux lets
+/// `listen` be called again on a listening socket to raise the backlog (capped by somaxconn).
+fn raise_backlog(listener: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is a valid, bound and listening socket owned by `listener`.
+    let result = unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    if result != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the listen backlog");
+    }
 }
 
 fn into_tokio(listener: std::net::TcpListener) -> Result<TcpListener, DaemonError> {
@@ -59,6 +82,7 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     // A bad certificate is an error at start, not at the first STARTTLS.
     smtp::tls_acceptor(&config).map_err(|e| DaemonError::Setup(e.to_string()))?;
     let listeners = bound.smtp.into_iter().map(into_tokio).collect::<Result<Vec<_>, _>>()?;
+    let web_listener = bound.web.map(into_tokio).transpose()?;
     let dir = config.queue.dir.clone();
     let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&dir))
         .await
@@ -75,21 +99,44 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     let control_listener = control::bind(&socket_path)
         .map_err(|source| DaemonError::Control { path: socket_path.display().to_string(), source })?;
     let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(DaemonError::Setup)?);
-    let (scheduler, handle) = Scheduler::new(Arc::clone(&config), Arc::clone(&spool), deliverer);
+    let guards = Guards::open(&config)?;
+    let (scheduler, handle) = Scheduler::new(Arc::clone(&config), Arc::clone(&spool), Arc::clone(&deliverer));
+    let scheduler = scheduler.learning_into(Arc::clone(&guards.recipients));
+    let monitor = Monitor::new(Arc::clone(&config), Arc::clone(&spool), handle.clone(), deliverer)
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let scheduler_task = tokio::spawn(scheduler.run(shutdown.clone()));
     let control_task =
         tokio::spawn(control::serve(control_listener, Arc::clone(&spool), handle.clone(), shutdown.clone()));
-    let serving =
-        Serving::new(server_context(&config, &spool, &handle)).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    // The admin page, JSON API and /metrics (src/web), beside the SMTP server.
+    let metrics = Arc::new(Metrics::default());
+    if let Some(warning) = web::insecure_login_warning(&config.web) {
+        tracing::warn!("{warning}");
+    }
+    let web_state = web::WebState::new(Arc::clone(&config), Arc::clone(&spool), handle.clone(), Arc::clone(&metrics));
+    let web_task = web_listener.map(|listener| {
+        tracing::info!(listen = %config.web.listen, tls = config.web.tls_cert.is_some(), "admin page listening");
+        tokio::spawn(web::serve(web_state, listener, shutdown.clone()))
+    });
+    let serving = Serving::new(server_context(&config, &spool, &handle, &guards, None))
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (serving_tx, serving_rx) = watch::channel(serving);
     let smtp_task = tokio::spawn(smtp::serve_reloadable(serving_rx, listeners, shutdown.clone()));
+    let monitor_task = tokio::spawn(monitor.run(shutdown.clone()));
+    tokio::spawn(crate::check_dns::log_at_start(Arc::clone(&config)));
     announce(&config);
     let watchdog = notify_systemd_ready();
 
-    let mut live =
-        Live { path: config_path, config, spool: Arc::clone(&spool), scheduler: handle, serving: serving_tx };
+    let mut live = Live {
+        path: config_path,
+        config,
+        spool: Arc::clone(&spool),
+        scheduler: handle,
+        serving: serving_tx,
+        monitor: monitor_task,
+        shutdown: shutdown.clone(),
+    };
     run_until_stopped(&mut live).await;
     tracing::info!("shutting down: no new mail; open sessions get 421");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -101,10 +148,32 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
         tracing::warn!("SMTP sessions did not end within 30s");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), scheduler_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), live.monitor).await;
     let _ = control_task.await;
+    if let Some(web_task) = web_task {
+        match tokio::time::timeout(Duration::from_secs(5), web_task).await {
+            Ok(Ok(Err(err))) => tracing::error!(error = %err, "admin page stopped with an error"),
+            Err(_) => tracing::warn!("admin page connections did not end within 5s"),
+            _ => {}
+        }
+    }
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// ETRN (RFC 1985) starts a flush of the domain; the session answers without waiting for it.
+fn etrn_flusher(handle: SchedulerHandle) -> smtp::EtrnFlush {
+    Box::new(move |domain: &str| {
+        let (handle, domain) = (handle.clone(), domain.to_string());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(err) = handle.flush(Some(domain.clone())).await {
+                    tracing::error!(domain = %domain, error = %err, "ETRN flush failed");
+                }
+            });
+        }
+    })
 }
 
 /// Tells the person who started us where we are, on stdout (the log goes to stderr).
@@ -151,16 +220,52 @@ struct Live {
     spool: Arc<Spool>,
     scheduler: SchedulerHandle,
     serving: watch::Sender<Serving>,
+    /// The monitor runs with the configuration it was started with; a reload starts a new one.
+    monitor: tokio::task::JoinHandle<()>,
+    shutdown: watch::Receiver<bool>,
 }
 
-/// The SMTP server's view of the daemon, built at start and on every reload.
-fn server_context(config: &Arc<Config>, spool: &Arc<Spool>, scheduler: &SchedulerHandle) -> Arc<ServerContext> {
-    let scheduler = scheduler.clone();
-    Arc::new(ServerContext {
-        config: Arc::clone(config),
-        spool: Arc::clone(spool),
-        on_queued: Box::new(move |envelope| scheduler.queued(&envelope.id)),
-    })
+/// What guards the door (issue 6), built from the configuration at start and on every reload.
+struct Guards {
+    recipients: Arc<Recipients>,
+    sender_check: Option<Arc<SenderCheck>>,
+}
+
+impl Guards {
+    fn open(config: &Arc<Config>) -> Result<Guards, DaemonError> {
+        let setup = |e: String| DaemonError::Setup(e);
+        let recipients =
+            Arc::new(Recipients::open(Arc::clone(config), &config.queue.dir).map_err(|e| setup(e.to_string()))?);
+        let sender_check = match config.smtp.sender_auth {
+            true => Some(Arc::new(SenderCheck::new(config).map_err(|e| setup(e.to_string()))?)),
+            false => None,
+        };
+        Ok(Guards { recipients, sender_check })
+    }
+}
+
+/// The SMTP server's view of the daemon, built at start and on every reload. `previous` carries
+/// the per-IP counters over a reload, so a reload does not reset the limits.
+fn server_context(
+    config: &Arc<Config>,
+    spool: &Arc<Spool>,
+    scheduler: &SchedulerHandle,
+    guards: &Guards,
+    previous: Option<&ServerContext>,
+) -> Arc<ServerContext> {
+    let queued = scheduler.clone();
+    let mut context = ServerContext::new(
+        Arc::clone(config),
+        Arc::clone(spool),
+        Box::new(move |envelope| queued.queued(&envelope.id)),
+    );
+    context.etrn = Some(etrn_flusher(scheduler.clone()));
+    context.recipients = Some(Arc::clone(&guards.recipients));
+    context.sender_check = guards.sender_check.clone();
+    if let Some(previous) = previous {
+        context.limits = Arc::clone(&previous.limits);
+    }
+    Arc::new(context)
 }
 
 /// Settings that only take effect at start: what a reload keeps, with the key named.
@@ -210,10 +315,18 @@ impl Live {
         }
         let config = Arc::new(config);
         let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(ReloadError::Setup)?);
-        let serving = Serving::new(server_context(&config, &self.spool, &self.scheduler))
+        let guards = Guards::open(&config).map_err(|e| ReloadError::Setup(e.to_string()))?;
+        let previous = Arc::clone(&self.serving.borrow().context);
+        let serving = Serving::new(server_context(&config, &self.spool, &self.scheduler, &guards, Some(&previous)))
             .map_err(|e| ReloadError::Setup(e.to_string()))?;
+        let monitor =
+            Monitor::new(Arc::clone(&config), Arc::clone(&self.spool), self.scheduler.clone(), Arc::clone(&deliverer))
+                .map_err(|e| ReloadError::Setup(e.to_string()))?;
         self.scheduler.reload(Arc::clone(&config), deliverer).map_err(|e| ReloadError::Setup(e.to_string()))?;
         let _ = self.serving.send(serving);
+        // Alert rules and checks come with the new monitor (an alert still firing is sent again).
+        self.monitor.abort();
+        self.monitor = tokio::spawn(monitor.run(self.shutdown.clone()));
         self.config = config;
         Ok(())
     }

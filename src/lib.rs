@@ -7,16 +7,28 @@
 //! - [`deliver`]: where a message goes (routes, MX and the backup-MX rule) and the SMTP client;
 //! - [`dsn`]: delivery status notifications (RFC 3464 bounces and delay notices).
 //!
+//! Guarding the door (issue 6): [`recipients`] (which addresses are real: lists, callouts, what
+//! deliveries taught) and [`auth`] (SPF/DKIM verdicts that decide whether a bounce may be sent).
+//!
 //! Beside them: [`config`] (the TOML file), [`control`] (the daemon's control socket, used by
-//! [`cli`]), and [`daemon`], which wires the parts together for `bartleby serve`.
+//! [`cli`]), [`monitor`] (probes of the primaries, auto-flush, alert rules and channels, checks of
+//! other services), [`check_dns`] (are the MX records right for a backup MX?), [`web`] (the admin
+//! page, JSON API, `/metrics`) with [`metrics`] (the event counters), and [`daemon`], which wires
+//! the parts together for `bartleby serve`.
 
+pub mod auth;
+pub mod check_dns;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod deliver;
 pub mod dsn;
+pub mod metrics;
+pub mod monitor;
 pub mod privilege;
+pub mod recipients;
 pub mod schedule;
 pub mod smtp;
 pub mod spool;
+pub mod web;

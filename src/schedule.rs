@@ -10,6 +10,7 @@
 use crate::config::Config;
 use crate::deliver::{Deliverer, Detail, Job, JobResult, RcptOutcome};
 use crate::dsn::{self, DsnKind, ReportedRecipient};
+use crate::recipients::Recipients;
 use crate::spool::{
     DsnNotify, DsnRet, Envelope, QueueId, Recipient, RecipientStatus, Spool, SpoolError, domain_of, from_micros,
     now_micros,
@@ -187,6 +188,10 @@ pub struct Scheduler {
     batches: JoinSet<(String, Vec<JobResult>)>,
     rx: mpsc::UnboundedReceiver<Command>,
     destinations: Destinations,
+    /// Where addresses the primary accepted are remembered (issue 6: a 250 is proof).
+    recipients: Option<Arc<Recipients>>,
+    /// When held messages whose bounce was suppressed were last swept for expiry.
+    swept: Option<std::time::Instant>,
 }
 
 impl Scheduler {
@@ -208,6 +213,8 @@ impl Scheduler {
             down_domains: HashSet::new(),
             batches: JoinSet::new(),
             rx,
+            recipients: None,
+            swept: None,
         };
         let queued: Vec<(QueueId, i64, bool)> = scheduler
             .spool
@@ -220,6 +227,12 @@ impl Scheduler {
         (scheduler, SchedulerHandle { tx, destinations })
     }
 
+    /// Remembers every recipient the primary accepts in `recipients`.
+    pub fn learning_into(mut self, recipients: Arc<Recipients>) -> Scheduler {
+        self.recipients = Some(recipients);
+        self
+    }
+
     /// Runs until `shutdown` turns true. Batches still out are abandoned: their messages stay
     /// queued and are tried again after a restart.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
@@ -230,6 +243,9 @@ impl Scheduler {
                 let wait = Duration::from_micros(u64::try_from(at - now_micros()).unwrap_or(0));
                 tokio::time::Instant::now() + wait
             });
+            // Wake at least once a minute, so kept failed messages are swept when their time is up.
+            let cap = tokio::time::Instant::now() + Duration::from_secs(60);
+            let sleep = Some(sleep.map_or(cap, |at| at.min(cap)));
             tokio::select! {
                 command = self.rx.recv() => match command {
                     Some(command) => self.handle(command),
@@ -326,6 +342,10 @@ impl Scheduler {
     /// Starts one batch per idle domain with its due messages, oldest first.
     fn dispatch(&mut self) {
         let now = now_micros();
+        if self.swept.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            self.swept = Some(std::time::Instant::now());
+            sweep_suppressed(&self.config, &self.spool, now);
+        }
         let mut batches: BTreeMap<String, Vec<Job>> = BTreeMap::new();
         while let Some((at, id)) = self.due.first().cloned() {
             if at > now {
@@ -352,6 +372,12 @@ impl Scheduler {
             }
         }
         for (domain, mut jobs) in batches {
+            if self.config.domain_policy(&domain).strict_order {
+                self.keep_arrival_order(&domain, &mut jobs);
+                if jobs.is_empty() {
+                    continue;
+                }
+            }
             jobs.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
             self.busy_domains.insert(domain.clone());
             let deliverer = Arc::clone(&self.deliverer);
@@ -366,6 +392,57 @@ impl Scheduler {
         }
     }
 
+    /// `strict_order`: the primary must see the domain's mail in arrival order, so a batch always
+    /// starts with the oldest message of the domain and carries its whole backlog. If an older
+    /// message is waiting for its retry and the domain was tried less than `queue.first_retry` ago,
+    /// the batch's newer messages are parked until the backlog's turn: a message arriving while the
+    /// backlog waits never overtakes it, and arrivals during an outage do not retry the backlog
+    /// more than once per `first_retry`.
+    fn keep_arrival_order(&mut self, domain: &str, jobs: &mut Vec<Job>) {
+        let in_batch: HashSet<QueueId> = jobs.iter().map(|j| j.envelope.id.clone()).collect();
+        let waiting: Vec<Envelope> = self.spool.with_index(|index| {
+            index
+                .values()
+                .filter(|e| !e.held && !in_batch.contains(&e.id) && !self.in_flight.contains_key(&e.id))
+                .filter(|e| e.pending().any(|r| r.domain() == domain))
+                .cloned()
+                .collect()
+        });
+        let oldest_in_batch = jobs.iter().map(|j| j.envelope.id.clone()).min();
+        let last_attempt =
+            self.destinations.lock().unwrap_or_else(|p| p.into_inner()).get(domain).and_then(|d| d.last_attempt);
+        let first_retry = i64::try_from(self.config.queue.first_retry.0.as_micros()).unwrap_or(i64::MAX / 2);
+        let next_try = last_attempt.map_or(0, |at| at.saturating_add(first_retry));
+        match waiting.first() {
+            Some(first) if next_try > now_micros() && oldest_in_batch.is_some_and(|oldest| first.id < oldest) => {
+                let due = self.due_at.get(&first.id).copied().unwrap_or(first.next_attempt);
+                let at = due.min(next_try);
+                for job in jobs.drain(..) {
+                    self.release_in_flight(&job.envelope.id);
+                    self.schedule(job.envelope.id, at);
+                }
+            }
+            _ => {
+                for envelope in waiting {
+                    self.unschedule(&envelope.id);
+                    *self.in_flight.entry(envelope.id.clone()).or_insert(0) += 1;
+                    let body = self.spool.body_path(&envelope.id);
+                    jobs.push(Job { envelope, body });
+                }
+            }
+        }
+    }
+
+    /// One batch fewer carries the message.
+    fn release_in_flight(&mut self, id: &str) {
+        if let Some(n) = self.in_flight.get_mut(id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_flight.remove(id);
+            }
+        }
+    }
+
     /// Applies a returned batch: gathers outcomes, settles messages whose last batch is back.
     async fn finish(&mut self, domain: String, results: Vec<JobResult>) {
         self.busy_domains.remove(&domain);
@@ -375,6 +452,7 @@ impl Scheduler {
             .flat_map(|r| &r.outcomes)
             .any(|(_, o)| matches!(o, RcptOutcome::TempFail(_) | RcptOutcome::Loop(_)));
         self.record_destination(&domain, &results);
+        self.learn(&results);
         let mut settled = Vec::new();
         for result in results {
             self.gathered.entry(result.id.clone()).or_default().extend(result.outcomes);
@@ -412,6 +490,21 @@ impl Scheduler {
 }
 
 impl Scheduler {
+    /// Hands the addresses the primary accepted to the recipient knowledge (on a blocking thread:
+    /// it writes the cache file).
+    fn learn(&self, results: &[JobResult]) {
+        let Some(recipients) = self.recipients.clone() else { return };
+        let delivered: Vec<String> = results
+            .iter()
+            .flat_map(|r| &r.outcomes)
+            .filter(|(_, o)| matches!(o, RcptOutcome::Delivered(_)))
+            .map(|(address, _)| address.clone())
+            .collect();
+        if !delivered.is_empty() {
+            tokio::task::spawn_blocking(move || recipients.learn(&delivered));
+        }
+    }
+
     fn record_destination(&self, domain: &str, results: &[JobResult]) {
         let outcomes = || results.iter().flat_map(|r| &r.outcomes).map(|(_, o)| o);
         let now = now_micros();
@@ -595,6 +688,65 @@ fn reported(rcpt: &Recipient, detail: &Detail) -> ReportedRecipient {
     }
 }
 
+/// Issue 6: no notice to a sender that may be forged. When SPF failed or soft-failed (or said nothing,
+/// with `smtp.bounce_unverified = "hold"`) and no aligned DKIM signature verified, the notices are
+/// dropped; a message with nothing left to deliver is then kept held, counted and visible, and
+/// removed once the queue lifetime is over ([`sweep_suppressed`]).
+pub fn suppress_backscatter(config: &Config, envelope: &mut Envelope, verdict: &mut Verdict) {
+    if verdict.bounce.is_empty() && verdict.delay.is_empty() && !envelope.bounce_suppressed {
+        return;
+    }
+    if crate::auth::may_bounce(envelope.sender_auth.as_ref(), config.smtp.bounce_unverified) {
+        return;
+    }
+    if !verdict.bounce.is_empty() {
+        let spf = envelope.sender_auth.as_ref().map(|a| a.spf);
+        tracing::warn!(queue_id = %envelope.id, from = %envelope.sender, ?spf, failed = verdict.bounce.len(),
+            "failure notice not sent: the sender may be forged (backscatter)");
+        envelope.record(format!(
+            "failure notice to <{}> not sent: sender not authenticated (SPF {spf:?})",
+            envelope.sender
+        ));
+        envelope.bounce_suppressed = true;
+    }
+    verdict.bounce.clear();
+    verdict.delay.clear();
+    if verdict.done && envelope.bounce_suppressed {
+        verdict.done = false;
+        envelope.held = true;
+    }
+}
+
+/// Failed messages kept instead of bounced, for the admin page and `/metrics`.
+pub fn suppressed_bounces(spool: &Spool) -> usize {
+    spool.with_index(|index| index.values().filter(|e| e.bounce_suppressed).count())
+}
+
+/// Removes kept failed messages whose queue lifetime is over; returns how many.
+pub fn sweep_suppressed(config: &Config, spool: &Spool, now: i64) -> usize {
+    let lifetime = i64::try_from(config.queue.max_lifetime.0.as_micros()).unwrap_or(i64::MAX / 2);
+    let expired: Vec<QueueId> = spool.with_index(|index| {
+        index
+            .values()
+            .filter(|e| e.bounce_suppressed && e.is_done() && e.arrived.saturating_add(lifetime) <= now)
+            .map(|e| e.id.clone())
+            .collect()
+    });
+    if expired.is_empty() {
+        return 0;
+    }
+    match spool.remove_many(&expired) {
+        Ok(()) => {
+            tracing::info!(messages = expired.len(), "removed failed messages kept without a bounce: lifetime over");
+            expired.len()
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "cannot remove expired failed messages");
+            0
+        }
+    }
+}
+
 /// Settles messages whose attempt is complete: queues DSNs first, then saves or removes the
 /// messages. Returns when each message still pending is due next.
 fn settle(
@@ -608,7 +760,8 @@ fn settle(
     let mut next = Vec::new();
     for (id, outcomes) in settled {
         let Some(mut envelope) = spool.get(&id) else { continue };
-        let verdict = apply_outcomes(config, &mut envelope, &outcomes, now);
+        let mut verdict = apply_outcomes(config, &mut envelope, &outcomes, now);
+        suppress_backscatter(config, &mut envelope, &mut verdict);
         for (kind, rcpts) in [(DsnKind::Failure, &verdict.bounce), (DsnKind::Delay, &verdict.delay)] {
             if rcpts.is_empty() {
                 continue;

@@ -596,6 +596,19 @@ impl Session {
         Transaction { outcomes: outcomes.into_iter().map(|o| o.unwrap_or_else(|| self.no_reply())).collect(), reusable }
     }
 
+    /// A recipient callout (issue 6): `MAIL FROM:<>`, `RCPT TO:<address>`, then `RSET`, so nothing is
+    /// sent. Returns the RCPT reply, or the MAIL reply when that was refused.
+    pub async fn callout(&mut self, address: &str) -> Result<Reply, ClientError> {
+        let wait = self.timeouts.command;
+        let mail = self.command("MAIL FROM:<>\r\n", "MAIL FROM", wait).await?;
+        if !mail.is_positive() {
+            return Ok(mail);
+        }
+        let rcpt = self.command(&format!("RCPT TO:<{address}>\r\n"), "RCPT TO", wait).await?;
+        let _ = self.command("RSET\r\n", "RSET", wait).await;
+        Ok(rcpt)
+    }
+
     /// RFC 1870 SIZE, RFC 6152 8BITMIME and RFC 6531 SMTPUTF8 checks: refuse rather than send
     /// what the server cannot take.
     fn refuse_before_sending(&self, envelope: &Envelope, size: u64) -> Option<RcptOutcome> {

@@ -123,7 +123,6 @@ impl Deliverer {
             hops,
             queue: Mutex::new(VecDeque::new()),
             results: Mutex::new(HashMap::new()),
-            strict_order: policy.strict_order,
             tls: if policy.require_tls { TlsMode::Required } else { TlsMode::Opportunistic },
             settings: self.settings.clone(),
             last_error: Mutex::new(None),
@@ -161,7 +160,6 @@ struct Run {
     /// Job indices still to send, in arrival order.
     queue: Mutex<VecDeque<usize>>,
     results: Mutex<HashMap<usize, Vec<RcptOutcome>>>,
-    strict_order: bool,
     tls: TlsMode,
     settings: Arc<ClientSettings>,
     /// Why the last connection attempt failed, for jobs no connection could take.
@@ -188,24 +186,6 @@ impl Run {
 
     fn record(&self, index: usize, outcomes: Vec<RcptOutcome>) {
         lock(&self.results).insert(index, outcomes);
-    }
-
-    /// RFC-free but operator-promised: with strict order, once one message is deferred, every
-    /// later one waits too, or the primary would receive them out of order.
-    fn defer_rest(&self, detail: &Detail) {
-        let rest: Vec<usize> = lock(&self.queue).drain(..).collect();
-        let detail = Detail {
-            status: "4.4.0".into(),
-            text: format!(
-                "not tried: an earlier message is deferred and the domain has strict_order ({})",
-                detail.text
-            ),
-            ..Detail::default()
-        };
-        for index in rest {
-            let outcomes = vec![RcptOutcome::TempFail(detail.clone()); self.targets[index].len()];
-            self.record(index, outcomes);
-        }
     }
 
     fn recipients(&self, index: usize) -> Vec<&Recipient> {
@@ -254,15 +234,11 @@ async fn worker(run: Arc<Run>, _permit: OwnedSemaphorePermit) {
         let job = &run.jobs[index];
         let transaction = open.send(&job.envelope, &run.recipients(index), &job.body).await;
         log_transaction(job, open.host(), &run.recipients(index), &transaction.outcomes);
-        let deferred = transaction.outcomes.iter().find(|o| matches!(o, RcptOutcome::TempFail(_))).cloned();
+        // With strict_order a message the primary defers does not hold back the next ones (the
+        // issue's promise, documented in README): only a lost connection stops the batch.
         run.record(index, transaction.outcomes);
         if !transaction.reusable {
             session = None;
-        }
-        if run.strict_order
-            && let Some(deferred) = deferred
-        {
-            run.defer_rest(deferred.detail());
         }
     }
     if let Some(open) = session {

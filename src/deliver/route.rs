@@ -131,6 +131,17 @@ impl Router {
         }
     }
 
+    /// The MX list of `domain` as published, each host with its addresses (empty when its name
+    /// does not resolve); None without MX records. Used by `bartleby check-dns`.
+    pub async fn mx_list(&self, domain: &str) -> Result<Option<Vec<MxHost>>, RouteError> {
+        self.mx_hosts(&domain.trim_end_matches('.').to_ascii_lowercase()).await
+    }
+
+    /// Is `host` this bartleby, by name or by an address on the MX port?
+    pub fn is_me(&self, host: &MxHost) -> bool {
+        self.me.is_me(host, self.mx_port)
+    }
+
     /// A static route: an IP literal, or a name resolved with A/AAAA. Any failure defers: a
     /// broken route is the operator's to fix, and the mail must wait for it.
     async fn route_hops(&self, route: &Route) -> Result<Vec<NextHop>, RouteError> {

@@ -181,3 +181,73 @@ async fn a_message_with_too_many_received_headers_bounces_as_a_loop() {
     assert_eq!(address, "b@example.test");
     assert!(matches!(outcome, RcptOutcome::PermFail(d) if d.status == "5.4.6" && d.text.contains("51 Received")));
 }
+
+mod backscatter {
+    use super::super::*;
+    use crate::spool::{SenderAuth, SpfVerdict};
+
+    fn failed_message(spf: Option<SpfVerdict>, dkim: bool) -> (Config, Envelope, Verdict) {
+        let config = Config::demo();
+        let mut envelope = Envelope::new(
+            "0005F2A1B3C4D000".into(),
+            "forged@sender.test".into(),
+            vec![Recipient::new("a@example.test".into())],
+        );
+        envelope.sender_auth = spf.map(|spf| SenderAuth { spf, dkim_aligned: dkim, dkim_domain: None });
+        let detail = Detail {
+            status: "5.1.1".into(),
+            text: "RCPT TO: 550 5.1.1 no such user".into(),
+            remote_mta: None,
+            diagnostic: None,
+        };
+        let outcomes = vec![("a@example.test".to_string(), RcptOutcome::PermFail(detail))];
+        let now = envelope.arrived;
+        let verdict = apply_outcomes(&config, &mut envelope, &outcomes, now);
+        (config, envelope, verdict)
+    }
+
+    #[test]
+    fn spf_fail_keeps_the_message_held_instead_of_bouncing() {
+        let (config, mut envelope, mut verdict) = failed_message(Some(SpfVerdict::Fail), false);
+        assert_eq!(verdict.bounce.len(), 1);
+        assert!(verdict.done);
+        suppress_backscatter(&config, &mut envelope, &mut verdict);
+        assert!(verdict.bounce.is_empty());
+        assert!(!verdict.done, "kept, not removed");
+        assert!(envelope.held && envelope.bounce_suppressed);
+    }
+
+    #[test]
+    fn pass_aligned_dkim_and_unchecked_senders_get_their_bounce() {
+        for (spf, dkim) in [
+            (Some(SpfVerdict::Pass), false),
+            (Some(SpfVerdict::Softfail), true),
+            (None, false),
+            (Some(SpfVerdict::None), false),
+        ] {
+            let (config, mut envelope, mut verdict) = failed_message(spf, dkim);
+            suppress_backscatter(&config, &mut envelope, &mut verdict);
+            assert_eq!(verdict.bounce.len(), 1, "{spf:?} {dkim}");
+            assert!(verdict.done && !envelope.held);
+        }
+    }
+
+    #[test]
+    fn kept_messages_are_swept_after_the_lifetime() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (spool, _) = Spool::open(dir.path()).expect("spool");
+        let spool = Arc::new(spool);
+        let (config, mut envelope, mut verdict) = failed_message(Some(SpfVerdict::Softfail), false);
+        suppress_backscatter(&config, &mut envelope, &mut verdict);
+        let id = spool.new_id();
+        let mut message = spool.incoming(&id).expect("incoming");
+        message.write(b"Subject: x\r\n\r\nbody\r\n").expect("write");
+        message.commit(envelope.clone()).expect("commit");
+        assert_eq!(suppressed_bounces(&spool), 1);
+        let arrived = spool.get(&id).expect("queued").arrived;
+        assert_eq!(sweep_suppressed(&config, &spool, arrived + 1_000_000), 0, "lifetime not over");
+        let later = arrived + i64::try_from(config.queue.max_lifetime.0.as_micros()).expect("fits") + 1;
+        assert_eq!(sweep_suppressed(&config, &spool, later), 1);
+        assert_eq!(suppressed_bounces(&spool), 0);
+    }
+}

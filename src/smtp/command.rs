@@ -26,6 +26,8 @@ pub enum Command {
     Vrfy(String),
     Help,
     StartTls,
+    /// RFC 1985: start a queue run for a node.
+    Etrn(EtrnNode),
     /// A verb from RFC 5321 or a common extension that we do not implement (EXPN, TURN, AUTH, ...).
     NotImplemented(String),
 }
@@ -112,14 +114,43 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         "HELP" => Ok(Command::Help),
         "VRFY" if arg.is_empty() => Err(syntax("VRFY needs an address")),
         "VRFY" => Ok(Command::Vrfy(arg.to_string())),
-        "EXPN" | "TURN" | "ETRN" | "ATRN" | "BDAT" | "AUTH" | "SEND" | "SOML" | "SAML" => {
-            Ok(Command::NotImplemented(verb))
-        }
+        "ETRN" => parse_etrn(arg).map(Command::Etrn),
+        "EXPN" | "TURN" | "ATRN" | "BDAT" | "AUTH" | "SEND" | "SOML" | "SAML" => Ok(Command::NotImplemented(verb)),
         _ => {
             let shown: String = verb.chars().filter(|c| c.is_ascii_graphic()).take(20).collect();
             Err(CommandError::Unknown(shown))
         }
     }
+}
+
+/// What `ETRN` asks for (RFC 1985 5.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EtrnNode {
+    /// `ETRN example.test`: that domain, lower case.
+    Domain(String),
+    /// `ETRN @example.test`: the domain and its subdomains, lower case.
+    Subdomains(String),
+    /// `ETRN #name`: a queue name, which this server does not have.
+    Queue(String),
+}
+
+/// `ETRN node`: one argument, `domain`, `@domain` or `#queue`.
+fn parse_etrn(arg: &str) -> Result<EtrnNode, CommandError> {
+    if arg.is_empty() || arg.contains(' ') {
+        return Err(syntax("ETRN needs one argument: a domain, @domain or #queue"));
+    }
+    if let Some(queue) = arg.strip_prefix('#') {
+        return Ok(EtrnNode::Queue(queue.to_string()));
+    }
+    let (subdomains, domain) = match arg.strip_prefix('@') {
+        Some(domain) => (true, domain),
+        None => (false, arg),
+    };
+    if !crate::config::is_domain_name(domain) {
+        return Err(syntax(format!("ETRN: {domain:?} is not a domain name")));
+    }
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    Ok(if subdomains { EtrnNode::Subdomains(domain) } else { EtrnNode::Domain(domain) })
 }
 
 fn no_argument(arg: &str, command: Command) -> Result<Command, CommandError> {

@@ -18,6 +18,8 @@ pub enum DataProblem {
     LineTooLong,
     /// More Received headers than allowed: a mail loop (RFC 5321 6.3).
     TooManyReceived,
+    /// A header section larger than `smtp.max_header_size` (like Postfix's header_size_limit).
+    HeaderTooBig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,12 +45,17 @@ struct HeaderScan {
     prefix: Vec<u8>,
     /// Received headers seen so far.
     received: usize,
+    /// Octets of the header section so far, with CRLFs.
+    size: u64,
 }
 
 const RECEIVED: &[u8] = b"received:";
 
 impl HeaderScan {
     fn text(&mut self, byte: u8) {
+        if !self.done {
+            self.size += 1;
+        }
         if !self.done && self.prefix.len() < RECEIVED.len() {
             self.prefix.push(byte.to_ascii_lowercase());
             if self.prefix == RECEIVED {
@@ -58,6 +65,9 @@ impl HeaderScan {
     }
 
     fn end_of_line(&mut self) {
+        if !self.done {
+            self.size += 2;
+        }
         if self.prefix.is_empty() {
             self.done = true;
         }
@@ -76,6 +86,7 @@ pub struct DataReader {
     max_size: u64,
     max_line: usize,
     max_received: usize,
+    max_header: u64,
     problem: Option<DataProblem>,
     headers: HeaderScan,
 }
@@ -90,6 +101,7 @@ impl DataReader {
             max_size,
             max_line,
             max_received,
+            max_header: u64::MAX,
             problem: None,
             headers: HeaderScan::default(),
         }
@@ -106,6 +118,12 @@ impl DataReader {
             }
         }
         None
+    }
+
+    /// Bounds the header section to `max` octets (`smtp.max_header_size`).
+    pub fn with_max_header(mut self, max: u64) -> DataReader {
+        self.max_header = max;
+        self
     }
 
     /// Octets of unstuffed data seen (counting CRLFs, not the final `.CRLF`).
@@ -166,6 +184,9 @@ impl DataReader {
             self.flag(DataProblem::LineTooLong);
         }
         self.headers.text(byte);
+        if self.headers.size > self.max_header {
+            self.flag(DataProblem::HeaderTooBig);
+        }
         self.emit(&[byte], out);
     }
 

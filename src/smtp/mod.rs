@@ -8,12 +8,16 @@
 
 pub mod command;
 pub mod data;
+pub mod limits;
 pub mod reply;
 mod server;
 pub mod session;
 
+use crate::auth::SenderCheck;
 use crate::config::Config;
+use crate::recipients::Recipients;
 use crate::spool::{Envelope, Spool};
+use limits::IpLimits;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
@@ -26,7 +30,37 @@ pub struct ServerContext {
     /// Called after a message is durably queued (and before 250 is sent), so the scheduler can
     /// consider it at once.
     pub on_queued: Box<dyn Fn(&Envelope) + Send + Sync>,
+    /// Starts a flush of a domain's queue for ETRN (RFC 1985); None: ETRN is not available.
+    pub etrn: Option<EtrnFlush>,
+    /// Which recipients are real (issue 6); None accepts every address of a relay domain.
+    pub recipients: Option<Arc<Recipients>>,
+    /// SPF/DKIM at accept time; None records no verdict (bounces then go out as before).
+    pub sender_check: Option<Arc<SenderCheck>>,
+    /// Per-client-IP sessions and rates, shared by every session.
+    pub limits: Arc<IpLimits>,
 }
+
+impl ServerContext {
+    /// A context without recipient checks or sender checks; add them with the public fields.
+    pub fn new(
+        config: Arc<Config>,
+        spool: Arc<Spool>,
+        on_queued: Box<dyn Fn(&Envelope) + Send + Sync>,
+    ) -> ServerContext {
+        ServerContext {
+            config,
+            spool,
+            on_queued,
+            etrn: None,
+            recipients: None,
+            sender_check: None,
+            limits: IpLimits::new(),
+        }
+    }
+}
+
+/// Starts a flush of one domain's queue (see [`ServerContext::etrn`]).
+pub type EtrnFlush = Box<dyn Fn(&str) + Send + Sync>;
 
 /// Errors of the SMTP module that reach the daemon (the rest become SMTP replies).
 #[derive(Debug, thiserror::Error)]

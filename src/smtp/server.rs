@@ -1,9 +1,11 @@
 //! The socket side of SMTP: accept loops, the session cap, one task per session moving bytes between
 //! the socket and its [`Session`], the STARTTLS upgrade, timeouts and shutdown.
 
+use super::limits::SessionSlot;
 use super::reply::Reply;
 use super::session::{Action, PendingMessage, Session, SpaceMonitor};
 use super::{ServerContext, Serving};
+use crate::recipients::Decision;
 use crate::spool::{Envelope, SpoolError};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -64,7 +66,14 @@ pub(super) async fn serve(
                 Some((stream, peer)) => match Arc::clone(&limit).try_acquire_owned() {
                     Ok(permit) => {
                         let shared = shared(&current.borrow());
-                        sessions.spawn(run_session(shared, stream, peer, permit));
+                        match enter(&shared, peer) {
+                            Some(slot) => {
+                                sessions.spawn(run_session(shared, stream, peer, (permit, slot)));
+                            }
+                            None => {
+                                sessions.spawn(refuse_ip(stream, peer));
+                            }
+                        }
                     }
                     Err(_) => {
                         sessions.spawn(refuse(stream, peer));
@@ -113,13 +122,36 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr) {
     .await;
 }
 
+/// A place among the sessions of `peer`'s address, or None when it has `smtp.max_sessions_per_ip`.
+fn enter(shared: &Shared, peer: SocketAddr) -> Option<SessionSlot> {
+    let ip = match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(peer.ip()),
+        v4 => v4,
+    };
+    shared.context.limits.enter(ip, shared.context.config.smtp.max_sessions_per_ip)
+}
+
+/// Beyond `smtp.max_sessions_per_ip`: 421 4.7.0 and close, like Postfix's connection count limit.
+async fn refuse_ip(mut stream: TcpStream, peer: SocketAddr) {
+    tracing::warn!(client = %peer.ip(), "too many connections from this address, refused");
+    let reply = Reply::new(421, "4.7.0", "too many connections from your address, try again later");
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
+        let _ = stream.write_all(&reply.to_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
 /// How a pass of [`drive`] ended.
 enum End {
     Closed(&'static str),
     StartTls,
 }
 
-async fn run_session(mut shared: Shared, mut stream: TcpStream, peer: SocketAddr, _permit: OwnedSemaphorePermit) {
+/// The session's places under `smtp.max_sessions` and `smtp.max_sessions_per_ip`, held until it ends.
+type Permits = (OwnedSemaphorePermit, SessionSlot);
+
+async fn run_session(mut shared: Shared, mut stream: TcpStream, peer: SocketAddr, _permits: Permits) {
     let tls_available = shared.acceptor.is_some();
     let mut session = Session::new(Arc::clone(&shared.context), Arc::clone(&shared.space), peer.ip(), tls_available);
     let greeting = session.greeting().to_bytes();
@@ -184,10 +216,21 @@ where
                         Err(()) => End::Closed("write failed"),
                     };
                 }
-                Action::Commit(pending) => {
+                Action::Verify(recipient) => {
+                    let decision = match &session.context().recipients {
+                        Some(recipients) => recipients.callout(&recipient.address).await,
+                        None => Decision::Accept,
+                    };
+                    actions.push_back(session.verified(*recipient, decision));
+                    actions.extend(session.feed(&[]));
+                }
+                Action::Commit(mut pending) => {
                     // Replies before the commit go out first: the client may be waiting for them.
                     if send(stream, &std::mem::take(&mut out), smtp.command_timeout).await.is_err() {
                         return End::Closed("write failed");
+                    }
+                    if let Some(check) = session.context().sender_check.clone() {
+                        pending.authenticate(&check).await;
                     }
                     let reply = session.committed(commit(*pending).await);
                     out.extend_from_slice(&reply.to_bytes());

@@ -6,16 +6,16 @@
 //! an action the server must carry out first (STARTTLS, committing a message, closing).
 
 use super::ServerContext;
-use super::command::{self, Command, CommandError, MAX_PARAMETER_LINE, MailFrom, RcptTo};
+use super::command::{self, Command, CommandError, EtrnNode, MAX_PARAMETER_LINE, MailFrom, RcptTo};
 use super::data::{DataProblem, DataReader};
+use super::limits::Rate;
 use super::reply::Reply;
+use crate::recipients::Decision;
 use crate::spool::{Envelope, IncomingMessage, Recipient, SpoolError};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-/// After this many error replies the session is ended, like Postfix's smtpd_hard_error_limit.
-const MAX_ERRORS: usize = 20;
 /// Free-space checks are cached this long, so a burst of MAILs costs one statvfs.
 const SPACE_CACHE: Duration = Duration::from_secs(1);
 
@@ -31,12 +31,16 @@ pub enum Action {
     StartTls(Reply),
     /// Commit this message on a blocking thread, then send what [`Session::committed`] returns.
     Commit(Box<PendingMessage>),
+    /// Ask the primary about this recipient (a callout), then send what [`Session::verified`] returns.
+    Verify(Box<Recipient>),
 }
 
 /// A message read to its end and found acceptable, waiting to be made durable.
 pub struct PendingMessage {
     message: IncomingMessage,
     envelope: Envelope,
+    /// The message as received, for DKIM; None when too large to keep or not checked.
+    copy: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for PendingMessage {
@@ -49,6 +53,17 @@ impl PendingMessage {
     /// Makes the message durable (fsyncs; call it from `spawn_blocking`).
     pub fn commit(self) -> Result<Envelope, SpoolError> {
         self.message.commit(self.envelope)
+    }
+
+    /// Records the sender's SPF/DKIM verdict in the envelope (issue 6: at accept time, while the
+    /// client's IP is known).
+    pub async fn authenticate(&mut self, check: &crate::auth::SenderCheck) {
+        let Some(ip) = self.envelope.client_ip else { return };
+        let copy = self.copy.take();
+        let verdict = check.check(ip, &self.envelope.helo, &self.envelope.sender, copy.as_deref()).await;
+        tracing::info!(queue_id = %self.message.id(), from = %self.envelope.sender, spf = ?verdict.spf,
+            dkim_aligned = verdict.dkim_aligned, "sender checked");
+        self.envelope.sender_auth = Some(verdict);
     }
 }
 
@@ -109,6 +124,14 @@ struct Helo {
 struct Transaction {
     mail: MailFrom,
     recipients: Vec<Recipient>,
+    /// A recipient was accepted under the `hold` policy: the message is held for review.
+    hold: bool,
+}
+
+/// What RCPT came to: a reply now, or a callout first.
+enum RcptStep {
+    Reply(Reply),
+    Verify(Recipient),
 }
 
 /// A message being received.
@@ -119,6 +142,8 @@ struct DataPhase {
     write_error: Option<SpoolError>,
     /// Reused buffer for unstuffed data on its way to the spool.
     scratch: Vec<u8>,
+    /// The message kept in memory for the DKIM check, up to [`crate::auth::DKIM_MAX_MESSAGE`].
+    copy: Option<Vec<u8>>,
 }
 
 /// Counters for the disconnect log line.
@@ -172,6 +197,11 @@ impl Session {
             errors: 0,
             stats: Stats::default(),
         }
+    }
+
+    /// What the session shares with the daemon (recipient knowledge, sender checks, limits).
+    pub fn context(&self) -> &Arc<ServerContext> {
+        &self.context
     }
 
     /// The configuration this session runs with.
@@ -264,6 +294,13 @@ impl Session {
         let Some(data) = self.data.as_mut() else { return (0, None) };
         data.scratch.clear();
         let end = data.reader.feed(input, &mut data.scratch);
+        if let Some(copy) = data.copy.as_mut() {
+            if copy.len() + data.scratch.len() > crate::auth::DKIM_MAX_MESSAGE {
+                data.copy = None;
+            } else {
+                copy.extend_from_slice(&data.scratch);
+            }
+        }
         if data.write_error.is_none()
             && !data.scratch.is_empty()
             && let Err(err) = data.message.write(&data.scratch)
@@ -279,7 +316,7 @@ impl Session {
     /// Counts an error reply; too many end the session.
     fn error(&mut self, reply: Reply) -> Action {
         self.errors += 1;
-        if self.errors >= MAX_ERRORS {
+        if self.errors >= self.context.config.smtp.max_errors {
             tracing::warn!(client = %self.client, errors = self.errors, "too many errors, disconnecting");
             return Action::Close(Reply::new(421, "4.7.0", format!("{} too many errors", self.hostname())));
         }
@@ -296,7 +333,10 @@ impl Session {
             Command::Ehlo(name) => self.ehlo(name, true),
             Command::Helo(name) => self.ehlo(name, false),
             Command::Mail(mail) => self.mail(mail),
-            Command::Rcpt(rcpt) => self.rcpt(rcpt),
+            Command::Rcpt(rcpt) => match self.rcpt(rcpt) {
+                RcptStep::Reply(reply) => reply,
+                RcptStep::Verify(recipient) => return Action::Verify(Box::new(recipient)),
+            },
             Command::Data => return self.data(),
             Command::Rset => {
                 self.transaction = None;
@@ -312,6 +352,7 @@ impl Session {
                 Reply::new(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
             }
             Command::StartTls => return self.starttls(),
+            Command::Etrn(node) => self.etrn(node),
             Command::NotImplemented(verb) => Reply::new(502, "5.5.1", format!("{verb} not implemented")),
         };
         // 452 (too many recipients, low space) is the server's limit, not the client's error: a client
@@ -339,6 +380,9 @@ impl Session {
         if self.tls_available && !self.tls_active {
             lines.push("STARTTLS".to_string());
         }
+        if self.etrn_allowed() {
+            lines.push("ETRN".to_string());
+        }
         Reply::multiline(250, lines)
     }
 
@@ -365,45 +409,99 @@ impl Session {
         if !self.space.has_room(&self.context) {
             return Reply::new(452, "4.3.1", "insufficient system storage");
         }
-        self.transaction = Some(Transaction { mail, recipients: Vec::new() });
+        let rate = self.context.config.smtp.max_messages_per_ip_per_minute;
+        if !self.context.limits.charge(self.client, Rate::Messages, rate, Instant::now()) {
+            tracing::warn!(client = %self.client, limit = rate, "message rate limit reached");
+            return Reply::new(452, "4.7.0", format!("too much mail from {}, try again later", self.client));
+        }
+        self.transaction = Some(Transaction { mail, recipients: Vec::new(), hold: false });
         Reply::new(250, "2.1.0", "Ok")
     }
 
     /// RCPT (RFC 5321 4.1.1.3): only relay domains, never an open relay.
-    fn rcpt(&mut self, rcpt: RcptTo) -> Reply {
+    fn rcpt(&mut self, rcpt: RcptTo) -> RcptStep {
+        match self.rcpt_checks(rcpt) {
+            Ok(recipient) => self.rcpt_known(recipient),
+            Err(reply) => RcptStep::Reply(reply),
+        }
+    }
+
+    /// The checks that need no knowledge of the domain's users: syntax, relay domain, limits.
+    fn rcpt_checks(&mut self, rcpt: RcptTo) -> Result<Recipient, Reply> {
         let Some(transaction) = self.transaction.as_ref() else {
-            return Reply::new(503, "5.5.1", "need MAIL command");
+            return Err(Reply::new(503, "5.5.1", "need MAIL command"));
         };
         let smtputf8 = transaction.mail.smtputf8;
         if transaction.recipients.len() >= self.context.config.smtp.max_recipients {
-            return self.reject_rcpt(&rcpt.address, Reply::new(452, "4.5.3", "too many recipients"));
+            return Err(self.reject_rcpt(&rcpt.address, Reply::new(452, "4.5.3", "too many recipients")));
         }
         let address = match self.postmaster(&rcpt.address) {
             Some(Ok(address)) => address,
-            Some(Err(reply)) => return self.reject_rcpt(&rcpt.address, reply),
+            Some(Err(reply)) => return Err(self.reject_rcpt(&rcpt.address, reply)),
             None => rcpt.address.clone(),
         };
         if !smtputf8 && !address.is_ascii() {
-            return self
-                .reject_rcpt(&address, Reply::new(553, "5.6.7", "a non-ASCII recipient address needs SMTPUTF8"));
+            let reply = Reply::new(553, "5.6.7", "a non-ASCII recipient address needs SMTPUTF8");
+            return Err(self.reject_rcpt(&address, reply));
         }
         let domain = match command::check_mailbox(&address, smtputf8) {
             Ok(domain) => domain,
             Err(why) => {
                 let reply = Reply::new(501, "5.1.3", format!("bad recipient address syntax: {why}"));
-                return self.reject_rcpt(&address, reply);
+                return Err(self.reject_rcpt(&address, reply));
             }
         };
         if !self.context.config.is_relay_domain(domain) {
-            return self.reject_rcpt(&address, Reply::new(550, "5.7.1", "relaying denied"));
+            return Err(self.reject_rcpt(&address, Reply::new(550, "5.7.1", "relaying denied")));
+        }
+        let rate = self.context.config.smtp.max_recipients_per_ip_per_minute;
+        if !self.context.limits.charge(self.client, Rate::Recipients, rate, Instant::now()) {
+            tracing::warn!(client = %self.client, limit = rate, "recipient rate limit reached");
+            let reply = Reply::new(452, "4.7.0", format!("too many recipients from {}, try again later", self.client));
+            return Err(self.reject_rcpt(&address, reply));
         }
         let mut recipient = Recipient::new(address);
         recipient.notify = rcpt.notify;
         recipient.orcpt = rcpt.orcpt;
-        if let Some(transaction) = self.transaction.as_mut() {
-            transaction.recipients.push(recipient);
+        Ok(recipient)
+    }
+
+    /// What the lists and the cache say about a recipient that passed the checks.
+    fn rcpt_known(&mut self, recipient: Recipient) -> RcptStep {
+        let decision = match &self.context.recipients {
+            Some(recipients) => recipients.lookup(&recipient.address),
+            None => Decision::Accept,
+        };
+        if decision == Decision::Callout {
+            return RcptStep::Verify(recipient);
         }
-        Reply::new(250, "2.1.5", "Ok")
+        RcptStep::Reply(self.rcpt_decided(recipient, decision))
+    }
+
+    /// The callout's answer: the reply to the RCPT that waited for it. The session goes on with
+    /// [`Session::feed`] (with no new input) for commands pipelined behind it.
+    pub fn verified(&mut self, recipient: Recipient, decision: Decision) -> Action {
+        let reply = self.rcpt_decided(recipient, decision);
+        if reply.is_positive() { Action::Reply(reply) } else { self.error(reply) }
+    }
+
+    fn rcpt_decided(&mut self, recipient: Recipient, decision: Decision) -> Reply {
+        let reply = match decision {
+            // RFC 3463 5.1.1: bad destination mailbox address.
+            Decision::Reject => Reply::new(550, "5.1.1", "recipient address rejected: no such user"),
+            // 4.4.3: the directory server (the primary) is unavailable. Never 550 for that.
+            Decision::TempFail | Decision::Callout => {
+                Reply::new(451, "4.4.3", "recipient cannot be verified now, try again later")
+            }
+            Decision::Accept | Decision::Hold => {
+                if let Some(transaction) = self.transaction.as_mut() {
+                    transaction.hold |= decision == Decision::Hold;
+                    transaction.recipients.push(recipient);
+                }
+                return Reply::new(250, "2.1.5", "Ok");
+            }
+        };
+        self.reject_rcpt(&recipient.address, reply)
     }
 
     /// RFC 5321 4.5.1 requires accepting `<postmaster>` without a domain. We take it as the postmaster
@@ -451,10 +549,12 @@ impl Session {
         };
         let smtp = &self.context.config.smtp;
         self.data = Some(DataPhase {
-            reader: DataReader::new(smtp.max_message_size, smtp.max_line_length, smtp.max_received_headers),
+            reader: DataReader::new(smtp.max_message_size, smtp.max_line_length, smtp.max_received_headers)
+                .with_max_header(smtp.max_header_size),
             message,
             write_error: None,
             scratch: Vec::new(),
+            copy: self.context.sender_check.as_ref().map(|_| Vec::new()),
         });
         Action::Reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"))
     }
@@ -505,6 +605,11 @@ impl Session {
             Some(DataProblem::TooManyReceived) => {
                 Some(Reply::new(554, "5.4.6", "too many Received headers: mail loop"))
             }
+            Some(DataProblem::HeaderTooBig) => Some(Reply::new(
+                552,
+                "5.3.4",
+                format!("message header size exceeds limit of {} octets", smtp.max_header_size),
+            )),
             None => None,
         };
         if let Some(reply) = refusal {
@@ -517,11 +622,13 @@ impl Session {
             tracing::error!(client = %self.client, queue_id = %id, error = %err, "queue file write error");
             return Action::Reply(Reply::new(451, "4.3.0", "error: queue file write error"));
         }
-        Action::Commit(Box::new(PendingMessage { message: data.message, envelope: self.envelope(transaction) }))
+        let envelope = self.envelope(transaction);
+        Action::Commit(Box::new(PendingMessage { message: data.message, envelope, copy: data.copy }))
     }
 
     fn envelope(&self, transaction: Transaction) -> Envelope {
         let mail = transaction.mail;
+        let hold = transaction.hold;
         let mut envelope = Envelope::new(String::new(), mail.address, transaction.recipients);
         envelope.ret = mail.ret;
         envelope.envid = mail.envid;
@@ -530,6 +637,11 @@ impl Session {
         envelope.client_ip = Some(self.client);
         envelope.helo = self.helo.as_ref().map(|h| h.name.clone()).unwrap_or_default();
         envelope.record(format!("received from {} [{}]", envelope.helo, self.client));
+        if hold {
+            // The `hold` policy: an unverifiable recipient was accepted for the operator to review.
+            envelope.held = true;
+            envelope.record("held for review: a recipient could not be verified");
+        }
         envelope
     }
 
@@ -548,6 +660,62 @@ impl Session {
                 Reply::new(451, "4.3.0", "error: queue file write error")
             }
         }
+    }
+
+    /// May this client use ETRN? Only when the daemon can flush and `smtp.etrn_allow` lists it.
+    fn etrn_allowed(&self) -> bool {
+        self.context.etrn.is_some()
+            && crate::config::cidr_list_contains(&self.context.config.smtp.etrn_allow, self.client)
+    }
+
+    /// ETRN (RFC 1985 5.2): start a queue run for a relay domain (`@domain`: and its subdomains).
+    /// 250 started, 251 nothing waiting, 458 cannot queue (named queues), 459 not a relay domain.
+    fn etrn(&mut self, node: EtrnNode) -> Reply {
+        if self.context.config.smtp.etrn_allow.is_empty() || self.context.etrn.is_none() {
+            return Reply::new(502, "5.5.1", "ETRN not available");
+        }
+        if !self.etrn_allowed() {
+            tracing::warn!(client = %self.client, "ETRN refused: client not in smtp.etrn_allow");
+            return Reply::new(550, "5.7.1", format!("ETRN not allowed from [{}]", self.client));
+        }
+        if self.helo.is_none() {
+            return Reply::new(503, "5.5.1", "send EHLO or HELO first");
+        }
+        if self.transaction.is_some() {
+            return Reply::new(503, "5.5.1", "MAIL transaction in progress");
+        }
+        let (name, domains): (String, Vec<String>) = match node {
+            EtrnNode::Queue(queue) => {
+                return Reply::new(
+                    458,
+                    "4.3.0",
+                    format!("Unable to queue messages for node #{queue}: no named queues"),
+                );
+            }
+            EtrnNode::Domain(d) => (d.clone(), self.relay_domains(|r| r == d)),
+            EtrnNode::Subdomains(d) => {
+                let suffix = format!(".{d}");
+                (format!("@{d}"), self.relay_domains(|r| r == d || r.ends_with(&suffix)))
+            }
+        };
+        if domains.is_empty() {
+            return Reply::new(459, "4.7.1", format!("Node {name} not allowed: not a relay domain"));
+        }
+        let waiting = self.context.spool.with_index(|index| {
+            index.values().filter(|e| !e.held && e.pending().any(|r| domains.contains(&r.domain()))).count()
+        });
+        tracing::info!(client = %self.client, node = %name, waiting, "ETRN");
+        if waiting == 0 {
+            return Reply::new(251, "2.0.0", format!("OK, no messages waiting for node {name}"));
+        }
+        if let Some(flush) = &self.context.etrn {
+            domains.iter().for_each(|d| flush(d));
+        }
+        Reply::new(250, "2.0.0", format!("OK, queuing for node {name} started"))
+    }
+
+    fn relay_domains(&self, wanted: impl Fn(&str) -> bool) -> Vec<String> {
+        self.context.config.relay.domains.iter().filter(|d| wanted(d)).cloned().collect()
     }
 
     /// STARTTLS (RFC 3207 4).

@@ -55,6 +55,40 @@ pub struct Envelope {
     /// What happened to the message, oldest first.
     #[serde(default)]
     pub history: Vec<HistoryEntry>,
+    /// The sender's SPF and DKIM results, checked at accept time while the client's IP was known;
+    /// None when not checked (older spools, generated notices, checks turned off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_auth: Option<SenderAuth>,
+    /// A failure notice was due but not sent because the sender could be forged (backscatter): the
+    /// message is kept held and counted until the queue lifetime is over.
+    #[serde(default)]
+    pub bounce_suppressed: bool,
+}
+
+/// What SPF (RFC 7208) and DKIM (RFC 6376) said about a message's sender when it arrived.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SenderAuth {
+    /// The SPF result for the MAIL FROM identity (the HELO identity for the null sender).
+    pub spf: SpfVerdict,
+    /// A DKIM signature whose d= domain is aligned with the From header's domain (RFC 7489 3.1.1,
+    /// relaxed) verified.
+    pub dkim_aligned: bool,
+    /// The domain whose DKIM signature passed, if any (for the log and the admin page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim_domain: Option<String>,
+}
+
+/// RFC 7208 2.6 results.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SpfVerdict {
+    Pass,
+    Fail,
+    Softfail,
+    Neutral,
+    None,
+    Temperror,
+    Permerror,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -145,6 +179,8 @@ impl Envelope {
             delay_notified: false,
             generated: false,
             history: Vec::new(),
+            sender_auth: None,
+            bounce_suppressed: false,
         }
     }
 

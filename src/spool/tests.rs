@@ -193,3 +193,23 @@ fn export_and_import_keep_envelopes_bodies_and_order() {
     let _ = older_local;
     assert!(matches!(target.import(&mut &b"garbage\n"[..]), Err(SpoolError::Io { .. })));
 }
+
+#[test]
+fn concurrent_commits_share_directory_syncs_and_all_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let spool = Arc::clone(&spool);
+            std::thread::spawn(move || {
+                (0..20).map(|n| put(&spool, format!("m {t} {n}\r\n").as_bytes()).id).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let ids: Vec<String> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert_eq!(ids.len(), 320);
+    drop(spool);
+    let spool = open(dir.path());
+    assert_eq!(spool.len(), 320);
+    assert!(ids.iter().all(|id| spool.get(id).is_some()));
+}

@@ -35,14 +35,22 @@ impl Daemon {
     }
 
     /// A daemon on 127.0.0.1:<free port> relaying `example.test`, with `extra` TOML appended
-    /// (sections only; top-level keys go in `top`).
+    /// (it continues the `[queue]` table; top-level keys go in `top`). DNS goes to 127.0.0.1:1,
+    /// where nothing answers, so no test ever asks a resolver beyond loopback; tests route by
+    /// `[routes]`.
     pub fn start(dir: &Path, top: &str, extra: &str) -> Daemon {
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
         let spool = dir.join("spool");
         let config = format!(
-            "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\n\n[relay]\ndomains = [\"example.test\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
+            "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\nsender_auth = false\n\n[relay]\ndomains = [\"example.test\"]\n\n[dns]\nnameservers = [\"127.0.0.1:1\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
             spool.display()
         );
+        // Each daemon gets its own admin page port, so parallel tests do not fight over 8025.
+        let config = if extra.contains("[web]") {
+            config
+        } else {
+            format!("{config}\n[web]\nlisten = \"127.0.0.1:{}\"\n", free_port("127.0.0.1"))
+        };
         Daemon::start_with(dir, &config, smtp)
     }
 
@@ -121,6 +129,11 @@ impl Daemon {
             assert!(Instant::now() < deadline, "no {needle:?} in the log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The running daemon's process ID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL: a crash.

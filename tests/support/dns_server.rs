@@ -64,6 +64,11 @@ impl Zone {
         }
     }
 
+    /// A TXT record (one string), e.g. an SPF policy.
+    pub fn txt(self, name: &str, text: &str) -> Zone {
+        self.add(name, RecordType::TXT, RData::TXT(hickory_server::proto::rr::rdata::TXT::new(vec![text.to_string()])))
+    }
+
     pub fn servfail(mut self, name: &str) -> Zone {
         self.servfail.insert(key(name));
         self
@@ -130,9 +135,17 @@ pub struct DnsServer {
 
 impl DnsServer {
     pub async fn start(zone: Zone) -> DnsServer {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind DNS UDP");
-        let addr = udp.local_addr().expect("local addr");
-        let tcp = TcpListener::bind(addr).await.expect("bind DNS TCP on the same port");
+        // The UDP port may already be taken for TCP by another test: try a few ports.
+        let mut sockets = None;
+        for _ in 0..50 {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind DNS UDP");
+            let addr = udp.local_addr().expect("local addr");
+            if let Ok(tcp) = TcpListener::bind(addr).await {
+                sockets = Some((udp, addr, tcp));
+                break;
+            }
+        }
+        let (udp, addr, tcp) = sockets.expect("a port free for both UDP and TCP on 127.0.0.1");
         let mut server = Server::new(Handler { zone });
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 64);
@@ -149,9 +162,14 @@ pub struct SilentDns {
 
 impl SilentDns {
     pub fn start() -> SilentDns {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind silent UDP");
-        let addr = udp.local_addr().expect("local addr");
-        let tcp = std::net::TcpListener::bind(addr).expect("bind silent TCP");
-        SilentDns { addr, _udp: udp, _tcp: tcp }
+        // The UDP port may already be taken for TCP by another test: try a few ports.
+        for _ in 0..50 {
+            let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind silent UDP");
+            let addr = udp.local_addr().expect("local addr");
+            if let Ok(tcp) = std::net::TcpListener::bind(addr) {
+                return SilentDns { addr, _udp: udp, _tcp: tcp };
+            }
+        }
+        panic!("no port free for both UDP and TCP on 127.0.0.1");
     }
 }

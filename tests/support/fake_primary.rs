@@ -109,7 +109,12 @@ impl Drop for FakePrimary {
 impl FakePrimary {
     /// Starts listening on 127.0.0.1:0 with `script`.
     pub async fn start(script: Script) -> FakePrimary {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake primary");
+        FakePrimary::start_at("127.0.0.1:0".parse().expect("literal"), script).await
+    }
+
+    /// Starts listening on `addr` (a primary that comes back on its known address).
+    pub async fn start_at(addr: SocketAddr, script: Script) -> FakePrimary {
+        let listener = TcpListener::bind(addr).await.expect("bind fake primary");
         let addr = listener.local_addr().expect("local addr");
         let recorded = Arc::new(Mutex::new(Recorded::default()));
         let script = Arc::new(Mutex::new(script));

@@ -60,7 +60,7 @@ impl Harness {
         let on_queued = Box::new(move |_: &Envelope| {
             counter.fetch_add(1, Ordering::SeqCst);
         });
-        let context = Arc::new(ServerContext { config: Arc::clone(&config), spool: Arc::clone(&spool), on_queued });
+        let context = Arc::new(ServerContext::new(Arc::clone(&config), Arc::clone(&spool), on_queued));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (shutdown, receiver) = watch::channel(false);

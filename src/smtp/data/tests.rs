@@ -131,3 +131,21 @@ fn received_headers_are_counted_in_the_header_section_only() {
     assert!(reader.feed(&input, &mut Vec::new()).is_some());
     assert_eq!(reader.problem(), Some(DataProblem::TooManyReceived));
 }
+
+#[test]
+fn header_section_is_bounded() {
+    let mut reader = DataReader::new(BIG, 1000, 50).with_max_header(100);
+    let mut out = Vec::new();
+    let mut input = Vec::new();
+    for i in 0..10 {
+        input.extend_from_slice(format!("X-Filler-{i}: 0123456789\r\n").as_bytes());
+    }
+    input.extend_from_slice(b"\r\nbody\r\n.\r\n");
+    assert!(reader.feed(&input, &mut out).is_some());
+    assert_eq!(reader.problem(), Some(DataProblem::HeaderTooBig));
+    // The same header section fits a larger bound, and the body does not count.
+    let mut reader = DataReader::new(BIG, 1000, 50).with_max_header(300);
+    input.splice(input.len() - 3..input.len() - 3, b"a long body line that is not a header\r\n".repeat(20));
+    assert!(reader.feed(&input, &mut Vec::new()).is_some());
+    assert_eq!(reader.problem(), None);
+}

@@ -1,7 +1,11 @@
 use super::*;
 use crate::config::Config;
+use crate::recipients::Decision;
 use crate::spool::{BodyType, DsnNotify, DsnRet, Spool};
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The default `smtp.max_errors`.
+const MAX_ERRORS: usize = 20;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -23,7 +27,13 @@ fn fixture(tweak: impl FnOnce(&mut Config)) -> Fixture {
     let on_queued = Box::new(move |_: &Envelope| {
         counter.fetch_add(1, Ordering::SeqCst);
     });
-    let context = Arc::new(ServerContext { config: Arc::new(config), spool: Arc::new(spool), on_queued });
+    let config = Arc::new(config);
+    let mut context = ServerContext::new(Arc::clone(&config), Arc::new(spool), on_queued);
+    if !config.domain.is_empty() {
+        let recipients = crate::recipients::Recipients::open(Arc::clone(&config), dir.path()).expect("recipients");
+        context.recipients = Some(Arc::new(recipients));
+    }
+    let context = Arc::new(context);
     Fixture { _dir: dir, context, queued }
 }
 
@@ -55,6 +65,11 @@ fn talk(session: &mut Session, input: &[u8]) -> (String, Ended) {
             Action::StartTls(reply) => {
                 text.push_str(&reply.to_string());
                 return (text, Ended::StartTls);
+            }
+            Action::Verify(recipient) => {
+                // As if the primary were down.
+                actions.push_back(session.verified(*recipient, Decision::TempFail));
+                actions.extend(session.feed(&[]));
             }
             Action::Commit(pending) => {
                 let reply = session.committed(pending.commit());
@@ -357,4 +372,88 @@ fn data_split_across_feeds() {
     let env = &fx.context.spool.list()[0];
     let body = fx.context.spool.read_body(&env.id).expect("body");
     assert!(body.ends_with(b"\r\nA: b\r\n\r\n.x\r\n"));
+}
+
+#[test]
+fn max_errors_is_configurable() {
+    let fx = fixture(|c| c.smtp.max_errors = 3);
+    let mut session = fx.session(false);
+    let (text, ended) = talk(&mut session, "BAD\r\n".repeat(10).as_bytes());
+    assert_eq!(ended, Ended::Closed);
+    assert_eq!(text.lines().count(), 3, "{text}");
+}
+
+#[test]
+fn message_and_recipient_rates_per_ip() {
+    let fx = fixture(|c| {
+        c.smtp.max_messages_per_ip_per_minute = 2;
+        c.smtp.max_recipients_per_ip_per_minute = 3;
+    });
+    let mut first = fx.session(false);
+    let (text, _) = talk(
+        &mut first,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nRCPT TO:<y@example.test>\r\nRSET\r\n",
+    );
+    assert_eq!(codes(&text), ["220", "250", "250", "250", "250", "250"][1..].to_vec(), "{text}");
+    // A second session from the same address shares the counts.
+    let mut second = fx.session(false);
+    let (text, _) = talk(
+        &mut second,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<z@example.test>\r\nRCPT TO:<w@example.test>\r\nRSET\r\nMAIL FROM:<a@b.test>\r\n",
+    );
+    assert!(text.contains("452 4.7.0 too many recipients from 192.0.2.7"), "{text}");
+    assert!(text.ends_with("452 4.7.0 too much mail from 192.0.2.7, try again later\r\n"), "{text}");
+}
+
+#[test]
+fn header_size_is_bounded() {
+    let fx = fixture(|c| c.smtp.max_header_size = 4096);
+    let mut session = fx.session(false);
+    let mut input = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n".to_vec();
+    for i in 0..100 {
+        input.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "y".repeat(60)).as_bytes());
+    }
+    input.extend_from_slice(b"\r\nbody\r\n.\r\n");
+    let (text, _) = talk(&mut session, &input);
+    assert!(text.ends_with("552 5.3.4 message header size exceeds limit of 4096 octets\r\n"), "{text}");
+    assert_eq!(fx.context.spool.len(), 0);
+}
+
+#[test]
+fn unknown_recipients_follow_the_domain_policy() {
+    use crate::config::{DomainConfig, UnknownPolicy};
+    let list = tempfile::NamedTempFile::new().expect("list");
+    std::fs::write(list.path(), "alice@example.test\n").expect("write");
+    let path = list.path().to_path_buf();
+    let fx = fixture(move |c| {
+        let strict = DomainConfig { recipients_file: Some(path.clone()), ..DomainConfig::default() };
+        let hold = DomainConfig {
+            recipients_file: Some(path),
+            unknown_recipient: UnknownPolicy::Hold,
+            ..DomainConfig::default()
+        };
+        c.domain.insert("example.test".into(), strict);
+        c.domain.insert("other.test".into(), hold);
+    });
+    crate::recipients::add(
+        fx._dir.path(),
+        &["ghost@example.test".into()],
+        false,
+        crate::recipients::cache::Source::Operator,
+        None,
+    )
+    .expect("add");
+    let mut session = fx.session(false);
+    let (text, _) = talk(
+        &mut session,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nRCPT TO:<ghost@example.test>\r\nRCPT TO:<carol@other.test>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n",
+    );
+    assert!(text.contains("451 4.4.3 recipient cannot be verified now"), "{text}");
+    assert!(text.contains("550 5.1.1 recipient address rejected: no such user"), "{text}");
+    assert!(text.contains("250 2.0.0 Ok: queued as"), "{text}");
+    let queued = fx.context.spool.list();
+    assert_eq!(queued.len(), 1);
+    let addresses: Vec<&str> = queued[0].recipients.iter().map(|r| r.address.as_str()).collect();
+    assert_eq!(addresses, ["alice@example.test", "carol@other.test"]);
+    assert!(queued[0].held, "carol was accepted under the hold policy");
 }

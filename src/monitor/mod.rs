@@ -1,0 +1,389 @@
+//! Watching the primary and paging a person (the monitor task).
+//!
+//! Every `[monitor] probe_interval` the monitor probes each relayed domain's next hops
+//! ([`probe`]), records up/down, latency and error in its status table and in the scheduler's
+//! destination table (both read by the admin page), and logs each change of state. A destination
+//! that comes back is flushed at once, so the queue drains without anyone's help. The same round
+//! runs the `[[monitor.check]]` entries and evaluates the alert [`rules`] (primary down too long,
+//! queue too long or too old, spool nearly full, a check failing); each change of state is sent
+//! once through every channel of [`alert`], with reminders at `reminder_interval`.
+//!
+//! - [`rules`]: the pure fire-once / remind / recover state machine;
+//! - [`alert`]: the alert JSON and the command, webhook and e-mail channels;
+//! - [`probe`]: SMTP probes of next hops and the TCP, HTTP and SMTP checks;
+//! - [`http`]: a minimal HTTP/1.1 client for webhooks and HTTP checks.
+
+pub mod alert;
+pub mod http;
+pub mod probe;
+pub mod rules;
+
+use crate::config::{Config, HumanDuration};
+use crate::deliver::{ClientSettings, Deliverer};
+use crate::schedule::SchedulerHandle;
+use crate::spool::{Spool, from_micros, now_micros};
+use alert::{Alert, Alerter};
+use probe::ProbeResult;
+use rules::{Event, Rule};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Errors of the monitor's channels and probes; `Display` is the line logged and shown by
+/// `bartleby alert-test`.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error("HTTP: {0}")]
+    Http(String),
+    #[error("command: {0}")]
+    Command(String),
+    #[error("mail: {0}")]
+    Mail(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// What the monitor last saw of one watched thing (a relayed domain's primary, or a check).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WatchStatus {
+    /// Up or down at the last probe; None before the first one.
+    pub up: Option<bool>,
+    /// Microseconds since the epoch of the last change between up and down.
+    pub since: Option<i64>,
+    /// Microseconds since the epoch of the last probe.
+    pub last_probe: Option<i64>,
+    /// Time to the answer of the last successful probe, in milliseconds.
+    pub latency_ms: Option<u64>,
+    /// The host that answered, or the last one tried.
+    pub host: Option<String>,
+    /// Why the last probe failed.
+    pub error: Option<String>,
+}
+
+/// Everything the monitor shows: primaries by domain, checks by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MonitorStatus {
+    pub domains: BTreeMap<String, WatchStatus>,
+    pub checks: BTreeMap<String, WatchStatus>,
+}
+
+/// The status shared with the admin page and `/metrics`.
+pub type SharedStatus = Arc<Mutex<MonitorStatus>>;
+
+/// The monitor task's state.
+pub struct Monitor {
+    config: Arc<Config>,
+    spool: Arc<Spool>,
+    scheduler: SchedulerHandle,
+    deliverer: Arc<Deliverer>,
+    /// Client settings with every timeout capped by `probe_timeout`.
+    settings: Arc<ClientSettings>,
+    alerter: Arc<Alerter>,
+    status: SharedStatus,
+    /// One rule state per (rule, subject).
+    rules: HashMap<(&'static str, String), Rule>,
+    /// Alerts being sent; a slow channel never delays a probe.
+    sending: JoinSet<()>,
+}
+
+impl Monitor {
+    /// A monitor for `config`, flushing through `scheduler` and resolving with `deliverer`.
+    pub fn new(
+        config: Arc<Config>,
+        spool: Arc<Spool>,
+        scheduler: SchedulerHandle,
+        deliverer: Arc<Deliverer>,
+    ) -> Result<Monitor, MonitorError> {
+        let mut settings =
+            ClientSettings::new(config.hostname.clone(), &config.delivery).map_err(MonitorError::Setup)?;
+        let cap = config.monitor.probe_timeout.0;
+        let t = &mut settings.timeouts;
+        for d in
+            [&mut t.connect, &mut t.greeting, &mut t.command, &mut t.data_init, &mut t.data_block, &mut t.data_done]
+        {
+            *d = (*d).min(cap);
+        }
+        Ok(Monitor {
+            alerter: Arc::new(Alerter::new(Arc::clone(&config))),
+            config,
+            spool,
+            scheduler,
+            deliverer,
+            settings: Arc::new(settings),
+            status: SharedStatus::default(),
+            rules: HashMap::new(),
+            sending: JoinSet::new(),
+        })
+    }
+
+    /// The status table, for the admin page.
+    pub fn status(&self) -> SharedStatus {
+        Arc::clone(&self.status)
+    }
+
+    /// Probes and evaluates the rules every `probe_interval` (every minute when probes are off)
+    /// until `shutdown` turns true; alerts still being sent get a few seconds to finish.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let interval = self.config.monitor.probe_interval.0;
+        let tick = if interval.is_zero() { Duration::from_secs(60) } else { interval };
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            tokio::select! {
+                _ = self.round() => {}
+                _ = shutdown.changed() => break,
+            }
+            while self.sending.try_join_next().is_some() {}
+        }
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), async { while self.sending.join_next().await.is_some() {} })
+                .await;
+        self.sending.abort_all();
+    }
+
+    /// One round: probes, checks, rules.
+    async fn round(&mut self) {
+        if !self.config.monitor.probe_interval.0.is_zero() {
+            for (domain, result) in self.probe_domains().await {
+                self.domain_probed(&domain, result).await;
+            }
+            for (name, result) in self.run_checks().await {
+                self.check_ran(&name, result);
+            }
+        } else {
+            self.primaries_from_deliveries();
+        }
+        self.queue_rules();
+        self.spool_rule();
+    }
+
+    /// Probes every relayed domain at once, each bounded by `probe_timeout`.
+    async fn probe_domains(&self) -> Vec<(String, ProbeResult)> {
+        let mut set = JoinSet::new();
+        let limit = self.config.monitor.probe_timeout.0;
+        for domain in self.config.relay.domains.clone() {
+            let (deliverer, settings) = (Arc::clone(&self.deliverer), Arc::clone(&self.settings));
+            set.spawn(async move {
+                let probe = probe::probe_domain(&deliverer, &settings, &domain);
+                let result = tokio::time::timeout(limit, probe).await.unwrap_or_else(|_| ProbeResult {
+                    up: false,
+                    host: None,
+                    latency: None,
+                    error: Some(format!("no answer within {}", HumanDuration(limit))),
+                });
+                (domain, result)
+            });
+        }
+        let mut results: Vec<(String, ProbeResult)> = set.join_all().await;
+        results.sort_by(|a, b| a.0.cmp(&b.0));
+        results
+    }
+
+    async fn run_checks(&self) -> Vec<(String, ProbeResult)> {
+        let mut set = JoinSet::new();
+        for check in self.config.monitor.check.clone() {
+            set.spawn(async move { (check.name.clone(), probe::run_check(&check).await) });
+        }
+        set.join_all().await
+    }
+
+    /// Records a probe, logs a change of state, flushes a destination that came back, and feeds
+    /// the primary-down rule.
+    async fn domain_probed(&mut self, domain: &str, result: ProbeResult) {
+        let now = now_micros();
+        let failing = self.record_destination(domain, &result, now);
+        let previous = update(&mut lock(&self.status).domains, domain, &result, now);
+        log_change(&format!("primary of {domain}"), previous, &result);
+        // Down -> up by a probe; or the first probe finds up what deliveries found down.
+        let came_back = result.up && (previous == Some(false) || (previous.is_none() && failing));
+        if came_back {
+            match self.scheduler.flush(Some(domain.to_string())).await {
+                Ok(count) => {
+                    tracing::info!(domain, messages = count, "probe found the destination back: flushing its queue")
+                }
+                Err(err) => tracing::error!(domain, error = %err, "cannot flush"),
+            }
+        }
+        let hold = self.config.monitor.primary_down_after.0;
+        let summary = |event: Event, since: Option<SystemTime>| match event {
+            Event::Recovered => {
+                format!("primary of {domain} is back: {} answers", result.host.as_deref().unwrap_or("it"))
+            }
+            _ => format!(
+                "primary of {domain} down for {}: {}",
+                age(since),
+                result.error.as_deref().unwrap_or("no answer")
+            ),
+        };
+        if !hold.is_zero() {
+            self.observe("primary_down", domain, !result.up, hold, summary);
+        }
+    }
+
+    /// Writes the probe into the scheduler's destination table; returns whether deliveries (or
+    /// probes) found it failing before.
+    fn record_destination(&self, domain: &str, result: &ProbeResult, now: i64) -> bool {
+        let table = self.scheduler.destination_table();
+        let mut table = lock(&table);
+        let state = table.entry(domain.to_string()).or_default();
+        let failing = state.failing_since.is_some();
+        if result.up {
+            state.succeeded(now);
+        } else {
+            state.failed(now, format!("probe: {}", result.error.as_deref().unwrap_or("down")));
+        }
+        failing
+    }
+
+    /// Without probes, the primary-down rule follows the deliveries.
+    fn primaries_from_deliveries(&mut self) {
+        let hold = self.config.monitor.primary_down_after.0;
+        if hold.is_zero() {
+            return;
+        }
+        let table = self.scheduler.destinations();
+        for domain in self.config.relay.domains.clone() {
+            let state = table.get(&domain).cloned().unwrap_or_default();
+            let error = state.last_error.clone().unwrap_or_default();
+            self.observe("primary_down", &domain, state.failing_since.is_some(), hold, |event, since| match event {
+                Event::Recovered => format!("primary of {domain} is back: a delivery succeeded"),
+                _ => format!("primary of {domain} down for {}: {error}", age(since)),
+            });
+        }
+    }
+
+    fn check_ran(&mut self, name: &str, result: ProbeResult) {
+        let now = now_micros();
+        let previous = update(&mut lock(&self.status).checks, name, &result, now);
+        log_change(&format!("check {name}"), previous, &result);
+        let hold = self.config.monitor.check.iter().find(|c| c.name == name).map(|c| c.down_after.0);
+        let summary = |event: Event, since: Option<SystemTime>| match event {
+            Event::Recovered => format!("check {name} is back"),
+            _ => format!("check {name} failing for {}: {}", age(since), result.error.as_deref().unwrap_or("")),
+        };
+        self.observe("check", name, !result.up, hold.unwrap_or_default(), summary);
+    }
+
+    /// Queue length and the age of its oldest message.
+    fn queue_rules(&mut self) {
+        let (count, oldest) = self.spool.with_index(|index| (index.len(), index.values().map(|e| e.arrived).min()));
+        let max = self.config.monitor.queue_max_messages;
+        if max > 0 {
+            self.observe("queue_size", "queue", count > max, Duration::ZERO, |event, _| match event {
+                Event::Recovered => format!("queue back to {count} messages (threshold {max})"),
+                _ => format!("{count} messages queued (threshold {max})"),
+            });
+        }
+        let limit = self.config.monitor.queue_max_age.0;
+        if !limit.is_zero() {
+            let old = oldest.map(|at| age(Some(from_micros(at))));
+            let too_old = oldest.is_some_and(|at| now_micros() - at > to_micros_duration(limit));
+            self.observe("queue_age", "queue", too_old, Duration::ZERO, |event, _| match event {
+                Event::Recovered => format!("no queued message is older than {} any more", HumanDuration(limit)),
+                _ => format!(
+                    "oldest queued message is {} old (threshold {})",
+                    old.clone().unwrap_or_default(),
+                    HumanDuration(limit)
+                ),
+            });
+        }
+    }
+
+    fn spool_rule(&mut self) {
+        let min = self.config.monitor.spool_min_free_percent;
+        if min == 0 {
+            return;
+        }
+        let space = match self.spool.space() {
+            Ok(space) if space.total_bytes > 0 => space,
+            Ok(_) => return,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot check free space on the spool");
+                return;
+            }
+        };
+        let percent = space.free_bytes.saturating_mul(100) / space.total_bytes;
+        self.observe("spool_space", "spool", percent < u64::from(min), Duration::ZERO, |event, _| match event {
+            Event::Recovered => format!("spool filesystem {percent}% free again (threshold {min}%)"),
+            _ => format!("spool filesystem only {percent}% free (threshold {min}%)"),
+        });
+    }
+
+    /// Feeds one rule; sends an alert when the observation is news.
+    fn observe(
+        &mut self,
+        rule: &'static str,
+        subject: &str,
+        bad: bool,
+        hold: Duration,
+        summary: impl FnOnce(Event, Option<SystemTime>) -> String,
+    ) {
+        let reminder = self.config.monitor.reminder_interval.0;
+        let state = self.rules.entry((rule, subject.to_string())).or_default();
+        let since = state.bad_since();
+        let Some(event) = state.observe(bad, SystemTime::now(), hold, reminder) else { return };
+        let since = if event == Event::Recovered { since } else { state.bad_since() };
+        let state_name = match event {
+            Event::Firing => "firing",
+            Event::Reminder => "reminder",
+            Event::Recovered => "recovered",
+        };
+        let alert = Alert::new(&self.config.hostname, rule, subject, state_name, summary(event, since), since);
+        tracing::warn!(rule, subject, state = state_name, "alert: {}", alert.summary);
+        let alerter = Arc::clone(&self.alerter);
+        self.sending.spawn(async move {
+            alerter.send(&alert).await;
+        });
+    }
+}
+
+/// Updates one entry of a status table; returns its previous up/down.
+fn update(table: &mut BTreeMap<String, WatchStatus>, key: &str, result: &ProbeResult, now: i64) -> Option<bool> {
+    let entry = table.entry(key.to_string()).or_default();
+    let previous = entry.up;
+    if previous != Some(result.up) {
+        entry.since = Some(now);
+    }
+    entry.up = Some(result.up);
+    entry.last_probe = Some(now);
+    entry.latency_ms = result.latency.map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX));
+    entry.host = result.host.clone();
+    entry.error = result.error.clone();
+    previous
+}
+
+/// One log line per change of state (not per probe).
+fn log_change(what: &str, previous: Option<bool>, result: &ProbeResult) {
+    let host = result.host.as_deref().unwrap_or("");
+    match (previous, result.up) {
+        (Some(true), true) | (Some(false), false) => {}
+        (_, true) => {
+            let latency_ms = result.latency.map(|l| l.as_millis()).unwrap_or(0);
+            tracing::info!(host, latency_ms, "{what} is up");
+        }
+        (_, false) => {
+            tracing::warn!(host, error = result.error.as_deref().unwrap_or(""), "{what} is down");
+        }
+    }
+}
+
+/// How long ago `since` was, e.g. `1h5m`.
+fn age(since: Option<SystemTime>) -> String {
+    let elapsed = since.and_then(|s| SystemTime::now().duration_since(s).ok()).unwrap_or_default();
+    HumanDuration(Duration::from_secs(elapsed.as_secs())).to_string()
+}
+
+fn to_micros_duration(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// A poisoned lock only means a panicking task held it; the table is still usable.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

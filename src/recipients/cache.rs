@@ -1,0 +1,140 @@
+//! The durable recipient cache: `recipients.json` in the spool directory, holding callout answers,
+//! addresses learned from deliveries and the operator's entries.
+//!
+//! The daemon and `bartleby recipients` both change it, so every change is read-modify-write under
+//! an exclusive `flock` on `recipients.lock`, and the file is replaced atomically (tmp, fsync, rename,
+//! fsync of the directory): a crash leaves the old or the new cache, never half of one.
+
+use super::RecipientsError;
+use crate::spool::now_micros;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The cache file's name inside the spool directory.
+pub const CACHE_FILE: &str = "recipients.json";
+const LOCK_FILE: &str = "recipients.lock";
+
+/// Where an entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The primary answered a callout.
+    Callout,
+    /// The primary accepted a delivery for the address (a 250 is proof).
+    Delivery,
+    /// `bartleby recipients add`.
+    Operator,
+}
+
+/// What is known about one address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The primary would take mail for it.
+    pub valid: bool,
+    pub source: Source,
+    /// Microseconds since the epoch when this was learnt.
+    pub at: i64,
+    /// Microseconds since the epoch after which the entry is ignored; None never expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<i64>,
+}
+
+impl Entry {
+    /// Is the entry still to be believed at `now`?
+    pub fn fresh(&self, now: i64) -> bool {
+        self.expires.is_none_or(|at| at > now)
+    }
+}
+
+/// The file's content: entries by lower-cased address.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheFile {
+    pub version: u32,
+    pub entries: BTreeMap<String, Entry>,
+}
+
+/// Where the cache lives.
+pub fn cache_path(spool_dir: &Path) -> PathBuf {
+    spool_dir.join(CACHE_FILE)
+}
+
+/// Reads the cache; a missing file is an empty cache.
+pub fn load(spool_dir: &Path) -> Result<CacheFile, RecipientsError> {
+    let path = cache_path(spool_dir);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|e| RecipientsError::Corrupt { path, problem: e.to_string() })
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(CacheFile { version: 1, ..CacheFile::default() }),
+        Err(source) => Err(RecipientsError::Io { path, source }),
+    }
+}
+
+/// Changes the cache under the lock: reads it, applies `change`, drops expired entries, and writes
+/// it back atomically. Returns what `change` returned.
+pub fn modify<T>(spool_dir: &Path, change: impl FnOnce(&mut CacheFile) -> T) -> Result<T, RecipientsError> {
+    let lock_path = spool_dir.join(LOCK_FILE);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RecipientsError::Io { path, source }
+    };
+    let lock = std::fs::OpenOptions::new().create(true).append(true).open(&lock_path).map_err(io(&lock_path))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| RecipientsError::Io { path: lock_path.clone(), source: e.into() })?;
+    let mut cache = load(spool_dir)?;
+    let result = change(&mut cache);
+    let now = now_micros();
+    cache.entries.retain(|_, entry| entry.fresh(now));
+    cache.version = 1;
+    write_atomically(spool_dir, &cache)?;
+    // The lock is released when `lock` is closed.
+    Ok(result)
+}
+
+fn write_atomically(spool_dir: &Path, cache: &CacheFile) -> Result<(), RecipientsError> {
+    let path = cache_path(spool_dir);
+    let tmp = spool_dir.join(format!("{CACHE_FILE}.tmp"));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RecipientsError::Io { path, source }
+    };
+    let bytes = serde_json::to_vec_pretty(cache)
+        .map_err(|e| RecipientsError::Corrupt { path: path.clone(), problem: e.to_string() })?;
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    std::fs::File::open(spool_dir).and_then(|dir| dir.sync_all()).map_err(io(spool_dir))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modify_round_trips_and_drops_expired() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = now_micros();
+        modify(dir.path(), |cache| {
+            let entry = |valid, expires| Entry { valid, source: Source::Callout, at: now, expires };
+            cache.entries.insert("a@x.test".into(), entry(true, Some(now + 60_000_000)));
+            cache.entries.insert("old@x.test".into(), entry(true, Some(now - 1)));
+            cache.entries.insert("b@x.test".into(), entry(false, None));
+        })
+        .expect("modify");
+        let cache = load(dir.path()).expect("load");
+        assert_eq!(cache.entries.len(), 2);
+        assert!(cache.entries["a@x.test"].valid);
+        assert!(!cache.entries["b@x.test"].valid);
+        assert!(!dir.path().join("recipients.json.tmp").exists());
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_not_an_empty_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(cache_path(dir.path()), b"{not json").expect("write");
+        assert!(matches!(load(dir.path()), Err(RecipientsError::Corrupt { .. })));
+    }
+}

@@ -1,0 +1,296 @@
+//! Recipient knowledge: which addresses of a relayed domain are real, so that a backup MX can refuse
+//! the others at RCPT time instead of accepting them and bouncing later (backscatter).
+//!
+//! Three sources, in any mix per `[domain."..."]`:
+//! - a static list ([`list`]), reloaded when its file changes;
+//! - callouts to the primary (`MAIL FROM:<>`, `RCPT TO`, `RSET`), answers cached durably
+//!   ([`cache`]; positive 30 days, negative 1 hour by default) and bounded per minute;
+//! - addresses learned from deliveries (the primary's 250 is proof).
+//!
+//! An address known to be invalid gets 550 5.1.1. One nobody can vouch for (the primary is down,
+//! the callout budget is spent) gets the domain's `unknown_recipient` policy: never a 550.
+
+pub mod cache;
+pub mod list;
+
+use crate::config::{Config, UnknownPolicy};
+use crate::deliver::{ClientSettings, Router, Session, TlsMode};
+use crate::spool::{domain_of, now_micros};
+use cache::{CacheFile, Entry, Source};
+use list::StaticList;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How often the daemon looks at the cache file and the lists for changes made by others.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// Errors of the recipient cache.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipientsError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: not a recipient cache: {problem}", path.display())]
+    Corrupt { path: PathBuf, problem: String },
+    #[error("{0:?} is not an address (write local@domain)")]
+    BadAddress(String),
+    #[error("setup: {0}")]
+    Setup(String),
+}
+
+/// What RCPT gets for one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Known, or the domain does not check recipients: 250.
+    Accept,
+    /// Unknown under the `hold` policy: 250, and the message is held for review.
+    Hold,
+    /// Known to be invalid: 550 5.1.1.
+    Reject,
+    /// Unknown under the `tempfail` policy: 451 4.4.3.
+    TempFail,
+    /// Not known yet: ask the primary ([`Recipients::callout`]).
+    Callout,
+}
+
+/// The in-memory view, refreshed from disk when files change.
+struct State {
+    cache: CacheFile,
+    /// The cache file's modification time and length when read.
+    stamp: Option<(SystemTime, u64)>,
+    checked: Option<Instant>,
+    lists: HashMap<String, StaticList>,
+}
+
+/// Recipient knowledge for the daemon; shared by all sessions and the scheduler.
+pub struct Recipients {
+    config: Arc<Config>,
+    dir: PathBuf,
+    state: Mutex<State>,
+    /// Start times of the callouts of the last minute, for `smtp.callouts_per_minute`.
+    callouts: Mutex<VecDeque<Instant>>,
+    router: Router,
+    settings: ClientSettings,
+}
+
+impl Recipients {
+    /// Knowledge for the spool at `spool_dir`, whose cache file is read now.
+    pub fn open(config: Arc<Config>, spool_dir: &Path) -> Result<Recipients, RecipientsError> {
+        let cache = cache::load(spool_dir)?;
+        let lists = config
+            .domain
+            .iter()
+            .filter_map(|(domain, policy)| {
+                policy.recipients_file.as_ref().map(|p| (domain.clone(), StaticList::new(p)))
+            })
+            .collect();
+        let router = Router::new(&config).map_err(RecipientsError::Setup)?;
+        let mut delivery = config.delivery.clone();
+        delivery.connect_timeout = config.smtp.callout_timeout;
+        delivery.greeting_timeout = config.smtp.callout_timeout;
+        delivery.command_timeout = config.smtp.callout_timeout;
+        let settings = ClientSettings::new(config.hostname.clone(), &delivery).map_err(RecipientsError::Setup)?;
+        let state = State { cache, stamp: None, checked: None, lists };
+        Ok(Recipients {
+            config,
+            dir: spool_dir.to_path_buf(),
+            state: Mutex::new(state),
+            callouts: Mutex::new(VecDeque::new()),
+            router,
+            settings,
+        })
+    }
+
+    /// What is known without asking anyone: the lists and the cache.
+    pub fn lookup(&self, address: &str) -> Decision {
+        let domain = domain_of(address);
+        let policy = self.config.domain_policy(&domain);
+        if !policy.verifies_recipients() {
+            return Decision::Accept;
+        }
+        let key = address.to_ascii_lowercase();
+        let mut state = lock(&self.state);
+        self.refresh(&mut state);
+        if state.lists.get_mut(&domain).is_some_and(|list| list.contains(&key)) {
+            return Decision::Accept;
+        }
+        match state.cache.entries.get(&key).filter(|e| e.fresh(now_micros())) {
+            Some(entry) if entry.valid => Decision::Accept,
+            Some(_) => Decision::Reject,
+            None if policy.callout => Decision::Callout,
+            None => unknown(policy.unknown_recipient),
+        }
+    }
+
+    /// Asks the primary about `address` (a callout), caches the answer, and decides. Beyond the
+    /// callout budget, or when the primary cannot answer, the domain's policy decides.
+    pub async fn callout(&self, address: &str) -> Decision {
+        let domain = domain_of(address);
+        let policy = self.config.domain_policy(&domain).unknown_recipient;
+        if !self.take_callout_budget() {
+            tracing::warn!(rcpt = %address, "callout limit reached (smtp.callouts_per_minute)");
+            return unknown(policy);
+        }
+        let answer = tokio::time::timeout(self.config.smtp.callout_timeout.0, self.ask(&domain, address)).await;
+        let valid = match answer {
+            Ok(Ok(valid)) => valid,
+            Ok(Err(why)) => {
+                tracing::info!(rcpt = %address, reason = %why, "callout inconclusive");
+                return unknown(policy);
+            }
+            Err(_) => {
+                tracing::info!(rcpt = %address, "callout timed out");
+                return unknown(policy);
+            }
+        };
+        let smtp = &self.config.smtp;
+        let ttl = if valid { smtp.callout_positive_ttl.0 } else { smtp.callout_negative_ttl.0 };
+        self.remember(&[address.to_string()], valid, Source::Callout, Some(ttl));
+        tracing::info!(rcpt = %address, valid, "callout");
+        if valid { Decision::Accept } else { Decision::Reject }
+    }
+
+    /// Addresses the primary accepted in a delivery: remembered as valid.
+    pub fn learn(&self, addresses: &[String]) {
+        let addresses: Vec<String> = addresses
+            .iter()
+            .filter(|a| self.config.domain_policy(&domain_of(a)).verifies_recipients())
+            .filter(|a| !self.known_valid(a))
+            .cloned()
+            .collect();
+        if !addresses.is_empty() {
+            self.remember(&addresses, true, Source::Delivery, Some(self.config.smtp.callout_positive_ttl.0));
+        }
+    }
+
+    fn known_valid(&self, address: &str) -> bool {
+        let state = lock(&self.state);
+        state.cache.entries.get(&address.to_ascii_lowercase()).is_some_and(|e| e.valid && e.fresh(now_micros()))
+    }
+
+    fn remember(&self, addresses: &[String], valid: bool, source: Source, ttl: Option<Duration>) {
+        let result = add(&self.dir, addresses, valid, source, ttl);
+        match result {
+            Ok(cache) => {
+                let mut state = lock(&self.state);
+                state.cache = cache;
+                state.stamp = stamp(&cache::cache_path(&self.dir));
+            }
+            Err(err) => tracing::error!(error = %err, "cannot save the recipient cache"),
+        }
+    }
+
+    /// The primary's answer: Ok(true) for 2xx, Ok(false) for a 5xx that says "no such user",
+    /// Err for anything that does not decide (4xx, other 5xx, no connection).
+    async fn ask(&self, domain: &str, address: &str) -> Result<bool, String> {
+        let hops = self.router.next_hops(domain).await.map_err(|e| e.to_string())?;
+        let mut last = "no next hop".to_string();
+        for hop in &hops {
+            let mut session = match Session::open(hop, &self.settings, TlsMode::Opportunistic).await {
+                Ok(session) => session,
+                Err(err) => {
+                    last = err.to_string();
+                    continue;
+                }
+            };
+            let reply = session.callout(address).await.map_err(|e| e.to_string())?;
+            return match reply.code {
+                200..=299 => Ok(true),
+                // RFC 5321 4.2.2/4.2.3: 550 mailbox unavailable, 551 not local, 553 name not allowed;
+                // RFC 3463 X.1.1/X.1.2/X.1.3 say the same in enhanced codes.
+                550 | 551 | 553 => Ok(false),
+                _ => Err(format!("RCPT got {reply}")),
+            };
+        }
+        Err(last)
+    }
+
+    /// Takes one callout from this minute's budget, if any is left.
+    fn take_callout_budget(&self) -> bool {
+        let mut recent = lock(&self.callouts);
+        let now = Instant::now();
+        while recent.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
+            recent.pop_front();
+        }
+        if recent.len() >= self.config.smtp.callouts_per_minute as usize {
+            return false;
+        }
+        recent.push_back(now);
+        true
+    }
+
+    /// Re-reads the cache and the lists when they changed on disk (at most once per [`REFRESH`]).
+    fn refresh(&self, state: &mut State) {
+        if state.checked.is_some_and(|at| at.elapsed() < REFRESH) {
+            return;
+        }
+        state.checked = Some(Instant::now());
+        for list in state.lists.values_mut() {
+            list.refresh();
+        }
+        let now = stamp(&cache::cache_path(&self.dir));
+        if now != state.stamp {
+            match cache::load(&self.dir) {
+                Ok(cache) => {
+                    state.cache = cache;
+                    state.stamp = now;
+                }
+                Err(err) => tracing::error!(error = %err, "cannot read the recipient cache"),
+            }
+        }
+    }
+}
+
+fn unknown(policy: UnknownPolicy) -> Decision {
+    match policy {
+        UnknownPolicy::Tempfail => Decision::TempFail,
+        UnknownPolicy::Accept => Decision::Accept,
+        UnknownPolicy::Hold => Decision::Hold,
+    }
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Adds or replaces entries in the cache of the spool at `spool_dir`; returns the cache as written.
+pub fn add(
+    spool_dir: &Path,
+    addresses: &[String],
+    valid: bool,
+    source: Source,
+    ttl: Option<Duration>,
+) -> Result<CacheFile, RecipientsError> {
+    for address in addresses {
+        if !address.contains('@') || address.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(RecipientsError::BadAddress(address.clone()));
+        }
+    }
+    let now = now_micros();
+    let expires = ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX / 2)));
+    cache::modify(spool_dir, |cache| {
+        for address in addresses {
+            cache.entries.insert(address.to_ascii_lowercase(), Entry { valid, source, at: now, expires });
+        }
+        cache.clone()
+    })
+}
+
+/// Removes an entry; true when there was one.
+pub fn forget(spool_dir: &Path, address: &str) -> Result<bool, RecipientsError> {
+    cache::modify(spool_dir, |cache| cache.entries.remove(&address.to_ascii_lowercase()).is_some())
+}
+
+/// Every entry still fresh, by address.
+pub fn list(spool_dir: &Path) -> Result<Vec<(String, Entry)>, RecipientsError> {
+    let now = now_micros();
+    Ok(cache::load(spool_dir)?.entries.into_iter().filter(|(_, e)| e.fresh(now)).collect())
+}
+
+#[cfg(test)]
+mod tests;
