@@ -1,0 +1,735 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of bartleby, Postfix and smtp-sink (issue 7). Started by bench/run.
+
+Five figures, each measured for the three systems in the same run, on loopback only:
+
+  accept   smtp-source, 20 sessions, N messages of 4 KiB; messages/s from start to exit.
+           The primary is DOWN while filling, so both MTAs only queue (and try once, and defer).
+  drain    the N messages queued by `accept`; the primary (smtp-sink) comes up, the MTA is
+           flushed; messages/s from the flush until smtp-sink has counted all N.
+  memory   peak RSS during accept (bartleby: VmHWM; Postfix: the largest sum of VmRSS over all
+           processes of the instance, sampled every 200 ms) and RSS with idle sessions open
+           (bartleby: 1,000; Postfix: 100, its default process limit; smtp-sink serves at most 256
+           at once, so it has no idle figure).
+  listing  with BIG messages queued: `bartleby queue list` and the admin page's first page
+           against `postqueue -p` (wall time of the command, output to /dev/null).
+  restart  with BIG messages queued: kill, start, time until the SMTP greeting answers.
+           Then, for information, each server's RSS holding the BIG queue.
+
+The ceiling is smtp-sink (no disk): for accept, smtp-source into it; for drain, smtp-source with
+connection reuse (-d) into it, the best any client could do; for memory, its own RSS. It has no
+queue, so listing and restart have no ceiling.
+
+Every process started here is stopped on exit (also on Ctrl-C). Results: a table on stdout and a
+JSON file (one object per figure with the medians and the ratios).
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+BARTLEBY = ("127.0.0.11", 2525)
+WEB = ("127.0.0.11", 8025)
+POSTFIX = ("127.0.0.12", 2525)
+CEILING = ("127.0.0.13", 2525)
+PRIMARY = ("127.0.0.14", 2525)
+SENDER, RECIPIENT = "a@sender.test", "b@example.test"
+MESSAGE_SIZE = 4096
+
+
+def log(*args):
+    print(time.strftime("%H:%M:%S"), *args, file=sys.stderr, flush=True)
+
+
+def addr(pair):
+    return f"{pair[0]}:{pair[1]}"
+
+
+# --- processes ------------------------------------------------------------------------------
+
+STARTED = []  # Popen objects to stop at exit
+CLEANUPS = []  # callables run at exit (Postfix instances)
+
+
+def cleanup():
+    for fn in reversed(CLEANUPS):
+        try:
+            fn()
+        except Exception as err:  # keep stopping the rest
+            log("cleanup:", err)
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log("process", proc.pid, "did not exit")
+
+
+def start(cmd, **kw):
+    proc = subprocess.Popen(cmd, **kw)
+    STARTED.append(proc)
+    return proc
+
+
+def stop(proc, sig=signal.SIGTERM, timeout=30):
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def run(cmd, timeout=600, **kw):
+    return subprocess.run(cmd, timeout=timeout, check=True, **kw)
+
+
+def timed(cmd, timeout=600):
+    """Wall time of a command with its output discarded."""
+    t0 = time.monotonic()
+    subprocess.run(cmd, timeout=timeout, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - t0
+
+
+def wait_for(predicate, timeout, what, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def greeting_after(pair, timeout=120):
+    """Seconds until a 220 greeting is read at `pair` (connection refused is retried)."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(pair, timeout=deadline - time.monotonic()) as sock:
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                line = sock.makefile("rb").readline()
+                if line.startswith(b"220"):
+                    return time.monotonic() - t0
+        except (ConnectionRefusedError, ConnectionResetError):
+            pass
+        except OSError:
+            pass
+        time.sleep(0.005)
+    raise TimeoutError(f"no SMTP greeting at {addr(pair)} within {timeout}s")
+
+
+def smtp_source(pair, messages, sessions, reuse=False):
+    """smtp-source from first connection to exit (it exits after the last reply); returns s."""
+    cmd = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(MESSAGE_SIZE)]
+    cmd += ["-d"] if reuse else []
+    cmd += ["-f", SENDER, "-t", RECIPIENT, addr(pair)]
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, timeout=3600, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    elapsed = time.monotonic() - t0
+    if done.returncode != 0 or done.stdout:
+        log("smtp-source said:", done.stdout.decode(errors="replace")[-500:])
+    if done.returncode != 0:
+        raise RuntimeError(f"smtp-source into {addr(pair)} failed (exit {done.returncode})")
+    return elapsed
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+
+def proc_status(pid, key):
+    """A kB value from /proc/PID/status, 0 if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def pss_kb(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
+
+
+def descendants(root):
+    """root and every process below it."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+class Sampler:
+    """Samples a kB figure every 200 ms in a thread and keeps the largest (rarely enough not to
+    take much CPU from the servers on a 2-core machine)."""
+
+    def __init__(self, measure):
+        self.measure, self.peak, self.running = measure, 0, True
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self):
+        while self.running:
+            self.peak = max(self.peak, self.measure())
+            time.sleep(0.2)
+
+    def finish(self):
+        self.running = False
+        self.thread.join()
+        return self.peak
+
+
+def open_idle(pair, count):
+    """Opens `count` sessions that read the greeting and then wait; returns the sockets."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(pair, timeout=30)
+        sock.settimeout(60)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(512)
+            if not chunk:
+                raise ConnectionError(f"{addr(pair)} closed an idle session after {len(socks)}")
+            data += chunk
+        if not data.startswith(b"220"):
+            raise ConnectionError(f"{addr(pair)} refused session {len(socks) + 1}: {data[:80]!r}")
+        socks.append(sock)
+    return socks
+
+
+def close_all(socks):
+    for sock in socks:
+        sock.close()
+
+
+# --- the three systems ----------------------------------------------------------------------
+
+
+class Sink:
+    """smtp-sink, counting messages (`-c` prints mesg=N, separated by carriage returns)."""
+
+    def __init__(self, pair):
+        self.pair, self.count = pair, 0
+        cmd = ["smtp-sink", "-c", "-u", "nobody", addr(pair), "2000"]
+        self.proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=self.read, daemon=True).start()
+        greeting_after(pair, 30)
+
+    def read(self):
+        tail = b""
+        while True:
+            chunk = self.proc.stdout.read1(65536)
+            if not chunk:
+                return
+            tail = (tail + chunk)[-256:]
+            counts = re.findall(rb"mesg=(\d+)", tail)
+            if counts:
+                self.count = int(counts[-1])
+
+    def rss(self):
+        return proc_status(self.proc.pid, "VmRSS")
+
+    def stop(self):
+        stop(self.proc)
+
+
+class Bartleby:
+    def __init__(self, binary, work):
+        self.binary, self.dir, self.proc = binary, os.path.join(work, "bartleby"), None
+        self.spool, self.conf = os.path.join(self.dir, "spool"), os.path.join(self.dir, "bartleby.toml")
+        os.makedirs(self.dir, exist_ok=True)
+        with open(self.conf, "w") as f:
+            # Retries an hour apart (as for Postfix below), so nothing but the flush delivers.
+            f.write(f"""hostname = "bartleby.bench.test"
+[smtp]
+listen = ["{addr(BARTLEBY)}"]
+max_sessions = 2000
+# One loopback client stands for the whole internet here, so the per-client limits are lifted, as
+# Postfix exempts $mynetworks from its anvil limits by default (smtpd_client_event_limit_exceptions).
+max_sessions_per_ip = 2000
+max_messages_per_ip_per_minute = 1000000000
+max_recipients_per_ip_per_minute = 1000000000
+# SPF/DKIM at accept time would query DNS beyond loopback; Postfix checks neither by default.
+sender_auth = false
+[relay]
+domains = ["example.test"]
+[queue]
+dir = "{self.spool}"
+first_retry = "1h"
+retry_interval = "1h"
+[routes]
+"example.test" = "{addr(PRIMARY)}"
+[web]
+listen = "{addr(WEB)}"
+""")
+
+    def cli(self, *args):
+        return [self.binary, "--config", self.conf, *args]
+
+    def start(self):
+        """Starts the daemon; returns seconds until its greeting."""
+        logf = open(os.path.join(self.dir, "bartleby.log"), "ab")
+        t0 = time.monotonic()
+        self.proc = start(self.cli("serve"), stdout=logf, stderr=logf)
+        logf.close()
+        greeting_after(BARTLEBY, 300)
+        return time.monotonic() - t0
+
+    def stop(self, sig=signal.SIGTERM):
+        stop(self.proc, sig)
+
+    def wipe(self):
+        self.stop()
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    def rss(self):
+        return proc_status(self.proc.pid, "VmRSS")
+
+    def hwm(self):
+        return proc_status(self.proc.pid, "VmHWM")
+
+    def listing(self):
+        out = subprocess.run(self.cli("queue", "list", "--json"), timeout=600, check=True, stdout=subprocess.PIPE)
+        return json.loads(out.stdout)
+
+    def count(self):
+        return len(self.listing())
+
+    def settled(self, n):
+        """All n queued and each tried once (deferred), so the flush is the only thing left."""
+        listed = self.listing()
+        return len(listed) >= n and all(m["attempts"] >= 1 for m in listed)
+
+    def flush(self):
+        run(self.cli("queue", "flush"), stdout=subprocess.DEVNULL)
+
+    def list_time(self):
+        return timed(self.cli("queue", "list"))
+
+
+class Postfix:
+    """Postfix 3.7 as a backup-MX relay for example.test in its own directory, fsync as shipped."""
+
+    def __init__(self, work):
+        self.dir = os.path.join(work, "postfix")
+        self.etc, self.queue = os.path.join(self.dir, "etc"), os.path.join(self.dir, "queue")
+        self.data = os.path.join(self.dir, "data")
+        self.configured = False
+
+    def configure(self):
+        os.makedirs(self.etc, exist_ok=True)
+        shutil.copy("/etc/postfix/master.cf", self.etc)
+        with open(os.path.join(self.etc, "main.cf"), "w") as f:
+            f.write(self.main_cf())
+        # The smtpd listener on its own address; no chroot (the queue directory has no /etc copy).
+        master = os.path.join(self.etc, "master.cf")
+        with open(master) as f:
+            text = re.sub(r"(?m)^smtp\s+inet\s.*$", f"{addr(POSTFIX)} inet n - n - - smtpd", f.read())
+        with open(master, "w") as f:
+            f.write(text)
+        run(["postconf", "-c", self.etc, "-F", "*/*/chroot = n"])
+        self.configured = True
+
+    def main_cf(self):
+        # Retries an hour apart, so nothing but `postqueue -f` delivers; everything else as shipped.
+        return f"""compatibility_level = 3.6
+queue_directory = {self.queue}
+data_directory = {self.data}
+maillog_file = {self.dir}/maillog
+maillog_file_prefixes = {self.dir}
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+myhostname = postfix.bench.test
+mydestination =
+mynetworks = 127.0.0.0/8
+relay_domains = example.test
+transport_maps = inline:{{ example.test=smtp:[{PRIMARY[0]}]:{PRIMARY[1]} }}
+disable_dns_lookups = yes
+alias_maps =
+alias_database =
+local_recipient_maps =
+minimal_backoff_time = 1h
+maximal_backoff_time = 1h
+queue_run_delay = 1h
+"""
+
+    def pctl(self, *args):
+        run(["postfix", "-c", self.etc, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def master_pid(self):
+        try:
+            with open(os.path.join(self.queue, "pid", "master.pid")) as f:
+                pid = int(f.read().split()[0])
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+            return None
+
+    def start(self):
+        """Starts the instance; returns seconds until its greeting."""
+        if not self.configured:
+            self.configure()
+        for d in (self.queue, self.data):
+            os.makedirs(d, exist_ok=True)
+        shutil.chown(self.data, "postfix")
+        t0 = time.monotonic()
+        self.pctl("post-install", "create-missing")
+        self.pctl("start")
+        if self.stop not in CLEANUPS:
+            CLEANUPS.append(self.stop)
+        greeting_after(POSTFIX, 300)
+        return time.monotonic() - t0
+
+    def stop(self):
+        if self.master_pid() is None:
+            return
+        subprocess.run(["postfix", "-c", self.etc, "stop"], timeout=60, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.master_pid() is None, 60, "Postfix to stop", 0.1)
+
+    def wipe(self):
+        self.stop()
+        shutil.rmtree(self.queue, ignore_errors=True)
+        shutil.rmtree(self.data, ignore_errors=True)
+
+    def pids(self):
+        master = self.master_pid()
+        return descendants(master) if master else []
+
+    def rss(self):
+        return sum(proc_status(pid, "VmRSS") for pid in self.pids())
+
+    def pss(self):
+        return sum(pss_kb(pid) for pid in self.pids())
+
+    def queue_files(self, *subdirs):
+        total = 0
+        for sub in subdirs:
+            for _, _, files in os.walk(os.path.join(self.queue, sub)):
+                total += len(files)
+        return total
+
+    def settled(self, n):
+        """All n deferred and nothing on its way in or being tried."""
+        busy = self.queue_files("maildrop", "incoming", "active")
+        return busy == 0 and self.queue_files("deferred") >= n
+
+    def flush(self):
+        run(["postqueue", "-c", self.etc, "-f"], stdout=subprocess.DEVNULL)
+
+    def list_time(self):
+        return timed(["postqueue", "-c", self.etc, "-p"])
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def accept_and_drain(name, mta, args, results):
+    """One round of accept (primary down) then drain (primary up, flush) for one MTA."""
+    mta.wipe()
+    mta.start()
+    sampler = Sampler(mta.rss)
+    seconds = smtp_source(mta_addr(name), args.messages, 20)
+    results["accept_rss_sum" if name == "postfix" else "accept_rss"].append(sampler.finish())
+    if name == "bartleby":
+        results["accept_hwm"].append(mta.hwm())
+    results["accept"].append(args.messages / seconds)
+    log(f"{name}: accepted {args.messages} in {seconds:.2f}s = {args.messages / seconds:.0f}/s")
+    wait_for(lambda: mta.settled(args.messages), 600, f"{name} to queue and defer all", 0.5)
+    sink = Sink(PRIMARY)
+    t0 = time.monotonic()
+    mta.flush()
+    wait_for(lambda: sink.count >= args.messages, 1800, f"{name}'s drain to reach smtp-sink", 0.01)
+    seconds = time.monotonic() - t0
+    sink.stop()
+    results["drain"].append(args.messages / seconds)
+    log(f"{name}: drained {args.messages} in {seconds:.2f}s = {args.messages / seconds:.0f}/s")
+    mta.wipe()
+
+
+def mta_addr(name):
+    return {"bartleby": BARTLEBY, "postfix": POSTFIX, "ceiling": CEILING}[name]
+
+
+def ceiling_round(args, results):
+    sink = Sink(CEILING)
+    sampler = Sampler(sink.rss)
+    seconds = smtp_source(CEILING, args.messages, 20)
+    results["accept_rss"].append(sampler.finish())
+    results["accept"].append(args.messages / seconds)
+    seconds = smtp_source(CEILING, args.messages, 20, reuse=True)
+    results["drain"].append(args.messages / seconds)
+    sink.stop()
+    log(f"ceiling: accept {results['accept'][-1]:.0f}/s, with reuse {results['drain'][-1]:.0f}/s")
+
+
+def idle_round(name, mta, sessions, results):
+    """RSS of a freshly started, empty MTA with idle sessions open (each read its greeting)."""
+    mta.wipe()
+    mta.start()
+    socks = []
+    try:
+        for count in sessions:
+            socks += open_idle(mta_addr(name), count - len(socks))
+            time.sleep(1)
+            results[f"idle_rss_{count}"].append(mta.rss())
+            if name == "postfix":
+                results[f"idle_pss_{count}"].append(mta.pss())
+            log(f"{name}: {count} idle sessions, RSS {results[f'idle_rss_{count}'][-1] / 1024:.1f} MiB")
+    finally:
+        close_all(socks)
+    mta.wipe()
+
+
+def fill(name, mta, args):
+    """Queues args.big messages (primary down), with many sessions to be quick about it."""
+    mta.wipe()
+    mta.start()
+    seconds = smtp_source(mta_addr(name), args.big, 50)
+    log(f"{name}: filled {args.big} in {seconds:.1f}s = {args.big / seconds:.0f}/s")
+    wait_for(lambda: mta.settled(args.big), 1800, f"{name} to queue and defer {args.big}", 2)
+    return args.big / seconds
+
+
+def web_first_page():
+    """Seconds for the admin page's first page, None when the binary serves no admin page."""
+    try:
+        out = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", f"http://{addr(WEB)}/"],
+            timeout=120, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        code, seconds = out.stdout.decode().split()
+        return float(seconds) if code == "200" else None
+    except (subprocess.TimeoutExpired, ValueError):
+        return None
+
+
+def big_queue(bartleby, postfix, args, results):
+    results["fill_rate_bartleby"].append(fill("bartleby", bartleby, args))
+    results["fill_rate_postfix"].append(fill("postfix", postfix, args))
+    for _ in range(args.rounds):
+        results["list_bartleby"].append(bartleby.list_time())
+        results["list_postfix"].append(postfix.list_time())
+        page = web_first_page()
+        if page is not None:
+            results["web_first_page"].append(page)
+        log(f"listing {args.big}: bartleby {results['list_bartleby'][-1]:.3f}s, "
+            f"postfix {results['list_postfix'][-1]:.3f}s, web {page}")
+    for _ in range(args.rounds):
+        bartleby.stop(signal.SIGKILL)
+        results["restart_bartleby"].append(bartleby.start())
+        postfix.stop()
+        results["restart_postfix"].append(postfix.start())
+        log(f"restart with {args.big}: bartleby {results['restart_bartleby'][-1]:.3f}s, "
+            f"postfix {results['restart_postfix'][-1]:.3f}s")
+    # Just restarted: what holding the big queue costs (bartleby keeps an index of every envelope).
+    time.sleep(2)
+    results["big_rss_bartleby"].append(bartleby.rss())
+    results["big_rss_postfix"].append(postfix.rss())
+    bartleby.wipe()
+    postfix.wipe()
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def figure(name, unit, better, b, p, c, **extra):
+    b, p, c = median(b), median(p), median(c)
+    obj = {"figure": name, "unit": unit, "better": better, "bartleby": b, "postfix": p, "ceiling": c,
+           "bartleby_over_postfix": ratio(b, p), "bartleby_over_ceiling": ratio(b, c)}
+    obj.update(extra)
+    return obj
+
+
+def figures(r, args):
+    return [
+        figure("accept", "messages/s", "higher", r["b.accept"], r["p.accept"], r["c.accept"],
+               samples={"bartleby": r["b.accept"], "postfix": r["p.accept"], "ceiling": r["c.accept"]},
+               goal="bartleby >= 4x postfix and >= 0.5x ceiling"),
+        figure("drain", "messages/s", "higher", r["b.drain"], r["p.drain"], r["c.drain"],
+               samples={"bartleby": r["b.drain"], "postfix": r["p.drain"], "ceiling": r["c.drain"]},
+               ceiling_is="smtp-source -d (connection reuse) into smtp-sink", goal="bartleby >= 4x postfix"),
+        figure("memory_accept_peak", "kB", "lower", r["b.accept_hwm"], r["p.accept_rss_sum"], r["c.accept_rss"],
+               note="bartleby VmHWM; postfix: largest sum of VmRSS over its processes (shared pages counted "
+                    "in each); ceiling: smtp-sink VmRSS",
+               bartleby_sampled_rss=median(r["b.accept_rss"])),
+        figure("memory_idle", "kB", "lower", r[f"b.idle_rss_{args.idle}"], r["p.idle_rss_100"], [],
+               note=f"bartleby with {args.idle} idle sessions, postfix with 100 (default process limit; "
+                    f"RSS summed over its processes); no ceiling: smtp-sink serves at most 256 sessions at once",
+               bartleby_100_sessions=median(r["b.idle_rss_100"]), postfix_pss_100=median(r["p.idle_pss_100"]),
+               goal=f"bartleby with {args.idle} < postfix with 100"),
+        figure("listing", "s", "lower", r["list_bartleby"], r["list_postfix"], [],
+               queued=args.big, web_first_page_s=median(r["web_first_page"]),
+               note="`bartleby queue list` vs `postqueue -p`, output to /dev/null; web n/a when the "
+                    "binary serves no admin page",
+               goal="list < 1 s, admin page first page < 0.1 s"),
+        figure("restart", "s", "lower", r["restart_bartleby"], r["restart_postfix"], [],
+               queued=args.big, note="bartleby: SIGKILL then start; postfix: stop then start; "
+                                     "until the 220 greeting",
+               goal="< 2 s"),
+        figure("memory_big_queue", "kB", "lower", r["big_rss_bartleby"], r["big_rss_postfix"], [],
+               queued=args.big, note="RSS 2 s after the last restart, the queue full (postfix: summed)"),
+        figure("fill_big", "messages/s", "higher", r["fill_rate_bartleby"], r["fill_rate_postfix"], [],
+               note=f"filling {args.big} for listing/restart: smtp-source, 50 sessions, primary down"),
+    ]
+
+
+def fmt(value, unit):
+    if value is None:
+        return "n/a"
+    if unit == "kB":
+        return f"{value / 1024:.1f} MiB"
+    if unit == "s":
+        return f"{value:.3f} s"
+    return f"{value:.0f}/s"
+
+
+def print_table(figs):
+    print(f"\n{'figure':<20}{'bartleby':>14}{'postfix':>14}{'ceiling':>14}{'b/postfix':>11}{'b/ceiling':>11}")
+    for f in figs:
+        u = f["unit"]
+        print(f"{f['figure']:<20}{fmt(f['bartleby'], u):>14}{fmt(f['postfix'], u):>14}{fmt(f['ceiling'], u):>14}"
+              f"{f['bartleby_over_postfix'] or 'n/a':>11}{f['bartleby_over_ceiling'] or 'n/a':>11}")
+        if f["figure"] == "listing":
+            print(f"{'  admin first page':<20}{fmt(f['web_first_page_s'], 's'):>14}")
+
+
+def environment(binary):
+    def out(cmd):
+        try:
+            return subprocess.run(cmd, timeout=30, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.decode().strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": out(["git", "rev-parse", "HEAD"]),
+            "dirty": bool(out(["git", "status", "--porcelain", "--untracked-files=no"])),
+            "bartleby": out([binary, "--version"]), "postfix": out(["postconf", "-dh", "mail_version"]),
+            "cpus": os.cpu_count(), "kernel": os.uname().release,
+            "load_at_start": os.getloadavg()}
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--binary", required=True, help="the bartleby binary")
+    p.add_argument("--quick", action="store_true", help="2,000 messages, 10,000 queued, 1 round")
+    p.add_argument("--rounds", type=int, help="rounds per figure (default 3; --quick 1)")
+    p.add_argument("--messages", type=int, help="messages for accept/drain (default 10000)")
+    p.add_argument("--big", type=int, help="queued messages for listing/restart (default 100000)")
+    p.add_argument("--idle", type=int, default=1000, help="idle sessions for bartleby and the ceiling")
+    p.add_argument("--skip-big", action="store_true", help="skip listing and restart (no 100,000 fill)")
+    p.add_argument("--json", help="where to write the results (default target/bench/RESULT.json)")
+    p.add_argument("--workdir", default="/var/tmp/bartleby-bench", help="queues live here (wiped)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = p.parse_args()
+    args.binary = os.path.abspath(args.binary)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.messages = args.messages or (2000 if args.quick else 10000)
+    args.big = args.big or (10000 if args.quick else 100000)
+    return args
+
+
+def main():
+    args = parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (Postfix and smtp-sink need it)")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Idle sessions need descriptors here and in the servers (they inherit the limit).
+    wanted = 4 * args.idle + 1024
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        sys.exit(f"bench: the open files limit ({hard}) is below {wanted}; raise it (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    os.makedirs(args.workdir)
+    env = environment(args.binary)
+    bartleby, postfix = Bartleby(args.binary, args.workdir), Postfix(args.workdir)
+    from collections import defaultdict
+    r = defaultdict(list)
+    sub = lambda prefix: _Prefixed(r, prefix)  # noqa: E731
+    try:
+        for i in range(args.rounds):
+            log(f"round {i + 1}/{args.rounds}: accept and drain, {args.messages} messages")
+            ceiling_round(args, sub("c."))
+            accept_and_drain("postfix", postfix, args, sub("p."))
+            accept_and_drain("bartleby", bartleby, args, sub("b."))
+            idle_round("postfix", postfix, [100], sub("p."))
+            idle_round("bartleby", bartleby, [100, args.idle], sub("b."))
+        if not args.skip_big:
+            log(f"filling {args.big} messages for listing and restart")
+            big_queue(bartleby, postfix, args, r)
+    finally:
+        cleanup()
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    figs = figures(r, args)
+    print_table(figs)
+    result = {"environment": env, "settings": {"rounds": args.rounds, "messages": args.messages,
+                                               "message_size": MESSAGE_SIZE, "accept_sessions": 20,
+                                               "big": args.big, "idle": args.idle}, "figures": figs}
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.binary)), "..", "bench",
+                                     f"{time.strftime('%Y%m%dT%H%M%S')}-{(env['commit'] or 'nogit')[:10]}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nresults written to {os.path.abspath(path)}")
+
+
+class _Prefixed:
+    """A view of the results dict that prefixes keys (b. p. c.)."""
+
+    def __init__(self, r, prefix):
+        self.r, self.prefix = r, prefix
+
+    def __getitem__(self, key):
+        return self.r[self.prefix + key]
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        cleanup()
+        sys.exit(130)
