@@ -204,18 +204,8 @@ impl Capabilities {
     }
 }
 
-/// RFC 3461 4: xtext encoding: `+`, `=`, controls, space and non-ASCII become `+XX`.
-pub fn xtext_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("+{b:02X}"));
-        }
-    }
-    out
-}
+/// RFC 3461 4 xtext, shared with the inbound side (ENVID is passed on encoded as it came).
+pub use crate::smtp::command::xtext_encode;
 
 /// Dot-stuffs a CRLF body while streaming (RFC 5321 4.5.2): a line starting with `.` gets one more.
 #[derive(Debug, Clone)]
