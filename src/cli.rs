@@ -175,13 +175,7 @@ fn recipients(config: &Config, action: RecipientsCommand) -> ExitCode {
             Ok(())
         }),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("bartleby: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_status(result)
 }
 
 fn print_recipients(entries: &[(String, crate::recipients::cache::Entry)], json: bool) {
@@ -491,13 +485,7 @@ fn generate(cli: GenerateCli) -> ExitCode {
             Ok(())
         }
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("bartleby: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_status(result)
 }
 
 /// Section 8 (system administration), since the binary lives in /usr/sbin. Clap's `help`
@@ -514,4 +502,15 @@ pub fn write_man_pages(dir: &Path) -> std::io::Result<()> {
     // Building gives subcommands their display names ("bartleby-queue-list"), which name the pages.
     cmd.build();
     write(cmd, dir)
+}
+
+/// Exit status 0, or 1 with the error on stderr.
+fn exit_status(result: Result<(), impl std::fmt::Display>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
