@@ -26,58 +26,85 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `config` (which must set `smtp.listen = [smtp]` and `queue.dir`) to `dir` and starts.
     pub fn start_with(dir: &Path, config: &str, smtp: SocketAddr) -> Daemon {
+        Daemon::try_start_with(dir, config, smtp).unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    fn try_start_with(dir: &Path, config: &str, smtp: SocketAddr) -> Result<Daemon, String> {
         let config_path = dir.join("bartleby.toml");
         std::fs::write(&config_path, config).expect("write config");
         let mut daemon =
             Daemon { child: None, dir: dir.to_path_buf(), config_path, smtp, log_path: dir.join("bartleby.log") };
-        daemon.restart();
-        daemon
+        daemon.try_restart()?;
+        Ok(daemon)
     }
 
     /// A daemon on 127.0.0.1:<free port> relaying `example.test`, with `extra` TOML appended
     /// (it continues the `[queue]` table; top-level keys go in `top`). DNS goes to 127.0.0.1:1,
     /// where nothing answers, so no test ever asks a resolver beyond loopback; tests route by
-    /// `[routes]`.
+    /// `[routes]`. A port taken by a parallel test in the meantime means a new pair of ports.
     pub fn start(dir: &Path, top: &str, extra: &str) -> Daemon {
-        let smtp: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
-        let spool = dir.join("spool");
-        let config = format!(
-            "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\nsender_auth = false\n\n[relay]\ndomains = [\"example.test\"]\n\n[dns]\nnameservers = [\"127.0.0.1:1\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
-            spool.display()
-        );
-        // Each daemon gets its own admin page port, so parallel tests do not fight over 8025.
-        let config = if extra.contains("[web]") {
-            config
-        } else {
-            format!("{config}\n[web]\nlisten = \"127.0.0.1:{}\"\n", free_port("127.0.0.1"))
-        };
-        Daemon::start_with(dir, &config, smtp)
+        let mut last = String::new();
+        for _ in 0..5 {
+            let smtp: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
+            let spool = dir.join("spool");
+            let config = format!(
+                "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\nsender_auth = false\n\n[relay]\ndomains = [\"example.test\"]\n\n[dns]\nnameservers = [\"127.0.0.1:1\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
+                spool.display()
+            );
+            // Each daemon gets its own admin page port, so parallel tests do not fight over 8025.
+            let config = if extra.contains("[web]") {
+                config
+            } else {
+                format!("{config}\n[web]\nlisten = \"127.0.0.1:{}\"\n", free_port("127.0.0.1"))
+            };
+            match Daemon::try_start_with(dir, &config, smtp) {
+                Ok(daemon) => return daemon,
+                Err(err) if err.contains("cannot listen") => last = err,
+                Err(err) => panic!("{err}"),
+            }
+        }
+        panic!("no free ports after 5 tries: {last}");
     }
 
     /// Starts (again) on the same config and spool; waits until SMTP answers.
     pub fn restart(&mut self) {
+        self.try_restart().unwrap_or_else(|err| panic!("{err}"));
+    }
+
+    /// Starts and waits until this very process announced its listeners on stdout and SMTP answers
+    /// (a greeting alone could come from another test's daemon that took the port).
+    fn try_restart(&mut self) -> Result<(), String> {
+        let out_path = self.dir.join("bartleby.out");
+        let announced = || std::fs::read_to_string(&out_path).unwrap_or_default().matches("listening: SMTP on").count();
+        let before = announced();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).expect("log file");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&out_path).expect("stdout file");
         let child = Command::new(BIN)
             .args(["--config", self.config_path.to_str().expect("utf-8 path"), "serve"])
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(out)
             .stderr(log)
             .spawn()
             .expect("start bartleby");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(stream) = TcpStream::connect_timeout(&self.smtp, Duration::from_secs(1)) {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return Err(format!("bartleby exited with {status} at start:\n{}", self.log()));
+            }
+            if announced() > before
+                && let Ok(stream) = TcpStream::connect_timeout(&self.smtp, Duration::from_secs(1))
+            {
                 let mut line = String::new();
                 let _ = BufReader::new(stream).read_line(&mut line);
                 if line.starts_with("220") {
-                    return;
+                    return Ok(());
                 }
             }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("bartleby exited with {status} at start:\n{}", self.log());
+            if Instant::now() > deadline {
+                return Err(format!("bartleby did not answer on {} in 20s:\n{}", self.smtp, self.log()));
             }
-            assert!(Instant::now() < deadline, "bartleby did not answer on {} in 20s:\n{}", self.smtp, self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
