@@ -9,7 +9,7 @@ mod dns_server;
 #[path = "support/fake_primary.rs"]
 mod fake_primary;
 
-use daemon::{Daemon, free_port, send_raw};
+use daemon::{Daemon, send_raw};
 use dns_server::{DnsServer, Zone};
 use fake_primary::{FakePrimary, Received, Script};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 
 /// A full configuration: relay for example.test via `primary`, DNS at `dns`, `extra` appended.
 fn start(dir: &Path, primary: SocketAddr, dns: Option<SocketAddr>, smtp_extra: &str, extra: &str) -> Daemon {
-    let smtp: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
     let dns = dns.map(|d| format!("[dns]\nnameservers = [\"{d}\"]\n")).unwrap_or_default();
-    let config = format!(
-        "hostname = \"backup.example.test\"\n[smtp]\nlisten = [\"{smtp}\"]\n{smtp_extra}\n[relay]\ndomains = [\"example.test\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\nfirst_retry = \"1s\"\nretry_interval = \"2s\"\n\n[routes]\n\"example.test\" = \"{primary}\"\n{dns}{extra}\n",
-        dir.join("spool").display()
-    );
-    Daemon::start_with(dir, &config, smtp)
+    Daemon::start_on_free_port(dir, |smtp| {
+        format!(
+            "hostname = \"backup.example.test\"\n[smtp]\nlisten = [\"{smtp}\"]\n{smtp_extra}\n[relay]\ndomains = [\"example.test\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\nfirst_retry = \"1s\"\nretry_interval = \"2s\"\n\n[routes]\n\"example.test\" = \"{primary}\"\n{dns}{extra}\n",
+            dir.join("spool").display()
+        )
+    })
 }
 
 async fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {

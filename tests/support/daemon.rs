@@ -43,21 +43,28 @@ impl Daemon {
     /// where nothing answers, so no test ever asks a resolver beyond loopback; tests route by
     /// `[routes]`. A port taken by a parallel test in the meantime means a new pair of ports.
     pub fn start(dir: &Path, top: &str, extra: &str) -> Daemon {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let smtp: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
+        Daemon::start_on_free_port(dir, |smtp| {
             let spool = dir.join("spool");
             let config = format!(
                 "hostname = \"backup.example.test\"\n{top}\n[smtp]\nlisten = [\"{smtp}\"]\nsender_auth = false\n\n[relay]\ndomains = [\"example.test\"]\n\n[dns]\nnameservers = [\"127.0.0.1:1\"]\n\n[queue]\ndir = \"{}\"\nmin_free = 0\n{extra}\n",
                 spool.display()
             );
             // Each daemon gets its own admin page port, so parallel tests do not fight over 8025.
-            let config = if extra.contains("[web]") {
+            if extra.contains("[web]") {
                 config
             } else {
                 format!("{config}\n[web]\nlisten = \"127.0.0.1:{}\"\n", free_port("127.0.0.1"))
-            };
-            match Daemon::try_start_with(dir, &config, smtp) {
+            }
+        })
+    }
+
+    /// Starts with the configuration `config` makes for a free SMTP address on 127.0.0.1; a port
+    /// taken by a parallel test in the meantime means another try with new ports.
+    pub fn start_on_free_port(dir: &Path, config: impl Fn(SocketAddr) -> String) -> Daemon {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let smtp: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
+            match Daemon::try_start_with(dir, &config(smtp), smtp) {
                 Ok(daemon) => return daemon,
                 Err(err) if err.contains("cannot listen") => last = err,
                 Err(err) => panic!("{err}"),
