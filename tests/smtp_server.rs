@@ -7,7 +7,7 @@ use bartleby::config::HumanDuration;
 use smtp_harness::Harness;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 async fn bounded<F: std::future::Future>(test: F) -> F::Output {
@@ -30,19 +30,7 @@ impl Client {
 
     /// One whole reply; panics if the connection closes first.
     async fn reply(&mut self) -> String {
-        let mut text = String::new();
-        loop {
-            let mut line = String::new();
-            let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read_line(&mut line))
-                .await
-                .expect("reply in time")
-                .expect("read");
-            assert!(n > 0, "connection closed after {text:?}");
-            text.push_str(&line);
-            if line.as_bytes().get(3) == Some(&b' ') {
-                return text;
-            }
-        }
+        smtp_harness::read_reply(&mut self.stream).await
     }
 
     /// True when the server closed the connection (EOF) within a few seconds.

@@ -6,11 +6,11 @@ mod smtp_harness;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
-use smtp_harness::{Harness, make_cert, python, stdout, swaks};
+use smtp_harness::{Harness, make_cert, python, read_reply, stdout, swaks};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 async fn bounded<F: std::future::Future>(test: F) -> F::Output {
@@ -26,23 +26,6 @@ async fn tls_harness() -> Harness {
         c.smtp.tls_key = Some(key);
     })
     .await
-}
-
-/// Reads one whole (possibly multi-line) reply.
-async fn read_reply<S: AsyncRead + Unpin>(reader: &mut BufReader<S>) -> String {
-    let mut text = String::new();
-    loop {
-        let mut line = String::new();
-        let n = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
-            .await
-            .expect("reply in time")
-            .expect("read");
-        assert!(n > 0, "connection closed after {text:?}");
-        text.push_str(&line);
-        if line.as_bytes().get(3) == Some(&b' ') {
-            return text;
-        }
-    }
 }
 
 fn connector(cert: &Path) -> tokio_rustls::TlsConnector {

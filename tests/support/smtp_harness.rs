@@ -160,3 +160,21 @@ pub async fn python(harness: &Harness, script: &str, extra: &[&str]) -> Output {
 pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// Reads one whole (possibly multi-line) reply; panics if the connection closes first.
+pub async fn read_reply<S: tokio::io::AsyncRead + Unpin>(reader: &mut tokio::io::BufReader<S>) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let mut text = String::new();
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+            .await
+            .expect("reply in time")
+            .expect("read");
+        assert!(n > 0, "connection closed after {text:?}");
+        text.push_str(&line);
+        if line.as_bytes().get(3) == Some(&b' ') {
+            return text;
+        }
+    }
+}
