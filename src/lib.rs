@@ -32,3 +32,9 @@ pub mod schedule;
 pub mod smtp;
 pub mod spool;
 pub mod web;
+
+/// Locks a std mutex, taking over a poisoned one: a panic elsewhere leaves the data as consistent
+/// as the last completed update, and a mail server must keep going rather than panic in turn.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

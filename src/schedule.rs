@@ -10,6 +10,7 @@
 use crate::config::Config;
 use crate::deliver::{Deliverer, Detail, Job, JobResult, RcptOutcome};
 use crate::dsn::{self, DsnKind, ReportedRecipient};
+use crate::lock;
 use crate::metrics::Metrics;
 use crate::recipients::Recipients;
 use crate::spool::{
@@ -95,7 +96,7 @@ pub struct SchedulerHandle {
 impl SchedulerHandle {
     /// A copy of what is known about each destination domain.
     pub fn destinations(&self) -> BTreeMap<String, DestinationState> {
-        self.destinations.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.destinations).clone()
     }
 
     /// The shared destination table, for the parts that record probes.
@@ -437,8 +438,7 @@ impl Scheduler {
                 .collect()
         });
         let oldest_in_batch = jobs.iter().map(|j| j.envelope.id.clone()).min();
-        let last_attempt =
-            self.destinations.lock().unwrap_or_else(|p| p.into_inner()).get(domain).and_then(|d| d.last_attempt);
+        let last_attempt = lock(&self.destinations).get(domain).and_then(|d| d.last_attempt);
         let first_retry = i64::try_from(self.config.queue.first_retry.0.as_micros()).unwrap_or(i64::MAX / 2);
         let next_try = last_attempt.map_or(0, |at| at.saturating_add(first_retry));
         match waiting.first() {
@@ -570,7 +570,7 @@ impl Scheduler {
 
     fn record_destination(&self, domain: &str, tally: &Tally) {
         let now = now_micros();
-        let mut table = self.destinations.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = lock(&self.destinations);
         let state = table.entry(domain.to_string()).or_default();
         if tally.delivered {
             state.succeeded(now);

@@ -18,6 +18,7 @@ pub use client::{ClientError, ClientSettings, Session, TlsMode};
 pub use route::{NextHop, RouteError, Router};
 
 use crate::config::Config;
+use crate::lock;
 use crate::spool::{Envelope, QueueId, Recipient, domain_of};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -169,7 +170,7 @@ impl Deliverer {
     }
 
     fn limit_for(&self, domain: &str) -> Arc<Semaphore> {
-        let mut limits = self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut limits = lock(&self.limits);
         let permits = self.config.delivery.max_connections_per_destination;
         limits.entry(domain.to_string()).or_insert_with(|| Arc::new(Semaphore::new(permits))).clone()
     }
@@ -339,11 +340,6 @@ fn uniform_result(job: &Job, domain: &str, outcome: &RcptOutcome) -> JobResult {
         .map(|i| (job.envelope.recipients[i].address.clone(), outcome.clone()))
         .collect();
     JobResult { id: job.envelope.id.clone(), outcomes }
-}
-
-/// A poisoned lock only means another worker panicked; the data is still consistent enough to report.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod rules;
 
 use crate::config::{Config, HumanDuration};
 use crate::deliver::{ClientSettings, Deliverer};
+use crate::lock;
 use crate::schedule::SchedulerHandle;
 use crate::spool::{Spool, from_micros, now_micros};
 use alert::{Alert, Alerter};
@@ -381,9 +382,4 @@ fn age(since: Option<SystemTime>) -> String {
 
 fn to_micros_duration(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
-
-/// A poisoned lock only means a panicking task held it; the table is still usable.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

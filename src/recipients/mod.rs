@@ -15,6 +15,7 @@ pub mod list;
 
 use crate::config::{Config, UnknownPolicy};
 use crate::deliver::{ClientSettings, Router, Session, TlsMode};
+use crate::lock;
 use crate::spool::{domain_of, now_micros};
 use cache::{CacheFile, Entry, Source};
 use list::StaticList;
@@ -252,10 +253,6 @@ fn unknown(policy: UnknownPolicy) -> Decision {
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Adds or replaces entries in the cache of the spool at `spool_dir`; returns the cache as written.

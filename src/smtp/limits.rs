@@ -2,6 +2,7 @@
 //! recipients per minute (like Postfix's anvil: smtpd_client_connection_count_limit,
 //! smtpd_client_message_rate_limit, smtpd_client_recipient_rate_limit).
 
+use crate::lock;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -95,10 +96,6 @@ impl IpLimits {
         *count += 1;
         true
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use super::command::{self, Command, CommandError, EtrnNode, MAX_PARAMETER_LINE, 
 use super::data::{DataProblem, DataReader};
 use super::limits::Rate;
 use super::reply::Reply;
+use crate::lock;
 use crate::recipients::Decision;
 use crate::spool::{Envelope, IncomingMessage, Recipient, SpoolError};
 use std::net::IpAddr;
@@ -81,7 +82,7 @@ impl SpaceMonitor {
     /// Is there room for new mail: at least `queue.min_free` bytes free and some inodes?
     /// A failed statvfs counts as no room: better a 452 than a message we cannot store.
     fn has_room(&self, context: &ServerContext) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = lock(&self.last);
         if let Some((at, room)) = *last
             && at.elapsed() < SPACE_CACHE
         {

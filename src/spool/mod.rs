@@ -14,6 +14,7 @@ pub mod envelope;
 
 pub use envelope::*;
 
+use crate::lock;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
@@ -179,9 +180,9 @@ impl Spool {
         self.messages_sync.sync(&self.messages)?;
         recovery.queued = index.len();
         if let Some(last) = index.keys().next_back() {
-            *self.last_id.lock().unwrap_or_else(|p| p.into_inner()) = parse_id(last).unwrap_or((0, 0));
+            *lock(&self.last_id) = parse_id(last).unwrap_or((0, 0));
         }
-        *self.index.lock().unwrap_or_else(|p| p.into_inner()) = index;
+        *lock(&self.index) = index;
         Ok(recovery)
     }
 
@@ -195,7 +196,7 @@ impl Spool {
 
     /// A new queue ID that sorts after every ID issued before.
     pub fn new_id(&self) -> QueueId {
-        let mut last = self.last_id.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = lock(&self.last_id);
         let now = now_micros();
         let next = if now > last.0 {
             (now, 0)
@@ -223,20 +224,20 @@ impl Spool {
 
     /// A copy of every queued envelope, in arrival order.
     pub fn list(&self) -> Vec<Envelope> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        lock(&self.index).values().cloned().collect()
     }
 
     /// Runs `f` over the index without copying it.
     pub fn with_index<T>(&self, f: impl FnOnce(&BTreeMap<QueueId, Envelope>) -> T) -> T {
-        f(&self.index.lock().unwrap_or_else(|p| p.into_inner()))
+        f(&lock(&self.index))
     }
 
     pub fn get(&self, id: &str) -> Option<Envelope> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        lock(&self.index).get(id).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.index.lock().unwrap_or_else(|p| p.into_inner()).len()
+        lock(&self.index).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -251,8 +252,8 @@ impl Spool {
         }
         self.write_envelope(envelope, &target)?;
         self.messages_sync.sync(&self.messages)?;
-        self.index.lock().unwrap_or_else(|p| p.into_inner()).insert(envelope.id.clone(), envelope.clone());
-        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).remove(&envelope.id);
+        lock(&self.index).insert(envelope.id.clone(), envelope.clone());
+        lock(&self.dirty).remove(&envelope.id);
         Ok(())
     }
 
@@ -269,8 +270,8 @@ impl Spool {
     /// writing it durably would cost an fsync per message per failed attempt while a primary is down.
     /// It reaches the disk with the message's next durable change or [`Spool::persist_dirty`].
     pub fn note(&self, envelopes: Vec<Envelope>) {
-        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut index = lock(&self.index);
+        let mut dirty = lock(&self.dirty);
         for envelope in envelopes {
             if let Some(slot) = index.get_mut(&envelope.id) {
                 dirty.insert(envelope.id.clone());
@@ -281,7 +282,7 @@ impl Spool {
 
     /// Writes every envelope changed by [`Spool::note`] (at shutdown). Returns how many.
     pub fn persist_dirty(&self) -> Result<usize, SpoolError> {
-        let ids: Vec<QueueId> = self.dirty.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        let ids: Vec<QueueId> = lock(&self.dirty).drain().collect();
         let envelopes: Vec<Envelope> =
             self.with_index(|index| ids.iter().filter_map(|id| index.get(id).cloned()).collect());
         self.update_many(&envelopes)?;
@@ -301,8 +302,8 @@ impl Spool {
             self.write_envelope(envelope, &target)?;
         }
         self.messages_sync.sync(&self.messages)?;
-        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut index = lock(&self.index);
+        let mut dirty = lock(&self.dirty);
         for envelope in envelopes {
             dirty.remove(&envelope.id);
             index.insert(envelope.id.clone(), envelope.clone());
@@ -326,7 +327,7 @@ impl Spool {
             }
         }
         self.messages_sync.sync(&self.messages)?;
-        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let mut index = lock(&self.index);
         for id in ids {
             index.remove(id);
         }
@@ -349,7 +350,7 @@ impl Spool {
             return Err(SpoolError::Io { path: body, source: err });
         }
         self.messages_sync.sync(&self.messages)?;
-        self.index.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        lock(&self.index).remove(id);
         Ok(())
     }
 
@@ -538,10 +539,10 @@ impl IncomingMessage {
         }
         self.path = PathBuf::new();
         if let Some(parsed) = parse_id(&envelope.id) {
-            let mut last = spool.last_id.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = lock(&spool.last_id);
             *last = (*last).max(parsed);
         }
-        spool.index.lock().unwrap_or_else(|p| p.into_inner()).insert(envelope.id.clone(), envelope.clone());
+        lock(&spool.index).insert(envelope.id.clone(), envelope.clone());
         Ok(envelope)
     }
 }
@@ -622,7 +623,7 @@ struct DirSyncState {
 
 impl DirSync {
     fn sync(&self, dir: &Path) -> Result<(), SpoolError> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         state.issued += 1;
         let ticket = state.issued;
         loop {
@@ -639,7 +640,7 @@ impl DirSync {
                 let covers = state.issued;
                 drop(state);
                 let result = sync_dir(dir);
-                state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                state = lock(&self.state);
                 state.running = false;
                 state.durable = covers;
                 state.failed = result.as_ref().err().map(|e| (covers, error_kind(e)));

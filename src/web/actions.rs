@@ -2,6 +2,7 @@
 //! owns the queue's state), is logged with who did it, and yields a sentence for the next page.
 
 use super::{WebError, WebState};
+use crate::lock;
 use crate::schedule::ScheduleError;
 use crate::spool::{SpoolError, is_queue_id};
 use std::time::Instant;
@@ -80,7 +81,7 @@ fn plural(n: usize) -> &'static str {
 /// (or a script) must not turn into a storm of connections to a primary that just came back.
 fn flush_gate(state: &WebState) -> Result<(), WebError> {
     let cooldown = state.config().web.flush_cooldown.0;
-    let mut last = state.flush_gate.lock().unwrap_or_else(|p| p.into_inner());
+    let mut last = lock(&state.flush_gate);
     if let Some(at) = *last {
         let elapsed = at.elapsed();
         if elapsed < cooldown {

@@ -9,6 +9,7 @@
 //! login so a planted ID is worthless.
 
 use super::{WebError, WebState};
+use crate::lock;
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::body::{Body, to_bytes};
@@ -61,7 +62,7 @@ pub struct Sessions {
 
 impl Sessions {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.map)
     }
 
     /// A new session, evicting expired ones (and the oldest when full).

@@ -1,6 +1,7 @@
 //! Queue size over the last 24 hours: a task samples the spool every `[web] sample_interval` into
 //! a bounded ring, and the page draws it server-side as SVG (no script, no external assets).
 
+use crate::lock;
 use crate::spool::{Spool, now_micros, rfc3339};
 use maud::{Markup, html};
 use serde::Serialize;
@@ -44,7 +45,7 @@ impl Samples {
 
     /// Adds a sample, dropping the oldest when full.
     pub fn push(&self, sample: Sample) {
-        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ring = lock(&self.ring);
         while ring.len() >= self.capacity {
             ring.pop_front();
         }
@@ -59,7 +60,7 @@ impl Samples {
 
     /// A copy of the samples, oldest first.
     pub fn snapshot(&self) -> Vec<Sample> {
-        self.ring.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
+        lock(&self.ring).iter().copied().collect()
     }
 }
 
