@@ -697,10 +697,7 @@ pub struct Cidr {
 impl Cidr {
     /// Does the block contain `addr`? IPv4-mapped IPv6 peers are matched as IPv4.
     pub fn contains(&self, addr: IpAddr) -> bool {
-        let addr = match addr {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(addr),
-            v4 => v4,
-        };
+        let addr = addr.to_canonical();
         match (self.network, addr) {
             (IpAddr::V4(net), IpAddr::V4(a)) => {
                 let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);

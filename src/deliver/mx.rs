@@ -58,7 +58,7 @@ impl SelfIdentity {
     /// Is this MX host us, by name or by any of its addresses on `port`?
     pub fn is_me(&self, host: &MxHost, port: u16) -> bool {
         self.names.contains(&normalise(&host.name))
-            || host.addrs.iter().any(|ip| self.addrs.contains(&SocketAddr::new(canonical(*ip), port)))
+            || host.addrs.iter().any(|ip| self.addrs.contains(&SocketAddr::new(ip.to_canonical(), port)))
     }
 }
 
@@ -86,14 +86,6 @@ pub fn sort_and_shuffle(hosts: &mut [MxHost]) {
 
 fn normalise(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
-}
-
-/// IPv4-mapped IPv6 addresses compare as the IPv4 address they carry.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
 }
 
 /// The machine's own interface addresses (Linux: from /proc), used when we listen on a wildcard.

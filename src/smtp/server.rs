@@ -112,9 +112,13 @@ async fn accept_loop(listener: TcpListener, sender: mpsc::Sender<(TcpStream, Soc
 }
 
 /// Beyond `smtp.max_sessions`: greet with 421 and close (RFC 5321 3.1).
-async fn refuse(mut stream: TcpStream, peer: SocketAddr) {
+async fn refuse(stream: TcpStream, peer: SocketAddr) {
     tracing::warn!(client = %peer.ip(), "too many connections, refused");
-    let reply = Reply::new(421, "4.3.2", "too many connections, try again later");
+    greet_and_close(stream, Reply::new(421, "4.3.2", "too many connections, try again later")).await;
+}
+
+/// A refused client gets its reply instead of a greeting, then the connection closes.
+async fn greet_and_close(mut stream: TcpStream, reply: Reply) {
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
         let _ = stream.write_all(&reply.to_bytes()).await;
         let _ = stream.shutdown().await;
@@ -124,22 +128,13 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr) {
 
 /// A place among the sessions of `peer`'s address, or None when it has `smtp.max_sessions_per_ip`.
 fn enter(shared: &Shared, peer: SocketAddr) -> Option<SessionSlot> {
-    let ip = match peer.ip() {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(peer.ip()),
-        v4 => v4,
-    };
-    shared.context.limits.enter(ip, shared.context.config.smtp.max_sessions_per_ip)
+    shared.context.limits.enter(peer.ip().to_canonical(), shared.context.config.smtp.max_sessions_per_ip)
 }
 
 /// Beyond `smtp.max_sessions_per_ip`: 421 4.7.0 and close, like Postfix's connection count limit.
-async fn refuse_ip(mut stream: TcpStream, peer: SocketAddr) {
+async fn refuse_ip(stream: TcpStream, peer: SocketAddr) {
     tracing::warn!(client = %peer.ip(), "too many connections from this address, refused");
-    let reply = Reply::new(421, "4.7.0", "too many connections from your address, try again later");
-    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
-        let _ = stream.write_all(&reply.to_bytes()).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+    greet_and_close(stream, Reply::new(421, "4.7.0", "too many connections from your address, try again later")).await;
 }
 
 /// How a pass of [`drive`] ended.

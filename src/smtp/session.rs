@@ -179,10 +179,7 @@ pub struct Session {
 impl Session {
     /// A session for a client connected from `client`.
     pub fn new(context: Arc<ServerContext>, space: Arc<SpaceMonitor>, client: IpAddr, tls_available: bool) -> Session {
-        let client = match client {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(client),
-            v4 => v4,
-        };
+        let client = client.to_canonical();
         tracing::info!(client = %client, "connect");
         Session {
             context,
