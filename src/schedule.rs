@@ -501,8 +501,7 @@ impl Scheduler {
         if results.is_empty() {
             return;
         }
-        let plain: Vec<JobResult> = results.iter().map(|(_, r)| r.clone()).collect();
-        self.learn(&plain);
+        self.learn(results.iter().map(|(_, r)| r));
         let mut settled = Vec::new();
         for (domain, result) in results {
             self.tallies.entry(domain).or_default().add(&result);
@@ -555,10 +554,9 @@ impl Tally {
 impl Scheduler {
     /// Hands the addresses the primary accepted to the recipient knowledge (on a blocking thread:
     /// it writes the cache file).
-    fn learn(&self, results: &[JobResult]) {
+    fn learn<'a>(&self, results: impl Iterator<Item = &'a JobResult>) {
         let Some(recipients) = self.recipients.clone() else { return };
         let delivered: Vec<String> = results
-            .iter()
             .flat_map(|r| &r.outcomes)
             .filter(|(_, o)| matches!(o, RcptOutcome::Delivered(_)))
             .map(|(address, _)| address.clone())

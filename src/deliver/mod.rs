@@ -214,15 +214,21 @@ impl Run {
     }
 
     fn record(&self, index: usize, outcomes: Vec<RcptOutcome>) {
-        if let Some((domain, sender)) = &self.progress
-            && sender.send((domain.clone(), self.result(index, outcomes.clone()))).is_ok()
-        {
-            // Reported already: `collect` leaves it out.
-            lock(&self.results).insert(index, Vec::new());
-            lock(&self.reported).insert(index);
+        let Some((domain, sender)) = &self.progress else {
+            lock(&self.results).insert(index, outcomes);
             return;
+        };
+        match sender.send((domain.clone(), self.result(index, outcomes))) {
+            // Reported already: `collect` leaves it out.
+            Ok(()) => {
+                lock(&self.reported).insert(index);
+            }
+            // Nobody listens any more: `collect` returns it with the rest.
+            Err(unsent) => {
+                let outcomes = (unsent.0).1.outcomes.into_iter().map(|(_, outcome)| outcome).collect();
+                lock(&self.results).insert(index, outcomes);
+            }
         }
-        lock(&self.results).insert(index, outcomes);
     }
 
     fn result(&self, index: usize, outcomes: Vec<RcptOutcome>) -> JobResult {
