@@ -11,6 +11,7 @@
 //! is 250 sent. On start, half-written leftovers are removed and everything else is queued again.
 
 pub mod envelope;
+pub mod journal;
 
 pub use envelope::*;
 
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex};
 const INCOMING: &str = "incoming";
 const MESSAGES: &str = "messages";
 const CORRUPT: &str = "corrupt";
+const JOURNAL: &str = "journal";
 
 /// Errors of the spool; each names the file it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,8 @@ pub struct Spool {
     dirty: Mutex<std::collections::HashSet<QueueId>>,
     /// Coalesces fsyncs of `messages/` across concurrent commits (group commit).
     messages_sync: DirSync,
+    /// Where small messages are made durable first (see [`journal`]); dropped before the lock.
+    journal: journal::Journal,
     /// Held for the life of the Spool: one owner at a time.
     _lock: File,
 }
@@ -73,6 +77,8 @@ pub struct Spool {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Recovery {
     pub queued: usize,
+    /// Messages restored from the journal (a crash came before their files were synced).
+    pub replayed: usize,
     pub removed_partial: usize,
     pub quarantined: usize,
 }
@@ -82,7 +88,8 @@ impl Spool {
     pub fn open(root: &Path) -> Result<(Spool, Recovery), SpoolError> {
         let messages = root.join(MESSAGES);
         let incoming = root.join(INCOMING);
-        for dir in [root, &messages, &incoming] {
+        let journal_dir = root.join(JOURNAL);
+        for dir in [root, &messages, &incoming, &journal_dir] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
         }
         let lock_path = root.join("lock");
@@ -95,6 +102,8 @@ impl Spool {
             .map_err(io_err(&lock_path))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| SpoolError::Locked(root.to_path_buf()))?;
+        let replayed = journal::replay(&journal_dir, &messages)?;
+        let journal = journal::Journal::start(&journal_dir, &messages, replayed.last_segment)?;
         let spool = Spool {
             root: root.to_path_buf(),
             messages,
@@ -103,9 +112,11 @@ impl Spool {
             last_id: Mutex::new((0, 0)),
             messages_sync: DirSync::default(),
             dirty: Mutex::new(std::collections::HashSet::new()),
+            journal,
             _lock: lock,
         };
-        let recovery = spool.recover()?;
+        let mut recovery = spool.recover()?;
+        recovery.replayed = replayed.restored;
         Ok((spool, recovery))
     }
 
@@ -210,14 +221,14 @@ impl Spool {
     }
 
     /// Starts writing a new message; nothing is queued until [`IncomingMessage::commit`].
+    /// The body is held in memory while it is small enough for the journal, and spills to a file in
+    /// `incoming/` when it grows past [`journal::MAX_JOURNALED_BODY`].
     pub fn incoming(self: &Arc<Self>, id: &str) -> Result<IncomingMessage, SpoolError> {
-        let path = self.incoming.join(format!("{id}.msg"));
-        let file = create_private(&path)?;
         Ok(IncomingMessage {
             spool: Arc::clone(self),
             id: id.to_string(),
-            path,
-            file: Some(BufWriter::with_capacity(64 * 1024, file)),
+            path: PathBuf::new(),
+            body: Body::Memory(Vec::new()),
             size: 0,
         })
     }
@@ -316,6 +327,7 @@ impl Spool {
         if ids.is_empty() {
             return Ok(());
         }
+        self.journal.forget(ids)?;
         for id in ids {
             for ext in ["env", "msg"] {
                 let path = self.messages.join(format!("{id}.{ext}"));
@@ -338,6 +350,10 @@ impl Spool {
     /// recovery deletes.
     pub fn remove(&self, id: &str) -> Result<(), SpoolError> {
         let env = self.messages.join(format!("{id}.env"));
+        if !env.exists() {
+            return Err(SpoolError::NotFound(id.to_string()));
+        }
+        self.journal.forget(&[id.to_string()])?;
         match fs::remove_file(&env) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(SpoolError::NotFound(id.to_string())),
@@ -478,9 +494,20 @@ pub fn space_of(path: &Path) -> Result<SpaceInfo, SpoolError> {
 pub struct IncomingMessage {
     spool: Arc<Spool>,
     id: QueueId,
+    /// The body's file in `incoming/` once it spilled there; empty while in memory or once committed.
     path: PathBuf,
-    file: Option<BufWriter<File>>,
+    body: Body,
     size: u64,
+}
+
+/// Where a body being received lives.
+enum Body {
+    /// Small enough for the journal so far.
+    Memory(Vec<u8>),
+    /// Spilled to `incoming/ID.msg`.
+    File(BufWriter<File>),
+    /// Committed or failed.
+    Gone,
 }
 
 impl IncomingMessage {
@@ -494,20 +521,74 @@ impl IncomingMessage {
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
-        let file = self.file.as_mut().ok_or_else(|| SpoolError::NotFound(self.id.clone()))?;
+        if let Body::Memory(held) = &mut self.body {
+            if held.len() + data.len() <= journal::MAX_JOURNALED_BODY {
+                held.extend_from_slice(data);
+                self.size += data.len() as u64;
+                return Ok(());
+            }
+            let held = std::mem::take(held);
+            self.spill(&held)?;
+        }
+        let Body::File(file) = &mut self.body else { return Err(SpoolError::NotFound(self.id.clone())) };
         file.write_all(data).map_err(io_err(&self.path))?;
         self.size += data.len() as u64;
         Ok(())
     }
 
-    /// Makes the message durable and queued: body and envelope fsync'd, renamed into `messages/`,
-    /// directory fsync'd. Only after this returns Ok may the server answer 250.
+    /// Moves a body that outgrew the journal into its own file.
+    fn spill(&mut self, held: &[u8]) -> Result<(), SpoolError> {
+        self.body = Body::Gone;
+        let path = self.spool.incoming.join(format!("{}.msg", self.id));
+        let file = create_private(&path)?;
+        self.path = path;
+        let mut writer = BufWriter::with_capacity(64 * 1024, file);
+        writer.write_all(held).map_err(io_err(&self.path))?;
+        self.body = Body::File(writer);
+        Ok(())
+    }
+
+    /// Makes the message durable and queued. Only after this returns Ok may the server answer 250.
     pub fn commit(mut self, mut envelope: Envelope) -> Result<Envelope, SpoolError> {
-        let writer = self.file.take().ok_or_else(|| SpoolError::NotFound(self.id.clone()))?;
-        let body =
-            writer.into_inner().map_err(|e| SpoolError::Io { path: self.path.clone(), source: e.into_error() })?;
         envelope.id = self.id.clone();
         envelope.size = self.size;
+        let envelope = match std::mem::replace(&mut self.body, Body::Gone) {
+            Body::Memory(body) => self.commit_journaled(envelope, &body)?,
+            Body::File(writer) => self.commit_file(envelope, writer)?,
+            Body::Gone => return Err(SpoolError::NotFound(self.id.clone())),
+        };
+        if let Some(parsed) = parse_id(&envelope.id) {
+            let mut last = lock(&self.spool.last_id);
+            *last = (*last).max(parsed);
+        }
+        lock(&self.spool.index).insert(envelope.id.clone(), envelope.clone());
+        Ok(envelope)
+    }
+
+    /// A small message: one record in the journal, made durable together with the other sessions'
+    /// (group commit), then its files in `messages/`, synced later when its journal segment retires.
+    fn commit_journaled(&mut self, envelope: Envelope, body: &[u8]) -> Result<Envelope, SpoolError> {
+        let spool = Arc::clone(&self.spool);
+        let env_target = spool.messages.join(format!("{}.env", self.id));
+        let json = serde_json::to_vec(&envelope)
+            .map_err(|source| SpoolError::BadEnvelope { path: env_target.clone(), source })?;
+        spool.journal.append_message(&self.id, &json, body)?;
+        let placed = spool.place(&self.id, &json, body);
+        spool.journal.placed(&self.id);
+        if let Err(err) = placed {
+            // Acknowledged by nobody: forget it, so a replay does not bring it back either.
+            let _ = spool.journal.forget(std::slice::from_ref(&self.id));
+            let _ = fs::remove_file(&env_target);
+            let _ = fs::remove_file(spool.body_path(&self.id));
+            return Err(err);
+        }
+        Ok(envelope)
+    }
+
+    /// A large message: body and envelope fsync'd, renamed into `messages/`, directory fsync'd.
+    fn commit_file(&mut self, envelope: Envelope, writer: BufWriter<File>) -> Result<Envelope, SpoolError> {
+        let body =
+            writer.into_inner().map_err(|e| SpoolError::Io { path: self.path.clone(), source: e.into_error() })?;
         let spool = Arc::clone(&self.spool);
         let env_tmp = spool.incoming.join(format!("{}.env", self.id));
         let env_file = write_private_json(&envelope, &env_tmp);
@@ -538,19 +619,41 @@ impl IncomingMessage {
             return Err(err);
         }
         self.path = PathBuf::new();
-        if let Some(parsed) = parse_id(&envelope.id) {
-            let mut last = lock(&spool.last_id);
-            *last = (*last).max(parsed);
-        }
-        lock(&spool.index).insert(envelope.id.clone(), envelope.clone());
         Ok(envelope)
+    }
+}
+
+impl Spool {
+    /// Writes a journaled message's files, unsynced: the body straight into `messages/`, then the
+    /// envelope renamed in, so whoever sees the envelope finds the whole body.
+    fn place(&self, id: &str, json: &[u8], body: &[u8]) -> Result<(), SpoolError> {
+        let body_path = self.body_path(id);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&body_path)
+            .map_err(io_err(&body_path))?;
+        file.write_all(body).map_err(io_err(&body_path))?;
+        let env_tmp = self.incoming.join(format!("{id}.env"));
+        let mut env = create_private(&env_tmp)?;
+        if let Err(err) = env.write_all(json) {
+            let _ = fs::remove_file(&env_tmp);
+            return Err(SpoolError::Io { path: env_tmp, source: err });
+        }
+        let env_target = self.messages.join(format!("{id}.env"));
+        fs::rename(&env_tmp, &env_target).map_err(|err| {
+            let _ = fs::remove_file(&env_tmp);
+            SpoolError::Io { path: env_target, source: err }
+        })
     }
 }
 
 impl Drop for IncomingMessage {
     fn drop(&mut self) {
         if !self.path.as_os_str().is_empty() {
-            self.file.take();
+            self.body = Body::Gone;
             let _ = fs::remove_file(&self.path);
         }
     }
