@@ -394,7 +394,7 @@ impl Scheduler {
                 continue;
             }
             self.in_flight.insert(id.clone(), domains.len());
-            let body = self.spool.body_path(&id);
+            let body = self.spool.body(&id);
             for domain in domains {
                 batches.entry(domain).or_default().push(Job { envelope: envelope.clone(), body: body.clone() });
             }
@@ -454,7 +454,7 @@ impl Scheduler {
                 for envelope in waiting {
                     self.unschedule(&envelope.id);
                     *self.in_flight.entry(envelope.id.clone()).or_insert(0) += 1;
-                    let body = self.spool.body_path(&envelope.id);
+                    let body = self.spool.body(&envelope.id);
                     jobs.push(Job { envelope, body });
                 }
             }
@@ -608,13 +608,15 @@ async fn split_loops(domain: &str, jobs: Vec<Job>, max: usize) -> (Vec<Job>, Vec
 }
 
 /// Received headers in a stored message's header section (read up to 256 KiB).
-async fn received_count(body: &std::path::Path) -> usize {
-    use tokio::io::AsyncReadExt;
-    let mut head = Vec::new();
-    let Ok(file) = tokio::fs::File::open(body).await else { return 0 };
-    if file.take(256 * 1024).read_to_end(&mut head).await.is_err() {
-        return 0;
-    }
+async fn received_count(body: &crate::spool::BodyRef) -> usize {
+    use std::io::Read;
+    let body = body.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let (file, len) = body.open()?;
+        let mut head = Vec::new();
+        file.take(len.min(256 * 1024)).read_to_end(&mut head).map(|_| head)
+    });
+    let Ok(Ok(head)) = read.await else { return 0 };
     let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(head.len());
     head[..end]
         .split(|&b| b == b'\n')

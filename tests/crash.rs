@@ -60,14 +60,15 @@ fn sigkill_at_a_random_moment_loses_no_acknowledged_message() {
     bartleby.restart();
     let listed: HashMap<String, serde_json::Value> =
         bartleby.queue().into_iter().map(|m| (m["id"].as_str().unwrap_or_default().to_string(), m)).collect();
+    let bodies = bartleby.exported_bodies();
     for (id, data) in &acked {
         assert!(listed.contains_key(id), "acknowledged message {id} is missing after the crash");
-        let stored = std::fs::read(bartleby.spool_dir().join(format!("messages/{id}.msg"))).expect("body");
-        assert_eq!(strip_our_received(&stored), &data[..], "message {id} changed");
+        let stored = bodies.get(id).expect("body");
+        assert_eq!(strip_our_received(stored), &data[..], "message {id} changed");
     }
     for id in listed.keys() {
-        let stored = std::fs::read(bartleby.spool_dir().join(format!("messages/{id}.msg"))).expect("listed body");
-        assert!(sent.contains(strip_our_received(&stored)), "listed message {id} is not a complete sent message");
+        let stored = bodies.get(id).expect("listed body");
+        assert!(sent.contains(strip_our_received(stored)), "listed message {id} is not a complete sent message");
     }
     assert!(bartleby.stop().success());
 }

@@ -38,7 +38,10 @@ fn config(dns: SocketAddr, mx_port: u16) -> Arc<Config> {
 fn job(dir: &TempDir, rcpt: &str) -> Job {
     let path = dir.path().join("body");
     std::fs::write(&path, BODY).unwrap();
-    Job { envelope: Envelope::new("m1".into(), "s@origin.test".into(), vec![Recipient::new(rcpt.into())]), body: path }
+    Job {
+        envelope: Envelope::new("m1".into(), "s@origin.test".into(), vec![Recipient::new(rcpt.into())]),
+        body: path.into(),
+    }
 }
 
 async fn deliver(config: Arc<Config>, domain: &str, rcpt: &str) -> (JobResult, TempDir) {

@@ -56,7 +56,7 @@ async fn drains_into_smtp_sink_quickly() {
                 "s@origin.test".into(),
                 vec![Recipient::new("a@example.test".into())],
             ),
-            body: body_path.clone(),
+            body: body_path.clone().into(),
         })
         .collect();
     let mut config = Config::demo();

@@ -37,7 +37,7 @@ fn job(dir: &TempDir, id: &str, rcpts: &[&str], body: &[u8]) -> Job {
     let recipients = rcpts.iter().map(|r| Recipient::new(r.to_string())).collect();
     let mut envelope = Envelope::new(id.to_string(), "sender@origin.test".into(), recipients);
     envelope.size = body.len() as u64;
-    Job { envelope, body: path }
+    Job { envelope, body: path.into() }
 }
 
 async fn deliver(config: Arc<Config>, jobs: Vec<Job>) -> Vec<JobResult> {

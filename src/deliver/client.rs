@@ -5,7 +5,7 @@
 use super::route::NextHop;
 use super::{Detail, RcptOutcome};
 use crate::config::DeliveryConfig;
-use crate::spool::{BodyType, DsnNotify, DsnRet, Envelope, Recipient};
+use crate::spool::{BodyRef, BodyType, DsnNotify, DsnRet, Envelope, Recipient};
 use rustls::ClientConfig;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -13,7 +13,6 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use std::fmt;
 use std::io;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -538,7 +537,7 @@ impl Session {
     }
 
     /// Runs one mail transaction for `rcpts` of `envelope` with the body at `body`.
-    pub async fn send(&mut self, envelope: &Envelope, rcpts: &[&Recipient], body: &Path) -> Transaction {
+    pub async fn send(&mut self, envelope: &Envelope, rcpts: &[&Recipient], body: &BodyRef) -> Transaction {
         let file = match open_body(body).await {
             Ok(file) => file,
             Err(e) => return self.all(rcpts.len(), RcptOutcome::TempFail(e.temp_detail(None)), true),
@@ -561,7 +560,7 @@ impl Session {
         };
         let accepted: Vec<usize> = (0..rcpts.len()).filter(|&i| outcomes[i].is_none()).collect();
         match data_reply {
-            Some(reply) if reply.code == 354 && !accepted.is_empty() => match self.data(file.0).await {
+            Some(reply) if reply.code == 354 && !accepted.is_empty() => match self.data(file.0, size).await {
                 Ok(last) => {
                     for &i in &accepted {
                         outcomes[i] = Some(last.outcome(format!("end of DATA to {}: {last}", self.peer), &self.host));
@@ -764,10 +763,10 @@ impl Session {
     }
 
     /// Streams the body, dot-stuffed, and reads the final reply (RFC 5321 4.5.3.2.5-6 timeouts).
-    async fn data(&mut self, mut file: tokio::fs::File) -> Result<Reply, ClientError> {
+    async fn data(&mut self, file: tokio::fs::File, size: u64) -> Result<Reply, ClientError> {
         let mut stuffer = DotStuffer::default();
+        let mut file = file.take(size);
         // Sized to the message: zeroing 256 KiB for a 4 KiB message was most of a drain's CPU.
-        let size = file.metadata().await.map(|m| m.len()).unwrap_or(CHUNK as u64);
         let chunk = usize::try_from(size).unwrap_or(CHUNK).clamp(1, CHUNK);
         let mut input = vec![0u8; chunk];
         let mut out = Vec::with_capacity(chunk + chunk / 8 + 8);
@@ -897,11 +896,14 @@ async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Result<Re
     }
 }
 
-/// The body file and its size.
-async fn open_body(path: &Path) -> Result<(tokio::fs::File, u64), ClientError> {
-    let file = tokio::fs::File::open(path).await.map_err(|e| ClientError::Body(format!("{}: {e}", path.display())))?;
-    let size = file.metadata().await.map_err(|e| ClientError::Body(format!("{}: {e}", path.display())))?.len();
-    Ok((file, size))
+/// The body, positioned at its start, and its size.
+async fn open_body(body: &BodyRef) -> Result<(tokio::fs::File, u64), ClientError> {
+    let owned = body.clone();
+    let opened = tokio::task::spawn_blocking(move || owned.open())
+        .await
+        .map_err(|e| ClientError::Body(e.to_string()))?
+        .map_err(|e| ClientError::Body(format!("{}: {e}", body.path.display())))?;
+    Ok((tokio::fs::File::from_std(opened.0), opened.1))
 }
 
 /// The TLS server name: the MX host name (or the route's IP literal).

@@ -21,7 +21,6 @@ use crate::config::Config;
 use crate::lock;
 use crate::spool::{Envelope, QueueId, Recipient, domain_of};
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -58,8 +57,8 @@ pub struct Detail {
 pub struct Job {
     /// The message's envelope as the spool has it.
     pub envelope: Envelope,
-    /// The body file (CRLF line endings, not dot-stuffed).
-    pub body: PathBuf,
+    /// Where the body is (CRLF line endings, not dot-stuffed).
+    pub body: crate::spool::BodyRef,
 }
 
 /// The outcomes of one message, one entry per recipient address that was tried.
@@ -363,7 +362,7 @@ mod tests {
     fn missing_ca_file_is_reported() {
         let mut config = Config::demo();
         config.dns.nameservers = vec!["127.0.0.1:5353".parse().expect("literal")];
-        config.delivery.tls_ca_file = Some(PathBuf::from("/nonexistent/ca.pem"));
+        config.delivery.tls_ca_file = Some(std::path::PathBuf::from("/nonexistent/ca.pem"));
         let err = Deliverer::new(Arc::new(config)).err().expect("an error");
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
     }

@@ -171,7 +171,7 @@ async fn send_mail(
         envelope.body = BodyType::EightBitMime;
     }
     let refs: Vec<&Recipient> = recipients.iter().collect();
-    let transaction = session.send(&envelope, &refs, body).await;
+    let transaction = session.send(&envelope, &refs, &body.to_path_buf().into()).await;
     session.quit().await;
     let refused: Vec<String> = transaction
         .outcomes

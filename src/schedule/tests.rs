@@ -170,7 +170,7 @@ async fn a_message_with_too_many_received_headers_bounces_as_a_loop() {
         text += "Subject: loop\r\n\r\nreceived: in the body does not count\r\n";
         let path = dir.path().join(name);
         std::fs::write(&path, text).expect("write");
-        Job { envelope: envelope("a@s.test", &["b@example.test", "c@other.test"]), body: path }
+        Job { envelope: envelope("a@s.test", &["b@example.test", "c@other.test"]), body: path.into() }
     };
     // Ours plus 50 is fine (the SMTP server refuses more at DATA); ours plus 51 is a loop.
     let (kept, looped) = split_loops("example.test", vec![job("ok", 51), job("loop", 52)], 50).await;

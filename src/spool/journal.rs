@@ -1,16 +1,23 @@
-//! The write-ahead journal: how a small message becomes durable with one disk wait, shared by every
-//! session committing at the same moment (group commit).
+//! The write-ahead journal: how a small message becomes durable with one disk wait shared by every
+//! session committing at the same moment (group commit), and without creating a file.
 //!
 //! A message up to [`MAX_JOURNALED_BODY`] octets is appended whole (envelope and body) to the current
 //! segment `journal/NNNNNNNNNNNNNNNN.wal`, and one `fdatasync` makes a whole group of such appends
-//! durable; only then do their sessions answer 250. The message's ordinary files in `messages/` are
-//! written right after, without an fsync of their own. A segment is *retired* once it is full (or
-//! idle) and every message in it has its files written: one `syncfs` makes those files durable, then
-//! the segment is deleted. After a crash, [`replay`] restores every message of the segments still
-//! present from their records, so nothing acknowledged depends on the unsynced files.
+//! durable; only then do their sessions answer 250. The message then lives in its segment: its body
+//! is read from there, and when it is delivered a *forget* record says so. Creating two files per
+//! message (and deleting them) was what limited acceptance: on a filesystem with much churn, inode
+//! allocation costs more CPU than everything else together.
 //!
-//! A message removed while its record is still in the journal (delivered within seconds of arrival)
-//! gets a *forget* record first, so a replay does not bring it back.
+//! A closed segment is *retired*: deleted as soon as none of its messages is still queued from it,
+//! or, once it is older than [`MATERIALIZE_AFTER`], after its surviving messages got their ordinary
+//! files in `messages/` (made durable with one `syncfs`). Mail that waits longer than that for its
+//! primary is therefore stored exactly as before the journal existed. A message whose envelope
+//! changes durably gets its files at once (see `Spool::update`).
+//!
+//! Segments are retired oldest first, so a forget record always outlives the record it cancels.
+//! On start, [`replay`] reads the segments left: messages without files are queued from their
+//! records again; messages that also have files (written by a retirement or update that a crash
+//! interrupted) get their body rewritten from the record.
 //!
 //! Record layout (little-endian): magic `BJR1`, kind (1 message, 2 forget), queue ID (16 octets),
 //! envelope length (u32), body length (u64), CRC-32 of everything after the magic except itself, then
@@ -21,7 +28,8 @@ use super::{QueueId, SpoolError, io_err, lock, sync_dir};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -30,25 +38,24 @@ use std::time::{Duration, Instant};
 /// written to their own file and fsync'd, where the data, not the number of disk waits, is the cost.
 pub const MAX_JOURNALED_BODY: usize = 512 * 1024;
 
-/// A segment is closed for retirement once it holds this much.
+/// Messages still queued from a segment this old get their own files and the segment is deleted.
+pub const MATERIALIZE_AFTER: Duration = Duration::from_secs(300);
+
+/// A segment is closed once it holds this much.
 const SEGMENT_LIMIT: u64 = 16 * 1024 * 1024;
 
-/// A segment with records is also closed after this long, so a quiet server does not keep an old
-/// segment (and a longer replay) around.
+/// A segment with records is also closed after this long, so it can be retired.
 const SEGMENT_MAX_AGE: Duration = Duration::from_secs(5);
-
-/// How long a shutdown waits for sessions still writing files before leaving the journal to replay.
-const STOP_GRACE: Duration = Duration::from_secs(10);
 
 const MAGIC: &[u8; 4] = b"BJR1";
 const HEADER_LEN: usize = 4 + 1 + 16 + 4 + 8 + 4;
 const KIND_MESSAGE: u8 = 1;
 const KIND_FORGET: u8 = 2;
 
-/// One record found in a segment.
+/// One record found in a segment; ranges are offsets in the segment.
 #[derive(Debug, PartialEq)]
 enum Record {
-    Message { id: QueueId, envelope: Vec<u8>, body: Vec<u8> },
+    Message { id: QueueId, envelope: Range<usize>, body: Range<usize> },
     Forget { id: QueueId },
 }
 
@@ -73,40 +80,40 @@ fn encode(out: &mut Vec<u8>, kind: u8, id: &str, envelope: &[u8], body: &[u8]) {
 }
 
 /// Parses the records of one segment, up to the first one that is torn or damaged.
-fn decode(mut data: &[u8]) -> Vec<Record> {
+fn decode(data: &[u8]) -> Vec<Record> {
     let mut records = Vec::new();
-    while data.len() >= HEADER_LEN && &data[..4] == MAGIC {
-        let head = &data[4..HEADER_LEN - 4];
+    let mut at = 0;
+    while let Some(rest) = data.get(at..)
+        && rest.len() >= HEADER_LEN
+        && &rest[..4] == MAGIC
+    {
+        let head = &rest[4..HEADER_LEN - 4];
         let kind = head[0];
         let id = String::from_utf8_lossy(&head[1..17]).into_owned();
         let env_len = u32::from_le_bytes([head[17], head[18], head[19], head[20]]) as usize;
         let mut body_len_bytes = [0u8; 8];
         body_len_bytes.copy_from_slice(&head[21..29]);
         let Ok(body_len) = usize::try_from(u64::from_le_bytes(body_len_bytes)) else { break };
-        let stored_crc = u32::from_le_bytes([
-            data[HEADER_LEN - 4],
-            data[HEADER_LEN - 3],
-            data[HEADER_LEN - 2],
-            data[HEADER_LEN - 1],
-        ]);
+        let crc_bytes = &rest[HEADER_LEN - 4..HEADER_LEN];
+        let stored_crc = u32::from_le_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
         let Some(end) = HEADER_LEN.checked_add(env_len).and_then(|n| n.checked_add(body_len)) else { break };
-        if data.len() < end {
+        if rest.len() < end {
             break;
         }
-        let (envelope, body) = data[HEADER_LEN..end].split_at(env_len);
         let mut crc = crc32fast::Hasher::new();
         crc.update(head);
-        crc.update(envelope);
-        crc.update(body);
+        crc.update(&rest[HEADER_LEN..end]);
         if crc.finalize() != stored_crc || !super::is_queue_id(&id) {
             break;
         }
+        let envelope = at + HEADER_LEN..at + HEADER_LEN + env_len;
+        let body = envelope.end..at + end;
         match kind {
-            KIND_MESSAGE => records.push(Record::Message { id, envelope: envelope.to_vec(), body: body.to_vec() }),
+            KIND_MESSAGE => records.push(Record::Message { id, envelope, body }),
             KIND_FORGET => records.push(Record::Forget { id }),
             _ => break,
         }
-        data = &data[end..];
+        at += end;
     }
     records
 }
@@ -125,96 +132,161 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_suffix(".wal"))
             .and_then(|n| n.parse::<u64>().ok());
-        match number {
-            Some(number) => found.push((number, path)),
-            // A segment being created when the process died: it never held a record.
-            None => fs::remove_file(&path).map_err(io_err(&path))?,
+        if let Some(number) = number {
+            found.push((number, path));
         }
     }
     found.sort();
     Ok(found)
 }
 
-/// What a replay did.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Replayed {
-    /// Messages restored (or confirmed) from the journal.
-    pub restored: usize,
-    /// Messages whose forget record meant their leftover files were removed.
-    pub forgotten: usize,
-    /// The highest segment number seen, so new segments sort after it.
-    pub last_segment: u64,
+/// Where a journaled message's envelope and body are in its segment.
+#[derive(Debug, Clone, PartialEq)]
+struct Stored {
+    segment: u64,
+    envelope: Range<u64>,
+    body: Range<u64>,
 }
 
-/// Restores every message recorded in the journal's segments into `messages/`, removes the files of
-/// forgotten ones, makes it all durable and deletes the segments. Runs before the spool's own
-/// recovery, which then sees an ordinary spool.
-pub fn replay(journal: &Path, messages: &Path) -> Result<Replayed, SpoolError> {
-    let mut replayed = Replayed::default();
-    let found = segments(journal)?;
-    if found.is_empty() {
-        return Ok(replayed);
-    }
-    let mut live: BTreeMap<QueueId, (Vec<u8>, Vec<u8>)> = BTreeMap::new();
+/// A message read back from the journal.
+pub struct JournaledMessage {
+    pub id: QueueId,
+    pub envelope: Vec<u8>,
+    pub body: Vec<u8>,
+}
+
+/// What [`replay`] found: the journal's state for [`Journal::start`] and the messages queued from it.
+#[derive(Default)]
+pub struct Replay {
+    segments: BTreeMap<u64, Vec<QueueId>>,
+    live: HashMap<QueueId, u64>,
+    stored: HashMap<QueueId, Stored>,
+    /// Envelopes (JSON) of the messages queued from the journal, for the index.
+    pub envelopes: Vec<(QueueId, Vec<u8>)>,
+    /// Messages that also had files, whose body was rewritten from the record.
+    pub restored: usize,
+}
+
+/// Reads every segment left by the last run (see the module docs). Does not delete segments.
+pub fn replay(journal: &Path, messages: &Path) -> Result<Replay, SpoolError> {
+    let mut replay = Replay::default();
+    let mut latest: BTreeMap<QueueId, (u64, Stored, Vec<u8>)> = BTreeMap::new();
     let mut forgotten: HashSet<QueueId> = HashSet::new();
-    for (number, path) in &found {
-        replayed.last_segment = replayed.last_segment.max(*number);
-        let data = fs::read(path).map_err(io_err(path))?;
+    let mut datas = HashMap::new();
+    for (number, path) in segments(journal)? {
+        let data = fs::read(&path).map_err(io_err(&path))?;
+        let ids = replay.segments.entry(number).or_default();
         for record in decode(&data) {
             match record {
                 Record::Message { id, envelope, body } => {
                     forgotten.remove(&id);
-                    live.insert(id, (envelope, body));
+                    ids.push(id.clone());
+                    replay.live.insert(id.clone(), number);
+                    let stored = Stored { segment: number, envelope: range64(&envelope), body: range64(&body) };
+                    latest.insert(id, (number, stored, data[envelope].to_vec()));
                 }
                 Record::Forget { id } => {
-                    live.remove(&id);
+                    latest.remove(&id);
                     forgotten.insert(id);
                 }
             }
         }
+        datas.insert(number, data);
     }
-    for (id, (envelope, body)) in &live {
-        restore(messages, id, envelope, body)?;
-        replayed.restored += 1;
+    let mut rewritten = false;
+    for (id, (number, stored, envelope)) in latest {
+        let body_file = messages.join(format!("{id}.msg"));
+        let env_file = messages.join(format!("{id}.env"));
+        if body_file.exists() || env_file.exists() {
+            let data = datas.get(&number).map(Vec::as_slice).unwrap_or_default();
+            restore(messages, &id, &envelope, slice(data, &stored.body))?;
+            rewritten = true;
+            replay.restored += 1;
+        } else {
+            replay.stored.insert(id.clone(), stored);
+            replay.envelopes.push((id, envelope));
+        }
     }
     for id in &forgotten {
         for ext in ["env", "msg"] {
             let path = messages.join(format!("{id}.{ext}"));
             match fs::remove_file(&path) {
-                Ok(()) => replayed.forgotten += usize::from(ext == "env"),
+                Ok(()) => rewritten = true,
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => return Err(SpoolError::Io { path, source: err }),
             }
         }
     }
-    sync_dir(messages)?;
-    for (_, path) in &found {
-        fs::remove_file(path).map_err(io_err(path))?;
+    if rewritten {
+        syncfs(messages)?;
     }
-    sync_dir(journal)?;
-    Ok(replayed)
+    Ok(replay)
 }
 
-/// Writes a journaled message's files: the body always (it never changes, and the copy on disk may
-/// be torn), the envelope only if the one on disk does not parse (a later update is newer than the
-/// record and was made durable on its own).
-fn restore(messages: &Path, id: &str, envelope: &[u8], body: &[u8]) -> Result<(), SpoolError> {
-    let body_path = messages.join(format!("{id}.msg"));
-    write_synced(&body_path, body)?;
+fn range64(range: &Range<usize>) -> Range<u64> {
+    range.start as u64..range.end as u64
+}
+
+fn slice<'a>(data: &'a [u8], range: &Range<u64>) -> &'a [u8] {
+    let (start, end) = (usize::try_from(range.start).unwrap_or(usize::MAX), usize::try_from(range.end).unwrap_or(0));
+    data.get(start..end).unwrap_or_default()
+}
+
+/// Every message in the journal at `dir` that is not forgotten, read without changing anything (for
+/// an export while the daemon runs).
+pub fn read_messages(dir: &Path) -> Result<Vec<JournaledMessage>, SpoolError> {
+    let mut latest: BTreeMap<QueueId, JournaledMessage> = BTreeMap::new();
+    for (_, path) in segments(dir)? {
+        let data = match fs::read(&path) {
+            Ok(data) => data,
+            // Retired while we read: its messages have their files by now.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(SpoolError::Io { path, source: err }),
+        };
+        for record in decode(&data) {
+            match record {
+                Record::Message { id, envelope, body } => {
+                    let message = JournaledMessage {
+                        id: id.clone(),
+                        envelope: data[envelope].to_vec(),
+                        body: data[body].to_vec(),
+                    };
+                    latest.insert(id, message);
+                }
+                Record::Forget { id } => {
+                    latest.remove(&id);
+                }
+            }
+        }
+    }
+    Ok(latest.into_values().collect())
+}
+
+/// Writes a message's files from its record: the body always (it never changes, and the copy on
+/// disk may be torn), the envelope only if the one on disk does not parse (a later update is newer
+/// than the record). Not synced: the caller syncs the filesystem once for all of them.
+pub(super) fn restore(messages: &Path, id: &str, envelope: &[u8], body: &[u8]) -> Result<(), SpoolError> {
+    write_file(&messages.join(format!("{id}.msg")), body)?;
     let env_path = messages.join(format!("{id}.env"));
-    let current_parses = fs::read(&env_path)
-        .ok()
-        .is_some_and(|bytes| serde_json::from_slice::<super::Envelope>(&bytes).is_ok());
+    let current_parses =
+        fs::read(&env_path).ok().is_some_and(|bytes| serde_json::from_slice::<super::Envelope>(&bytes).is_ok());
     if !current_parses {
-        write_synced(&env_path, envelope)?;
+        write_file(&env_path, envelope)?;
     }
     Ok(())
 }
 
-fn write_synced(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
+fn write_file(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
     let mut file =
         OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io_err(path))?;
-    file.write_all(data).and_then(|()| file.sync_all()).map_err(io_err(path))
+    file.write_all(data).map_err(io_err(path))
+}
+
+/// One `syncfs` for the filesystem holding `dir`: thousands of files written back with one flush,
+/// instead of an fsync (and a flush) per file.
+fn syncfs(dir: &Path) -> Result<(), SpoolError> {
+    let handle = File::open(dir).map_err(io_err(dir))?;
+    rustix::fs::syncfs(&handle).map_err(|e| SpoolError::Io { path: dir.to_path_buf(), source: e.into() })
 }
 
 /// The live journal of a running spool.
@@ -227,9 +299,12 @@ struct Shared {
     dir: PathBuf,
     messages: PathBuf,
     state: Mutex<State>,
-    /// Woken when a flush ends (its waiters find their result) or a rotation ends.
+    /// Held while a journaled message's files are written or removed, so a retirement that gives a
+    /// message its files and a removal of that message never interleave.
+    files: Mutex<()>,
+    /// Woken when a flush or rotation ends (its waiters find their result).
     flushed: Condvar,
-    /// Wakes the retirer: a segment closed, a message's files were written, or stop.
+    /// Wakes the retirer: a segment closed, a checkpoint was asked for, or stop.
     retire: Condvar,
 }
 
@@ -240,55 +315,70 @@ struct Segment {
     opened: Instant,
 }
 
-/// Messages recorded in one segment, for its retirement.
+/// The messages recorded in one segment not yet retired.
 #[derive(Default)]
 struct Members {
     ids: Vec<QueueId>,
-    /// Messages whose files in `messages/` are not written yet.
-    unplaced: usize,
-    closed: bool,
+    /// When the segment was closed; None for the current one.
+    closed: Option<Instant>,
+}
+
+/// A record waiting for the next flush.
+struct Pending {
+    ticket: u64,
+    /// For a message record: its ID, and where its envelope and body start and end in `pending`.
+    message: Option<(QueueId, Range<usize>, Range<usize>)>,
 }
 
 struct State {
-    /// Encoded records waiting for the next flush, and the tickets (with message IDs) they carry.
     pending: Vec<u8>,
-    pending_tickets: Vec<(u64, Option<QueueId>)>,
+    pending_records: Vec<Pending>,
     next_ticket: u64,
     /// A flush or rotation is running (its thread has released the lock to do I/O).
     busy: bool,
-    /// Outcome of each flushed ticket: the segment it landed in, or the error.
-    results: HashMap<u64, Result<u64, io::ErrorKind>>,
+    /// Outcome of each flushed ticket.
+    results: HashMap<u64, Result<(), io::ErrorKind>>,
     current: Option<Segment>,
     /// Segments not yet retired, oldest first (the current one included).
     members: BTreeMap<u64, Members>,
     /// Each message whose record sits in a segment not yet retired, with that segment.
     live: HashMap<QueueId, u64>,
-    /// Set on shutdown; `retire_all` says whether to retire what is left first.
+    /// Messages queued from the journal (no files of their own yet).
+    stored: HashMap<QueueId, Stored>,
+    /// Materialize and retire everything now (a checkpoint), whatever the segments' age.
+    checkpoint: bool,
     stop: bool,
-    retire_all: bool,
+    /// Stop as a crash would: no clean-up (tests).
+    halted: bool,
 }
 
 impl Journal {
-    /// Starts the journal in `dir` (replayed and empty), with a fresh segment numbered after `last`.
-    pub fn start(dir: &Path, messages: &Path, last: u64) -> Result<Journal, SpoolError> {
+    /// Starts the journal in `dir` with what [`replay`] found, and a fresh segment.
+    pub fn start(dir: &Path, messages: &Path, replay: Replay) -> Result<Journal, SpoolError> {
+        let last = replay.segments.keys().next_back().copied().unwrap_or(0);
         let segment = create_segment(dir, last + 1)?;
-        let mut members = BTreeMap::new();
+        let now = Instant::now();
+        let mut members: BTreeMap<u64, Members> =
+            replay.segments.into_iter().map(|(n, ids)| (n, Members { ids, closed: Some(now) })).collect();
         members.insert(segment.number, Members::default());
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             messages: messages.to_path_buf(),
             state: Mutex::new(State {
                 pending: Vec::new(),
-                pending_tickets: Vec::new(),
+                pending_records: Vec::new(),
                 next_ticket: 0,
                 busy: false,
                 results: HashMap::new(),
                 current: Some(segment),
                 members,
-                live: HashMap::new(),
+                live: replay.live,
+                stored: replay.stored,
+                checkpoint: false,
                 stop: false,
-                retire_all: true,
+                halted: false,
             }),
+            files: Mutex::new(()),
             flushed: Condvar::new(),
             retire: Condvar::new(),
         });
@@ -300,48 +390,82 @@ impl Journal {
         Ok(Journal { shared, retirer: Some(retirer) })
     }
 
-    /// Appends a message and returns once it is durable. The caller then writes its files and calls
-    /// [`Journal::placed`] (also when writing them failed).
+    /// Appends a message and returns once it is durable; from then on it is queued from its record.
     pub fn append_message(&self, id: &str, envelope: &[u8], body: &[u8]) -> Result<(), SpoolError> {
         let mut record = Vec::with_capacity(HEADER_LEN + envelope.len() + body.len());
         encode(&mut record, KIND_MESSAGE, id, envelope, body);
-        self.shared.append(record, vec![Some(id.to_string())]).map(|_| ())
+        let env_range = HEADER_LEN..HEADER_LEN + envelope.len();
+        let body_range = env_range.end..record.len();
+        self.shared.append(record, Some((id.to_string(), env_range, body_range)))
     }
 
-    /// The message's files are written (or abandoned): its segment may be retired.
-    pub fn placed(&self, id: &str) {
-        let mut state = lock(&self.shared.state);
-        if let Some(segment) = state.live.get(id).copied()
-            && let Some(members) = state.members.get_mut(&segment)
+    /// Where a journaled message's body is: the segment's path, the body's offset and length.
+    pub fn body(&self, id: &str) -> Option<(PathBuf, u64, u64)> {
+        let state = lock(&self.shared.state);
+        let stored = state.stored.get(id)?;
+        Some((segment_path(&self.shared.dir, stored.segment), stored.body.start, stored.body.end - stored.body.start))
+    }
+
+    /// Is the message queued from the journal (no files of its own)?
+    pub fn holds(&self, id: &str) -> bool {
+        lock(&self.shared.state).stored.contains_key(id)
+    }
+
+    /// Held while the caller writes or removes files of messages that may be journaled.
+    pub fn files_lock(&self) -> MutexGuard<'_, ()> {
+        lock(&self.shared.files)
+    }
+
+    /// The message now has durable files of its own (call with [`Journal::files_lock`] held).
+    pub fn materialized(&self, id: &str) {
+        lock(&self.shared.state).stored.remove(id);
+    }
+
+    /// Before removing messages (with [`Journal::files_lock`] held): durably records that those whose
+    /// record is still in the journal are gone, so a replay does not bring them back.
+    pub fn forget(&self, ids: &[QueueId]) -> Result<(), SpoolError> {
+        let mut records = Vec::new();
         {
-            members.unplaced = members.unplaced.saturating_sub(1);
-            if members.unplaced == 0 && members.closed {
-                self.shared.retire.notify_all();
+            let state = lock(&self.shared.state);
+            for id in ids.iter().filter(|id| state.live.contains_key(*id)) {
+                encode(&mut records, KIND_FORGET, id, &[], &[]);
             }
         }
-    }
-
-    /// Before removing messages: durably records that those still in the journal are gone, so a
-    /// replay does not restore them.
-    pub fn forget(&self, ids: &[QueueId]) -> Result<(), SpoolError> {
-        let in_journal: Vec<&QueueId> = {
-            let state = lock(&self.shared.state);
-            ids.iter().filter(|id| state.live.contains_key(*id)).collect()
-        };
-        if in_journal.is_empty() {
+        if records.is_empty() {
             return Ok(());
         }
-        let mut records = Vec::with_capacity(in_journal.len() * HEADER_LEN);
-        for id in &in_journal {
-            encode(&mut records, KIND_FORGET, id, &[], &[]);
+        self.shared.append(records, None)?;
+        let mut state = lock(&self.shared.state);
+        for id in ids {
+            state.stored.remove(id);
         }
-        self.shared.append(records, vec![None]).map(|_| ())
+        Ok(())
     }
 
-    /// Stops the retirer without retiring what is left, as a crash would (tests only).
+    /// Gives every journaled message its files and retires every closed segment, waiting until done
+    /// (at most `limit`). Returns whether everything was retired.
+    pub fn checkpoint(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut state = lock(&self.shared.state);
+        state.checkpoint = true;
+        self.shared.retire.notify_all();
+        loop {
+            let current = state.current.as_ref().map(|s| s.number);
+            let done = state.stored.is_empty() && state.members.keys().all(|n| Some(*n) == current);
+            if done || Instant::now() >= deadline {
+                state.checkpoint = false;
+                return done;
+            }
+            let (guard, _) =
+                self.shared.flushed.wait_timeout(state, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner());
+            state = guard;
+        }
+    }
+
+    /// Stops the retirer, as a crash would (tests only).
     #[cfg(test)]
     pub fn halt(&mut self) {
-        lock(&self.shared.state).retire_all = false;
+        lock(&self.shared.state).halted = true;
         self.stop();
     }
 
@@ -355,7 +479,7 @@ impl Journal {
 }
 
 impl Drop for Journal {
-    /// A clean shutdown retires every segment, leaving an ordinary spool behind.
+    /// Segments that hold queued mail are left as they are: the next start reads them back.
     fn drop(&mut self) {
         self.stop();
     }
@@ -363,15 +487,20 @@ impl Drop for Journal {
 
 impl Shared {
     /// Queues `record` for the next flush and waits for it. The first waiter to find no flush
-    /// running does the flush for everyone queued so far (leader/follower, like [`super::DirSync`]).
-    fn append(&self, record: Vec<u8>, ids: Vec<Option<QueueId>>) -> Result<u64, SpoolError> {
+    /// running does the flush for everyone queued so far (leader/follower, like `DirSync`).
+    fn append(
+        &self,
+        record: Vec<u8>,
+        message: Option<(QueueId, Range<usize>, Range<usize>)>,
+    ) -> Result<(), SpoolError> {
         let mut state = lock(&self.state);
         let ticket = state.next_ticket;
         state.next_ticket += 1;
+        let base = state.pending.len();
+        let message =
+            message.map(|(id, env, body)| (id, env.start + base..env.end + base, body.start + base..body.end + base));
         state.pending.extend_from_slice(&record);
-        for id in ids {
-            state.pending_tickets.push((ticket, id));
-        }
+        state.pending_records.push(Pending { ticket, message });
         loop {
             if let Some(result) = state.results.remove(&ticket) {
                 return result.map_err(|kind| SpoolError::Io { path: self.dir.clone(), source: kind.into() });
@@ -392,19 +521,18 @@ impl Shared {
             state = self.rotate(state);
             if state.current.is_none() {
                 state.pending.clear();
-                for (ticket, _) in std::mem::take(&mut state.pending_tickets) {
-                    state.results.insert(ticket, Err(io::ErrorKind::Other));
+                for pending in std::mem::take(&mut state.pending_records) {
+                    state.results.insert(pending.ticket, Err(io::ErrorKind::Other));
                 }
                 self.flushed.notify_all();
                 return state;
             }
         }
         let data = std::mem::take(&mut state.pending);
-        let tickets = std::mem::take(&mut state.pending_tickets);
-        let Some(segment) = state.current.as_ref().map(|s| (s.number, Arc::clone(&s.file), s.size)) else {
+        let records = std::mem::take(&mut state.pending_records);
+        let Some((number, file, size)) = state.current.as_ref().map(|s| (s.number, Arc::clone(&s.file), s.size)) else {
             return state;
         };
-        let (number, file, size) = segment;
         state.busy = true;
         drop(state);
         let written = (&*file).write_all(&data).and_then(|()| rustix::fs::fdatasync(&*file).map_err(io::Error::from));
@@ -413,34 +541,34 @@ impl Shared {
         let torn = written.is_err() && file.set_len(size).is_err();
         let mut state = lock(&self.state);
         state.busy = false;
-        if torn && let Some(old) = state.current.take() {
-            state.members.entry(old.number).or_default().closed = true;
-            self.retire.notify_all();
-        }
         match written {
             Ok(()) => {
                 if let Some(current) = state.current.as_mut() {
                     current.size += data.len() as u64;
                 }
-                for (ticket, id) in tickets {
-                    if let Some(id) = id {
+                for pending in records {
+                    if let Some((id, env, body)) = pending.message {
+                        let at = |r: Range<usize>| size + r.start as u64..size + r.end as u64;
+                        let stored = Stored { segment: number, envelope: at(env), body: at(body) };
                         state.live.insert(id.clone(), number);
-                        let members = state.members.entry(number).or_default();
-                        members.ids.push(id);
-                        members.unplaced += 1;
+                        state.stored.insert(id.clone(), stored);
+                        state.members.entry(number).or_default().ids.push(id);
                     }
-                    state.results.insert(ticket, Ok(number));
+                    state.results.insert(pending.ticket, Ok(()));
                 }
             }
             Err(err) => {
                 tracing::error!(segment = %segment_path(&self.dir, number).display(), error = %err, "journal write failed");
-                for (ticket, _) in tickets {
-                    state.results.insert(ticket, Err(err.kind()));
+                for pending in records {
+                    state.results.insert(pending.ticket, Err(err.kind()));
                 }
             }
         }
-        let full = state.current.as_ref().is_some_and(|s| s.size >= SEGMENT_LIMIT);
-        if full {
+        if torn && let Some(old) = state.current.take() {
+            state.members.entry(old.number).or_default().closed = Some(Instant::now());
+            self.retire.notify_all();
+        }
+        if state.current.as_ref().is_some_and(|s| s.size >= SEGMENT_LIMIT) {
             state = self.rotate(state);
         }
         self.flushed.notify_all();
@@ -457,10 +585,8 @@ impl Shared {
         state.busy = false;
         match created {
             Ok(segment) => {
-                if let Some(old) = state.current.take()
-                    && let Some(members) = state.members.get_mut(&old.number)
-                {
-                    members.closed = true;
+                if let Some(old) = state.current.take() {
+                    state.members.entry(old.number).or_default().closed = Some(Instant::now());
                 }
                 state.members.insert(segment.number, Members::default());
                 state.current = Some(segment);
@@ -472,91 +598,111 @@ impl Shared {
         state
     }
 
-    /// The retirer thread: retires closed segments in order and closes idle ones. At shutdown it
-    /// retires everything, unless a message never got its files written within [`STOP_GRACE`]; then
-    /// the segments stay for the next start's replay.
+    /// The retirer thread: closes segments that are old enough and retires closed ones, oldest first.
     fn retire_loop(&self) {
         let mut state = lock(&self.state);
-        let mut stop_deadline = None;
-        loop {
-            if state.stop && !state.retire_all {
-                return;
-            }
-            if let Some(number) = self.ready_to_retire(&state) {
-                state = self.retire_oldest(state, number);
-                continue;
-            }
+        while !state.stop {
             let has_records = state.current.as_ref().is_some_and(|s| s.size > 0);
             let old = state.current.as_ref().is_some_and(|s| s.opened.elapsed() >= SEGMENT_MAX_AGE);
-            if has_records && (state.stop || old) && !state.busy && state.pending.is_empty() {
+            if has_records && (old || state.checkpoint) && !state.busy && state.pending.is_empty() {
                 state = self.rotate(state);
                 continue;
             }
-            if state.stop {
-                let deadline = *stop_deadline.get_or_insert_with(|| Instant::now() + STOP_GRACE);
-                let all_retired = state.members.len() <= 1 && !has_records;
-                if all_retired || Instant::now() >= deadline {
-                    return self.finish(state);
+            if let Some((number, materialize)) = self.ready_to_retire(&state) {
+                let ids = state.members.get(&number).map(|m| m.ids.clone()).unwrap_or_default();
+                drop(state);
+                let retired = self.retire_segment(number, &ids, materialize);
+                state = lock(&self.state);
+                match retired {
+                    Ok(()) => {
+                        state.members.remove(&number);
+                        for id in &ids {
+                            if state.live.get(id) == Some(&number) {
+                                state.live.remove(id);
+                            }
+                        }
+                        self.flushed.notify_all();
+                        continue;
+                    }
+                    Err(err) => tracing::error!(error = %err, "cannot retire a journal segment; will retry"),
                 }
             }
             let (guard, _) =
-                self.retire.wait_timeout(state, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner());
+                self.retire.wait_timeout(state, Duration::from_millis(500)).unwrap_or_else(|p| p.into_inner());
             state = guard;
         }
+        if !state.halted {
+            self.close(state);
+        }
     }
 
-    fn retire_oldest<'a>(&'a self, state: MutexGuard<'a, State>, number: u64) -> MutexGuard<'a, State> {
-        let ids = state.members.get(&number).map(|m| m.ids.clone()).unwrap_or_default();
-        drop(state);
-        let retired = self.retire_segment(number, &ids);
-        let mut state = lock(&self.state);
-        match retired {
-            Ok(()) => {
-                state.members.remove(&number);
-                for id in &ids {
-                    if state.live.get(id) == Some(&number) {
-                        state.live.remove(id);
-                    }
+    /// At shutdown: closes the current segment (deleting it if empty) and deletes every segment that
+    /// holds no queued mail, so a stopped server leaves segments only where mail waits in them.
+    fn close<'a>(&'a self, mut state: MutexGuard<'a, State>) {
+        if let Some(current) = state.current.take() {
+            if current.size == 0 {
+                state.members.remove(&current.number);
+                let path = segment_path(&self.dir, current.number);
+                if fs::remove_file(&path).is_ok() {
+                    let _ = sync_dir(&self.dir);
                 }
-                state
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot retire a journal segment; will retry");
-                let (guard, _) =
-                    self.retire.wait_timeout(state, Duration::from_secs(1)).unwrap_or_else(|p| p.into_inner());
-                guard
+            } else {
+                state.members.entry(current.number).or_default().closed = Some(Instant::now());
             }
         }
-    }
-
-    /// At shutdown, with everything retired: deletes the empty current segment.
-    fn finish(&self, mut state: MutexGuard<'_, State>) {
-        if let Some(current) = state.current.take()
-            && current.size == 0
-        {
-            let path = segment_path(&self.dir, current.number);
+        while let Some((number, false)) = self.ready_to_retire(&state) {
+            let ids = state.members.remove(&number).map(|m| m.ids).unwrap_or_default();
             drop(state);
-            if fs::remove_file(&path).is_ok() {
-                let _ = sync_dir(&self.dir);
+            if let Err(err) = self.retire_segment(number, &ids, false) {
+                tracing::warn!(error = %err, "journal segment left for the next start");
+                return;
+            }
+            state = lock(&self.state);
+        }
+    }
+
+    /// The oldest segment, if it is closed and either holds no queued message any more, or is due to
+    /// give them files (old enough, or a checkpoint); with whether it must.
+    fn ready_to_retire(&self, state: &State) -> Option<(u64, bool)> {
+        let (number, members) = state.members.iter().next()?;
+        let closed = members.closed?;
+        let holds_any = members.ids.iter().any(|id| state.stored.get(id).is_some_and(|s| s.segment == *number));
+        if !holds_any {
+            return Some((*number, false));
+        }
+        (state.checkpoint || closed.elapsed() >= MATERIALIZE_AFTER).then_some((*number, true))
+    }
+
+    /// Gives the segment's queued messages their files if asked, then deletes the segment.
+    fn retire_segment(&self, number: u64, ids: &[QueueId], materialize: bool) -> Result<(), SpoolError> {
+        let path = segment_path(&self.dir, number);
+        if materialize {
+            let file = File::open(&path).map_err(io_err(&path))?;
+            for chunk in ids.chunks(256) {
+                let _files = lock(&self.files);
+                let stored: Vec<(QueueId, Stored)> = {
+                    let state = lock(&self.state);
+                    chunk
+                        .iter()
+                        .filter_map(|id| {
+                            state.stored.get(id).filter(|s| s.segment == number).map(|s| (id.clone(), s.clone()))
+                        })
+                        .collect()
+                };
+                for (id, stored) in &stored {
+                    let envelope = read_range(&file, &stored.envelope).map_err(io_err(&path))?;
+                    let body = read_range(&file, &stored.body).map_err(io_err(&path))?;
+                    write_file(&self.messages.join(format!("{id}.msg")), &body)?;
+                    write_file(&self.messages.join(format!("{id}.env")), &envelope)?;
+                }
+                // Readers switch to the files only once they are durable.
+                syncfs(&self.messages)?;
+                let mut state = lock(&self.state);
+                for (id, _) in stored {
+                    state.stored.remove(&id);
+                }
             }
         }
-    }
-
-    /// The oldest segment, if it is closed and every message in it has its files written.
-    fn ready_to_retire(&self, state: &State) -> Option<u64> {
-        let (number, members) = state.members.iter().next()?;
-        (members.closed && members.unplaced == 0).then_some(*number)
-    }
-
-    /// Makes the files of a closed segment's messages durable, then deletes the segment.
-    fn retire_segment(&self, number: u64, ids: &[QueueId]) -> Result<(), SpoolError> {
-        if !ids.is_empty() {
-            // One syncfs writes back every file of the segment (thousands) with one journal commit
-            // of the filesystem, instead of an fsync (and a commit) per file.
-            let dir = File::open(&self.messages).map_err(io_err(&self.messages))?;
-            rustix::fs::syncfs(&dir).map_err(|e| SpoolError::Io { path: self.messages.clone(), source: e.into() })?;
-        }
-        let path = segment_path(&self.dir, number);
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -566,15 +712,17 @@ impl Shared {
     }
 }
 
+fn read_range(file: &File, range: &Range<u64>) -> io::Result<Vec<u8>> {
+    let len = usize::try_from(range.end - range.start).map_err(io::Error::other)?;
+    let mut buf = vec![0; len];
+    file.read_exact_at(&mut buf, range.start)?;
+    Ok(buf)
+}
+
 /// Creates a segment and makes its name durable before any record is written to it.
 fn create_segment(dir: &Path, number: u64) -> Result<Segment, SpoolError> {
     let path = segment_path(dir, number);
-    let file = OpenOptions::new()
-        .append(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io_err(&path))?;
+    let file = OpenOptions::new().append(true).create_new(true).mode(0o600).open(&path).map_err(io_err(&path))?;
     file.sync_all().map_err(io_err(&path))?;
     sync_dir(dir)?;
     Ok(Segment { number, file: Arc::new(file), size: 0, opened: Instant::now() })
@@ -593,11 +741,13 @@ mod tests {
         encode(&mut data, KIND_MESSAGE, "0000000000002000", b"{\"a\":1}", b"second");
         let records = decode(&data);
         assert_eq!(records.len(), 3);
-        assert_eq!(
-            records[0],
-            Record::Message { id: "0000000000001000".into(), envelope: b"{}".to_vec(), body: b"body\r\n".to_vec() }
-        );
+        let Record::Message { id, envelope, body } = &records[0] else { panic!("not a message: {records:?}") };
+        assert_eq!(id, "0000000000001000");
+        assert_eq!(&data[envelope.clone()], b"{}");
+        assert_eq!(&data[body.clone()], b"body\r\n");
         assert_eq!(records[1], Record::Forget { id: "0000000000001000".into() });
+        let Record::Message { body, .. } = &records[2] else { panic!("not a message: {records:?}") };
+        assert_eq!(&data[body.clone()], b"second");
         for cut in whole..data.len() {
             assert_eq!(decode(&data[..cut]).len(), 2, "torn at {cut}");
         }

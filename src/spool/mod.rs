@@ -102,8 +102,10 @@ impl Spool {
             .map_err(io_err(&lock_path))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| SpoolError::Locked(root.to_path_buf()))?;
-        let replayed = journal::replay(&journal_dir, &messages)?;
-        let journal = journal::Journal::start(&journal_dir, &messages, replayed.last_segment)?;
+        let mut replay = journal::replay(&journal_dir, &messages)?;
+        let journaled = std::mem::take(&mut replay.envelopes);
+        let restored = replay.restored;
+        let journal = journal::Journal::start(&journal_dir, &messages, replay)?;
         let spool = Spool {
             root: root.to_path_buf(),
             messages,
@@ -115,8 +117,8 @@ impl Spool {
             journal,
             _lock: lock,
         };
-        let mut recovery = spool.recover()?;
-        recovery.replayed = replayed.restored;
+        let mut recovery = spool.recover(journaled)?;
+        recovery.replayed += restored;
         Ok((spool, recovery))
     }
 
@@ -129,7 +131,9 @@ impl Spool {
         root.join("control.sock")
     }
 
-    fn recover(&self) -> Result<Recovery, SpoolError> {
+    /// Rebuilds the index from `messages/` and from the envelopes of the messages queued in the
+    /// journal (`journaled`, found by [`journal::replay`]).
+    fn recover(&self, journaled: Vec<(QueueId, Vec<u8>)>) -> Result<Recovery, SpoolError> {
         let mut recovery = Recovery::default();
         for entry in fs::read_dir(&self.incoming).map_err(io_err(&self.incoming))? {
             let path = entry.map_err(io_err(&self.incoming))?.path();
@@ -189,12 +193,40 @@ impl Spool {
             }
         }
         self.messages_sync.sync(&self.messages)?;
+        recovery.replayed = journaled.len();
+        for (id, json) in journaled {
+            match serde_json::from_slice::<Envelope>(&json) {
+                Ok(envelope) => {
+                    index.insert(id, envelope);
+                }
+                Err(err) => {
+                    tracing::error!(queue_id = %id, error = %err, "unreadable journaled envelope moved to corrupt/");
+                    self.quarantine_journaled(&id, &json)?;
+                    recovery.quarantined += 1;
+                }
+            }
+        }
         recovery.queued = index.len();
         if let Some(last) = index.keys().next_back() {
             *lock(&self.last_id) = parse_id(last).unwrap_or((0, 0));
         }
         *lock(&self.index) = index;
         Ok(recovery)
+    }
+
+    /// A journaled message whose envelope does not parse: its record is written to `corrupt/` and
+    /// forgotten in the journal.
+    fn quarantine_journaled(&self, id: &str, json: &[u8]) -> Result<(), SpoolError> {
+        let dir = self.root.join(CORRUPT);
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io_err(&dir))?;
+        let body = self.read_body(id)?;
+        for (ext, data) in [("msg", &body[..]), ("env", json)] {
+            let path = dir.join(format!("{id}.{ext}"));
+            fs::write(&path, data).and_then(|()| File::open(&path)?.sync_all()).map_err(io_err(&path))?;
+        }
+        sync_dir(&dir)?;
+        let _files = self.journal.files_lock();
+        self.journal.forget(&[id.to_string()])
     }
 
     /// Unreadable files are kept for a human, never silently deleted: it may be someone's mail.
@@ -257,15 +289,39 @@ impl Spool {
 
     /// Durably replaces a message's envelope, then the index.
     pub fn update(&self, envelope: &Envelope) -> Result<(), SpoolError> {
-        let target = self.messages.join(format!("{}.env", envelope.id));
-        if !target.exists() {
-            return Err(SpoolError::NotFound(envelope.id.clone()));
-        }
-        self.write_envelope(envelope, &target)?;
+        let _files = self.journal.files_lock();
+        self.write_envelope_or_materialize(envelope)?;
         self.messages_sync.sync(&self.messages)?;
+        self.journal.materialized(&envelope.id);
         lock(&self.index).insert(envelope.id.clone(), envelope.clone());
         lock(&self.dirty).remove(&envelope.id);
         Ok(())
+    }
+
+    /// Durably replaces a message's envelope file; a message queued from the journal first gets its
+    /// body file (fsync'd) too. Call with the journal's files lock held; the caller syncs the directory.
+    fn write_envelope_or_materialize(&self, envelope: &Envelope) -> Result<(), SpoolError> {
+        let target = self.messages.join(format!("{}.env", envelope.id));
+        if self.journal.holds(&envelope.id) {
+            let body = self.read_body(&envelope.id)?;
+            let body_path = self.body_path(&envelope.id);
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&body_path)
+                .map_err(io_err(&body_path))?;
+            file.write_all(&body).and_then(|()| file.sync_all()).map_err(io_err(&body_path))?;
+            self.write_envelope(envelope, &target)?;
+            // Not yet: the names are durable only after the caller's directory sync. Until then the
+            // journal's record still counts, and reading the body from either place is the same.
+            return Ok(());
+        }
+        if !target.exists() {
+            return Err(SpoolError::NotFound(envelope.id.clone()));
+        }
+        self.write_envelope(envelope, &target)
     }
 
     /// Writes the envelope to a temporary file, fsyncs it and renames it over `target`.
@@ -305,14 +361,14 @@ impl Spool {
         if envelopes.is_empty() {
             return Ok(());
         }
+        let _files = self.journal.files_lock();
         for envelope in envelopes {
-            let target = self.messages.join(format!("{}.env", envelope.id));
-            if !target.exists() {
-                return Err(SpoolError::NotFound(envelope.id.clone()));
-            }
-            self.write_envelope(envelope, &target)?;
+            self.write_envelope_or_materialize(envelope)?;
         }
         self.messages_sync.sync(&self.messages)?;
+        for envelope in envelopes {
+            self.journal.materialized(&envelope.id);
+        }
         let mut index = lock(&self.index);
         let mut dirty = lock(&self.dirty);
         for envelope in envelopes {
@@ -327,18 +383,22 @@ impl Spool {
         if ids.is_empty() {
             return Ok(());
         }
+        let _files = self.journal.files_lock();
         self.journal.forget(ids)?;
+        let mut unlinked = false;
         for id in ids {
             for ext in ["env", "msg"] {
                 let path = self.messages.join(format!("{id}.{ext}"));
-                if let Err(err) = fs::remove_file(&path)
-                    && err.kind() != io::ErrorKind::NotFound
-                {
-                    return Err(SpoolError::Io { path, source: err });
+                match fs::remove_file(&path) {
+                    Ok(()) => unlinked = true,
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(SpoolError::Io { path, source: err }),
                 }
             }
         }
-        self.messages_sync.sync(&self.messages)?;
+        if unlinked {
+            self.messages_sync.sync(&self.messages)?;
+        }
         let mut index = lock(&self.index);
         for id in ids {
             index.remove(id);
@@ -349,13 +409,16 @@ impl Spool {
     /// Removes a message: the envelope first, so a crash can leave only an orphan body, which
     /// recovery deletes.
     pub fn remove(&self, id: &str) -> Result<(), SpoolError> {
-        let env = self.messages.join(format!("{id}.env"));
-        if !env.exists() {
-            return Err(SpoolError::NotFound(id.to_string()));
-        }
+        let _files = self.journal.files_lock();
+        let journaled = self.journal.holds(id);
         self.journal.forget(&[id.to_string()])?;
+        let env = self.messages.join(format!("{id}.env"));
         match fs::remove_file(&env) {
             Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound && journaled => {
+                lock(&self.index).remove(id);
+                return Ok(());
+            }
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(SpoolError::NotFound(id.to_string())),
             Err(err) => return Err(SpoolError::Io { path: env, source: err }),
         }
@@ -370,26 +433,39 @@ impl Spool {
         Ok(())
     }
 
-    /// Path of a message's body, for streaming it to the next hop.
-    pub fn body_path(&self, id: &str) -> PathBuf {
+    /// Path of a message's own body file (which a journaled message does not have yet).
+    fn body_path(&self, id: &str) -> PathBuf {
         self.messages.join(format!("{id}.msg"))
+    }
+
+    /// Where a message's body is, for streaming it to the next hop.
+    pub fn body(&self, id: &str) -> BodyRef {
+        let file = self.body_path(id);
+        match self.journal.body(id) {
+            Some((segment, offset, len)) => BodyRef { path: segment, offset, len: Some(len), fallback: Some(file) },
+            None => BodyRef { path: file, offset: 0, len: None, fallback: None },
+        }
     }
 
     /// Reads a message's whole body.
     pub fn read_body(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
-        let path = self.body_path(id);
-        fs::read(&path).map_err(|err| match err.kind() {
+        let body = self.body(id);
+        let not_found = |err: io::Error| match err.kind() {
             io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
-            _ => SpoolError::Io { path, source: err },
-        })
+            _ => SpoolError::Io { path: body.path.clone(), source: err },
+        };
+        let (file, len) = body.open().map_err(not_found)?;
+        let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        file.take(len).read_to_end(&mut buf).map_err(not_found)?;
+        Ok(buf)
     }
 
     /// Reads the header section of a message (up to the first empty line, at most `limit` octets).
     pub fn read_headers(&self, id: &str, limit: usize) -> Result<Vec<u8>, SpoolError> {
-        let path = self.body_path(id);
-        let file = File::open(&path).map_err(io_err(&path))?;
+        let body = self.body(id);
+        let (file, len) = body.open().map_err(io_err(&body.path))?;
         let mut buf = Vec::new();
-        file.take(limit as u64).read_to_end(&mut buf).map_err(io_err(&path))?;
+        file.take(len.min(limit as u64)).read_to_end(&mut buf).map_err(io_err(&body.path))?;
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             buf.truncate(end + 2);
         }
@@ -399,6 +475,48 @@ impl Spool {
     /// Bytes and inodes free on the spool's filesystem (statvfs).
     pub fn space(&self) -> Result<SpaceInfo, SpoolError> {
         space_of(&self.root)
+    }
+
+    /// Gives every message queued in the journal its own files and deletes the journal's segments
+    /// (waiting at most `limit`); returns whether all were done.
+    pub fn checkpoint(&self, limit: std::time::Duration) -> bool {
+        self.journal.checkpoint(limit)
+    }
+}
+
+/// Where a queued message's body is: its own file, or a stretch of a journal segment. A segment can
+/// be retired between looking and opening; its messages have their files by then (`fallback`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BodyRef {
+    pub path: PathBuf,
+    pub offset: u64,
+    /// The body's length; None for a file of its own (its whole length).
+    pub len: Option<u64>,
+    pub fallback: Option<PathBuf>,
+}
+
+impl From<PathBuf> for BodyRef {
+    /// A body in a file of its own.
+    fn from(path: PathBuf) -> BodyRef {
+        BodyRef { path, offset: 0, len: None, fallback: None }
+    }
+}
+
+impl BodyRef {
+    /// Opens the body, positioned at its first octet; returns the file and the body's length.
+    pub fn open(&self) -> io::Result<(File, u64)> {
+        use std::io::{Seek, SeekFrom};
+        let (mut file, offset, len) = match (File::open(&self.path), &self.fallback) {
+            (Ok(file), _) => (file, self.offset, self.len),
+            (Err(err), Some(fallback)) if err.kind() == io::ErrorKind::NotFound => (File::open(fallback)?, 0, None),
+            (Err(err), _) => return Err(err),
+        };
+        let len = match len {
+            Some(len) => len,
+            None => file.metadata()?.len(),
+        };
+        file.seek(SeekFrom::Start(offset))?;
+        Ok((file, len))
     }
 }
 
@@ -417,21 +535,33 @@ struct ExportEntry {
 /// envelopes, so it is safe while the daemon runs. Returns how many messages were written.
 pub fn export(root: &Path, out: &mut impl Write) -> Result<usize, SpoolError> {
     let messages = root.join(MESSAGES);
-    let mut ids: Vec<String> = fs::read_dir(&messages)
+    // The journal first: a segment retired meanwhile has given its messages files by then.
+    let mut journaled: BTreeMap<QueueId, journal::JournaledMessage> =
+        journal::read_messages(&root.join(JOURNAL))?.into_iter().map(|m| (m.id.clone(), m)).collect();
+    let mut ids: std::collections::BTreeSet<String> = fs::read_dir(&messages)
         .map_err(io_err(&messages))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".env").map(str::to_string))
         .filter(|id| is_queue_id(id))
         .collect();
-    ids.sort();
+    ids.extend(journaled.keys().cloned());
     let out_err = |source| SpoolError::Io { path: PathBuf::from("(export)"), source };
     writeln!(out, "{EXPORT_MAGIC}").map_err(out_err)?;
     let mut count = 0;
     for id in ids {
-        let (envelope, body) =
-            match (read_envelope(&messages.join(format!("{id}.env"))), fs::read(messages.join(format!("{id}.msg")))) {
-                (Ok(envelope), Ok(body)) => (envelope, body),
-                _ => continue, // delivered and removed while we read
-            };
+        let from_files = read_envelope(&messages.join(format!("{id}.env")));
+        let (envelope, body) = match (journaled.remove(&id), from_files) {
+            // The body never changes; an envelope file, when there is one, is the newer.
+            (Some(record), Ok(envelope)) => (envelope, record.body),
+            (Some(record), Err(_)) => match serde_json::from_slice(&record.envelope) {
+                Ok(envelope) => (envelope, record.body),
+                Err(_) => continue,
+            },
+            (None, Ok(envelope)) => match fs::read(messages.join(format!("{id}.msg"))) {
+                Ok(body) => (envelope, body),
+                Err(_) => continue, // delivered and removed while we read
+            },
+            (None, Err(_)) => continue,
+        };
         let line = serde_json::to_string(&ExportEntry { envelope, size: body.len() as u64 })
             .map_err(|source| SpoolError::BadEnvelope { path: messages.join(&id), source })?;
         writeln!(out, "{line}").and_then(|()| out.write_all(&body)).map_err(out_err)?;
@@ -566,22 +696,13 @@ impl IncomingMessage {
     }
 
     /// A small message: one record in the journal, made durable together with the other sessions'
-    /// (group commit), then its files in `messages/`, synced later when its journal segment retires.
+    /// (group commit); it is queued from there (see [`journal`]).
     fn commit_journaled(&mut self, envelope: Envelope, body: &[u8]) -> Result<Envelope, SpoolError> {
-        let spool = Arc::clone(&self.spool);
-        let env_target = spool.messages.join(format!("{}.env", self.id));
-        let json = serde_json::to_vec(&envelope)
-            .map_err(|source| SpoolError::BadEnvelope { path: env_target.clone(), source })?;
-        spool.journal.append_message(&self.id, &json, body)?;
-        let placed = spool.place(&self.id, &json, body);
-        spool.journal.placed(&self.id);
-        if let Err(err) = placed {
-            // Acknowledged by nobody: forget it, so a replay does not bring it back either.
-            let _ = spool.journal.forget(std::slice::from_ref(&self.id));
-            let _ = fs::remove_file(&env_target);
-            let _ = fs::remove_file(spool.body_path(&self.id));
-            return Err(err);
-        }
+        let json = serde_json::to_vec(&envelope).map_err(|source| SpoolError::BadEnvelope {
+            path: self.spool.messages.join(format!("{}.env", self.id)),
+            source,
+        })?;
+        self.spool.journal.append_message(&self.id, &json, body)?;
         Ok(envelope)
     }
 
@@ -620,33 +741,6 @@ impl IncomingMessage {
         }
         self.path = PathBuf::new();
         Ok(envelope)
-    }
-}
-
-impl Spool {
-    /// Writes a journaled message's files, unsynced: the body straight into `messages/`, then the
-    /// envelope renamed in, so whoever sees the envelope finds the whole body.
-    fn place(&self, id: &str, json: &[u8], body: &[u8]) -> Result<(), SpoolError> {
-        let body_path = self.body_path(id);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&body_path)
-            .map_err(io_err(&body_path))?;
-        file.write_all(body).map_err(io_err(&body_path))?;
-        let env_tmp = self.incoming.join(format!("{id}.env"));
-        let mut env = create_private(&env_tmp)?;
-        if let Err(err) = env.write_all(json) {
-            let _ = fs::remove_file(&env_tmp);
-            return Err(SpoolError::Io { path: env_tmp, source: err });
-        }
-        let env_target = self.messages.join(format!("{id}.env"));
-        fs::rename(&env_tmp, &env_target).map_err(|err| {
-            let _ = fs::remove_file(&env_tmp);
-            SpoolError::Io { path: env_target, source: err }
-        })
     }
 }
 

@@ -67,6 +67,7 @@ fn corrupt_envelope_is_quarantined_not_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
     let env = put(&spool, b"x\r\n");
+    assert!(spool.checkpoint(LIMIT));
     drop(spool);
     fs::write(dir.path().join(format!("messages/{}.env", env.id)), b"not json").unwrap();
     let (spool, recovery) = Spool::open(dir.path()).unwrap();
@@ -124,11 +125,17 @@ fn queued_mail_is_private() {
     let root = dir.path().join("spool");
     let spool = open(&root);
     let env = put(&spool, b"secret\r\n");
+    assert_eq!(mode_of(&fs::read_dir(root.join(JOURNAL)).unwrap().next().unwrap().unwrap().path()), 0o600);
+    assert!(spool.checkpoint(LIMIT));
     let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(root.clone()), 0o700);
     assert_eq!(mode(root.join(MESSAGES)), 0o700);
     assert_eq!(mode(root.join(format!("messages/{}.msg", env.id))), 0o600);
     assert_eq!(mode(root.join(format!("messages/{}.env", env.id))), 0o600);
+}
+
+fn mode_of(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
 #[test]
@@ -246,25 +253,28 @@ fn segments_in(root: &Path) -> usize {
     fs::read_dir(root.join(JOURNAL)).unwrap().count()
 }
 
+fn files_in(root: &Path) -> usize {
+    fs::read_dir(root.join(MESSAGES)).unwrap().count()
+}
+
+const LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 #[test]
-fn journaled_message_survives_a_crash_that_lost_its_files() {
+fn journaled_messages_need_no_files_and_survive_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let lost = put(&spool, b"Subject: lost\r\n\r\nbody\r\n");
-    let torn = put(&spool, b"Subject: torn\r\n\r\nbody\r\n");
+    let first = put(&spool, b"Subject: one\r\n\r\nbody\r\n");
+    let second = put(&spool, b"Subject: two\r\n\r\nbody\r\n");
+    assert_eq!(files_in(dir.path()), 0, "no file is created per message");
+    assert_eq!(spool.read_body(&second.id).unwrap(), b"Subject: two\r\n\r\nbody\r\n");
+    assert_eq!(spool.read_headers(&second.id, 1000).unwrap(), b"Subject: two\r\n");
     crash(spool);
-    assert_eq!(segments_in(dir.path()), 1, "the segment outlives the crash");
-    // The files were never fsync'd: one message lost both, the other got a torn body and envelope.
-    fs::remove_file(dir.path().join(format!("messages/{}.msg", lost.id))).unwrap();
-    fs::remove_file(dir.path().join(format!("messages/{}.env", lost.id))).unwrap();
-    fs::write(dir.path().join(format!("messages/{}.msg", torn.id)), b"Subj").unwrap();
-    fs::write(dir.path().join(format!("messages/{}.env", torn.id)), b"{\"id\":").unwrap();
     let (spool, recovery) = Spool::open(dir.path()).unwrap();
     assert_eq!((recovery.queued, recovery.replayed, recovery.quarantined), (2, 2, 0));
-    assert_eq!(spool.get(&lost.id), Some(lost.clone()));
-    assert_eq!(spool.get(&torn.id), Some(torn.clone()));
-    assert_eq!(spool.read_body(&torn.id).unwrap(), b"Subject: torn\r\n\r\nbody\r\n");
-    assert_eq!(segments_in(dir.path()), 1, "replayed segments are deleted; a fresh one is open");
+    assert_eq!(spool.get(&first.id), Some(first.clone()));
+    assert_eq!(spool.get(&second.id), Some(second.clone()));
+    assert_eq!(spool.read_body(&first.id).unwrap(), b"Subject: one\r\n\r\nbody\r\n");
+    assert_eq!(segments_in(dir.path()), 2, "the old segment is kept until retired; a fresh one is open");
 }
 
 #[test]
@@ -275,15 +285,18 @@ fn removed_or_updated_journaled_messages_stay_that_way_after_a_crash() {
     let delivered_too = put(&spool, b"delivered too\r\n");
     let mut updated = put(&spool, b"updated\r\n");
     spool.remove(&delivered.id).unwrap();
+    assert!(matches!(spool.remove(&delivered.id), Err(SpoolError::NotFound(_))));
     spool.remove_many(std::slice::from_ref(&delivered_too.id)).unwrap();
     updated.held = true;
     spool.update(&updated).unwrap();
+    assert_eq!(files_in(dir.path()), 2, "a durable change of state gives the message its files");
     crash(spool);
     let (spool, recovery) = Spool::open(dir.path()).unwrap();
     assert_eq!(recovery.queued, 1);
     assert!(spool.get(&delivered.id).is_none(), "a delivered message must not come back");
     assert!(spool.get(&delivered_too.id).is_none());
     assert!(spool.get(&updated.id).unwrap().held, "the later, durable envelope wins over the record");
+    assert_eq!(spool.read_body(&updated.id).unwrap(), b"updated\r\n");
 }
 
 #[test]
@@ -296,20 +309,38 @@ fn a_torn_journal_tail_keeps_the_records_before_it() {
     let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
     file.write_all(b"BJR1\x01half a record").unwrap();
     drop(file);
-    fs::remove_file(dir.path().join(format!("messages/{}.msg", kept.id))).unwrap();
     let (spool, recovery) = Spool::open(dir.path()).unwrap();
     assert_eq!((recovery.queued, recovery.replayed), (1, 1));
     assert_eq!(spool.read_body(&kept.id).unwrap(), b"kept\r\n");
 }
 
 #[test]
-fn a_clean_shutdown_retires_the_journal() {
+fn files_torn_by_a_crash_are_rewritten_from_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let mut env = put(&spool, b"Subject: whole\r\n\r\nbody\r\n");
+    env.held = true;
+    spool.update(&env).unwrap();
+    crash(spool);
+    // As if the files had been written by a retirement that a power loss interrupted.
+    fs::write(dir.path().join(format!("messages/{}.msg", env.id)), b"Subj").unwrap();
+    fs::write(dir.path().join(format!("messages/{}.env", env.id)), b"{\"id\":").unwrap();
+    let (spool, recovery) = Spool::open(dir.path()).unwrap();
+    assert_eq!((recovery.queued, recovery.replayed, recovery.quarantined), (1, 1, 0));
+    assert_eq!(spool.read_body(&env.id).unwrap(), b"Subject: whole\r\n\r\nbody\r\n");
+    assert!(!spool.get(&env.id).unwrap().held, "the record's envelope replaces a torn one");
+}
+
+#[test]
+fn a_checkpoint_gives_every_message_its_files_and_empties_the_journal() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
     let env = put(&spool, b"x\r\n");
-    assert_eq!(segments_in(dir.path()), 1);
-    drop(spool);
-    assert_eq!(segments_in(dir.path()), 0, "an ordinary spool is left behind");
+    assert!(spool.checkpoint(LIMIT));
+    assert_eq!(files_in(dir.path()), 2);
+    assert_eq!(segments_in(dir.path()), 1, "only the fresh, empty segment is left");
+    assert_eq!(spool.read_body(&env.id).unwrap(), b"x\r\n");
+    crash(spool);
     let (spool, recovery) = Spool::open(dir.path()).unwrap();
     assert_eq!((recovery.queued, recovery.replayed), (1, 0));
     assert!(spool.get(&env.id).is_some());
@@ -346,20 +377,39 @@ fn a_spilled_message_dropped_uncommitted_leaves_nothing() {
 }
 
 #[test]
-fn full_segments_retire_while_running_and_everything_survives_a_crash() {
+fn a_segment_whose_messages_are_all_delivered_is_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
     // 40 bodies of 450 KiB fill more than one 16 MiB segment.
     let body = vec![b'x'; 450 * 1024];
     let ids: Vec<_> = (0..40).map(|_| put(&spool, &body).id).collect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    assert_eq!(segments_in(dir.path()), 2);
+    spool.remove_many(&ids[..37]).unwrap();
+    let deadline = std::time::Instant::now() + LIMIT;
     while segments_in(dir.path()) > 1 {
-        assert!(std::time::Instant::now() < deadline, "the full segment was never retired");
+        assert!(std::time::Instant::now() < deadline, "the delivered segment was never deleted");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    assert_eq!(files_in(dir.path()), 0, "nothing was written out for delivered mail");
     crash(spool);
     let (spool, recovery) = Spool::open(dir.path()).unwrap();
-    assert_eq!(recovery.queued, 40);
-    assert!(recovery.replayed < 40, "retired messages no longer need the journal");
-    assert!(ids.iter().all(|id| spool.read_body(id).unwrap().len() == body.len()));
+    assert_eq!(recovery.queued, 3);
+    assert!(ids[37..].iter().all(|id| spool.read_body(id).unwrap() == body));
+}
+
+#[test]
+fn a_clean_shutdown_leaves_segments_only_where_mail_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let delivered = put(&spool, b"delivered\r\n");
+    spool.remove(&delivered.id).unwrap();
+    drop(spool);
+    assert_eq!(segments_in(dir.path()), 0, "nothing queued, nothing left in the journal");
+    let spool = open(dir.path());
+    let waiting = put(&spool, b"waiting\r\n");
+    drop(spool);
+    assert_eq!(segments_in(dir.path()), 1, "the segment holding queued mail stays");
+    let (spool, recovery) = Spool::open(dir.path()).unwrap();
+    assert_eq!((recovery.queued, recovery.replayed), (1, 1));
+    assert_eq!(spool.read_body(&waiting.id).unwrap(), b"waiting\r\n");
 }

@@ -136,6 +136,15 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).expect("queue list --json is JSON")
     }
 
+    /// Every queued message's body by queue ID, read with `queue export` (which works while the
+    /// daemon runs, whether a message waits in the journal or in its own files).
+    #[allow(dead_code)]
+    pub fn exported_bodies(&self) -> std::collections::HashMap<String, Vec<u8>> {
+        let out = self.cli(&["queue", "export", "-"]);
+        assert!(out.status.success(), "queue export failed: {}", String::from_utf8_lossy(&out.stderr));
+        parse_export(&out.stdout)
+    }
+
     /// SIGTERM and wait (at most 20 s) for the exit status.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -314,4 +323,23 @@ pub fn rcpt_reply(addr: SocketAddr, rcpt: &str) -> String {
 /// The queue ID from "250 2.0.0 Ok: queued as ID".
 pub fn queued_id(reply: &str) -> Option<String> {
     reply.trim_end().rsplit(' ').next().filter(|id| id.len() == 16).map(str::to_string)
+}
+
+/// Splits a `queue export` stream into bodies by queue ID.
+#[allow(dead_code)]
+pub fn parse_export(mut data: &[u8]) -> std::collections::HashMap<String, Vec<u8>> {
+    let mut bodies = std::collections::HashMap::new();
+    let line_end = |d: &[u8]| d.iter().position(|&b| b == b'\n').expect("export line");
+    let magic = line_end(data);
+    assert_eq!(&data[..magic], b"bartleby-queue-export 1");
+    data = &data[magic + 1..];
+    while !data.is_empty() {
+        let end = line_end(data);
+        let entry: serde_json::Value = serde_json::from_slice(&data[..end]).expect("export entry");
+        let size = entry["size"].as_u64().expect("size") as usize;
+        let id = entry["envelope"]["id"].as_str().expect("id").to_string();
+        bodies.insert(id, data[end + 1..end + 1 + size].to_vec());
+        data = &data[end + 1 + size..];
+    }
+    bodies
 }
