@@ -38,8 +38,14 @@ use std::time::{Duration, Instant};
 /// written to their own file and fsync'd, where the data, not the number of disk waits, is the cost.
 pub const MAX_JOURNALED_BODY: usize = 512 * 1024;
 
-/// Messages still queued from a segment this old get their own files and the segment is deleted.
-pub const MATERIALIZE_AFTER: Duration = Duration::from_secs(300);
+/// Messages still queued from a segment this old get their own files and the segment is deleted:
+/// a long outage's backlog ends up stored one file pair per message, as without the journal.
+pub const MATERIALIZE_AFTER: Duration = Duration::from_secs(3600);
+
+/// A closed segment in which less than this share of the octets still belong to queued messages is
+/// compacted (its survivors get their files) without waiting for [`MATERIALIZE_AFTER`], so a few
+/// stragglers do not keep a mostly delivered segment on disk.
+const COMPACT_BELOW: f64 = 0.25;
 
 /// A segment is closed once it holds this much.
 const SEGMENT_LIMIT: u64 = 16 * 1024 * 1024;
@@ -51,12 +57,24 @@ const MAGIC: &[u8; 4] = b"BJR1";
 const HEADER_LEN: usize = 4 + 1 + 16 + 4 + 8 + 4;
 const KIND_MESSAGE: u8 = 1;
 const KIND_FORGET: u8 = 2;
+const KIND_ENVELOPE: u8 = 3;
 
 /// One record found in a segment; ranges are offsets in the segment.
 #[derive(Debug, PartialEq)]
 enum Record {
-    Message { id: QueueId, envelope: Range<usize>, body: Range<usize> },
-    Forget { id: QueueId },
+    Message {
+        id: QueueId,
+        envelope: Range<usize>,
+        body: Range<usize>,
+    },
+    Forget {
+        id: QueueId,
+    },
+    /// A newer envelope for a message recorded earlier (a durable change of state).
+    Envelope {
+        id: QueueId,
+        envelope: Range<usize>,
+    },
 }
 
 fn encode(out: &mut Vec<u8>, kind: u8, id: &str, envelope: &[u8], body: &[u8]) {
@@ -111,6 +129,7 @@ fn decode(data: &[u8]) -> Vec<Record> {
         match kind {
             KIND_MESSAGE => records.push(Record::Message { id, envelope, body }),
             KIND_FORGET => records.push(Record::Forget { id }),
+            KIND_ENVELOPE => records.push(Record::Envelope { id, envelope }),
             _ => break,
         }
         at += end;
@@ -140,12 +159,14 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
     Ok(found)
 }
 
-/// Where a journaled message's envelope and body are in its segment.
+/// Where a journaled message's body is (in the segment of its message record) and its latest
+/// envelope (in that segment or a newer one).
 #[derive(Debug, Clone, PartialEq)]
 struct Stored {
     segment: u64,
-    envelope: Range<u64>,
     body: Range<u64>,
+    envelope_segment: u64,
+    envelope: Range<u64>,
 }
 
 /// A message read back from the journal.
@@ -158,7 +179,8 @@ pub struct JournaledMessage {
 /// What [`replay`] found: the journal's state for [`Journal::start`] and the messages queued from it.
 #[derive(Default)]
 pub struct Replay {
-    segments: BTreeMap<u64, Vec<QueueId>>,
+    /// Each segment's message IDs and size.
+    segments: BTreeMap<u64, (Vec<QueueId>, u64)>,
     live: HashMap<QueueId, u64>,
     stored: HashMap<QueueId, Stored>,
     /// Envelopes (JSON) of the messages queued from the journal, for the index.
@@ -175,19 +197,33 @@ pub fn replay(journal: &Path, messages: &Path) -> Result<Replay, SpoolError> {
     let mut datas = HashMap::new();
     for (number, path) in segments(journal)? {
         let data = fs::read(&path).map_err(io_err(&path))?;
-        let ids = replay.segments.entry(number).or_default();
+        let (ids, size) = replay.segments.entry(number).or_default();
+        *size = data.len() as u64;
         for record in decode(&data) {
             match record {
                 Record::Message { id, envelope, body } => {
                     forgotten.remove(&id);
                     ids.push(id.clone());
                     replay.live.insert(id.clone(), number);
-                    let stored = Stored { segment: number, envelope: range64(&envelope), body: range64(&body) };
+                    let stored = Stored {
+                        segment: number,
+                        body: range64(&body),
+                        envelope_segment: number,
+                        envelope: range64(&envelope),
+                    };
                     latest.insert(id, (number, stored, data[envelope].to_vec()));
                 }
                 Record::Forget { id } => {
                     latest.remove(&id);
                     forgotten.insert(id);
+                }
+                // An update of a message whose record is gone had given it files already.
+                Record::Envelope { id, envelope } => {
+                    if let Some((_, stored, json)) = latest.get_mut(&id) {
+                        stored.envelope_segment = number;
+                        stored.envelope = range64(&envelope);
+                        *json = data[envelope].to_vec();
+                    }
                 }
             }
         }
@@ -256,6 +292,11 @@ pub fn read_messages(dir: &Path) -> Result<Vec<JournaledMessage>, SpoolError> {
                 Record::Forget { id } => {
                     latest.remove(&id);
                 }
+                Record::Envelope { id, envelope } => {
+                    if let Some(message) = latest.get_mut(&id) {
+                        message.envelope = data[envelope].to_vec();
+                    }
+                }
             }
         }
     }
@@ -321,13 +362,23 @@ struct Members {
     ids: Vec<QueueId>,
     /// When the segment was closed; None for the current one.
     closed: Option<Instant>,
+    /// Its size in octets, known once closed.
+    size: u64,
 }
 
-/// A record waiting for the next flush.
+/// Records waiting for the next flush, under one ticket.
 struct Pending {
     ticket: u64,
-    /// For a message record: its ID, and where its envelope and body start and end in `pending`.
-    message: Option<(QueueId, Range<usize>, Range<usize>)>,
+    entries: Vec<Entry>,
+}
+
+/// A message or envelope record among the pending ones; ranges are offsets in `State::pending`
+/// (relative to the caller's buffer until queued).
+struct Entry {
+    id: QueueId,
+    envelope: Range<usize>,
+    /// None for an envelope update.
+    body: Option<Range<usize>>,
 }
 
 struct State {
@@ -359,7 +410,7 @@ impl Journal {
         let segment = create_segment(dir, last + 1)?;
         let now = Instant::now();
         let mut members: BTreeMap<u64, Members> =
-            replay.segments.into_iter().map(|(n, ids)| (n, Members { ids, closed: Some(now) })).collect();
+            replay.segments.into_iter().map(|(n, (ids, size))| (n, Members { ids, closed: Some(now), size })).collect();
         members.insert(segment.number, Members::default());
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
@@ -396,7 +447,23 @@ impl Journal {
         encode(&mut record, KIND_MESSAGE, id, envelope, body);
         let env_range = HEADER_LEN..HEADER_LEN + envelope.len();
         let body_range = env_range.end..record.len();
-        self.shared.append(record, Some((id.to_string(), env_range, body_range)))
+        self.shared.append(record, vec![Entry { id: id.to_string(), envelope: env_range, body: Some(body_range) }])
+    }
+
+    /// Records newer envelopes of journaled messages (call with [`Journal::files_lock`] held, for
+    /// messages [`Journal::holds`]); returns once durable. One group commit for all of them.
+    pub fn update_envelopes(&self, envelopes: &[(QueueId, Vec<u8>)]) -> Result<(), SpoolError> {
+        if envelopes.is_empty() {
+            return Ok(());
+        }
+        let mut records = Vec::new();
+        let mut entries = Vec::with_capacity(envelopes.len());
+        for (id, json) in envelopes {
+            let start = records.len() + HEADER_LEN;
+            encode(&mut records, KIND_ENVELOPE, id, json, &[]);
+            entries.push(Entry { id: id.clone(), envelope: start..start + json.len(), body: None });
+        }
+        self.shared.append(records, entries)
     }
 
     /// Where a journaled message's body is: the segment's path, the body's offset and length.
@@ -416,11 +483,6 @@ impl Journal {
         lock(&self.shared.files)
     }
 
-    /// The message now has durable files of its own (call with [`Journal::files_lock`] held).
-    pub fn materialized(&self, id: &str) {
-        lock(&self.shared.state).stored.remove(id);
-    }
-
     /// Before removing messages (with [`Journal::files_lock`] held): durably records that those whose
     /// record is still in the journal are gone, so a replay does not bring them back.
     pub fn forget(&self, ids: &[QueueId]) -> Result<(), SpoolError> {
@@ -434,7 +496,7 @@ impl Journal {
         if records.is_empty() {
             return Ok(());
         }
-        self.shared.append(records, None)?;
+        self.shared.append(records, Vec::new())?;
         let mut state = lock(&self.shared.state);
         for id in ids {
             state.stored.remove(id);
@@ -488,19 +550,17 @@ impl Drop for Journal {
 impl Shared {
     /// Queues `record` for the next flush and waits for it. The first waiter to find no flush
     /// running does the flush for everyone queued so far (leader/follower, like `DirSync`).
-    fn append(
-        &self,
-        record: Vec<u8>,
-        message: Option<(QueueId, Range<usize>, Range<usize>)>,
-    ) -> Result<(), SpoolError> {
+    fn append(&self, record: Vec<u8>, mut entries: Vec<Entry>) -> Result<(), SpoolError> {
         let mut state = lock(&self.state);
         let ticket = state.next_ticket;
         state.next_ticket += 1;
         let base = state.pending.len();
-        let message =
-            message.map(|(id, env, body)| (id, env.start + base..env.end + base, body.start + base..body.end + base));
+        for entry in &mut entries {
+            entry.envelope = entry.envelope.start + base..entry.envelope.end + base;
+            entry.body = entry.body.take().map(|body| body.start + base..body.end + base);
+        }
         state.pending.extend_from_slice(&record);
-        state.pending_records.push(Pending { ticket, message });
+        state.pending_records.push(Pending { ticket, entries });
         loop {
             if let Some(result) = state.results.remove(&ticket) {
                 return result.map_err(|kind| SpoolError::Io { path: self.dir.clone(), source: kind.into() });
@@ -546,13 +606,28 @@ impl Shared {
                 if let Some(current) = state.current.as_mut() {
                     current.size += data.len() as u64;
                 }
+                let at = |r: Range<usize>| size + r.start as u64..size + r.end as u64;
                 for pending in records {
-                    if let Some((id, env, body)) = pending.message {
-                        let at = |r: Range<usize>| size + r.start as u64..size + r.end as u64;
-                        let stored = Stored { segment: number, envelope: at(env), body: at(body) };
-                        state.live.insert(id.clone(), number);
-                        state.stored.insert(id.clone(), stored);
-                        state.members.entry(number).or_default().ids.push(id);
+                    for entry in pending.entries {
+                        match entry.body {
+                            Some(body) => {
+                                let stored = Stored {
+                                    segment: number,
+                                    body: at(body),
+                                    envelope_segment: number,
+                                    envelope: at(entry.envelope),
+                                };
+                                state.live.insert(entry.id.clone(), number);
+                                state.stored.insert(entry.id.clone(), stored);
+                                state.members.entry(number).or_default().ids.push(entry.id);
+                            }
+                            None => {
+                                if let Some(stored) = state.stored.get_mut(&entry.id) {
+                                    stored.envelope_segment = number;
+                                    stored.envelope = at(entry.envelope);
+                                }
+                            }
+                        }
                     }
                     state.results.insert(pending.ticket, Ok(()));
                 }
@@ -565,7 +640,9 @@ impl Shared {
             }
         }
         if torn && let Some(old) = state.current.take() {
-            state.members.entry(old.number).or_default().closed = Some(Instant::now());
+            let members = state.members.entry(old.number).or_default();
+            members.closed = Some(Instant::now());
+            members.size = old.size;
             self.retire.notify_all();
         }
         if state.current.as_ref().is_some_and(|s| s.size >= SEGMENT_LIMIT) {
@@ -586,7 +663,9 @@ impl Shared {
         match created {
             Ok(segment) => {
                 if let Some(old) = state.current.take() {
-                    state.members.entry(old.number).or_default().closed = Some(Instant::now());
+                    let members = state.members.entry(old.number).or_default();
+                    members.closed = Some(Instant::now());
+                    members.size = old.size;
                 }
                 state.members.insert(segment.number, Members::default());
                 state.current = Some(segment);
@@ -647,7 +726,9 @@ impl Shared {
                     let _ = sync_dir(&self.dir);
                 }
             } else {
-                state.members.entry(current.number).or_default().closed = Some(Instant::now());
+                let members = state.members.entry(current.number).or_default();
+                members.closed = Some(Instant::now());
+                members.size = current.size;
             }
         }
         while let Some((number, false)) = self.ready_to_retire(&state) {
@@ -666,18 +747,24 @@ impl Shared {
     fn ready_to_retire(&self, state: &State) -> Option<(u64, bool)> {
         let (number, members) = state.members.iter().next()?;
         let closed = members.closed?;
-        let holds_any = members.ids.iter().any(|id| state.stored.get(id).is_some_and(|s| s.segment == *number));
-        if !holds_any {
+        let live: u64 = members
+            .ids
+            .iter()
+            .filter_map(|id| state.stored.get(id).filter(|s| s.segment == *number))
+            .map(|s| s.body.end - s.body.start)
+            .sum();
+        if live == 0 {
             return Some((*number, false));
         }
-        (state.checkpoint || closed.elapsed() >= MATERIALIZE_AFTER).then_some((*number, true))
+        let mostly_delivered = (live as f64) < COMPACT_BELOW * members.size as f64;
+        (state.checkpoint || mostly_delivered || closed.elapsed() >= MATERIALIZE_AFTER).then_some((*number, true))
     }
 
     /// Gives the segment's queued messages their files if asked, then deletes the segment.
     fn retire_segment(&self, number: u64, ids: &[QueueId], materialize: bool) -> Result<(), SpoolError> {
         let path = segment_path(&self.dir, number);
         if materialize {
-            let file = File::open(&path).map_err(io_err(&path))?;
+            let mut files: HashMap<u64, File> = HashMap::new();
             for chunk in ids.chunks(256) {
                 let _files = lock(&self.files);
                 let stored: Vec<(QueueId, Stored)> = {
@@ -690,8 +777,8 @@ impl Shared {
                         .collect()
                 };
                 for (id, stored) in &stored {
-                    let envelope = read_range(&file, &stored.envelope).map_err(io_err(&path))?;
-                    let body = read_range(&file, &stored.body).map_err(io_err(&path))?;
+                    let envelope = self.read_from(&mut files, stored.envelope_segment, &stored.envelope)?;
+                    let body = self.read_from(&mut files, stored.segment, &stored.body)?;
                     write_file(&self.messages.join(format!("{id}.msg")), &body)?;
                     write_file(&self.messages.join(format!("{id}.env")), &envelope)?;
                 }
@@ -712,11 +799,24 @@ impl Shared {
     }
 }
 
-fn read_range(file: &File, range: &Range<u64>) -> io::Result<Vec<u8>> {
-    let len = usize::try_from(range.end - range.start).map_err(io::Error::other)?;
-    let mut buf = vec![0; len];
-    file.read_exact_at(&mut buf, range.start)?;
-    Ok(buf)
+impl Shared {
+    /// Reads a stretch of a segment, keeping the segments opened so far in `files`.
+    fn read_from(
+        &self,
+        files: &mut HashMap<u64, File>,
+        segment: u64,
+        range: &Range<u64>,
+    ) -> Result<Vec<u8>, SpoolError> {
+        let path = segment_path(&self.dir, segment);
+        let file = match files.entry(segment) {
+            std::collections::hash_map::Entry::Occupied(open) => open.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(File::open(&path).map_err(io_err(&path))?),
+        };
+        let len = usize::try_from(range.end - range.start).map_err(|e| io_err(&path)(io::Error::other(e)))?;
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, range.start).map_err(io_err(&path))?;
+        Ok(buf)
+    }
 }
 
 /// Creates a segment and makes its name durable before any record is written to it.

@@ -290,38 +290,38 @@ impl Spool {
     /// Durably replaces a message's envelope, then the index.
     pub fn update(&self, envelope: &Envelope) -> Result<(), SpoolError> {
         let _files = self.journal.files_lock();
-        self.write_envelope_or_materialize(envelope)?;
-        self.messages_sync.sync(&self.messages)?;
-        self.journal.materialized(&envelope.id);
+        if self.write_envelopes(&[envelope])? {
+            self.messages_sync.sync(&self.messages)?;
+        }
         lock(&self.index).insert(envelope.id.clone(), envelope.clone());
         lock(&self.dirty).remove(&envelope.id);
         Ok(())
     }
 
-    /// Durably replaces a message's envelope file; a message queued from the journal first gets its
-    /// body file (fsync'd) too. Call with the journal's files lock held; the caller syncs the directory.
-    fn write_envelope_or_materialize(&self, envelope: &Envelope) -> Result<(), SpoolError> {
-        let target = self.messages.join(format!("{}.env", envelope.id));
-        if self.journal.holds(&envelope.id) {
-            let body = self.read_body(&envelope.id)?;
-            let body_path = self.body_path(&envelope.id);
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&body_path)
-                .map_err(io_err(&body_path))?;
-            file.write_all(&body).and_then(|()| file.sync_all()).map_err(io_err(&body_path))?;
+    /// Durably replaces the envelopes of messages: a message queued from the journal gets an
+    /// envelope record there (one group commit for all), any other a new envelope file (the caller
+    /// syncs the directory). Returns whether any file was written. Call with the files lock held.
+    fn write_envelopes(&self, envelopes: &[&Envelope]) -> Result<bool, SpoolError> {
+        let mut journaled = Vec::new();
+        let mut wrote_files = false;
+        for envelope in envelopes {
+            if self.journal.holds(&envelope.id) {
+                let json = serde_json::to_vec(envelope).map_err(|source| SpoolError::BadEnvelope {
+                    path: self.messages.join(format!("{}.env", envelope.id)),
+                    source,
+                })?;
+                journaled.push((envelope.id.clone(), json));
+                continue;
+            }
+            let target = self.messages.join(format!("{}.env", envelope.id));
+            if !target.exists() {
+                return Err(SpoolError::NotFound(envelope.id.clone()));
+            }
             self.write_envelope(envelope, &target)?;
-            // Not yet: the names are durable only after the caller's directory sync. Until then the
-            // journal's record still counts, and reading the body from either place is the same.
-            return Ok(());
+            wrote_files = true;
         }
-        if !target.exists() {
-            return Err(SpoolError::NotFound(envelope.id.clone()));
-        }
-        self.write_envelope(envelope, &target)
+        self.journal.update_envelopes(&journaled)?;
+        Ok(wrote_files)
     }
 
     /// Writes the envelope to a temporary file, fsyncs it and renames it over `target`.
@@ -362,12 +362,8 @@ impl Spool {
             return Ok(());
         }
         let _files = self.journal.files_lock();
-        for envelope in envelopes {
-            self.write_envelope_or_materialize(envelope)?;
-        }
-        self.messages_sync.sync(&self.messages)?;
-        for envelope in envelopes {
-            self.journal.materialized(&envelope.id);
+        if self.write_envelopes(&envelopes.iter().collect::<Vec<_>>())? {
+            self.messages_sync.sync(&self.messages)?;
         }
         let mut index = lock(&self.index);
         let mut dirty = lock(&self.dirty);

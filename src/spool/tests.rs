@@ -289,7 +289,7 @@ fn removed_or_updated_journaled_messages_stay_that_way_after_a_crash() {
     spool.remove_many(std::slice::from_ref(&delivered_too.id)).unwrap();
     updated.held = true;
     spool.update(&updated).unwrap();
-    assert_eq!(files_in(dir.path()), 2, "a durable change of state gives the message its files");
+    assert_eq!(files_in(dir.path()), 0, "a change of state is one more record, not files");
     crash(spool);
     let (spool, recovery) = Spool::open(dir.path()).unwrap();
     assert_eq!(recovery.queued, 1);
@@ -328,16 +328,21 @@ fn files_torn_by_a_crash_are_rewritten_from_the_journal() {
     let (spool, recovery) = Spool::open(dir.path()).unwrap();
     assert_eq!((recovery.queued, recovery.replayed, recovery.quarantined), (1, 1, 0));
     assert_eq!(spool.read_body(&env.id).unwrap(), b"Subject: whole\r\n\r\nbody\r\n");
-    assert!(!spool.get(&env.id).unwrap().held, "the record's envelope replaces a torn one");
+    assert!(spool.get(&env.id).unwrap().held, "the latest journaled envelope replaces a torn one");
 }
 
 #[test]
 fn a_checkpoint_gives_every_message_its_files_and_empties_the_journal() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let env = put(&spool, b"x\r\n");
+    let mut env = put(&spool, b"x\r\n");
+    env.attempts = 4;
+    spool.update(&env).unwrap();
     assert!(spool.checkpoint(LIMIT));
     assert_eq!(files_in(dir.path()), 2);
+    let written: Envelope =
+        serde_json::from_slice(&fs::read(dir.path().join(format!("messages/{}.env", env.id))).unwrap()).unwrap();
+    assert_eq!(written.attempts, 4, "the files carry the latest envelope");
     assert_eq!(segments_in(dir.path()), 1, "only the fresh, empty segment is left");
     assert_eq!(spool.read_body(&env.id).unwrap(), b"x\r\n");
     crash(spool);
@@ -412,4 +417,24 @@ fn a_clean_shutdown_leaves_segments_only_where_mail_waits() {
     let (spool, recovery) = Spool::open(dir.path()).unwrap();
     assert_eq!((recovery.queued, recovery.replayed), (1, 1));
     assert_eq!(spool.read_body(&waiting.id).unwrap(), b"waiting\r\n");
+}
+
+#[test]
+fn a_mostly_delivered_segment_is_compacted_into_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let body = vec![b'y'; 450 * 1024];
+    let ids: Vec<_> = (0..40).map(|_| put(&spool, &body).id).collect();
+    // Of the first segment's 37 messages, 2 still wait: under a quarter of it is still needed.
+    spool.remove_many(&ids[2..37]).unwrap();
+    let deadline = std::time::Instant::now() + LIMIT;
+    while segments_in(dir.path()) > 1 {
+        assert!(std::time::Instant::now() < deadline, "the mostly delivered segment was never compacted");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(files_in(dir.path()), 4, "the two survivors got their files");
+    crash(spool);
+    let (spool, recovery) = Spool::open(dir.path()).unwrap();
+    assert_eq!(recovery.queued, 5);
+    assert!(ids[..2].iter().chain(&ids[37..]).all(|id| spool.read_body(id).unwrap() == body));
 }
