@@ -194,8 +194,8 @@ impl Spool {
         }
         self.messages_sync.sync(&self.messages)?;
         recovery.replayed = journaled.len();
-        for (id, json) in journaled {
-            match serde_json::from_slice::<Envelope>(&json) {
+        for (id, json, parsed) in parse_journaled(journaled)? {
+            match parsed {
                 Ok(envelope) => {
                     index.insert(id, envelope);
                 }
@@ -782,6 +782,46 @@ fn read_envelopes(paths: Vec<PathBuf>) -> Result<Parsed, SpoolError> {
                 source: io::Error::other("an envelope reader failed"),
             })?;
             all.extend(parsed);
+        }
+        Ok(all)
+    })
+}
+
+/// Parses the envelopes of journaled messages on all cores, keeping each one's JSON (for quarantine).
+type ParsedJournaled = Vec<(QueueId, Vec<u8>, serde_json::Result<Envelope>)>;
+
+fn parse_journaled(journaled: Vec<(QueueId, Vec<u8>)>) -> Result<ParsedJournaled, SpoolError> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let per_thread = journaled.len().div_ceil(threads).max(1);
+    let mut chunks = Vec::new();
+    let mut rest = journaled;
+    while rest.len() > per_thread {
+        let tail = rest.split_off(per_thread);
+        chunks.push(rest);
+        rest = tail;
+    }
+    chunks.push(rest);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .into_iter()
+                        .map(|(id, json)| {
+                            let parsed = serde_json::from_slice(&json);
+                            (id, json, parsed)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for worker in workers {
+            all.extend(worker.join().map_err(|_| SpoolError::Io {
+                path: PathBuf::from("(recovery)"),
+                source: io::Error::other("an envelope parser failed"),
+            })?);
         }
         Ok(all)
     })
