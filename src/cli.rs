@@ -97,6 +97,9 @@ pub enum QueueCommand {
         #[arg(long)]
         domain: Option<String>,
     },
+    /// Give every message waiting in the journal its own files in messages/ and retire the
+    /// journal, e.g. before a file-level backup of the spool (docs/spool.md).
+    Sync,
 }
 
 /// Entry point of the binary.
@@ -307,6 +310,7 @@ fn queue(config: Config, action: QueueCommand) -> ExitCode {
         QueueCommand::Release { id } => return queue_request(&config, Request::Release { id }, false),
         QueueCommand::Retry { id } => return queue_request(&config, Request::Retry { id }, false),
         QueueCommand::Flush { domain } => return queue_request(&config, Request::Flush { domain }, false),
+        QueueCommand::Sync => return queue_request(&config, Request::Sync, false),
     };
     match result {
         Ok(message) => {

@@ -20,12 +20,26 @@ const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     List,
-    Show { id: String },
-    Delete { id: String },
-    Hold { id: String },
-    Release { id: String },
-    Retry { id: String },
-    Flush { domain: Option<String> },
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+    Hold {
+        id: String,
+    },
+    Release {
+        id: String,
+    },
+    Retry {
+        id: String,
+    },
+    Flush {
+        domain: Option<String>,
+    },
+    /// Give every journaled message its own files and retire the journal (see docs/spool.md).
+    Sync,
 }
 
 /// One answer; `ok` is kept as raw JSON so a listing of 100,000 messages is never built as a tree.
@@ -92,6 +106,9 @@ pub enum ControlError {
     Refused(String),
 }
 
+/// How long `queue sync` waits for the journal to be retired.
+const SYNC_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Carries out one request against the spool, through the scheduler when the daemon runs.
 pub async fn execute(
     request: Request,
@@ -140,6 +157,15 @@ pub async fn execute(
             let scheduler = scheduler.ok_or_else(|| ScheduleError::NotRunning.to_string())?;
             let count = scheduler.flush(domain).await.map_err(|e| e.to_string())?;
             json(serde_json::value::to_raw_value(&count))
+        }
+        Request::Sync => {
+            let waiting = spool.journaled();
+            if spool.checkpoint_async(SYNC_LIMIT).await {
+                let s = if waiting == 1 { "" } else { "s" };
+                text(format!("{waiting} journaled message{s} written to messages/; journal retired"))
+            } else {
+                Err(format!("the journal was not retired within {} s; see the log", SYNC_LIMIT.as_secs()))
+            }
         }
     }
 }

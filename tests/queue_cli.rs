@@ -135,3 +135,24 @@ fn bad_config_exits_2_with_one_line() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("retry_interval = \"30m\""));
 }
+
+#[test]
+fn queue_sync_gives_journaled_mail_its_own_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let closed = free_port("127.0.0.1");
+    let mut bartleby = Daemon::start(dir.path(), "", &format!("[routes]\n\"example.test\" = \"127.0.0.1:{closed}\"\n"));
+    let id = send(&bartleby, "synced");
+    let messages = bartleby.spool_dir().join("messages");
+    let files = || std::fs::read_dir(&messages).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(files(), 0, "a small message waits in the journal");
+    let synced = stdout(&bartleby.cli(&["queue", "sync"]));
+    assert!(synced.contains("1 journaled message written to messages/; journal retired"), "{synced}");
+    assert_eq!(files(), 2, "{id}.msg and {id}.env");
+    assert!(stdout(&bartleby.cli(&["queue", "show", &id])).contains("Subject: synced"));
+    assert!(stdout(&bartleby.cli(&["queue", "sync"])).contains("0 journaled messages"));
+    assert!(bartleby.stop().success());
+    let segments = std::fs::read_dir(bartleby.spool_dir().join("journal")).expect("journal").count();
+    assert_eq!(segments, 0, "a stopped server with nothing in the journal leaves no segment");
+    bartleby.restart();
+    assert_eq!(bartleby.queue()[0]["id"], id.as_str());
+}

@@ -456,8 +456,8 @@ struct State {
     live: HashMap<QueueId, u64>,
     /// Messages queued from the journal (no files of their own yet).
     stored: HashMap<QueueId, Stored>,
-    /// Materialize and retire everything now (a checkpoint), whatever the segments' age.
-    checkpoint: bool,
+    /// Checkpoints asked for: materialize and retire everything now, whatever the segments' age.
+    checkpoints: usize,
     stop: bool,
     /// Stop as a crash would: no clean-up (tests).
     halted: bool,
@@ -485,7 +485,7 @@ impl Journal {
                 members,
                 live: replay.live,
                 stored: replay.stored,
-                checkpoint: false,
+                checkpoints: 0,
                 stop: false,
                 halted: false,
             }),
@@ -568,20 +568,45 @@ impl Journal {
     /// (at most `limit`). Returns whether everything was retired.
     pub fn checkpoint(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
+        self.begin_checkpoint();
         let mut state = lock(&self.shared.state);
-        state.checkpoint = true;
-        self.shared.retire.notify_all();
         loop {
-            let current = state.current.as_ref().map(|s| s.number);
-            let done = state.stored.is_empty() && state.members.keys().all(|n| Some(*n) == current);
+            let done = Self::retired(&state);
             if done || Instant::now() >= deadline {
-                state.checkpoint = false;
+                state.checkpoints = state.checkpoints.saturating_sub(1);
                 return done;
             }
             let (guard, _) =
                 self.shared.flushed.wait_timeout(state, Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner());
             state = guard;
         }
+    }
+
+    /// Asks the retirer to give every journaled message its files now; pair with
+    /// [`Journal::end_checkpoint`]. For callers that must not block (the control socket).
+    pub fn begin_checkpoint(&self) {
+        lock(&self.shared.state).checkpoints += 1;
+        self.shared.retire.notify_all();
+    }
+
+    pub fn end_checkpoint(&self) {
+        let mut state = lock(&self.shared.state);
+        state.checkpoints = state.checkpoints.saturating_sub(1);
+    }
+
+    /// No message is queued from the journal and only the current segment is left.
+    pub fn checkpointed(&self) -> bool {
+        Self::retired(&lock(&self.shared.state))
+    }
+
+    fn retired(state: &State) -> bool {
+        let current = state.current.as_ref().map(|s| s.number);
+        state.stored.is_empty() && state.members.keys().all(|n| Some(*n) == current)
+    }
+
+    /// How many messages are queued from the journal.
+    pub fn queued(&self) -> usize {
+        lock(&self.shared.state).stored.len()
     }
 
     /// Stops the retirer, as a crash would (tests only).
@@ -743,7 +768,7 @@ impl Shared {
         while !state.stop {
             let has_records = state.current.as_ref().is_some_and(|s| s.size > 0);
             let old = state.current.as_ref().is_some_and(|s| s.opened.elapsed() >= SEGMENT_MAX_AGE);
-            if has_records && (old || state.checkpoint) && !state.busy && state.pending.is_empty() {
+            if has_records && (old || state.checkpoints > 0) && !state.busy && state.pending.is_empty() {
                 state = self.rotate(state);
                 continue;
             }
@@ -817,7 +842,7 @@ impl Shared {
             return Some((*number, false));
         }
         let mostly_delivered = (live as f64) < COMPACT_BELOW * members.size as f64;
-        (state.checkpoint || mostly_delivered || closed.elapsed() >= MATERIALIZE_AFTER).then_some((*number, true))
+        (state.checkpoints > 0 || mostly_delivered || closed.elapsed() >= MATERIALIZE_AFTER).then_some((*number, true))
     }
 
     /// Gives the segment's queued messages their files if asked, then deletes the segment.

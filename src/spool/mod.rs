@@ -478,6 +478,24 @@ impl Spool {
     pub fn checkpoint(&self, limit: std::time::Duration) -> bool {
         self.journal.checkpoint(limit)
     }
+
+    /// Like [`Spool::checkpoint`], without blocking the caller: waits asynchronously.
+    pub async fn checkpoint_async(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        self.journal.begin_checkpoint();
+        let mut done = self.journal.checkpointed();
+        while !done && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            done = self.journal.checkpointed();
+        }
+        self.journal.end_checkpoint();
+        done
+    }
+
+    /// How many queued messages wait in the journal (without files of their own).
+    pub fn journaled(&self) -> usize {
+        self.journal.queued()
+    }
 }
 
 /// Where a queued message's body is: its own file, or a stretch of a journal segment. A segment can
