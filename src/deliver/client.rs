@@ -405,7 +405,7 @@ impl AsyncWrite for Stream {
 }
 
 /// How a session treats STARTTLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TlsMode {
     /// Use it when offered, with any certificate.
     Opportunistic,
@@ -420,6 +420,10 @@ pub enum TlsMode {
 pub struct Transaction {
     pub outcomes: Vec<RcptOutcome>,
     pub reusable: bool,
+    /// The connection had carried a transaction before and broke before the server answered this
+    /// one (or refused its RSET): a cached connection the server had closed. No body was sent, so
+    /// the message may go again at once on a fresh connection instead of being deferred.
+    pub stale: bool,
 }
 
 /// An open SMTP connection to one next hop, greeted and EHLO'd (and with TLS when used).
@@ -435,6 +439,14 @@ pub struct Session {
     /// A transaction ran on this connection: RSET before the next one.
     used: bool,
     timeouts: Timeouts,
+    /// The address connected to, so a cached session is reused only for a current next hop.
+    addr: std::net::SocketAddr,
+    /// When the connection was made, to retire it after the reuse time limit.
+    opened: std::time::Instant,
+    /// Transactions begun on this connection.
+    transactions: u64,
+    /// Replies read on this connection, to tell whether a transaction got any.
+    replies: u64,
 }
 
 impl Session {
@@ -455,6 +467,10 @@ impl Session {
             tls: false,
             used: false,
             timeouts,
+            addr: hop.addr,
+            opened: std::time::Instant::now(),
+            transactions: 0,
+            replies: 0,
         };
         let greeting = session.read_reply("greeting", timeouts.greeting).await?;
         if greeting.code != 220 {
@@ -468,6 +484,16 @@ impl Session {
     /// The host name this session talks to.
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// The address this session is connected to.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// How long ago the connection was made.
+    pub fn age(&self) -> Duration {
+        self.opened.elapsed()
     }
 
     /// What the server announced.
@@ -539,16 +565,17 @@ impl Session {
 
     /// Runs one mail transaction for `rcpts` of `envelope` with the body at `body`.
     pub async fn send(&mut self, envelope: &Envelope, rcpts: &[&Recipient], body: &Path) -> Transaction {
-        let file = match open_body(body).await {
-            Ok(file) => file,
+        let (body, size) = match Body::open(body).await {
+            Ok(opened) => opened,
             Err(e) => return self.all(rcpts.len(), RcptOutcome::TempFail(e.temp_detail(None)), true),
         };
-        let size = file.1;
         if let Some(refusal) = self.refuse_before_sending(envelope, size) {
             return self.all(rcpts.len(), refusal, true);
         }
         let mail = self.mail_command(envelope, size);
         let rcpt_cmds: Vec<String> = rcpts.iter().map(|r| self.rcpt_command(r)).collect();
+        let (reused, replies_before) = (self.transactions > 0, self.replies);
+        self.transactions += 1;
         let result = if self.caps.pipelining {
             self.envelope_pipelined(&mail, &rcpt_cmds, rcpts).await
         } else {
@@ -557,11 +584,17 @@ impl Session {
         self.used = true;
         let (mut outcomes, data_reply) = match result {
             Ok(done) => done,
-            Err((partial, e)) => return self.broken(partial, &e),
+            Err((partial, e)) => {
+                let unanswered =
+                    self.replies == replies_before || matches!(&e, ClientError::Reply { stage, .. } if stage == "RSET");
+                let mut transaction = self.broken(partial, &e);
+                transaction.stale = reused && unanswered;
+                return transaction;
+            }
         };
         let accepted: Vec<usize> = (0..rcpts.len()).filter(|&i| outcomes[i].is_none()).collect();
         match data_reply {
-            Some(reply) if reply.code == 354 && !accepted.is_empty() => match self.data(file.0).await {
+            Some(reply) if reply.code == 354 && !accepted.is_empty() => match self.data(body).await {
                 Ok(last) => {
                     for &i in &accepted {
                         outcomes[i] = Some(last.outcome(format!("end of DATA to {}: {last}", self.peer), &self.host));
@@ -583,7 +616,8 @@ impl Session {
             None => {}
         }
         let reusable = self.reset_if_failed(&outcomes).await;
-        Transaction { outcomes: outcomes.into_iter().map(|o| o.unwrap_or_else(|| self.no_reply())).collect(), reusable }
+        let outcomes = outcomes.into_iter().map(|o| o.unwrap_or_else(|| self.no_reply())).collect();
+        Transaction { outcomes, reusable, stale: false }
     }
 
     /// A recipient callout (issue 6): `MAIL FROM:<>`, `RCPT TO:<address>`, then `RSET`, so nothing is
@@ -763,14 +797,22 @@ impl Session {
         reply.outcome(format!("{stage} to {}: {reply}", self.peer), &self.host)
     }
 
-    /// Streams the body, dot-stuffed, and reads the final reply (RFC 5321 4.5.3.2.5-6 timeouts).
-    async fn data(&mut self, mut file: tokio::fs::File) -> Result<Reply, ClientError> {
+    /// Sends the body, dot-stuffed, and reads the final reply (RFC 5321 4.5.3.2.5-6 timeouts).
+    async fn data(&mut self, body: Body) -> Result<Reply, ClientError> {
         let mut stuffer = DotStuffer::default();
-        // Sized to the message: zeroing 256 KiB for a 4 KiB message was most of a drain's CPU.
-        let size = file.metadata().await.map(|m| m.len()).unwrap_or(CHUNK as u64);
-        let chunk = usize::try_from(size).unwrap_or(CHUNK).clamp(1, CHUNK);
-        let mut input = vec![0u8; chunk];
-        let mut out = Vec::with_capacity(chunk + chunk / 8 + 8);
+        let mut file = match body {
+            Body::Whole(bytes) => {
+                // A small message: stuffed and sent with one write, the end-of-data dot included.
+                let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 16 + 8);
+                stuffer.push(&bytes, &mut out);
+                stuffer.finish(&mut out);
+                self.write("DATA", &out, self.timeouts.data_block).await?;
+                return self.read_reply("end of DATA", self.timeouts.data_done).await;
+            }
+            Body::File(file) => file,
+        };
+        let mut input = vec![0u8; CHUNK];
+        let mut out = Vec::with_capacity(CHUNK + CHUNK / 8 + 8);
         loop {
             let n = match file.read(&mut input).await {
                 Ok(n) => n,
@@ -780,7 +822,7 @@ impl Session {
                 break;
             }
             stuffer.push(&input[..n], &mut out);
-            if out.len() >= chunk {
+            if out.len() >= CHUNK {
                 self.write("DATA", &out, self.timeouts.data_block).await?;
                 out.clear();
             }
@@ -821,11 +863,12 @@ impl Session {
         Transaction {
             outcomes: outcomes.into_iter().map(|o| o.unwrap_or_else(|| temp.clone())).collect(),
             reusable: false,
+            stale: false,
         }
     }
 
     fn all(&self, n: usize, outcome: RcptOutcome, reusable: bool) -> Transaction {
-        Transaction { outcomes: vec![outcome; n], reusable }
+        Transaction { outcomes: vec![outcome; n], reusable, stale: false }
     }
 
     fn no_reply(&self) -> RcptOutcome {
@@ -866,7 +909,10 @@ impl Session {
     /// Reads one (possibly multiline) reply within `wait`.
     async fn read_reply(&mut self, stage: &str, wait: Duration) -> Result<Reply, ClientError> {
         match tokio::time::timeout(wait, read_reply(&mut self.io)).await {
-            Ok(Ok(reply)) => Ok(reply),
+            Ok(Ok(reply)) => {
+                self.replies += 1;
+                Ok(reply)
+            }
             Ok(Err(reason)) => Err(self.network(stage, reason)),
             Err(_) => Err(self.network(stage, format!("timed out after {}s", wait.as_secs_f32()))),
         }
@@ -897,11 +943,39 @@ async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Result<Re
     }
 }
 
-/// The body file and its size.
-async fn open_body(path: &Path) -> Result<(tokio::fs::File, u64), ClientError> {
-    let file = tokio::fs::File::open(path).await.map_err(|e| ClientError::Body(format!("{}: {e}", path.display())))?;
-    let size = file.metadata().await.map_err(|e| ClientError::Body(format!("{}: {e}", path.display())))?.len();
-    Ok((file, size))
+/// Bodies up to this size are read whole, with the open, in one trip to a blocking thread;
+/// larger ones are streamed from the file in `CHUNK`s.
+const WHOLE_BODY: u64 = 1024 * 1024;
+
+/// A message body ready to send.
+enum Body {
+    Whole(Vec<u8>),
+    File(tokio::fs::File),
+}
+
+impl Body {
+    /// Opens the body file; a small one is read at once (one blocking call instead of the four an
+    /// open, a stat and two reads through `tokio::fs` would take: most of a small message's cost).
+    async fn open(path: &Path) -> Result<(Body, u64), ClientError> {
+        let owned = path.to_path_buf();
+        let opened = tokio::task::spawn_blocking(move || -> io::Result<(Body, u64)> {
+            let mut file = std::fs::File::open(&owned)?;
+            let size = file.metadata()?.len();
+            if size > WHOLE_BODY {
+                return Ok((Body::File(tokio::fs::File::from_std(file)), size));
+            }
+            let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            std::io::Read::read_to_end(&mut file, &mut bytes)?;
+            let size = bytes.len() as u64;
+            Ok((Body::Whole(bytes), size))
+        })
+        .await;
+        match opened {
+            Ok(Ok(body)) => Ok(body),
+            Ok(Err(e)) => Err(ClientError::Body(format!("{}: {e}", path.display()))),
+            Err(e) => Err(ClientError::Body(format!("{}: {e}", path.display()))),
+        }
+    }
 }
 
 /// The TLS server name: the MX host name (or the route's IP literal).
