@@ -580,8 +580,11 @@ impl Scheduler {
     }
 }
 
+/// When each message still pending after a settle is due next.
+type NextAttempts = Vec<(QueueId, i64)>;
+
 /// What a settle returns: the messages it took, and when each one still pending is due next.
-type Settled = (Vec<QueueId>, Vec<(QueueId, i64)>);
+type Settled = (Vec<QueueId>, NextAttempts);
 
 /// Messages with complete outcomes on their way to the spool. One settle runs at a time on a
 /// blocking thread; what arrives meanwhile waits and goes in the next one, so the disk work is
@@ -591,7 +594,7 @@ struct Settler {
     /// Outcomes waiting for the next settle.
     waiting: Vec<(QueueId, Vec<(String, RcptOutcome)>)>,
     /// The running settle, with the IDs it carries.
-    running: Option<(Vec<QueueId>, tokio::task::JoinHandle<Vec<(QueueId, i64)>>)>,
+    running: Option<(Vec<QueueId>, tokio::task::JoinHandle<NextAttempts>)>,
     /// Generations: settles started, and settles finished (every one up to it).
     started: u64,
     finished: u64,
@@ -601,7 +604,7 @@ type Outcomes = Vec<(QueueId, Vec<(String, RcptOutcome)>)>;
 
 impl Settler {
     /// Starts a settle of everything waiting, unless one is running or nothing waits.
-    fn start(&mut self, work: impl FnOnce(Outcomes) -> Vec<(QueueId, i64)> + Send + 'static) {
+    fn start(&mut self, work: impl FnOnce(Outcomes) -> NextAttempts + Send + 'static) {
         if self.running.is_some() || self.waiting.is_empty() {
             return;
         }
