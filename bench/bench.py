@@ -307,7 +307,12 @@ listen = "{addr(WEB)}"
         self.proc = start(self.cli("serve"), stdout=logf, stderr=logf)
         logf.close()
         greeting_after(BARTLEBY, 300)
-        return time.monotonic() - t0
+        elapsed = time.monotonic() - t0
+        if self.proc.poll() is not None:
+            # The greeting came from another process on our address: never measure (or load) that.
+            raise RuntimeError(f"bartleby exited (exit {self.proc.returncode}; address in use?), "
+                               f"see {self.dir}/bartleby.log")
+        return elapsed
 
     def stop(self, sig=signal.SIGTERM):
         stop(self.proc, sig)

@@ -986,10 +986,12 @@ const REMOVERS: usize = 8;
 /// on ext4 mounted with `discard`, as measured on the bench machine); the unlinks of different
 /// files overlap well, and two files go per message.
 fn remove_in_parallel(spool: &Spool, ids: &[QueueId]) -> Result<(), SpoolError> {
-    if ids.len() < 2 * REMOVERS {
+    // At least 8 messages per thread: a thread costs more than a few unlinks.
+    let threads = (ids.len() / 8).clamp(1, REMOVERS);
+    if threads == 1 {
         return spool.remove_many(ids);
     }
-    let chunk = ids.len().div_ceil(REMOVERS);
+    let chunk = ids.len().div_ceil(threads);
     std::thread::scope(|scope| {
         let removers: Vec<_> = ids.chunks(chunk).map(|part| scope.spawn(|| spool.remove_many(part))).collect();
         removers.into_iter().try_for_each(|remover| {
