@@ -307,7 +307,12 @@ listen = "{addr(WEB)}"
         self.proc = start(self.cli("serve"), stdout=logf, stderr=logf)
         logf.close()
         greeting_after(BARTLEBY, 300)
-        return time.monotonic() - t0
+        elapsed = time.monotonic() - t0
+        if self.proc.poll() is not None:
+            # The greeting came from another process on our address: never measure (or load) that.
+            raise RuntimeError(f"bartleby exited (exit {self.proc.returncode}; address in use?), "
+                               f"see {self.dir}/bartleby.log")
+        return elapsed
 
     def stop(self, sig=signal.SIGTERM):
         stop(self.proc, sig)
@@ -458,7 +463,8 @@ queue_run_delay = 1h
 
 
 def accept_and_drain(name, mta, args, results):
-    """One round of accept (primary down) then drain (primary up, flush) for one MTA."""
+    """One round of accept (primary down) then drain (primary up, flush) for one MTA. The drain
+    needs the accepted queue, so accept always runs; the drain is skipped unless asked for."""
     mta.wipe()
     mta.start()
     sampler = Sampler(mta.rss)
@@ -469,6 +475,14 @@ def accept_and_drain(name, mta, args, results):
     results["accept"].append(args.messages / seconds)
     log(f"{name}: accepted {args.messages} in {seconds:.2f}s = {args.messages / seconds:.0f}/s")
     wait_for(lambda: mta.settled(args.messages), 600, f"{name} to queue and defer all", 0.5)
+    if "drain" in args.only:
+        drain(name, mta, args, results)
+    mta.wipe()
+
+
+def drain(name, mta, args, results):
+    """The primary comes up and the MTA is flushed; messages/s until smtp-sink counted them all."""
+    log(f"{name}: draining, load average {os.getloadavg()[0]:.2f}")
     sink = Sink(PRIMARY)
     t0 = time.monotonic()
     mta.flush()
@@ -477,7 +491,6 @@ def accept_and_drain(name, mta, args, results):
     sink.stop()
     results["drain"].append(args.messages / seconds)
     log(f"{name}: drained {args.messages} in {seconds:.2f}s = {args.messages / seconds:.0f}/s")
-    mta.wipe()
 
 
 def mta_addr(name):
@@ -486,14 +499,17 @@ def mta_addr(name):
 
 def ceiling_round(args, results):
     sink = Sink(CEILING)
-    sampler = Sampler(sink.rss)
-    seconds = smtp_source(CEILING, args.messages, 20)
-    results["accept_rss"].append(sampler.finish())
-    results["accept"].append(args.messages / seconds)
-    seconds = smtp_source(CEILING, args.messages, 20, reuse=True)
-    results["drain"].append(args.messages / seconds)
+    if args.only & {"accept", "memory"}:
+        sampler = Sampler(sink.rss)
+        seconds = smtp_source(CEILING, args.messages, 20)
+        results["accept_rss"].append(sampler.finish())
+        results["accept"].append(args.messages / seconds)
+        log(f"ceiling: accept {results['accept'][-1]:.0f}/s")
+    if "drain" in args.only:
+        seconds = smtp_source(CEILING, args.messages, 20, reuse=True)
+        results["drain"].append(args.messages / seconds)
+        log(f"ceiling: with reuse {results['drain'][-1]:.0f}/s")
     sink.stop()
-    log(f"ceiling: accept {results['accept'][-1]:.0f}/s, with reuse {results['drain'][-1]:.0f}/s")
 
 
 def idle_round(name, mta, sessions, results):
@@ -651,6 +667,17 @@ def environment(binary):
 # --- main -----------------------------------------------------------------------------------
 
 
+# What --only selects, and the JSON figures each of them reports.
+FIGURES = {
+    "accept": ["accept"],
+    "drain": ["drain"],
+    "memory": ["memory_accept_peak"],
+    "idle": ["memory_idle"],
+    "listing": ["listing", "memory_big_queue", "fill_big"],
+    "restart": ["restart"],
+}
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--binary", required=True, help="the bartleby binary")
@@ -663,7 +690,13 @@ def parse_args():
     p.add_argument("--json", help="where to write the results (default target/bench/RESULT.json)")
     p.add_argument("--workdir", default="/var/tmp/bartleby-bench", help="queues live here (wiped)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--only", default=",".join(FIGURES),
+                   help=f"comma list of the figures to measure (default all: {','.join(FIGURES)}); "
+                        "drain includes the accept that fills the queue, without reporting it")
     args = p.parse_args()
+    args.only = {f.strip() for f in args.only.split(",") if f.strip()}
+    if not args.only or args.only - set(FIGURES):
+        p.error(f"--only takes a comma list of {','.join(FIGURES)}")
     args.binary = os.path.abspath(args.binary)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.messages = args.messages or (2000 if args.quick else 10000)
@@ -691,24 +724,29 @@ def main():
     sub = lambda prefix: _Prefixed(r, prefix)  # noqa: E731
     try:
         for i in range(args.rounds):
-            log(f"round {i + 1}/{args.rounds}: accept and drain, {args.messages} messages")
-            ceiling_round(args, sub("c."))
-            accept_and_drain("postfix", postfix, args, sub("p."))
-            accept_and_drain("bartleby", bartleby, args, sub("b."))
-            idle_round("postfix", postfix, [100], sub("p."))
-            idle_round("bartleby", bartleby, [100, args.idle], sub("b."))
-        if not args.skip_big:
+            if args.only & {"accept", "drain", "memory"}:
+                log(f"round {i + 1}/{args.rounds}: accept and drain, {args.messages} messages, "
+                    f"load average {os.getloadavg()[0]:.2f}")
+                ceiling_round(args, sub("c."))
+                accept_and_drain("postfix", postfix, args, sub("p."))
+                accept_and_drain("bartleby", bartleby, args, sub("b."))
+            if "idle" in args.only:
+                idle_round("postfix", postfix, [100], sub("p."))
+                idle_round("bartleby", bartleby, [100, args.idle], sub("b."))
+        if not args.skip_big and args.only & {"listing", "restart"}:
             log(f"filling {args.big} messages for listing and restart")
             big_queue(bartleby, postfix, args, r)
     finally:
         cleanup()
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    figs = figures(r, args)
+    wanted = {name for figure_name in args.only for name in FIGURES[figure_name]}
+    figs = [f for f in figures(r, args) if f["figure"] in wanted]
     print_table(figs)
     result = {"environment": env, "settings": {"rounds": args.rounds, "messages": args.messages,
                                                "message_size": MESSAGE_SIZE, "accept_sessions": 20,
-                                               "big": args.big, "idle": args.idle}, "figures": figs}
+                                               "big": args.big, "idle": args.idle,
+                                               "only": sorted(args.only)}, "figures": figs}
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.binary)), "..", "bench",
                                      f"{time.strftime('%Y%m%dT%H%M%S')}-{(env['commit'] or 'nogit')[:10]}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

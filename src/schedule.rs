@@ -200,6 +200,12 @@ pub struct Scheduler {
     progress_rx: mpsc::UnboundedReceiver<(String, JobResult)>,
     /// What the results of each domain's running batch said so far, for its destination state.
     tallies: HashMap<String, Tally>,
+    /// The disk work of settling outcomes, off the scheduler's loop so that batches keep sending.
+    settler: Settler,
+    /// `strict_order` domains whose batch is back, each with the settle generation that covers its
+    /// results: such a domain takes its next batch only once those are durable, as arrival order
+    /// needs (a message the batch deferred is rescheduled before anything newer is sent).
+    closing: Vec<(String, u64, Tally)>,
     /// When held messages whose bounce was suppressed were last swept for expiry.
     swept: Option<std::time::Instant>,
 }
@@ -216,6 +222,8 @@ impl Scheduler {
             progress_tx,
             progress_rx,
             tallies: HashMap::new(),
+            settler: Settler::default(),
+            closing: Vec::new(),
             config,
             spool,
             deliverer,
@@ -277,17 +285,24 @@ impl Scheduler {
                     while let Ok(more) = self.progress_rx.try_recv() {
                         results.push(more);
                     }
-                    self.absorb(results).await;
+                    self.absorb(results);
                 }
                 Some(done) = self.batches.join_next(), if !self.batches.is_empty() => match done {
-                    Ok((domain, results)) => self.finish(domain, results).await,
+                    Ok((domain, results)) => self.finish(domain, results),
                     Err(err) => tracing::error!(error = %err, "delivery batch failed"),
                 },
+                done = self.settler.done() => self.settled(done),
                 _ = sleep_until(sleep) => {}
                 _ = shutdown.changed() => break,
             }
         }
         self.batches.abort_all();
+        // What the primary has answered is made durable before we go, so that it is not sent again.
+        while self.settler.running.is_some() || !self.settler.waiting.is_empty() {
+            let done = self.settler.done().await;
+            self.settled(done);
+        }
+        self.deliverer.close_idle().await;
     }
 
     fn schedule(&mut self, id: QueueId, at: i64) {
@@ -367,12 +382,17 @@ impl Scheduler {
         count
     }
 
-    /// Starts one batch per idle domain with its due messages, oldest first.
+    /// Starts one batch per idle domain with its due messages, oldest first. Waits while a batch's
+    /// worth of outcomes is not yet durable: the primary's answers are written down at the pace
+    /// of the disk, and what a crash could send again stays bounded.
     fn dispatch(&mut self) {
         let now = now_micros();
         if self.swept.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
             self.swept = Some(std::time::Instant::now());
             sweep_suppressed(&self.config, &self.spool, now);
+        }
+        if self.settler.backlog() >= BATCH_LIMIT {
+            return;
         }
         let mut batches: BTreeMap<String, Vec<Job>> = BTreeMap::new();
         while let Some((at, id)) = self.due.first().cloned() {
@@ -471,18 +491,31 @@ impl Scheduler {
         }
     }
 
-    /// Applies a returned batch: gathers outcomes, settles messages whose last batch is back.
-    async fn finish(&mut self, domain: String, results: Vec<JobResult>) {
+    /// Applies a returned batch: gathers outcomes, starts settling the messages whose last batch
+    /// is back, and lets the domain take its next batch once they are settled.
+    fn finish(&mut self, domain: String, results: Vec<JobResult>) {
         // Results streamed before the batch ended are in the channel already: take them first.
         let mut all = Vec::new();
         while let Ok(more) = self.progress_rx.try_recv() {
             all.push(more);
         }
         all.extend(results.into_iter().map(|r| (domain.clone(), r)));
-        self.absorb(all).await;
-        self.busy_domains.remove(&domain);
+        self.absorb(all);
         let tally = self.tallies.remove(&domain).unwrap_or_default();
-        self.record_destination(&domain, &tally);
+        let generation = self.settler.covering();
+        // Other domains go on at once: their messages stay in `in_flight` until settled, so
+        // nothing is sent twice, and `dispatch` waits while too many outcomes are not yet durable.
+        if generation <= self.settler.finished || !self.config.domain_policy(&domain).strict_order {
+            self.release(domain, &tally);
+        } else {
+            self.closing.push((domain, generation, tally));
+        }
+    }
+
+    /// A domain's batch is back and its results are durable: the domain may take its next batch.
+    fn release(&mut self, domain: String, tally: &Tally) {
+        self.busy_domains.remove(&domain);
+        self.record_destination(&domain, tally);
         let now = now_micros();
         for id in std::mem::take(&mut self.blocked) {
             self.schedule(id, now);
@@ -496,13 +529,13 @@ impl Scheduler {
     }
 
     /// Takes in results (from a running batch or at its end): tallies them per domain, gathers
-    /// each message's outcomes, and settles the messages whose last batch has answered.
-    async fn absorb(&mut self, results: Vec<(String, JobResult)>) {
+    /// each message's outcomes, and hands the messages whose last batch has answered to the
+    /// settler. They stay in `in_flight` until settled, so no flush or retry sends them again.
+    fn absorb(&mut self, results: Vec<(String, JobResult)>) {
         if results.is_empty() {
             return;
         }
         self.learn(results.iter().map(|(_, r)| r));
-        let mut settled = Vec::new();
         for (domain, result) in results {
             self.tallies.entry(domain).or_default().add(&result);
             self.gathered.entry(result.id.clone()).or_default().extend(result.outcomes);
@@ -511,21 +544,101 @@ impl Scheduler {
                 *n
             });
             if left == Some(0) {
-                self.in_flight.remove(&result.id);
-                settled.push((result.id.clone(), self.gathered.remove(&result.id).unwrap_or_default()));
+                let outcomes = self.gathered.remove(&result.id).unwrap_or_default();
+                self.settler.waiting.push((result.id, outcomes));
             }
         }
-        let spool = Arc::clone(&self.spool);
-        let config = Arc::clone(&self.config);
-        let metrics = Arc::clone(&self.metrics);
-        match tokio::task::spawn_blocking(move || settle(&config, &spool, &metrics, settled)).await {
-            Ok(next) => {
-                for (id, at) in next {
-                    self.schedule(id, at);
-                }
+        self.start_settling();
+    }
+
+    /// Starts the next settle when none is running: everything waiting goes in one (group commit).
+    fn start_settling(&mut self) {
+        let (spool, config, metrics) = (Arc::clone(&self.spool), Arc::clone(&self.config), Arc::clone(&self.metrics));
+        self.settler.start(move |settled| settle(&config, &spool, &metrics, settled));
+    }
+
+    /// A settle finished: its messages leave `in_flight` and are rescheduled when still pending,
+    /// the next settle starts, and domains whose results are now durable are released.
+    fn settled(&mut self, done: Settled) {
+        let (ids, next) = done;
+        for id in ids {
+            if self.in_flight.get(&id) == Some(&0) {
+                self.in_flight.remove(&id);
             }
-            Err(err) => tracing::error!(error = %err, "settling delivery results failed"),
         }
+        for (id, at) in next {
+            self.schedule(id, at);
+        }
+        self.start_settling();
+        let finished = self.settler.finished;
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.closing).into_iter().partition(|c| c.1 <= finished);
+        self.closing = waiting;
+        for (domain, _, tally) in ready {
+            self.release(domain, &tally);
+        }
+    }
+}
+
+/// When each message still pending after a settle is due next.
+type NextAttempts = Vec<(QueueId, i64)>;
+
+/// What a settle returns: the messages it took, and when each one still pending is due next.
+type Settled = (Vec<QueueId>, NextAttempts);
+
+/// Messages with complete outcomes on their way to the spool. One settle runs at a time on a
+/// blocking thread; what arrives meanwhile waits and goes in the next one, so the disk work is
+/// shared by all the messages the primary answered during the previous one.
+#[derive(Default)]
+struct Settler {
+    /// Outcomes waiting for the next settle.
+    waiting: Vec<(QueueId, Vec<(String, RcptOutcome)>)>,
+    /// The running settle, with the IDs it carries.
+    running: Option<(Vec<QueueId>, tokio::task::JoinHandle<NextAttempts>)>,
+    /// Generations: settles started, and settles finished (every one up to it).
+    started: u64,
+    finished: u64,
+}
+
+type Outcomes = Vec<(QueueId, Vec<(String, RcptOutcome)>)>;
+
+impl Settler {
+    /// Starts a settle of everything waiting, unless one is running or nothing waits.
+    fn start(&mut self, work: impl FnOnce(Outcomes) -> NextAttempts + Send + 'static) {
+        if self.running.is_some() || self.waiting.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.waiting);
+        let ids = batch.iter().map(|(id, _)| id.clone()).collect();
+        self.started += 1;
+        self.running = Some((ids, tokio::task::spawn_blocking(move || work(batch))));
+    }
+
+    /// Messages whose outcomes are known but not yet durable.
+    fn backlog(&self) -> usize {
+        self.waiting.len() + self.running.as_ref().map_or(0, |(ids, _)| ids.len())
+    }
+
+    /// The generation that will have settled everything absorbed so far.
+    fn covering(&self) -> u64 {
+        if self.waiting.is_empty() { self.started } else { self.started + 1 }
+    }
+
+    /// Waits for the running settle (forever when none runs, so `select!` can poll it).
+    async fn done(&mut self) -> Settled {
+        let Some((_, task)) = self.running.as_mut() else {
+            return std::future::pending().await;
+        };
+        let next = match task.await {
+            Ok(next) => next,
+            Err(err) => {
+                tracing::error!(error = %err, "settling delivery results failed");
+                Vec::new()
+            }
+        };
+        let ids = self.running.take().map(|(ids, _)| ids).unwrap_or_default();
+        self.finished = self.started;
+        (ids, next)
     }
 }
 
@@ -816,6 +929,8 @@ fn settle(
     settled: Vec<(QueueId, Vec<(String, RcptOutcome)>)>,
 ) -> Vec<(QueueId, i64)> {
     let now = now_micros();
+    let started = std::time::Instant::now();
+    let messages = settled.len();
     let mut updated = Vec::new();
     let mut noted = Vec::new();
     let mut removed = Vec::new();
@@ -859,6 +974,7 @@ fn settle(
     if let Err(err) = spool.remove_many(&removed) {
         tracing::error!(error = %err, "cannot remove delivered messages");
     }
+    tracing::debug!(messages, removed = removed.len(), ms = started.elapsed().as_millis(), "settled");
     next
 }
 

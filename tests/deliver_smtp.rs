@@ -40,9 +40,16 @@ fn job(dir: &TempDir, id: &str, rcpts: &[&str], body: &[u8]) -> Job {
     Job { envelope, body: path.into() }
 }
 
+/// Delivers `jobs`, then closes the connections the deliverer keeps for the next batch (with QUIT,
+/// as the daemon does at shutdown), so each test sees whole sessions.
 async fn deliver(config: Arc<Config>, jobs: Vec<Job>) -> Vec<JobResult> {
     let deliverer = Deliverer::new(config).expect("deliverer");
-    tokio::time::timeout(LIMIT, deliverer.deliver("example.test", jobs)).await.expect("delivery within the time limit")
+    let work = async {
+        let results = deliverer.deliver("example.test", jobs).await;
+        deliverer.close_idle().await;
+        results
+    };
+    tokio::time::timeout(LIMIT, work).await.expect("delivery within the time limit")
 }
 
 fn kind(outcome: &RcptOutcome) -> &'static str {

@@ -222,21 +222,33 @@ impl Default for DotStuffer {
 }
 
 impl DotStuffer {
-    /// Appends `input`, stuffed, to `out`.
+    /// Appends `input`, stuffed, to `out`. Copies whole lines: only the first octet of each line
+    /// needs a look (a byte-at-a-time loop was a third of a drain's instructions).
     pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        let mut start = 0;
-        for (i, &b) in input.iter().enumerate() {
-            if self.at_line_start && b == b'.' {
-                out.extend_from_slice(&input[start..i]);
+        out.reserve(input.len() + 8);
+        let mut rest = input;
+        while let Some(&first) = rest.first() {
+            if self.at_line_start && first == b'.' {
                 out.push(b'.');
-                start = i;
             }
-            self.at_line_start = b == b'\n';
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(end) => {
+                    out.extend_from_slice(&rest[..=end]);
+                    rest = &rest[end + 1..];
+                    self.at_line_start = true;
+                }
+                None => {
+                    out.extend_from_slice(rest);
+                    rest = &[];
+                    self.at_line_start = false;
+                }
+            }
         }
-        out.extend_from_slice(&input[start..]);
-        for &b in input.iter().rev().take(2).collect::<Vec<_>>().iter().rev() {
-            self.tail = [self.tail[1], *b];
-        }
+        self.tail = match input {
+            [.., a, b] => [*a, *b],
+            [b] => [self.tail[1], *b],
+            [] => self.tail,
+        };
         self.seen += input.len() as u64;
     }
 
@@ -404,7 +416,7 @@ impl AsyncWrite for Stream {
 }
 
 /// How a session treats STARTTLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TlsMode {
     /// Use it when offered, with any certificate.
     Opportunistic,
@@ -419,6 +431,10 @@ pub enum TlsMode {
 pub struct Transaction {
     pub outcomes: Vec<RcptOutcome>,
     pub reusable: bool,
+    /// The connection had carried a transaction before and broke before the server answered this
+    /// one (or refused its RSET): a cached connection the server had closed. No body was sent, so
+    /// the message may go again at once on a fresh connection instead of being deferred.
+    pub stale: bool,
 }
 
 /// An open SMTP connection to one next hop, greeted and EHLO'd (and with TLS when used).
@@ -434,6 +450,14 @@ pub struct Session {
     /// A transaction ran on this connection: RSET before the next one.
     used: bool,
     timeouts: Timeouts,
+    /// The address connected to, so a cached session is reused only for a current next hop.
+    addr: std::net::SocketAddr,
+    /// When the connection was made, to retire it after the reuse time limit.
+    opened: std::time::Instant,
+    /// Transactions begun on this connection.
+    transactions: u64,
+    /// Replies read on this connection, to tell whether a transaction got any.
+    replies: u64,
 }
 
 impl Session {
@@ -454,6 +478,10 @@ impl Session {
             tls: false,
             used: false,
             timeouts,
+            addr: hop.addr,
+            opened: std::time::Instant::now(),
+            transactions: 0,
+            replies: 0,
         };
         let greeting = session.read_reply("greeting", timeouts.greeting).await?;
         if greeting.code != 220 {
@@ -467,6 +495,16 @@ impl Session {
     /// The host name this session talks to.
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// The address this session is connected to.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// How long ago the connection was made.
+    pub fn age(&self) -> Duration {
+        self.opened.elapsed()
     }
 
     /// What the server announced.
@@ -538,16 +576,17 @@ impl Session {
 
     /// Runs one mail transaction for `rcpts` of `envelope` with the body at `body`.
     pub async fn send(&mut self, envelope: &Envelope, rcpts: &[&Recipient], body: &BodyRef) -> Transaction {
-        let file = match open_body(body).await {
-            Ok(file) => file,
+        let (body, size) = match Body::open(body).await {
+            Ok(opened) => opened,
             Err(e) => return self.all(rcpts.len(), RcptOutcome::TempFail(e.temp_detail(None)), true),
         };
-        let size = file.1;
         if let Some(refusal) = self.refuse_before_sending(envelope, size) {
             return self.all(rcpts.len(), refusal, true);
         }
         let mail = self.mail_command(envelope, size);
         let rcpt_cmds: Vec<String> = rcpts.iter().map(|r| self.rcpt_command(r)).collect();
+        let (reused, replies_before) = (self.transactions > 0, self.replies);
+        self.transactions += 1;
         let result = if self.caps.pipelining {
             self.envelope_pipelined(&mail, &rcpt_cmds, rcpts).await
         } else {
@@ -556,11 +595,17 @@ impl Session {
         self.used = true;
         let (mut outcomes, data_reply) = match result {
             Ok(done) => done,
-            Err((partial, e)) => return self.broken(partial, &e),
+            Err((partial, e)) => {
+                let unanswered =
+                    self.replies == replies_before || matches!(&e, ClientError::Reply { stage, .. } if stage == "RSET");
+                let mut transaction = self.broken(partial, &e);
+                transaction.stale = reused && unanswered;
+                return transaction;
+            }
         };
         let accepted: Vec<usize> = (0..rcpts.len()).filter(|&i| outcomes[i].is_none()).collect();
         match data_reply {
-            Some(reply) if reply.code == 354 && !accepted.is_empty() => match self.data(file.0, size).await {
+            Some(reply) if reply.code == 354 && !accepted.is_empty() => match self.data(body).await {
                 Ok(last) => {
                     for &i in &accepted {
                         outcomes[i] = Some(last.outcome(format!("end of DATA to {}: {last}", self.peer), &self.host));
@@ -582,7 +627,8 @@ impl Session {
             None => {}
         }
         let reusable = self.reset_if_failed(&outcomes).await;
-        Transaction { outcomes: outcomes.into_iter().map(|o| o.unwrap_or_else(|| self.no_reply())).collect(), reusable }
+        let outcomes = outcomes.into_iter().map(|o| o.unwrap_or_else(|| self.no_reply())).collect();
+        Transaction { outcomes, reusable, stale: false }
     }
 
     /// A recipient callout (issue 6): `MAIL FROM:<>`, `RCPT TO:<address>`, then `RSET`, so nothing is
@@ -762,14 +808,22 @@ impl Session {
         reply.outcome(format!("{stage} to {}: {reply}", self.peer), &self.host)
     }
 
-    /// Streams the body, dot-stuffed, and reads the final reply (RFC 5321 4.5.3.2.5-6 timeouts).
-    async fn data(&mut self, file: tokio::fs::File, size: u64) -> Result<Reply, ClientError> {
+    /// Sends the body, dot-stuffed, and reads the final reply (RFC 5321 4.5.3.2.5-6 timeouts).
+    async fn data(&mut self, body: Body) -> Result<Reply, ClientError> {
         let mut stuffer = DotStuffer::default();
-        let mut file = file.take(size);
-        // Sized to the message: zeroing 256 KiB for a 4 KiB message was most of a drain's CPU.
-        let chunk = usize::try_from(size).unwrap_or(CHUNK).clamp(1, CHUNK);
-        let mut input = vec![0u8; chunk];
-        let mut out = Vec::with_capacity(chunk + chunk / 8 + 8);
+        let mut file = match body {
+            Body::Whole(bytes) => {
+                // A small message: stuffed and sent with one write, the end-of-data dot included.
+                let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 16 + 8);
+                stuffer.push(&bytes, &mut out);
+                stuffer.finish(&mut out);
+                self.write("DATA", &out, self.timeouts.data_block).await?;
+                return self.read_reply("end of DATA", self.timeouts.data_done).await;
+            }
+            Body::File(file, size) => file.take(size),
+        };
+        let mut input = vec![0u8; CHUNK];
+        let mut out = Vec::with_capacity(CHUNK + CHUNK / 8 + 8);
         loop {
             let n = match file.read(&mut input).await {
                 Ok(n) => n,
@@ -779,7 +833,7 @@ impl Session {
                 break;
             }
             stuffer.push(&input[..n], &mut out);
-            if out.len() >= chunk {
+            if out.len() >= CHUNK {
                 self.write("DATA", &out, self.timeouts.data_block).await?;
                 out.clear();
             }
@@ -820,11 +874,12 @@ impl Session {
         Transaction {
             outcomes: outcomes.into_iter().map(|o| o.unwrap_or_else(|| temp.clone())).collect(),
             reusable: false,
+            stale: false,
         }
     }
 
     fn all(&self, n: usize, outcome: RcptOutcome, reusable: bool) -> Transaction {
-        Transaction { outcomes: vec![outcome; n], reusable }
+        Transaction { outcomes: vec![outcome; n], reusable, stale: false }
     }
 
     fn no_reply(&self) -> RcptOutcome {
@@ -865,7 +920,10 @@ impl Session {
     /// Reads one (possibly multiline) reply within `wait`.
     async fn read_reply(&mut self, stage: &str, wait: Duration) -> Result<Reply, ClientError> {
         match tokio::time::timeout(wait, read_reply(&mut self.io)).await {
-            Ok(Ok(reply)) => Ok(reply),
+            Ok(Ok(reply)) => {
+                self.replies += 1;
+                Ok(reply)
+            }
             Ok(Err(reason)) => Err(self.network(stage, reason)),
             Err(_) => Err(self.network(stage, format!("timed out after {}s", wait.as_secs_f32()))),
         }
@@ -896,14 +954,41 @@ async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Result<Re
     }
 }
 
-/// The body, positioned at its start, and its size.
-async fn open_body(body: &BodyRef) -> Result<(tokio::fs::File, u64), ClientError> {
-    let owned = body.clone();
-    let opened = tokio::task::spawn_blocking(move || owned.open())
-        .await
-        .map_err(|e| ClientError::Body(e.to_string()))?
-        .map_err(|e| ClientError::Body(format!("{}: {e}", body.path.display())))?;
-    Ok((tokio::fs::File::from_std(opened.0), opened.1))
+/// Bodies up to this size are read whole, with the open, in one trip to a blocking thread;
+/// larger ones are streamed from the file in `CHUNK`s.
+const WHOLE_BODY: u64 = 1024 * 1024;
+
+/// A message body ready to send.
+enum Body {
+    Whole(Vec<u8>),
+    /// A large body, positioned at its start, and its length.
+    File(tokio::fs::File, u64),
+}
+
+impl Body {
+    /// Opens the body (its own file or its journal segment); a small one is read at once (one
+    /// blocking call instead of the four an open, a stat and two reads through `tokio::fs` would
+    /// take: most of a small message's cost).
+    async fn open(body: &BodyRef) -> Result<(Body, u64), ClientError> {
+        let owned = body.clone();
+        let opened = tokio::task::spawn_blocking(move || -> io::Result<(Body, u64)> {
+            let (file, size) = owned.open()?;
+            if size > WHOLE_BODY {
+                return Ok((Body::File(tokio::fs::File::from_std(file), size), size));
+            }
+            let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, size), &mut bytes)?;
+            let size = bytes.len() as u64;
+            Ok((Body::Whole(bytes), size))
+        })
+        .await;
+        let path = body.path.display();
+        match opened {
+            Ok(Ok(body)) => Ok(body),
+            Ok(Err(e)) => Err(ClientError::Body(format!("{path}: {e}"))),
+            Err(e) => Err(ClientError::Body(format!("{path}: {e}"))),
+        }
+    }
 }
 
 /// The TLS server name: the MX host name (or the route's IP literal).
@@ -997,6 +1082,9 @@ mod tests {
         assert_eq!(stuff(&[b"a\r", b"\n"]), b"a\r\n.\r\n");
         assert_eq!(stuff(&[b"x", b"\r\n.\r\n"]), b"x\r\n..\r\n.\r\n");
         assert_eq!(stuff(&[]), b".\r\n");
+        // Whole lines at a time: several dots, empty lines, a chunk ending right after LF.
+        assert_eq!(stuff(&[b".\r\n\r\n.a\r\n", b".b\r\n"]), b"..\r\n\r\n..a\r\n..b\r\n.\r\n");
+        assert_eq!(stuff(&[b"x.\r\n", b"y", b".z\r\n"]), b"x.\r\ny.z\r\n.\r\n");
     }
 
     #[test]

@@ -7,13 +7,16 @@
 
 //!
 //! Layout: [`route`] finds the next hops (static routes, MX with the backup-MX rule of [`mx`],
-//! implicit MX), [`client`] speaks SMTP to one of them, and this file spreads a batch over a
-//! bounded number of connections per destination, each carrying many messages.
+//! implicit MX), [`client`] speaks SMTP to one of them, [`cache`] keeps idle connections between
+//! batches, and this file spreads a batch over a bounded number of connections per destination,
+//! each carrying many messages.
 
+pub mod cache;
 pub mod client;
 pub mod mx;
 pub mod route;
 
+use cache::{CacheKey, ConnectionCache};
 pub use client::{ClientError, ClientSettings, Session, TlsMode};
 pub use route::{NextHop, RouteError, Router};
 
@@ -87,6 +90,8 @@ pub struct Deliverer {
     /// One semaphore per destination domain, so that concurrent queue runs together stay within
     /// `delivery.max_connections_per_destination`.
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Connections left open by finished batches, for the next ones.
+    cache: Arc<ConnectionCache>,
 }
 
 impl Deliverer {
@@ -94,7 +99,7 @@ impl Deliverer {
     pub fn new(config: Arc<Config>) -> Result<Deliverer, String> {
         let router = Router::new(&config)?;
         let settings = Arc::new(ClientSettings::new(config.hostname.clone(), &config.delivery)?);
-        Ok(Deliverer { config, router, settings, limits: Mutex::new(HashMap::new()) })
+        Ok(Deliverer { config, router, settings, limits: Mutex::new(HashMap::new()), cache: Arc::default() })
     }
 
     /// The addresses delivery to `domain` would try, best first (static route or MX list after the
@@ -122,6 +127,16 @@ impl Deliverer {
         self.run(domain, jobs, Some(progress)).await
     }
 
+    /// Closes the connections kept open between batches, with QUIT (at shutdown).
+    pub async fn close_idle(&self) {
+        self.cache.close_all().await;
+    }
+
+    /// How many idle connections are kept open for the next batches.
+    pub fn idle_connections(&self) -> usize {
+        self.cache.len()
+    }
+
     async fn run(
         &self,
         domain: &str,
@@ -139,14 +154,18 @@ impl Deliverer {
         };
         let policy = self.config.domain_policy(&domain);
         let connections = if policy.strict_order { 1 } else { self.config.delivery.max_connections_per_destination };
+        let tls = if policy.require_tls { TlsMode::Required } else { TlsMode::Opportunistic };
         let run = Arc::new(Run {
+            cache: Arc::clone(&self.cache),
+            key: CacheKey { domain: domain.clone(), tls },
+            max_idle: connections,
             targets: jobs.iter().map(|job| targets(job, &domain)).collect(),
             jobs,
             hops,
             queue: Mutex::new(VecDeque::new()),
             results: Mutex::new(HashMap::new()),
             reported: Mutex::new(std::collections::HashSet::new()),
-            tls: if policy.require_tls { TlsMode::Required } else { TlsMode::Opportunistic },
+            tls,
             settings: self.settings.clone(),
             last_error: Mutex::new(None),
             progress: progress.map(|sender| (domain.clone(), sender)),
@@ -192,6 +211,11 @@ struct Run {
     last_error: Mutex<Option<Detail>>,
     /// Where each message's result goes as soon as it is known (see `deliver_with_progress`).
     progress: Option<(String, mpsc::UnboundedSender<(String, JobResult)>)>,
+    /// Where connections come from and go back to between batches.
+    cache: Arc<ConnectionCache>,
+    key: CacheKey,
+    /// Most idle connections kept for this destination: its connection limit.
+    max_idle: usize,
 }
 
 impl Run {
@@ -262,10 +286,14 @@ impl Run {
     }
 }
 
-/// One connection's worth of work: take the next message, (re)connect when needed, send.
+/// One connection's worth of work: take the next message, take a cached connection or connect
+/// when needed, send; at the end, leave the connection in the cache for the next batch.
 async fn worker(run: Arc<Run>, _permit: OwnedSemaphorePermit) {
     let mut session: Option<Session> = None;
     while let Some(index) = run.next_job() {
+        if session.is_none() {
+            session = run.cache.take(&run.key, &run.hops);
+        }
         if session.is_none() {
             match open_any(&run).await {
                 Ok(opened) => session = Some(opened),
@@ -280,6 +308,14 @@ async fn worker(run: Arc<Run>, _permit: OwnedSemaphorePermit) {
         let Some(open) = session.as_mut() else { continue };
         let job = &run.jobs[index];
         let transaction = open.send(&job.envelope, &run.recipients(index), &job.body).await;
+        if transaction.stale {
+            // The server closed the connection while it was idle: nothing was sent, so the message
+            // goes again on another connection instead of being deferred.
+            tracing::debug!(queue_id = %job.envelope.id, mx = %open.host(), "reused connection was closed; reconnecting");
+            session = None;
+            run.give_back(index);
+            continue;
+        }
         log_transaction(job, open.host(), &run.recipients(index), &transaction.outcomes);
         // With strict_order a message the primary defers does not hold back the next ones (the
         // issue's promise, documented in README): only a lost connection stops the batch.
@@ -289,7 +325,7 @@ async fn worker(run: Arc<Run>, _permit: OwnedSemaphorePermit) {
         }
     }
     if let Some(open) = session {
-        open.quit().await;
+        run.cache.put(run.key.clone(), open, run.max_idle);
     }
 }
 

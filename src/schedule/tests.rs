@@ -251,3 +251,43 @@ mod backscatter {
         assert_eq!(suppressed_bounces(&spool), 0);
     }
 }
+
+/// One settle runs at a time; what arrives meanwhile waits and goes in the next one, and the
+/// generations tell a finished batch when its results are durable.
+#[tokio::test]
+async fn settler_groups_what_arrives_while_one_runs() {
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut settler = Settler::default();
+    let work = |seen: Arc<std::sync::Mutex<Vec<usize>>>, gate: Option<std::sync::mpsc::Receiver<()>>| {
+        move |batch: Outcomes| {
+            if let Some(gate) = gate {
+                let _ = gate.recv();
+            }
+            lock(&seen).push(batch.len());
+            batch.into_iter().map(|(id, _)| (id, 7)).collect()
+        }
+    };
+    settler.waiting.push(("a".into(), Vec::new()));
+    settler.start(work(seen.clone(), Some(gate_rx)));
+    assert_eq!((settler.started, settler.finished, settler.backlog()), (1, 0, 1));
+    // While the first runs, two more arrive; starting again does nothing.
+    settler.waiting.push(("b".into(), Vec::new()));
+    settler.waiting.push(("c".into(), Vec::new()));
+    settler.start(work(seen.clone(), None));
+    assert_eq!(settler.started, 1);
+    assert_eq!(settler.covering(), 2, "b and c are covered by the next settle");
+    assert_eq!(settler.backlog(), 3);
+    gate_tx.send(()).expect("gate");
+    let within = Duration::from_secs(10);
+    let (ids, next) = tokio::time::timeout(within, settler.done()).await.expect("first settle");
+    assert_eq!((ids, next), (vec!["a".to_string()], vec![("a".to_string(), 7)]));
+    assert_eq!(settler.finished, 1);
+    settler.start(work(seen.clone(), None));
+    let (ids, _) = tokio::time::timeout(within, settler.done()).await.expect("second settle");
+    assert_eq!(ids, vec!["b".to_string(), "c".to_string()]);
+    assert_eq!((settler.finished, settler.covering(), settler.backlog()), (2, 2, 0));
+    assert_eq!(*lock(&seen), vec![1, 2]);
+    // Nothing runs: `done` never finishes (select! polls it alongside the rest).
+    assert!(tokio::time::timeout(Duration::from_millis(50), settler.done()).await.is_err());
+}

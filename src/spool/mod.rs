@@ -28,6 +28,10 @@ const MESSAGES: &str = "messages";
 const CORRUPT: &str = "corrupt";
 const JOURNAL: &str = "journal";
 
+/// Threads unlinking removed messages' files at once (1: 660-1,100 messages/s drained on the bench
+/// machine; 4, 8 and 16: 2,300-3,500/s, within the noise of each other).
+const REMOVERS: usize = 8;
+
 /// Errors of the spool; each names the file it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -380,19 +384,11 @@ impl Spool {
             return Ok(());
         }
         let _files = self.journal.files_lock();
+        // Journaled messages have no files to unlink; their forget record is the removal.
+        let with_files: Vec<&QueueId> = ids.iter().filter(|id| !self.journal.holds(id)).collect();
         self.journal.forget(ids)?;
-        let mut unlinked = false;
-        for id in ids {
-            for ext in ["env", "msg"] {
-                let path = self.messages.join(format!("{id}.{ext}"));
-                match fs::remove_file(&path) {
-                    Ok(()) => unlinked = true,
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                    Err(err) => return Err(SpoolError::Io { path, source: err }),
-                }
-            }
-        }
-        if unlinked {
+        if !with_files.is_empty() {
+            self.unlink_messages(&with_files)?;
             self.messages_sync.sync(&self.messages)?;
         }
         let mut index = lock(&self.index);
@@ -400,6 +396,40 @@ impl Spool {
             index.remove(id);
         }
         Ok(())
+    }
+
+    /// Unlinks messages' files, envelope first, on up to [`REMOVERS`] threads: freeing a file's
+    /// blocks takes the filesystem far longer than creating it (a millisecond or more per file on
+    /// ext4 mounted with `discard`, as measured on the bench machine), and the unlinks of different
+    /// files overlap well. A file already gone is not an error.
+    fn unlink_messages(&self, ids: &[&QueueId]) -> Result<(), SpoolError> {
+        let unlink = |part: &[&QueueId]| -> Result<(), SpoolError> {
+            for id in part {
+                for ext in ["env", "msg"] {
+                    let path = self.messages.join(format!("{id}.{ext}"));
+                    match fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                        Err(err) => return Err(SpoolError::Io { path, source: err }),
+                    }
+                }
+            }
+            Ok(())
+        };
+        // At least 8 messages per thread: a thread costs more than a few unlinks.
+        let threads = (ids.len() / 8).clamp(1, REMOVERS);
+        if threads == 1 {
+            return unlink(ids);
+        }
+        std::thread::scope(|scope| {
+            let workers: Vec<_> =
+                ids.chunks(ids.len().div_ceil(threads)).map(|part| scope.spawn(move || unlink(part))).collect();
+            workers.into_iter().try_for_each(|worker| {
+                worker
+                    .join()
+                    .unwrap_or_else(|_| Err(io_err(&self.messages)(io::Error::other("an unlinking thread failed"))))
+            })
+        })
     }
 
     /// Removes a message: the envelope first, so a crash can leave only an orphan body, which

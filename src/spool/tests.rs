@@ -438,3 +438,19 @@ fn a_mostly_delivered_segment_is_compacted_into_files() {
     assert_eq!(recovery.queued, 5);
     assert!(ids[..2].iter().chain(&ids[37..]).all(|id| spool.read_body(id).unwrap() == body));
 }
+
+#[test]
+fn many_removals_with_files_unlink_everything_on_several_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let ids: Vec<_> = (0..40).map(|n| put(&spool, format!("m {n}\r\n").as_bytes()).id).collect();
+    assert!(spool.checkpoint(LIMIT));
+    assert_eq!(files_in(dir.path()), 80);
+    spool.remove_many(&ids[..39]).unwrap();
+    assert_eq!(files_in(dir.path()), 2);
+    assert_eq!(spool.list().len(), 1);
+    crash(spool);
+    let (spool, recovery) = Spool::open(dir.path()).unwrap();
+    assert_eq!(recovery.queued, 1);
+    assert!(spool.get(&ids[39]).is_some());
+}
