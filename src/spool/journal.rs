@@ -380,6 +380,7 @@ pub(super) fn restore(messages: &Path, id: &str, envelope: &[u8], body: &[u8]) -
 fn write_file(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
     let mut file =
         OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io_err(path))?;
+    super::give_to_spool_owner(&file, path)?;
     file.write_all(data).map_err(io_err(path))
 }
 
@@ -908,6 +909,7 @@ impl Shared {
 fn create_segment(dir: &Path, number: u64) -> Result<Segment, SpoolError> {
     let path = segment_path(dir, number);
     let file = OpenOptions::new().append(true).create_new(true).mode(0o600).open(&path).map_err(io_err(&path))?;
+    super::give_to_spool_owner(&file, &path)?;
     file.sync_all().map_err(io_err(&path))?;
     sync_dir(dir)?;
     Ok(Segment { number, file: Arc::new(file), size: 0, opened: Instant::now() })

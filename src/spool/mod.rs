@@ -94,7 +94,13 @@ impl Spool {
         let incoming = root.join(INCOMING);
         let journal_dir = root.join(JOURNAL);
         for dir in [root, &messages, &incoming, &journal_dir] {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
+            if !dir.exists() {
+                fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
+                if dir != root {
+                    let created = File::open(dir).map_err(io_err(dir))?;
+                    give_to_spool_owner(&created, dir)?;
+                }
+            }
         }
         let lock_path = root.join("lock");
         let lock = OpenOptions::new()
@@ -807,7 +813,27 @@ fn write_private_json(envelope: &Envelope, path: &Path) -> Result<File, SpoolErr
 }
 
 fn create_private(path: &Path) -> Result<File, SpoolError> {
-    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io_err(path))
+    let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io_err(path))?;
+    give_to_spool_owner(&file, path)?;
+    Ok(file)
+}
+
+/// A file that root creates in a spool belonging to another user (an offline `bartleby queue ...`
+/// run as root) is given to that user, the owner of its directory, so the daemon running as the
+/// spool's owner can still read and replace it.
+pub(crate) fn give_to_spool_owner(file: &File, path: &Path) -> Result<(), SpoolError> {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let Some(dir) = path.parent() else { return Ok(()) };
+    let owner = fs::metadata(dir).map_err(io_err(dir))?;
+    if owner.uid() == 0 {
+        return Ok(());
+    }
+    let (uid, gid) = (rustix::fs::Uid::from_raw(owner.uid()), rustix::fs::Gid::from_raw(owner.gid()));
+    rustix::fs::fchown(file, Some(uid), Some(gid))
+        .map_err(|e| SpoolError::Io { path: path.to_path_buf(), source: e.into() })
 }
 
 /// Reads and parses envelopes on all cores; returns each path with its result. A worker that

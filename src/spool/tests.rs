@@ -454,3 +454,32 @@ fn many_removals_with_files_unlink_everything_on_several_threads() {
     assert_eq!(recovery.queued, 1);
     assert!(spool.get(&ids[39]).is_some());
 }
+
+/// An offline `bartleby queue ...` run as root must not leave files the daemon (the spool's owner)
+/// cannot read: what root creates in the spool is given to the spool's owner.
+#[test]
+fn files_root_creates_in_someone_elses_spool_are_theirs() {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root (CI runs the tests as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    fs::create_dir(&root).unwrap();
+    let nobody = (rustix::fs::Uid::from_raw(65534), rustix::fs::Gid::from_raw(65534));
+    rustix::fs::chown(&root, Some(nobody.0), Some(nobody.1)).unwrap();
+    let spool = open(&root);
+    let mut env = put(&spool, b"x\r\n");
+    env.held = true;
+    spool.update(&env).unwrap();
+    assert!(spool.checkpoint(LIMIT));
+    let owned_by_nobody = |path: &Path| fs::metadata(path).unwrap().uid() == 65534;
+    for sub in [MESSAGES, INCOMING, JOURNAL] {
+        assert!(owned_by_nobody(&root.join(sub)), "{sub}/");
+    }
+    for entry in fs::read_dir(root.join(MESSAGES)).unwrap().chain(fs::read_dir(root.join(JOURNAL)).unwrap()) {
+        let path = entry.unwrap().path();
+        assert!(owned_by_nobody(&path), "{}", path.display());
+    }
+}
