@@ -837,7 +837,8 @@ impl Shared {
             .ids
             .iter()
             .filter_map(|id| state.stored.get(id).filter(|s| s.segment == *number))
-            .map(|s| s.body.end - s.body.start)
+            // The whole message record: a small body can be outweighed by its envelope.
+            .map(|s| HEADER_LEN as u64 + (s.envelope.end - s.envelope.start) + (s.body.end - s.body.start))
             .sum();
         if live == 0 {
             return Some((*number, false));

@@ -253,6 +253,17 @@ fn segments_in(root: &Path) -> usize {
     fs::read_dir(root.join(JOURNAL)).unwrap().count()
 }
 
+/// Waits until the journal's first segment is retired. (Segment counts alone depend on timing: a
+/// segment with records is also closed after 5 s, which a slow test run can reach.)
+fn wait_for_first_segment_to_go(root: &Path, what: &str) {
+    let first = root.join(JOURNAL).join(format!("{:016}.wal", 1));
+    let deadline = std::time::Instant::now() + LIMIT;
+    while first.exists() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn files_in(root: &Path) -> usize {
     fs::read_dir(root.join(MESSAGES)).unwrap().count()
 }
@@ -274,7 +285,8 @@ fn journaled_messages_need_no_files_and_survive_a_crash() {
     assert_eq!(spool.get(&first.id), Some(first.clone()));
     assert_eq!(spool.get(&second.id), Some(second.clone()));
     assert_eq!(spool.read_body(&first.id).unwrap(), b"Subject: one\r\n\r\nbody\r\n");
-    assert_eq!(segments_in(dir.path()), 2, "the old segment is kept until retired; a fresh one is open");
+    assert!(dir.path().join(JOURNAL).join(format!("{:016}.wal", 1)).exists(), "kept until retired");
+    assert!(segments_in(dir.path()) >= 2, "and a fresh one is open");
 }
 
 #[test]
@@ -388,13 +400,9 @@ fn a_segment_whose_messages_are_all_delivered_is_deleted() {
     // 40 bodies of 450 KiB fill more than one 16 MiB segment.
     let body = vec![b'x'; 450 * 1024];
     let ids: Vec<_> = (0..40).map(|_| put(&spool, &body).id).collect();
-    assert_eq!(segments_in(dir.path()), 2);
+    assert!(segments_in(dir.path()) >= 2);
     spool.remove_many(&ids[..37]).unwrap();
-    let deadline = std::time::Instant::now() + LIMIT;
-    while segments_in(dir.path()) > 1 {
-        assert!(std::time::Instant::now() < deadline, "the delivered segment was never deleted");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_first_segment_to_go(dir.path(), "the delivered segment was never deleted");
     assert_eq!(files_in(dir.path()), 0, "nothing was written out for delivered mail");
     crash(spool);
     let (spool, recovery) = Spool::open(dir.path()).unwrap();
@@ -427,11 +435,7 @@ fn a_mostly_delivered_segment_is_compacted_into_files() {
     let ids: Vec<_> = (0..40).map(|_| put(&spool, &body).id).collect();
     // Of the first segment's 37 messages, 2 still wait: under a quarter of it is still needed.
     spool.remove_many(&ids[2..37]).unwrap();
-    let deadline = std::time::Instant::now() + LIMIT;
-    while segments_in(dir.path()) > 1 {
-        assert!(std::time::Instant::now() < deadline, "the mostly delivered segment was never compacted");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_first_segment_to_go(dir.path(), "the mostly delivered segment was never compacted");
     assert_eq!(files_in(dir.path()), 4, "the two survivors got their files");
     crash(spool);
     let (spool, recovery) = Spool::open(dir.path()).unwrap();
