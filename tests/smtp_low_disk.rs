@@ -115,3 +115,50 @@ async fn a_failed_write_gets_451_and_queues_nothing() {
     tokio::time::timeout(Duration::from_secs(90), test).await.expect("test finished in time");
     drop(tmpfs);
 }
+
+/// Sends a 300 KiB message (small enough for the journal) and prints the outcome.
+const JOURNALED_MESSAGE: &str = r#"
+import smtplib, sys
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]), local_hostname='client.test', timeout=20)
+try:
+    s.sendmail('a@b.test', ['x@example.test'], b'Subject: journaled\r\n\r\n' + (b'z' * 998 + b'\r\n') * 300)
+    print('SENT')
+except smtplib.SMTPException as e:
+    print('ERROR', repr(e))
+s.quit()
+"#;
+
+/// A journal append that fails (the filesystem is full) gets 451 4.3.0 and queues nothing; once
+/// space returns, the same message is accepted, and the journal is still readable after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_journal_write_gets_451_and_the_journal_stays_readable() {
+    let tmpfs = Tmpfs::mount();
+    let spool_dir = tmpfs.path.join("spool");
+    let filler = tmpfs.path.join("filler");
+    let test = async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let harness = Harness::start_in(dir, &spool_dir, |c| c.queue.min_free = 0).await;
+        // Leave about 100 KiB free: less than the 300 KiB record.
+        let free = bartleby::spool::space_of(&tmpfs.path).expect("statvfs").free_bytes as usize;
+        fill(&filler, free.saturating_sub(100 * 1024));
+        let text = stdout(&python(&harness, JOURNALED_MESSAGE, &[]).await);
+        assert!(text.contains("SMTPDataError(451, b'4.3.0 error: queue file write error')"), "{text}");
+        assert!(harness.spool.is_empty());
+        std::fs::remove_file(&filler).expect("free the space");
+        let text = stdout(&python(&harness, JOURNALED_MESSAGE, &[]).await);
+        assert!(text.contains("SENT"), "{text}");
+        assert_eq!(harness.spool.len(), 1);
+        let id = harness.spool.list()[0].id.clone();
+        let body = harness.spool.read_body(&id).expect("body");
+        assert_eq!(body.len() as u64, harness.spool.list()[0].size);
+        assert!(body.ends_with(&[b"z".repeat(998), b"\r\n".to_vec()].concat()));
+        harness.stop().await.expect("serve");
+        // Reopened, the segment reads to its end: the failed write left no torn record before the
+        // accepted one.
+        let (spool, recovery) = bartleby::spool::Spool::open(&spool_dir).expect("reopen");
+        assert_eq!(recovery.queued, 1);
+        assert!(spool.get(&id).is_some());
+    };
+    tokio::time::timeout(Duration::from_secs(90), test).await.expect("test finished in time");
+    drop(tmpfs);
+}
