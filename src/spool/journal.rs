@@ -8,11 +8,11 @@
 //! message (and deleting them) was what limited acceptance: on a filesystem with much churn, inode
 //! allocation costs more CPU than everything else together.
 //!
-//! A closed segment is *retired*: deleted as soon as none of its messages is still queued from it,
-//! or, once it is older than [`MATERIALIZE_AFTER`], after its surviving messages got their ordinary
-//! files in `messages/` (made durable with one `syncfs`). Mail that waits longer than that for its
-//! primary is therefore stored exactly as before the journal existed. A message whose envelope
-//! changes durably gets its files at once (see `Spool::update`).
+//! A closed segment is *retired*: deleted as soon as none of its messages is still queued from it;
+//! when less than a quarter of it is still needed, its surviving messages are first copied to the
+//! current segment (compaction). A checkpoint (`bartleby queue sync`) instead gives every journaled
+//! message its ordinary files in `messages/` (made durable with one `syncfs`). A change of state is
+//! an envelope record.
 //!
 //! Segments are retired oldest first, so a forget record always outlives the record it cancels.
 //! On start, [`replay`] reads the segments left: messages without files are queued from their
@@ -38,12 +38,8 @@ use std::time::{Duration, Instant};
 /// written to their own file and fsync'd, where the data, not the number of disk waits, is the cost.
 pub const MAX_JOURNALED_BODY: usize = 512 * 1024;
 
-/// Messages still queued from a segment this old get their own files and the segment is deleted:
-/// a long outage's backlog ends up stored one file pair per message, as without the journal.
-pub const MATERIALIZE_AFTER: Duration = Duration::from_secs(3600);
-
 /// A closed segment in which less than this share of the octets still belong to queued messages is
-/// compacted (its survivors get their files) without waiting for [`MATERIALIZE_AFTER`], so a few
+/// compacted: its survivors are copied to the current segment and it is deleted, so a few
 /// stragglers do not keep a mostly delivered segment on disk.
 const COMPACT_BELOW: f64 = 0.25;
 
@@ -773,10 +769,10 @@ impl Shared {
                 state = self.rotate(state);
                 continue;
             }
-            if let Some((number, materialize)) = self.ready_to_retire(&state) {
+            if let Some((number, survivors)) = self.ready_to_retire(&state) {
                 let ids = state.members.get(&number).map(|m| m.ids.clone()).unwrap_or_default();
                 drop(state);
-                let retired = self.retire_segment(number, &ids, materialize);
+                let retired = self.retire_segment(number, &ids, survivors);
                 state = lock(&self.state);
                 match retired {
                     Ok(()) => {
@@ -817,10 +813,10 @@ impl Shared {
                 members.size = current.size;
             }
         }
-        while let Some((number, false)) = self.ready_to_retire(&state) {
+        while let Some((number, Survivors::None)) = self.ready_to_retire(&state) {
             let ids = state.members.remove(&number).map(|m| m.ids).unwrap_or_default();
             drop(state);
-            if let Err(err) = self.retire_segment(number, &ids, false) {
+            if let Err(err) = self.retire_segment(number, &ids, Survivors::None) {
                 tracing::warn!(error = %err, "journal segment left for the next start");
                 return;
             }
@@ -828,11 +824,11 @@ impl Shared {
         }
     }
 
-    /// The oldest segment, if it is closed and either holds no queued message any more, or is due to
-    /// give them files (old enough, or a checkpoint); with whether it must.
-    fn ready_to_retire(&self, state: &State) -> Option<(u64, bool)> {
+    /// The oldest segment, if it is closed and either holds no queued message any more, or is mostly
+    /// delivered, or a checkpoint asks for files; with what to do with its survivors.
+    fn ready_to_retire(&self, state: &State) -> Option<(u64, Survivors)> {
         let (number, members) = state.members.iter().next()?;
-        let closed = members.closed?;
+        members.closed?;
         let live: u64 = members
             .ids
             .iter()
@@ -841,16 +837,22 @@ impl Shared {
             .map(|s| HEADER_LEN as u64 + (s.envelope.end - s.envelope.start) + (s.body.end - s.body.start))
             .sum();
         if live == 0 {
-            return Some((*number, false));
+            return Some((*number, Survivors::None));
+        }
+        if state.checkpoints > 0 {
+            return Some((*number, Survivors::ToFiles));
         }
         let mostly_delivered = (live as f64) < COMPACT_BELOW * members.size as f64;
-        (state.checkpoints > 0 || mostly_delivered || closed.elapsed() >= MATERIALIZE_AFTER).then_some((*number, true))
+        mostly_delivered.then_some((*number, Survivors::Relocate))
     }
 
-    /// Gives the segment's queued messages their files if asked, then deletes the segment.
-    fn retire_segment(&self, number: u64, ids: &[QueueId], materialize: bool) -> Result<(), SpoolError> {
+    /// Moves the segment's queued messages (to the current segment or to files), then deletes it.
+    fn retire_segment(&self, number: u64, ids: &[QueueId], survivors: Survivors) -> Result<(), SpoolError> {
         let path = segment_path(&self.dir, number);
-        if materialize {
+        if survivors == Survivors::Relocate {
+            self.relocate(number, ids)?;
+        }
+        if survivors == Survivors::ToFiles {
             let mut files: HashMap<u64, File> = HashMap::new();
             for chunk in ids.chunks(256) {
                 let _files = lock(&self.files);
@@ -886,7 +888,52 @@ impl Shared {
     }
 }
 
+/// What a retiring segment's queued messages need.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Survivors {
+    /// There are none.
+    None,
+    /// Copied to the current segment (compaction): the journal keeps them, smaller.
+    Relocate,
+    /// Written to their own files (a checkpoint, `bartleby queue sync`).
+    ToFiles,
+}
+
 impl Shared {
+    /// Appends a copy of each message still queued from segment `number` (its latest envelope and
+    /// its body) to the current segment; once durable, the copies are the ones queued and read.
+    fn relocate(&self, number: u64, ids: &[QueueId]) -> Result<(), SpoolError> {
+        let mut files: HashMap<u64, File> = HashMap::new();
+        // 64 at a time: at most 32 MiB of bodies in memory.
+        for chunk in ids.chunks(64) {
+            let _files = lock(&self.files);
+            let stored: Vec<(QueueId, Stored)> = {
+                let state = lock(&self.state);
+                chunk
+                    .iter()
+                    .filter_map(|id| {
+                        state.stored.get(id).filter(|s| s.segment == number).map(|s| (id.clone(), s.clone()))
+                    })
+                    .collect()
+            };
+            let mut records = Vec::new();
+            let mut entries = Vec::with_capacity(stored.len());
+            for (id, stored) in stored {
+                let envelope = self.read_from(&mut files, stored.envelope_segment, &stored.envelope)?;
+                let body = self.read_from(&mut files, stored.segment, &stored.body)?;
+                let env_start = records.len() + HEADER_LEN;
+                encode(&mut records, KIND_MESSAGE, &id, &envelope, &body);
+                let env_range = env_start..env_start + envelope.len();
+                let body_range = env_range.end..env_range.end + body.len();
+                entries.push(Entry { id, envelope: env_range, body: Some(body_range) });
+            }
+            if !entries.is_empty() {
+                self.append(records, entries)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Reads a stretch of a segment, keeping the segments opened so far in `files`.
     fn read_from(
         &self,
