@@ -832,7 +832,7 @@ impl Shared {
         let live: u64 = members
             .ids
             .iter()
-            .filter_map(|id| state.stored.get(id).filter(|s| s.segment == *number))
+            .filter_map(|id| state.stored_in(id, *number))
             // The whole message record: a small body can be outweighed by its envelope.
             .map(|s| HEADER_LEN as u64 + (s.envelope.end - s.envelope.start) + (s.body.end - s.body.start))
             .sum();
@@ -853,31 +853,7 @@ impl Shared {
             self.relocate(number, ids)?;
         }
         if survivors == Survivors::ToFiles {
-            let mut files: HashMap<u64, File> = HashMap::new();
-            for chunk in ids.chunks(256) {
-                let _files = lock(&self.files);
-                let stored: Vec<(QueueId, Stored)> = {
-                    let state = lock(&self.state);
-                    chunk
-                        .iter()
-                        .filter_map(|id| {
-                            state.stored.get(id).filter(|s| s.segment == number).map(|s| (id.clone(), s.clone()))
-                        })
-                        .collect()
-                };
-                for (id, stored) in &stored {
-                    let envelope = self.read_from(&mut files, stored.envelope_segment, &stored.envelope)?;
-                    let body = self.read_from(&mut files, stored.segment, &stored.body)?;
-                    write_file(&self.messages.join(format!("{id}.msg")), &body)?;
-                    write_file(&self.messages.join(format!("{id}.env")), &envelope)?;
-                }
-                // Readers switch to the files only once they are durable.
-                syncfs(&self.messages)?;
-                let mut state = lock(&self.state);
-                for (id, _) in stored {
-                    state.stored.remove(&id);
-                }
-            }
+            self.write_out(number, ids)?;
         }
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -885,6 +861,16 @@ impl Shared {
             Err(err) => return Err(SpoolError::Io { path, source: err }),
         }
         sync_dir(&self.dir)
+    }
+}
+
+/// Survivors of a retiring segment handled at a time: at most 32 MiB of bodies in memory.
+const SURVIVORS_AT_ONCE: usize = 64;
+
+impl State {
+    /// Where a message is stored, if it is queued from segment `number`.
+    fn stored_in(&self, id: &str, number: u64) -> Option<&Stored> {
+        self.stored.get(id).filter(|s| s.segment == number)
     }
 }
 
@@ -904,23 +890,11 @@ impl Shared {
     /// its body) to the current segment; once durable, the copies are the ones queued and read.
     fn relocate(&self, number: u64, ids: &[QueueId]) -> Result<(), SpoolError> {
         let mut files: HashMap<u64, File> = HashMap::new();
-        // 64 at a time: at most 32 MiB of bodies in memory.
-        for chunk in ids.chunks(64) {
+        for chunk in ids.chunks(SURVIVORS_AT_ONCE) {
             let _files = lock(&self.files);
-            let stored: Vec<(QueueId, Stored)> = {
-                let state = lock(&self.state);
-                chunk
-                    .iter()
-                    .filter_map(|id| {
-                        state.stored.get(id).filter(|s| s.segment == number).map(|s| (id.clone(), s.clone()))
-                    })
-                    .collect()
-            };
             let mut records = Vec::new();
-            let mut entries = Vec::with_capacity(stored.len());
-            for (id, stored) in stored {
-                let envelope = self.read_from(&mut files, stored.envelope_segment, &stored.envelope)?;
-                let body = self.read_from(&mut files, stored.segment, &stored.body)?;
+            let mut entries = Vec::with_capacity(chunk.len());
+            for JournaledMessage { id, envelope, body } in self.read_survivors(&mut files, number, chunk)? {
                 let env_start = records.len() + HEADER_LEN;
                 encode(&mut records, KIND_MESSAGE, &id, &envelope, &body);
                 let env_range = env_start..env_start + envelope.len();
@@ -932,6 +906,49 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// Writes each message still queued from segment `number` to its own files; once they are durable
+    /// (one `syncfs` per group), the files are the ones read.
+    fn write_out(&self, number: u64, ids: &[QueueId]) -> Result<(), SpoolError> {
+        let mut files: HashMap<u64, File> = HashMap::new();
+        for chunk in ids.chunks(SURVIVORS_AT_ONCE) {
+            let _files = lock(&self.files);
+            let survivors = self.read_survivors(&mut files, number, chunk)?;
+            for message in &survivors {
+                write_file(&self.messages.join(format!("{}.msg", message.id)), &message.body)?;
+                write_file(&self.messages.join(format!("{}.env", message.id)), &message.envelope)?;
+            }
+            // Readers switch to the files only once they are durable.
+            syncfs(&self.messages)?;
+            let mut state = lock(&self.state);
+            for message in survivors {
+                state.stored.remove(&message.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The messages among `ids` still queued from segment `number`, each with its latest envelope
+    /// and its body. Call with the files lock held, so none is removed meanwhile.
+    fn read_survivors(
+        &self,
+        files: &mut HashMap<u64, File>,
+        number: u64,
+        ids: &[QueueId],
+    ) -> Result<Vec<JournaledMessage>, SpoolError> {
+        let stored: Vec<(QueueId, Stored)> = {
+            let state = lock(&self.state);
+            ids.iter().filter_map(|id| state.stored_in(id, number).map(|s| (id.clone(), s.clone()))).collect()
+        };
+        stored
+            .into_iter()
+            .map(|(id, stored)| {
+                let envelope = self.read_from(files, stored.envelope_segment, &stored.envelope)?;
+                let body = self.read_from(files, stored.segment, &stored.body)?;
+                Ok(JournaledMessage { id, envelope, body })
+            })
+            .collect()
     }
 
     /// Reads a stretch of a segment, keeping the segments opened so far in `files`.
