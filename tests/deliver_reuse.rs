@@ -2,13 +2,14 @@
 //! many batches on few connections, an idle connection is closed with QUIT after the idle limit,
 //! and a cached connection the primary has closed costs no message a deferral.
 
+#[path = "support/delivery.rs"]
+mod delivery;
 #[path = "support/fake_primary.rs"]
 mod fake_primary;
 
-use bartleby::config::{Config, HumanDuration, Route};
+use bartleby::config::Config;
 use bartleby::deliver::cache::IDLE_LIMIT;
 use bartleby::deliver::{Deliverer, Job, JobResult, RcptOutcome};
-use bartleby::spool::{Envelope, Recipient};
 use fake_primary::{FakePrimary, Script};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,30 +21,18 @@ use tokio::net::TcpListener;
 const LIMIT: Duration = Duration::from_secs(30);
 
 fn config(port: u16, connections: usize) -> Arc<Config> {
-    let mut config = Config::demo();
-    config.hostname = "backup.example.test".into();
-    config.dns.nameservers = vec!["127.0.0.1:9".parse().unwrap()];
-    config.routes.clear();
-    config.routes.insert("example.test".into(), Route { host: "127.0.0.1".into(), port });
-    let short = HumanDuration(Duration::from_secs(2));
-    let d = &mut config.delivery;
-    (d.connect_timeout, d.greeting_timeout, d.command_timeout) = (short, short, short);
-    (d.data_init_timeout, d.data_block_timeout, d.data_done_timeout) = (short, short, short);
-    d.max_connections_per_destination = connections;
-    Arc::new(config)
+    delivery::config(port, |c| c.delivery.max_connections_per_destination = connections)
 }
 
 fn jobs(dir: &TempDir, first: usize, count: usize) -> Vec<Job> {
     (first..first + count)
         .map(|i| {
-            let id = format!("m{i:03}");
-            let path = dir.path().join(&id);
-            let body = format!("Subject: {i}\r\n\r\nbody {i}\r\n");
-            std::fs::write(&path, &body).unwrap();
-            let mut envelope =
-                Envelope::new(id, "sender@origin.test".into(), vec![Recipient::new("a@example.test".into())]);
-            envelope.size = body.len() as u64;
-            Job { envelope, body: path.into() }
+            delivery::job(
+                dir,
+                &format!("m{i:03}"),
+                &["a@example.test"],
+                format!("Subject: {i}\r\n\r\nbody {i}\r\n").as_bytes(),
+            )
         })
         .collect()
 }

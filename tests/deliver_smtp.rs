@@ -1,44 +1,21 @@
 //! The SMTP client against a scripted, fault-injecting primary on loopback: each test asserts the
 //! per-recipient outcome and what the primary received.
 
+#[path = "support/delivery.rs"]
+mod delivery;
 #[path = "support/fake_primary.rs"]
 mod fake_primary;
 
-use bartleby::config::{Config, DomainConfig, HumanDuration, Route};
+use bartleby::config::{Config, DomainConfig, HumanDuration};
 use bartleby::deliver::{Deliverer, Job, JobResult, RcptOutcome};
-use bartleby::spool::{BodyType, DsnNotify, DsnRet, Envelope, Recipient};
+use bartleby::spool::{BodyType, DsnNotify, DsnRet};
+use delivery::{config, job};
 use fake_primary::{FakePrimary, Script, Stall, Starttls};
 use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn config(port: u16, tweak: impl FnOnce(&mut Config)) -> Arc<Config> {
-    let mut config = Config::demo();
-    config.hostname = "backup.example.test".into();
-    config.smtp.listen = vec!["127.0.0.3:25".parse().unwrap()];
-    // Never asked: the route below bypasses DNS.
-    config.dns.nameservers = vec!["127.0.0.1:9".parse().unwrap()];
-    config.routes.clear();
-    config.routes.insert("example.test".into(), Route { host: "127.0.0.1".into(), port });
-    let short = HumanDuration(Duration::from_secs(2));
-    let d = &mut config.delivery;
-    (d.connect_timeout, d.greeting_timeout, d.command_timeout) = (short, short, short);
-    (d.data_init_timeout, d.data_block_timeout, d.data_done_timeout) = (short, short, short);
-    tweak(&mut config);
-    Arc::new(config)
-}
-
-/// Writes a body file and makes a job for `rcpts`.
-fn job(dir: &TempDir, id: &str, rcpts: &[&str], body: &[u8]) -> Job {
-    let path = dir.path().join(id);
-    std::fs::write(&path, body).unwrap();
-    let recipients = rcpts.iter().map(|r| Recipient::new(r.to_string())).collect();
-    let mut envelope = Envelope::new(id.to_string(), "sender@origin.test".into(), recipients);
-    envelope.size = body.len() as u64;
-    Job { envelope, body: path.into() }
-}
 
 /// Delivers `jobs`, then closes the connections the deliverer keeps for the next batch (with QUIT,
 /// as the daemon does at shutdown), so each test sees whole sessions.

@@ -1,0 +1,36 @@
+//! What the SMTP client tests share: a config routing example.test to a primary on loopback with
+//! short timeouts, and jobs whose bodies are files in a temporary directory.
+
+use bartleby::config::{Config, HumanDuration, Route};
+use bartleby::deliver::Job;
+use bartleby::spool::{Envelope, Recipient};
+use std::sync::Arc;
+use std::time::Duration;
+use tempfile::TempDir;
+
+/// example.test routed to 127.0.0.1:`port`, every client timeout 2 s; then `tweak`.
+pub fn config(port: u16, tweak: impl FnOnce(&mut Config)) -> Arc<Config> {
+    let mut config = Config::demo();
+    config.hostname = "backup.example.test".into();
+    config.smtp.listen = vec!["127.0.0.3:25".parse().unwrap()];
+    // Never asked: the route below bypasses DNS.
+    config.dns.nameservers = vec!["127.0.0.1:9".parse().unwrap()];
+    config.routes.clear();
+    config.routes.insert("example.test".into(), Route { host: "127.0.0.1".into(), port });
+    let short = HumanDuration(Duration::from_secs(2));
+    let d = &mut config.delivery;
+    (d.connect_timeout, d.greeting_timeout, d.command_timeout) = (short, short, short);
+    (d.data_init_timeout, d.data_block_timeout, d.data_done_timeout) = (short, short, short);
+    tweak(&mut config);
+    Arc::new(config)
+}
+
+/// Writes a body file and makes a job for `rcpts`.
+pub fn job(dir: &TempDir, id: &str, rcpts: &[&str], body: &[u8]) -> Job {
+    let path = dir.path().join(id);
+    std::fs::write(&path, body).unwrap();
+    let recipients = rcpts.iter().map(|r| Recipient::new(r.to_string())).collect();
+    let mut envelope = Envelope::new(id.to_string(), "sender@origin.test".into(), recipients);
+    envelope.size = body.len() as u64;
+    Job { envelope, body: path.into() }
+}
