@@ -268,37 +268,19 @@ enum Scanned {
     Envelope { id: QueueId, envelope: Range<u64>, json: Vec<u8> },
 }
 
-/// Reads and checks the segments on all cores (each worker reuses one buffer); returns them in order.
+/// Reads and checks the segments on all cores (each thread reuses one buffer); returns them in order.
 fn scan_segments(found: Vec<(u64, PathBuf)>) -> Result<Vec<SegmentScan>, SpoolError> {
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 8);
-    let found = &found;
-    let mut scans = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|worker| {
-                scope.spawn(move || {
-                    let mut buffer = Vec::new();
-                    let mut scans = Vec::new();
-                    for (number, path) in found.iter().skip(worker).step_by(workers) {
-                        buffer.clear();
-                        File::open(path).and_then(|mut f| f.read_to_end(&mut buffer)).map_err(io_err(path))?;
-                        scans.push(scan(*number, &buffer));
-                    }
-                    Ok::<_, SpoolError>(scans)
-                })
+    super::on_all_cores(found, "a journal segment reader", |chunk| {
+        let mut buffer = Vec::new();
+        chunk
+            .into_iter()
+            .map(|(number, path)| {
+                buffer.clear();
+                File::open(&path).and_then(|mut f| f.read_to_end(&mut buffer)).map_err(io_err(&path))?;
+                Ok(scan(number, &buffer))
             })
-            .collect();
-        let mut all = Vec::with_capacity(found.len());
-        for handle in handles {
-            let scanned = handle.join().map_err(|_| SpoolError::Io {
-                path: PathBuf::from("(journal replay)"),
-                source: io::Error::other("a segment reader failed"),
-            })??;
-            all.extend(scanned);
-        }
-        Ok::<_, SpoolError>(all)
-    })?;
-    scans.sort_by_key(|scan| scan.number);
-    Ok(scans)
+            .collect()
+    })
 }
 
 fn scan(number: u64, data: &[u8]) -> SegmentScan {

@@ -836,28 +836,49 @@ pub(crate) fn give_to_spool_owner(file: &File, path: &Path) -> Result<(), SpoolE
         .map_err(|e| SpoolError::Io { path: path.to_path_buf(), source: e.into() })
 }
 
-/// Reads and parses envelopes on all cores; returns each path with its result. A worker that
-/// failed outright fails the whole read: a message missing from the result would be taken for a
-/// leftover and its body removed.
+/// Runs `work` over `items` on all cores (up to 8), each thread taking one contiguous chunk; returns
+/// the results in the order of `items`. A thread that failed outright fails the whole run (naming
+/// `what`): a result missing from a recovery would be taken for a leftover and removed.
+fn on_all_cores<T: Send, R: Send>(
+    items: Vec<T>,
+    what: &str,
+    work: impl Fn(Vec<T>) -> Result<Vec<R>, SpoolError> + Sync,
+) -> Result<Vec<R>, SpoolError> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let per_thread = items.len().div_ceil(threads).max(1);
+    let total = items.len();
+    let mut chunks = Vec::new();
+    let mut rest = items;
+    while rest.len() > per_thread {
+        let tail = rest.split_off(per_thread);
+        chunks.push(rest);
+        rest = tail;
+    }
+    chunks.push(rest);
+    let work = &work;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = chunks.into_iter().map(|chunk| scope.spawn(move || work(chunk))).collect();
+        let mut all = Vec::with_capacity(total);
+        for worker in workers {
+            let failed = || io_err(Path::new("(recovery)"))(io::Error::other(format!("{what} failed")));
+            all.extend(worker.join().map_err(|_| failed())??);
+        }
+        Ok(all)
+    })
+}
+
+/// Reads and parses envelopes on all cores; returns each path with its result.
 type Parsed = Vec<(PathBuf, Result<Envelope, SpoolError>)>;
 
 fn read_envelopes(paths: Vec<PathBuf>) -> Result<Parsed, SpoolError> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
-    let per_thread = paths.len().div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = paths
-            .chunks(per_thread)
-            .map(|chunk| scope.spawn(move || chunk.iter().map(|p| (p.clone(), read_envelope(p))).collect::<Vec<_>>()))
-            .collect();
-        let mut all = Vec::with_capacity(paths.len());
-        for worker in workers {
-            let parsed = worker.join().map_err(|_| SpoolError::Io {
-                path: PathBuf::from("(recovery)"),
-                source: io::Error::other("an envelope reader failed"),
-            })?;
-            all.extend(parsed);
-        }
-        Ok(all)
+    on_all_cores(paths, "an envelope reader", |chunk| {
+        Ok(chunk
+            .into_iter()
+            .map(|path| {
+                let parsed = read_envelope(&path);
+                (path, parsed)
+            })
+            .collect())
     })
 }
 
@@ -865,39 +886,14 @@ fn read_envelopes(paths: Vec<PathBuf>) -> Result<Parsed, SpoolError> {
 type ParsedJournaled = Vec<(QueueId, Vec<u8>, serde_json::Result<Envelope>)>;
 
 fn parse_journaled(journaled: Vec<(QueueId, Vec<u8>)>) -> Result<ParsedJournaled, SpoolError> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
-    let per_thread = journaled.len().div_ceil(threads).max(1);
-    let mut chunks = Vec::new();
-    let mut rest = journaled;
-    while rest.len() > per_thread {
-        let tail = rest.split_off(per_thread);
-        chunks.push(rest);
-        rest = tail;
-    }
-    chunks.push(rest);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = chunks
+    on_all_cores(journaled, "an envelope parser", |chunk| {
+        Ok(chunk
             .into_iter()
-            .map(|chunk| {
-                scope.spawn(move || {
-                    chunk
-                        .into_iter()
-                        .map(|(id, json)| {
-                            let parsed = serde_json::from_slice(&json);
-                            (id, json, parsed)
-                        })
-                        .collect::<Vec<_>>()
-                })
+            .map(|(id, json)| {
+                let parsed = serde_json::from_slice(&json);
+                (id, json, parsed)
             })
-            .collect();
-        let mut all = Vec::new();
-        for worker in workers {
-            all.extend(worker.join().map_err(|_| SpoolError::Io {
-                path: PathBuf::from("(recovery)"),
-                source: io::Error::other("an envelope parser failed"),
-            })?);
-        }
-        Ok(all)
+            .collect())
     })
 }
 
