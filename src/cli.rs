@@ -4,7 +4,7 @@
 
 use crate::config::{Config, ConfigError};
 use crate::control::{self, ControlError, ListedMessage, MessageDetail, Request};
-use crate::spool::{Spool, SpoolError, rfc3339};
+use crate::spool::{Queue, Spool, SpoolError, rfc3339};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -373,6 +373,7 @@ async fn send(config: &Config, request: Request) -> Result<Box<RawValue>, String
         return Err(format!("no spool at {} (is queue.dir right?)", config.queue.dir.display()));
     }
     let (spool, _) = Spool::open(&config.queue.dir).map_err(|e| e.to_string())?;
+    let spool: std::sync::Arc<dyn Queue> = std::sync::Arc::new(spool);
     control::execute(request, &spool, None).await
 }
 

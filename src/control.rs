@@ -4,7 +4,7 @@
 //! the spool itself (under its lock) and calls [`execute`] the same way.
 
 use crate::schedule::{self, ScheduleError, SchedulerHandle};
-use crate::spool::{Envelope, Spool, SpoolError, is_queue_id, rfc3339};
+use crate::spool::{Envelope, Queue, SpoolError, is_queue_id, rfc3339};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::path::Path;
@@ -112,7 +112,7 @@ const SYNC_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 /// Carries out one request against the spool, through the scheduler when the daemon runs.
 pub async fn execute(
     request: Request,
-    spool: &Spool,
+    spool: &Arc<dyn Queue>,
     scheduler: Option<&SchedulerHandle>,
 ) -> Result<Box<RawValue>, String> {
     let id_ok = |id: &str| if is_queue_id(id) { Ok(()) } else { Err(format!("{id:?} is not a queue ID")) };
@@ -120,7 +120,8 @@ pub async fn execute(
     let text = |t: String| json(serde_json::value::to_raw_value(&t));
     match request {
         Request::List => {
-            let list: Vec<ListedMessage> = spool.with_index(|index| index.values().map(ListedMessage::from).collect());
+            let mut list: Vec<ListedMessage> = Vec::with_capacity(spool.len());
+            spool.visit(&mut |e| list.push(ListedMessage::from(e)));
             json(serde_json::value::to_raw_value(&list))
         }
         Request::Show { id } => {
@@ -134,7 +135,7 @@ pub async fn execute(
             id_ok(&id)?;
             match scheduler {
                 Some(s) => s.delete(&id).await,
-                None => schedule::delete(spool, &id),
+                None => schedule::delete(spool.as_ref(), &id),
             }
             .map_err(|e| e.to_string())?;
             text(format!("{id} deleted"))
@@ -159,26 +160,27 @@ pub async fn execute(
             json(serde_json::value::to_raw_value(&count))
         }
         Request::Sync => {
-            let waiting = spool.journaled();
-            if spool.checkpoint_async(SYNC_LIMIT).await {
-                let s = if waiting == 1 { "" } else { "s" };
-                text(format!("{waiting} journaled message{s} written to messages/; journal retired"))
-            } else {
-                Err(format!("the journal was not retired within {} s; see the log", SYNC_LIMIT.as_secs()))
+            let store = Arc::clone(spool);
+            match tokio::task::spawn_blocking(move || store.sync_files(SYNC_LIMIT)).await {
+                Ok(Some(waiting)) => {
+                    let s = if waiting == 1 { "" } else { "s" };
+                    text(format!("{waiting} journaled message{s} written to messages/; journal retired"))
+                }
+                _ => Err(format!("the journal was not retired within {} s; see the log", SYNC_LIMIT.as_secs())),
             }
         }
     }
 }
 
 async fn set_held(
-    spool: &Spool,
+    spool: &Arc<dyn Queue>,
     scheduler: Option<&SchedulerHandle>,
     id: &str,
     held: bool,
 ) -> Result<Box<RawValue>, String> {
     let envelope = match scheduler {
         Some(s) => s.hold(id, held).await,
-        None => schedule::set_held(spool, id, held),
+        None => schedule::set_held(spool.as_ref(), id, held),
     }
     .map_err(|e| e.to_string())?;
     serde_json::value::to_raw_value(&format!("{} {}", envelope.id, if held { "held" } else { "released" }))
@@ -201,7 +203,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// Answers control requests until `shutdown` turns true.
 pub async fn serve(
     listener: UnixListener,
-    spool: Arc<Spool>,
+    spool: Arc<dyn Queue>,
     scheduler: SchedulerHandle,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -224,7 +226,7 @@ pub async fn serve(
     }
 }
 
-async fn answer(stream: UnixStream, spool: &Spool, scheduler: &SchedulerHandle) -> std::io::Result<()> {
+async fn answer(stream: UnixStream, spool: &Arc<dyn Queue>, scheduler: &SchedulerHandle) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
     let mut line = String::new();

@@ -11,7 +11,7 @@ use crate::monitor::Monitor;
 use crate::recipients::Recipients;
 use crate::schedule::{Scheduler, SchedulerHandle};
 use crate::smtp::{self, ServerContext, Serving};
-use crate::spool::{Spool, SpoolError};
+use crate::spool::{Queue, Spool, SpoolError};
 use crate::web;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -87,7 +87,7 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&dir))
         .await
         .map_err(|e| DaemonError::Setup(e.to_string()))??;
-    let spool = Arc::new(spool);
+    let spool: Arc<dyn Queue> = Arc::new(spool);
     tracing::info!(
         queued = recovery.queued,
         removed_partial = recovery.removed_partial,
@@ -151,7 +151,7 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     let _ = tokio::time::timeout(Duration::from_secs(5), scheduler_task).await;
     // Retry bookkeeping kept in memory during the run reaches the disk now (see Spool::note).
     let dirty_spool = Arc::clone(&spool);
-    match tokio::task::spawn_blocking(move || dirty_spool.persist_dirty()).await {
+    match tokio::task::spawn_blocking(move || dirty_spool.persist()).await {
         Ok(Ok(written)) => tracing::info!(envelopes = written, "retry state saved"),
         Ok(Err(err)) => tracing::error!(error = %err, "cannot save retry state"),
         Err(err) => tracing::error!(error = %err, "cannot save retry state"),
@@ -226,7 +226,7 @@ struct Live {
     /// The file to re-read; None when running on built-in settings.
     path: Option<PathBuf>,
     config: Arc<Config>,
-    spool: Arc<Spool>,
+    spool: Arc<dyn Queue>,
     scheduler: SchedulerHandle,
     serving: watch::Sender<Serving>,
     /// The monitor runs with the configuration it was started with; a reload starts a new one.
@@ -259,7 +259,7 @@ impl Guards {
 /// the per-IP counters over a reload, so a reload does not reset the limits.
 fn server_context(
     config: &Arc<Config>,
-    spool: &Arc<Spool>,
+    spool: &Arc<dyn Queue>,
     scheduler: &SchedulerHandle,
     guards: &Guards,
     metrics: &Arc<Metrics>,

@@ -8,7 +8,7 @@
 //! never drift from the truth.
 
 use crate::schedule::DestinationState;
-use crate::spool::{Spool, now_micros};
+use crate::spool::{Queue, now_micros};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -96,7 +96,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of the counters plus the gauges computed now from `spool`
     /// and the scheduler's `destinations`.
-    pub fn render(&self, spool: &Spool, destinations: &BTreeMap<String, DestinationState>) -> String {
+    pub fn render(&self, spool: &dyn Queue, destinations: &BTreeMap<String, DestinationState>) -> String {
         let mut registry = Registry::with_prefix("bartleby");
         self.register_counters(&mut registry);
         register_queue(&mut registry, spool);
@@ -130,30 +130,24 @@ fn domain_label(domain: &str) -> DomainLabel {
 
 /// Queue messages and bytes per recipient domain (a message with recipients in two domains counts
 /// in both), the age of the oldest message, and the spool filesystem's space.
-fn register_queue(registry: &mut Registry, spool: &Spool) {
+fn register_queue(registry: &mut Registry, spool: &dyn Queue) {
     let messages = Family::<DomainLabel, Gauge>::default();
     let bytes = Family::<DomainLabel, Gauge>::default();
     let total = Gauge::<i64>::default();
     let oldest = Gauge::<i64>::default();
     let suppressed = Gauge::<i64>::default();
     let now = now_micros();
-    spool.with_index(|index| {
-        total.set(i64::try_from(index.len()).unwrap_or(i64::MAX));
-        suppressed.set(i64::try_from(index.values().filter(|e| e.bounce_suppressed).count()).unwrap_or(i64::MAX));
-        if let Some(first) = index.values().map(|e| e.arrived).min() {
-            oldest.set((now - first).max(0) / 1_000_000);
-        }
-        for envelope in index.values() {
-            let mut domains: Vec<String> = envelope.pending().map(|r| r.domain()).collect();
-            domains.sort();
-            domains.dedup();
-            for domain in domains {
-                let label = domain_label(&domain);
-                messages.get_or_create(&label).inc();
-                bytes.get_or_create(&label).inc_by(i64::try_from(envelope.size).unwrap_or(i64::MAX));
-            }
-        }
-    });
+    let stats = spool.stats();
+    total.set(i64::try_from(stats.messages).unwrap_or(i64::MAX));
+    suppressed.set(i64::try_from(stats.bounce_suppressed).unwrap_or(i64::MAX));
+    if let Some(first) = stats.oldest {
+        oldest.set((now - first).max(0) / 1_000_000);
+    }
+    for (domain, counts) in &stats.domains {
+        let label = domain_label(domain);
+        messages.get_or_create(&label).set(i64::try_from(counts.messages).unwrap_or(i64::MAX));
+        bytes.get_or_create(&label).set(i64::try_from(counts.bytes).unwrap_or(i64::MAX));
+    }
     registry.register("queue_messages", "Queued messages with recipients pending in the domain", messages);
     registry.register("queue_bytes", "Bytes of queued messages with recipients pending in the domain", bytes);
     registry.register("queue_messages_total", "Queued messages", total);

@@ -14,7 +14,7 @@ use crate::lock;
 use crate::metrics::Metrics;
 use crate::recipients::Recipients;
 use crate::spool::{
-    DsnNotify, DsnRet, Envelope, QueueId, Recipient, RecipientStatus, Spool, SpoolError, domain_of, from_micros,
+    self, DsnNotify, DsnRet, Envelope, Queue, QueueId, Recipient, RecipientStatus, SpoolError, domain_of, from_micros,
     now_micros,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -146,23 +146,18 @@ impl SchedulerHandle {
 }
 
 /// Holds or releases a message in the spool; used by the scheduler and by the offline CLI.
-pub fn set_held(spool: &Spool, id: &str, held: bool) -> Result<Envelope, ScheduleError> {
-    let mut envelope = spool.get(id).ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
-    if envelope.held != held {
-        envelope.held = held;
-        envelope.record(if held { "held by the operator" } else { "released by the operator" });
-        if !held {
-            envelope.next_attempt = now_micros();
-        }
-        spool.update(&envelope)?;
+pub fn set_held(spool: &dyn Queue, id: &str, held: bool) -> Result<Envelope, ScheduleError> {
+    let was_held = spool.get(id).ok_or_else(|| SpoolError::NotFound(id.to_string()))?.held;
+    let envelope = spool.set_held(id, held)?;
+    if was_held != held {
         tracing::info!(queue_id = %id, held, "{}", if held { "held" } else { "released" });
     }
     Ok(envelope)
 }
 
 /// Deletes a message; used by the scheduler and by the offline CLI.
-pub fn delete(spool: &Spool, id: &str) -> Result<(), ScheduleError> {
-    spool.remove(id)?;
+pub fn delete(spool: &dyn Queue, id: &str) -> Result<(), ScheduleError> {
+    spool.delete(id)?;
     tracing::info!(queue_id = %id, "removed by the operator");
     Ok(())
 }
@@ -170,7 +165,7 @@ pub fn delete(spool: &Spool, id: &str) -> Result<(), ScheduleError> {
 /// The scheduler task's state.
 pub struct Scheduler {
     config: Arc<Config>,
-    spool: Arc<Spool>,
+    spool: Arc<dyn Queue>,
     deliverer: Arc<Deliverer>,
     /// Messages waiting for their time, ordered by due time then arrival.
     due: BTreeSet<(i64, QueueId)>,
@@ -212,7 +207,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Creates the scheduler with every queued message scheduled at its `next_attempt`.
-    pub fn new(config: Arc<Config>, spool: Arc<Spool>, deliverer: Arc<Deliverer>) -> (Scheduler, SchedulerHandle) {
+    pub fn new(config: Arc<Config>, spool: Arc<dyn Queue>, deliverer: Arc<Deliverer>) -> (Scheduler, SchedulerHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
         let destinations = Destinations::default();
@@ -239,13 +234,8 @@ impl Scheduler {
             recipients: None,
             swept: None,
         };
-        let queued: Vec<(QueueId, i64, bool)> = scheduler
-            .spool
-            .with_index(|index| index.values().map(|e| (e.id.clone(), e.next_attempt, e.held)).collect());
-        for (id, at, held) in queued {
-            if !held {
-                scheduler.schedule(id, at);
-            }
+        for (id, at) in scheduler.spool.due() {
+            scheduler.schedule(id, at);
         }
         (scheduler, SchedulerHandle { tx, destinations })
     }
@@ -337,7 +327,7 @@ impl Scheduler {
                 let _ = reply.send(result);
             }
             Command::Hold { id, held, reply } => {
-                let result = set_held(&self.spool, &id, held);
+                let result = set_held(self.spool.as_ref(), &id, held);
                 if let Ok(envelope) = &result {
                     if held {
                         self.unschedule(&id);
@@ -356,7 +346,7 @@ impl Scheduler {
                     Err(ScheduleError::InFlight(id))
                 } else {
                     self.unschedule(&id);
-                    delete(&self.spool, &id)
+                    delete(self.spool.as_ref(), &id)
                 };
                 let _ = reply.send(result);
             }
@@ -366,14 +356,10 @@ impl Scheduler {
     /// Marks deferred messages due now. Returns how many were scheduled.
     fn flush(&mut self, domain: Option<&str>) -> usize {
         let now = now_micros();
-        let chosen: Vec<QueueId> = self.spool.with_index(|index| {
-            index
-                .values()
-                .filter(|e| !e.held && !self.in_flight.contains_key(&e.id))
-                .filter(|e| domain.is_none_or(|d| e.pending().any(|r| r.domain() == d.to_ascii_lowercase())))
-                .map(|e| e.id.clone())
-                .collect()
-        });
+        let filter =
+            spool::Filter { held: Some(false), domain: domain.map(str::to_string), ..spool::Filter::default() };
+        let chosen: Vec<QueueId> =
+            self.spool.ids(&filter).into_iter().filter(|id| !self.in_flight.contains_key(id)).collect();
         let count = chosen.len();
         for id in chosen {
             self.schedule(id, now);
@@ -389,7 +375,7 @@ impl Scheduler {
         let now = now_micros();
         if self.swept.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
             self.swept = Some(std::time::Instant::now());
-            sweep_suppressed(&self.config, &self.spool, now);
+            sweep_suppressed(&self.config, self.spool.as_ref(), now);
         }
         if self.settler.backlog() >= BATCH_LIMIT {
             return;
@@ -414,9 +400,8 @@ impl Scheduler {
                 continue;
             }
             self.in_flight.insert(id.clone(), domains.len());
-            let body = self.spool.body(&id);
             for domain in domains {
-                batches.entry(domain).or_default().push(Job { envelope: envelope.clone(), body: body.clone() });
+                batches.entry(domain).or_default().push(self.job(envelope.clone()));
             }
         }
         for (domain, mut jobs) in batches {
@@ -449,14 +434,14 @@ impl Scheduler {
     /// more than once per `first_retry`.
     fn keep_arrival_order(&mut self, domain: &str, jobs: &mut Vec<Job>) {
         let in_batch: HashSet<QueueId> = jobs.iter().map(|j| j.envelope.id.clone()).collect();
-        let waiting: Vec<Envelope> = self.spool.with_index(|index| {
-            index
-                .values()
-                .filter(|e| !e.held && !in_batch.contains(&e.id) && !self.in_flight.contains_key(&e.id))
-                .filter(|e| e.pending().any(|r| r.domain() == domain))
-                .cloned()
-                .collect()
-        });
+        let filter = spool::Filter { held: Some(false), ..spool::Filter::domain(domain) };
+        let waiting: Vec<Envelope> = self
+            .spool
+            .query(&filter, spool::Page::ALL)
+            .envelopes
+            .into_iter()
+            .filter(|e| !in_batch.contains(&e.id) && !self.in_flight.contains_key(&e.id))
+            .collect();
         let oldest_in_batch = jobs.iter().map(|j| j.envelope.id.clone()).min();
         let last_attempt = lock(&self.destinations).get(domain).and_then(|d| d.last_attempt);
         let first_retry = i64::try_from(self.config.queue.first_retry.0.as_micros()).unwrap_or(i64::MAX / 2);
@@ -474,11 +459,15 @@ impl Scheduler {
                 for envelope in waiting {
                     self.unschedule(&envelope.id);
                     *self.in_flight.entry(envelope.id.clone()).or_insert(0) += 1;
-                    let body = self.spool.body(&envelope.id);
-                    jobs.push(Job { envelope, body });
+                    jobs.push(self.job(envelope));
                 }
             }
         }
+    }
+
+    /// A delivery of `envelope`; its body is opened through the queue when it is sent.
+    fn job(&self, envelope: Envelope) -> Job {
+        Job { envelope, queue: Arc::clone(&self.spool) }
     }
 
     /// One batch fewer carries the message.
@@ -698,7 +687,7 @@ async fn split_loops(domain: &str, jobs: Vec<Job>, max: usize) -> (Vec<Job>, Vec
     let mut keep = Vec::with_capacity(jobs.len());
     let mut looped = Vec::new();
     for job in jobs {
-        let hops = if job.envelope.attempts == 0 { received_count(&job.body).await } else { 0 };
+        let hops = if job.envelope.attempts == 0 { received_count(&job).await } else { 0 };
         if hops <= max + 1 {
             keep.push(job);
             continue;
@@ -721,14 +710,9 @@ async fn split_loops(domain: &str, jobs: Vec<Job>, max: usize) -> (Vec<Job>, Vec
 }
 
 /// Received headers in a stored message's header section (read up to 256 KiB).
-async fn received_count(body: &crate::spool::BodyRef) -> usize {
-    use std::io::Read;
-    let body = body.clone();
-    let read = tokio::task::spawn_blocking(move || {
-        let (file, len) = body.open()?;
-        let mut head = Vec::new();
-        file.take(len.min(256 * 1024)).read_to_end(&mut head).map(|_| head)
-    });
+async fn received_count(job: &Job) -> usize {
+    let (queue, id) = (Arc::clone(&job.queue), job.envelope.id.clone());
+    let read = tokio::task::spawn_blocking(move || queue.read_headers(&id, 256 * 1024));
     let Ok(Ok(head)) = read.await else { return 0 };
     let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(head.len());
     head[..end]
@@ -891,24 +875,25 @@ pub fn suppress_backscatter(config: &Config, envelope: &mut Envelope, verdict: &
 }
 
 /// Failed messages kept instead of bounced, for the admin page and `/metrics`.
-pub fn suppressed_bounces(spool: &Spool) -> usize {
-    spool.with_index(|index| index.values().filter(|e| e.bounce_suppressed).count())
+pub fn suppressed_bounces(spool: &dyn Queue) -> usize {
+    spool.count(&spool::Filter { bounce_suppressed: Some(true), ..spool::Filter::default() })
 }
 
 /// Removes kept failed messages whose queue lifetime is over; returns how many.
-pub fn sweep_suppressed(config: &Config, spool: &Spool, now: i64) -> usize {
+pub fn sweep_suppressed(config: &Config, spool: &dyn Queue, now: i64) -> usize {
     let lifetime = i64::try_from(config.queue.max_lifetime.0.as_micros()).unwrap_or(i64::MAX / 2);
-    let expired: Vec<QueueId> = spool.with_index(|index| {
-        index
-            .values()
-            .filter(|e| e.bounce_suppressed && e.is_done() && e.arrived.saturating_add(lifetime) <= now)
-            .map(|e| e.id.clone())
-            .collect()
-    });
+    let kept = spool::Filter { bounce_suppressed: Some(true), ..spool::Filter::default() };
+    let expired: Vec<QueueId> = spool
+        .query(&kept, spool::Page::ALL)
+        .envelopes
+        .into_iter()
+        .filter(|e| e.is_done() && e.arrived.saturating_add(lifetime) <= now)
+        .map(|e| e.id)
+        .collect();
     if expired.is_empty() {
         return 0;
     }
-    match spool.remove_many(&expired) {
+    match spool.remove(&expired) {
         Ok(()) => {
             tracing::info!(messages = expired.len(), "removed failed messages kept without a bounce: lifetime over");
             expired.len()
@@ -924,7 +909,7 @@ pub fn sweep_suppressed(config: &Config, spool: &Spool, now: i64) -> usize {
 /// messages. Returns when each message still pending is due next.
 fn settle(
     config: &Config,
-    spool: &Arc<Spool>,
+    spool: &Arc<dyn Queue>,
     metrics: &Metrics,
     settled: Vec<(QueueId, Vec<(String, RcptOutcome)>)>,
 ) -> Vec<(QueueId, i64)> {
@@ -967,11 +952,11 @@ fn settle(
             }
         }
     }
-    if let Err(err) = spool.update_many(&updated) {
+    if let Err(err) = spool.update(&updated) {
         tracing::error!(error = %err, "cannot save delivery state");
     }
     spool.note(noted);
-    if let Err(err) = spool.remove_many(&removed) {
+    if let Err(err) = spool.remove(&removed) {
         tracing::error!(error = %err, "cannot remove delivered messages");
     }
     tracing::debug!(messages, removed = removed.len(), ms = started.elapsed().as_millis(), "settled");
@@ -1028,7 +1013,7 @@ fn log_verdict(envelope: &Envelope, verdict: &Verdict) {
 /// Writes a DSN for `envelope` into the spool as a new message from `<>` to its sender.
 fn queue_dsn(
     config: &Config,
-    spool: &Arc<Spool>,
+    spool: &Arc<dyn Queue>,
     envelope: &Envelope,
     kind: DsnKind,
     recipients: &[ReportedRecipient],
@@ -1041,7 +1026,7 @@ fn queue_dsn(
     let bytes =
         dsn::build(&config.hostname, envelope, kind, recipients, &original, SystemTime::now(), Some(retry_until));
     let id = spool.new_id();
-    let mut message = spool.incoming(&id)?;
+    let mut message = Arc::clone(spool).incoming(&id)?;
     message.write(&bytes)?;
     let mut notice = dsn::notice_envelope(id.clone(), envelope, &bytes);
     notice.helo = config.hostname.clone();

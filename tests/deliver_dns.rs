@@ -8,7 +8,7 @@ mod fake_primary;
 
 use bartleby::config::{Config, HumanDuration};
 use bartleby::deliver::{Deliverer, Job, JobResult, NextHop, RcptOutcome};
-use bartleby::spool::{Envelope, Recipient};
+use bartleby::spool::{Envelope, MemoryQueue, Queue, Recipient};
 use dns_server::{DnsServer, SilentDns, Zone};
 use fake_primary::{FakePrimary, Script};
 use std::net::SocketAddr;
@@ -35,13 +35,12 @@ fn config(dns: SocketAddr, mx_port: u16) -> Arc<Config> {
     Arc::new(config)
 }
 
-fn job(dir: &TempDir, rcpt: &str) -> Job {
-    let path = dir.path().join("body");
-    std::fs::write(&path, BODY).unwrap();
-    Job {
-        envelope: Envelope::new("m1".into(), "s@origin.test".into(), vec![Recipient::new(rcpt.into())]),
-        body: path.into(),
-    }
+fn job(_dir: &TempDir, rcpt: &str) -> Job {
+    let queue = MemoryQueue::new();
+    let mut message = Arc::clone(&queue).incoming("m1").expect("incoming");
+    message.write(BODY).expect("write");
+    let envelope = Envelope::new("m1".into(), "s@origin.test".into(), vec![Recipient::new(rcpt.into())]);
+    Job { envelope: message.commit(envelope).expect("commit"), queue }
 }
 
 async fn deliver(config: Arc<Config>, domain: &str, rcpt: &str) -> (JobResult, TempDir) {

@@ -3,7 +3,7 @@
 
 use bartleby::config::{Config, Route};
 use bartleby::deliver::{Deliverer, Job, RcptOutcome};
-use bartleby::spool::{Envelope, Recipient};
+use bartleby::spool::{Envelope, MemoryQueue, Queue, Recipient};
 use std::process::Command;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -45,18 +45,17 @@ async fn drains_into_smtp_sink_quickly() {
     });
     ready.await.expect("smtp-sink listens");
 
-    let dir = tempfile::TempDir::new().unwrap();
-    let body_path = dir.path().join("body");
     let line = "x".repeat(78) + "\r\n";
-    std::fs::write(&body_path, format!("Subject: load\r\n\r\n{}", line.repeat(4096 / 80))).unwrap();
+    let body = format!("Subject: load\r\n\r\n{}", line.repeat(4096 / 80));
+    let queue = MemoryQueue::new();
     let jobs: Vec<Job> = (0..MESSAGES)
-        .map(|i| Job {
-            envelope: Envelope::new(
-                format!("m{i:05}"),
-                "s@origin.test".into(),
-                vec![Recipient::new("a@example.test".into())],
-            ),
-            body: body_path.clone().into(),
+        .map(|i| {
+            let id = format!("m{i:05}");
+            let mut message = Arc::clone(&queue).incoming(&id).expect("incoming");
+            message.write(body.as_bytes()).expect("write");
+            let envelope =
+                Envelope::new(id.clone(), "s@origin.test".into(), vec![Recipient::new("a@example.test".into())]);
+            Job { envelope: message.commit(envelope).expect("commit"), queue: Arc::clone(&queue) as Arc<dyn Queue> }
         })
         .collect();
     let mut config = Config::demo();

@@ -12,6 +12,7 @@
 mod daemon;
 
 use bartleby::config::Config;
+use bartleby::spool::Queue as _;
 use bartleby::spool::{Envelope, Recipient, Spool};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read};
@@ -300,7 +301,7 @@ fn export_with_one_held_message(dir: &Path) -> (PathBuf, String) {
     let (spool, _) = Spool::open(&spool_dir).expect("spool");
     let spool = Arc::new(spool);
     let id = spool.new_id();
-    let mut message = spool.incoming(&id).expect("incoming");
+    let mut message = std::sync::Arc::clone(&spool).incoming(&id).expect("incoming");
     message.write(b"Subject: waiting for the primary\r\n\r\nhello\r\n").expect("write");
     let mut envelope =
         Envelope::new(id.clone(), "alice@sender.test".into(), vec![Recipient::new("bob@example.test".into())]);

@@ -4,6 +4,7 @@
 mod smtp_harness;
 
 use bartleby::spool::BodyType;
+use bartleby::spool::Queue as _;
 use smtp_harness::{Harness, python, stdout, strip_received, swaks};
 use std::sync::atomic::Ordering;
 use std::time::Duration;

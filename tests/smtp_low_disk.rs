@@ -5,6 +5,7 @@
 #[path = "support/smtp_harness.rs"]
 mod smtp_harness;
 
+use bartleby::spool::Queue as _;
 use smtp_harness::{Harness, python, stdout};
 use std::path::{Path, PathBuf};
 use std::process::Command;

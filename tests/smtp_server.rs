@@ -4,6 +4,7 @@
 mod smtp_harness;
 
 use bartleby::config::HumanDuration;
+use bartleby::spool::Queue as _;
 use smtp_harness::Harness;
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -4,6 +4,7 @@
 #[path = "support/smtp_harness.rs"]
 mod smtp_harness;
 
+use bartleby::spool::Queue as _;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use smtp_harness::{Harness, make_cert, python, read_reply, stdout, swaks};

@@ -2,6 +2,7 @@
 //! the version 1 format (docs/spool.md), kept as it was written; `tests/fixtures/spool-journal-v1`
 //! is a journal segment (`BJR1` records) left by a daemon killed with SIGKILL.
 
+use bartleby::spool::Queue as _;
 use bartleby::spool::{BodyType, DsnNotify, DsnRet, RecipientStatus, Spool};
 use std::path::Path;
 

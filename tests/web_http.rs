@@ -236,7 +236,7 @@ async fn flush_has_a_cooldown() {
     bounded(async {
         let web = TestWeb::start("flush_cooldown = \"60s\"").await;
         let id = web.queue("a@sender.test", &["b@example.test"], "x");
-        bartleby::schedule::set_held(&web.spool, &id, true).expect("hold");
+        bartleby::schedule::set_held(web.spool.as_ref(), &id, true).expect("hold");
         let mut client = web.client();
         let csrf = client.get("/").await.csrf();
         let first = client.post_form("/flush", &format!("csrf={csrf}&back=%2F%3Fdomain%3Dexample.test")).await;
@@ -283,7 +283,7 @@ async fn sender_controlled_strings_are_inert_text() {
         let mut envelope = web.spool.get(&id).unwrap();
         envelope.helo = "<script>alert(7)</script>".into();
         envelope.recipients[0].last_error = Some("RCPT TO: 550 <img src=x onerror=alert(8)>".into());
-        web.spool.update(&envelope).unwrap();
+        web.spool.update(std::slice::from_ref(&envelope)).unwrap();
         let mut client = web.client();
         for path in
             ["/".to_string(), format!("/message/{id}"), format!("/message/{id}/delete"), format!("/message/{encoded}")]

@@ -5,6 +5,7 @@
 #[path = "support/web_server.rs"]
 mod web_server;
 
+use bartleby::spool::Queue as _;
 use bartleby::spool::{Envelope, Recipient, Spool, now_micros};
 use std::time::{Duration, Instant};
 use web_server::TestWeb;

@@ -5,7 +5,7 @@
 use super::route::NextHop;
 use super::{Detail, RcptOutcome};
 use crate::config::DeliveryConfig;
-use crate::spool::{BodyRef, BodyType, DsnNotify, DsnRet, Envelope, Recipient};
+use crate::spool::{BodyType, DsnNotify, DsnRet, Envelope, Queue, Recipient};
 use rustls::ClientConfig;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -574,9 +574,11 @@ impl Session {
         self.hello(&settings.helo_name).await
     }
 
-    /// Runs one mail transaction for `rcpts` of `envelope` with the body at `body`.
-    pub async fn send(&mut self, envelope: &Envelope, rcpts: &[&Recipient], body: &BodyRef) -> Transaction {
-        let (body, size) = match Body::open(body).await {
+    /// Runs one mail transaction for `rcpts` of `envelope`, whose body is opened through `queue`,
+    /// by queue ID, now that it is sent (never from a location remembered earlier: the store may
+    /// have moved it since the delivery was scheduled).
+    pub async fn send(&mut self, envelope: &Envelope, rcpts: &[&Recipient], queue: &Arc<dyn Queue>) -> Transaction {
+        let (body, size) = match Body::open(queue, &envelope.id).await {
             Ok(opened) => opened,
             Err(e) => return self.all(rcpts.len(), RcptOutcome::TempFail(e.temp_detail(None)), true),
         };
@@ -820,15 +822,21 @@ impl Session {
                 self.write("DATA", &out, self.timeouts.data_block).await?;
                 return self.read_reply("end of DATA", self.timeouts.data_done).await;
             }
-            Body::File(file, size) => file.take(size),
+            Body::Stream(reader) => reader,
         };
         let mut input = vec![0u8; CHUNK];
         let mut out = Vec::with_capacity(CHUNK + CHUNK / 8 + 8);
         loop {
-            let n = match file.read(&mut input).await {
-                Ok(n) => n,
-                Err(e) => return Err(ClientError::Body(e.to_string())),
-            };
+            // The store's reader blocks (a file, a journal segment): each chunk is read on a
+            // blocking thread, never on the runtime's workers.
+            let read = tokio::task::spawn_blocking(move || {
+                let n = std::io::Read::read(&mut file, &mut input);
+                (file, input, n)
+            })
+            .await;
+            let n;
+            (file, input, n) = read.map_err(|e| ClientError::Body(e.to_string()))?;
+            let n = n.map_err(|e| ClientError::Body(e.to_string()))?;
             if n == 0 {
                 break;
             }
@@ -961,32 +969,30 @@ const WHOLE_BODY: u64 = 1024 * 1024;
 /// A message body ready to send.
 enum Body {
     Whole(Vec<u8>),
-    /// A large body, positioned at its start, and its length.
-    File(tokio::fs::File, u64),
+    /// A large body, read on a blocking thread as it is sent.
+    Stream(std::io::Take<Box<dyn std::io::Read + Send>>),
 }
 
 impl Body {
-    /// Opens the body (its own file or its journal segment); a small one is read at once (one
-    /// blocking call instead of the four an open, a stat and two reads through `tokio::fs` would
-    /// take: most of a small message's cost).
-    async fn open(body: &BodyRef) -> Result<(Body, u64), ClientError> {
-        let owned = body.clone();
-        let opened = tokio::task::spawn_blocking(move || -> io::Result<(Body, u64)> {
-            let (file, size) = owned.open()?;
+    /// Opens the body through the queue; a small one is read at once (one blocking call, instead
+    /// of a round trip to a blocking thread per chunk: most of a small message's cost).
+    async fn open(queue: &Arc<dyn Queue>, id: &str) -> Result<(Body, u64), ClientError> {
+        let (queue, owned_id) = (Arc::clone(queue), id.to_string());
+        let opened = tokio::task::spawn_blocking(move || -> Result<(Body, u64), String> {
+            let body = queue.open_body(&owned_id).map_err(|e| e.to_string())?;
+            let size = body.len();
             if size > WHOLE_BODY {
-                return Ok((Body::File(tokio::fs::File::from_std(file), size), size));
+                return Ok((Body::Stream(body.into_reader()), size));
             }
-            let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-            std::io::Read::read_to_end(&mut std::io::Read::take(file, size), &mut bytes)?;
+            let bytes = body.read_up_to(size).map_err(|e| format!("{owned_id}: {e}"))?;
             let size = bytes.len() as u64;
             Ok((Body::Whole(bytes), size))
         })
         .await;
-        let path = body.path.display();
         match opened {
             Ok(Ok(body)) => Ok(body),
-            Ok(Err(e)) => Err(ClientError::Body(format!("{path}: {e}"))),
-            Err(e) => Err(ClientError::Body(format!("{path}: {e}"))),
+            Ok(Err(e)) => Err(ClientError::Body(e)),
+            Err(e) => Err(ClientError::Body(format!("{id}: {e}"))),
         }
     }
 }

@@ -55,13 +55,19 @@ pub struct Detail {
 }
 
 /// One message to deliver: its envelope (only pending recipients in the batch's domain are tried)
-/// and where its body is.
-#[derive(Debug, Clone)]
+/// and the queue that holds it, through which its body is opened, by ID, when it is sent.
+#[derive(Clone)]
 pub struct Job {
     /// The message's envelope as the spool has it.
     pub envelope: Envelope,
-    /// Where the body is (CRLF line endings, not dot-stuffed).
-    pub body: crate::spool::BodyRef,
+    /// Where the body is read from (CRLF line endings, not dot-stuffed).
+    pub queue: Arc<dyn crate::spool::Queue>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("envelope", &self.envelope).finish_non_exhaustive()
+    }
 }
 
 /// The outcomes of one message, one entry per recipient address that was tried.
@@ -307,7 +313,7 @@ async fn worker(run: Arc<Run>, _permit: OwnedSemaphorePermit) {
         }
         let Some(open) = session.as_mut() else { continue };
         let job = &run.jobs[index];
-        let transaction = open.send(&job.envelope, &run.recipients(index), &job.body).await;
+        let transaction = open.send(&job.envelope, &run.recipients(index), &job.queue).await;
         if transaction.stale {
             // The server closed the connection while it was idle: nothing was sent, so the message
             // goes again on another connection instead of being deferred.

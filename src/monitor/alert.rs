@@ -5,7 +5,7 @@
 use super::{MonitorError, http};
 use crate::config::{CommandChannel, Config, EmailChannel, WebhookChannel};
 use crate::deliver::{ClientSettings, NextHop, RcptOutcome, Session, TlsMode};
-use crate::spool::{BodyType, Envelope, Recipient, rfc3339, rfc5322_date, to_micros};
+use crate::spool::{BodyType, Envelope, MemoryQueue, Queue, Recipient, rfc3339, rfc5322_date, to_micros};
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -120,11 +120,7 @@ impl Alerter {
         let mut settings =
             ClientSettings::new(self.config.hostname.clone(), &self.config.delivery).map_err(MonitorError::Setup)?;
         settings.timeouts = bounded(settings.timeouts, channel.timeout.0);
-        let path = std::env::temp_dir().join(format!("bartleby-alert-{:016x}.eml", fastrand::u64(..)));
-        write_private(&path, message.as_bytes()).map_err(|e| MonitorError::Mail(format!("{}: {e}", path.display())))?;
-        let result = send_mail(&hop, &settings, &from, &channel.to, &path).await;
-        let _ = std::fs::remove_file(&path);
-        result
+        send_mail(&hop, &settings, &from, &channel.to, message.as_bytes()).await
     }
 }
 
@@ -160,18 +156,24 @@ async fn send_mail(
     settings: &ClientSettings,
     from: &str,
     to: &[String],
-    body: &std::path::Path,
+    body: &[u8],
 ) -> Result<(), MonitorError> {
-    let mut session =
-        Session::open(hop, settings, TlsMode::Opportunistic).await.map_err(|e| MonitorError::Mail(e.to_string()))?;
     let recipients: Vec<Recipient> = to.iter().map(|a| Recipient::new(a.clone())).collect();
-    let mut envelope = Envelope::new("alert".into(), from.to_string(), recipients.clone());
-    envelope.size = std::fs::metadata(body).map(|m| m.len()).unwrap_or(0);
-    if !std::fs::read(body).map(|b| b.is_ascii()).unwrap_or(true) {
+    let mut envelope = Envelope::new(String::new(), from.to_string(), recipients.clone());
+    if !body.is_ascii() {
         envelope.body = BodyType::EightBitMime;
     }
+    // An alert is not queued mail: it goes through a queue of its own, in memory, so the SMTP
+    // client reads it as it reads every body (by queue ID, through a queue).
+    let queue = MemoryQueue::new();
+    let mut message = Arc::clone(&queue).incoming(&queue.new_id()).map_err(|e| MonitorError::Mail(e.to_string()))?;
+    message.write(body).map_err(|e| MonitorError::Mail(e.to_string()))?;
+    let envelope = message.commit(envelope).map_err(|e| MonitorError::Mail(e.to_string()))?;
+    let queue: Arc<dyn Queue> = queue;
+    let mut session =
+        Session::open(hop, settings, TlsMode::Opportunistic).await.map_err(|e| MonitorError::Mail(e.to_string()))?;
     let refs: Vec<&Recipient> = recipients.iter().collect();
-    let transaction = session.send(&envelope, &refs, &body.to_path_buf().into()).await;
+    let transaction = session.send(&envelope, &refs, &queue).await;
     session.quit().await;
     let refused: Vec<String> = transaction
         .outcomes
@@ -180,12 +182,6 @@ async fn send_mail(
         .map(|o| o.detail().text.clone())
         .collect();
     if refused.is_empty() { Ok(()) } else { Err(MonitorError::Mail(refused.join("; "))) }
-}
-
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    file.write_all(bytes)
 }
 
 /// The alert as a plain-text message with CRLF line endings.

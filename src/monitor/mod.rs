@@ -22,7 +22,7 @@ use crate::config::{Config, HumanDuration};
 use crate::deliver::{ClientSettings, Deliverer};
 use crate::lock;
 use crate::schedule::SchedulerHandle;
-use crate::spool::{Spool, from_micros, now_micros};
+use crate::spool::{Queue, from_micros, now_micros};
 use alert::{Alert, Alerter};
 use probe::ProbeResult;
 use rules::{Event, Rule};
@@ -76,7 +76,7 @@ pub type SharedStatus = Arc<Mutex<MonitorStatus>>;
 /// The monitor task's state.
 pub struct Monitor {
     config: Arc<Config>,
-    spool: Arc<Spool>,
+    spool: Arc<dyn Queue>,
     scheduler: SchedulerHandle,
     deliverer: Arc<Deliverer>,
     /// Client settings with every timeout capped by `probe_timeout`.
@@ -93,7 +93,7 @@ impl Monitor {
     /// A monitor for `config`, flushing through `scheduler` and resolving with `deliverer`.
     pub fn new(
         config: Arc<Config>,
-        spool: Arc<Spool>,
+        spool: Arc<dyn Queue>,
         scheduler: SchedulerHandle,
         deliverer: Arc<Deliverer>,
     ) -> Result<Monitor, MonitorError> {
@@ -273,7 +273,8 @@ impl Monitor {
 
     /// Queue length and the age of its oldest message.
     fn queue_rules(&mut self) {
-        let (count, oldest) = self.spool.with_index(|index| (index.len(), index.values().map(|e| e.arrived).min()));
+        let stats = self.spool.stats();
+        let (count, oldest) = (stats.messages, stats.oldest);
         let max = self.config.monitor.queue_max_messages;
         if max > 0 {
             self.observe("queue_size", "queue", count > max, Duration::ZERO, |event, _| match event {

@@ -161,19 +161,20 @@ fn outcomes_for_unknown_or_settled_recipients_are_ignored() {
 
 #[tokio::test]
 async fn a_message_with_too_many_received_headers_bounces_as_a_loop() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let job = |name: &str, hops: usize| {
+    let queue = crate::spool::MemoryQueue::new();
+    let job = |hops: usize| {
         let mut text = String::new();
         for hop in 0..hops {
             text += &format!("Received: from hop{hop}.test\r\n\tby next.test; Sun, 29 Nov 2026 10:00:00 +0000\r\n");
         }
         text += "Subject: loop\r\n\r\nreceived: in the body does not count\r\n";
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).expect("write");
-        Job { envelope: envelope("a@s.test", &["b@example.test", "c@other.test"]), body: path.into() }
+        let mut message = Arc::clone(&queue).incoming(&queue.new_id()).expect("incoming");
+        message.write(text.as_bytes()).expect("write");
+        let envelope = message.commit(envelope("a@s.test", &["b@example.test", "c@other.test"])).expect("commit");
+        Job { envelope, queue: Arc::clone(&queue) as Arc<dyn Queue> }
     };
     // Ours plus 50 is fine (the SMTP server refuses more at DATA); ours plus 51 is a loop.
-    let (kept, looped) = split_loops("example.test", vec![job("ok", 51), job("loop", 52)], 50).await;
+    let (kept, looped) = split_loops("example.test", vec![job(51), job(52)], 50).await;
     assert_eq!(kept.len(), 1);
     assert_eq!(looped.len(), 1);
     assert_eq!(looped[0].outcomes.len(), 1, "only the batch's domain");
@@ -235,20 +236,20 @@ mod backscatter {
     #[test]
     fn kept_messages_are_swept_after_the_lifetime() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (spool, _) = Spool::open(dir.path()).expect("spool");
-        let spool = Arc::new(spool);
+        let (spool, _) = crate::spool::Spool::open(dir.path()).expect("spool");
+        let spool: Arc<dyn Queue> = Arc::new(spool);
         let (config, mut envelope, mut verdict) = failed_message(Some(SpfVerdict::Softfail), false);
         suppress_backscatter(&config, &mut envelope, &mut verdict);
         let id = spool.new_id();
-        let mut message = spool.incoming(&id).expect("incoming");
+        let mut message = std::sync::Arc::clone(&spool).incoming(&id).expect("incoming");
         message.write(b"Subject: x\r\n\r\nbody\r\n").expect("write");
         message.commit(envelope.clone()).expect("commit");
-        assert_eq!(suppressed_bounces(&spool), 1);
+        assert_eq!(suppressed_bounces(spool.as_ref()), 1);
         let arrived = spool.get(&id).expect("queued").arrived;
-        assert_eq!(sweep_suppressed(&config, &spool, arrived + 1_000_000), 0, "lifetime not over");
+        assert_eq!(sweep_suppressed(&config, spool.as_ref(), arrived + 1_000_000), 0, "lifetime not over");
         let later = arrived + i64::try_from(config.queue.max_lifetime.0.as_micros()).expect("fits") + 1;
-        assert_eq!(sweep_suppressed(&config, &spool, later), 1);
-        assert_eq!(suppressed_bounces(&spool), 0);
+        assert_eq!(sweep_suppressed(&config, spool.as_ref(), later), 1);
+        assert_eq!(suppressed_bounces(spool.as_ref()), 0);
     }
 }
 

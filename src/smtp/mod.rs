@@ -16,7 +16,7 @@ pub mod session;
 use crate::auth::SenderCheck;
 use crate::config::Config;
 use crate::recipients::Recipients;
-use crate::spool::{Envelope, Spool};
+use crate::spool::{Envelope, Queue};
 use limits::IpLimits;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -26,7 +26,7 @@ use std::sync::Arc;
 /// What a session needs from the rest of the daemon.
 pub struct ServerContext {
     pub config: Arc<Config>,
-    pub spool: Arc<Spool>,
+    pub spool: Arc<dyn Queue>,
     /// Called after a message is durably queued (and before 250 is sent), so the scheduler can
     /// consider it at once.
     pub on_queued: Box<dyn Fn(&Envelope) + Send + Sync>,
@@ -46,7 +46,7 @@ impl ServerContext {
     /// A context without recipient checks or sender checks; add them with the public fields.
     pub fn new(
         config: Arc<Config>,
-        spool: Arc<Spool>,
+        spool: Arc<dyn Queue>,
         on_queued: Box<dyn Fn(&Envelope) + Send + Sync>,
     ) -> ServerContext {
         ServerContext {

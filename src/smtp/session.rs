@@ -12,7 +12,7 @@ use super::limits::Rate;
 use super::reply::Reply;
 use crate::lock;
 use crate::recipients::Decision;
-use crate::spool::{Envelope, IncomingMessage, Recipient, SpoolError};
+use crate::spool::{Envelope, Filter, Incoming, Recipient, SpoolError};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -38,7 +38,7 @@ pub enum Action {
 
 /// A message read to its end and found acceptable, waiting to be made durable.
 pub struct PendingMessage {
-    message: IncomingMessage,
+    message: Box<dyn Incoming>,
     envelope: Envelope,
     /// The message as received, for DKIM; None when too large to keep or not checked.
     copy: Option<Vec<u8>>,
@@ -138,7 +138,7 @@ enum RcptStep {
 /// A message being received.
 struct DataPhase {
     reader: DataReader,
-    message: IncomingMessage,
+    message: Box<dyn Incoming>,
     /// The first write error; the data is still read to its end, then 451.
     write_error: Option<SpoolError>,
     /// Reused buffer for unstuffed data on its way to the spool.
@@ -535,7 +535,7 @@ impl Session {
         }
         let id = self.context.spool.new_id();
         let header = self.received_header(&id, SystemTime::now());
-        let opened = self.context.spool.incoming(&id).and_then(|mut message| {
+        let opened = Arc::clone(&self.context.spool).incoming(&id).and_then(|mut message| {
             message.write(header.as_bytes())?;
             Ok(message)
         });
@@ -702,9 +702,8 @@ impl Session {
         if domains.is_empty() {
             return Reply::new(459, "4.7.1", format!("Node {name} not allowed: not a relay domain"));
         }
-        let waiting = self.context.spool.with_index(|index| {
-            index.values().filter(|e| !e.held && e.pending().any(|r| domains.contains(&r.domain()))).count()
-        });
+        let waiting: usize =
+            domains.iter().map(|d| self.context.spool.count(&Filter { held: Some(false), ..Filter::domain(d) })).sum();
         tracing::info!(client = %self.client, node = %name, waiting, "ETRN");
         if waiting == 0 {
             return Reply::new(251, "2.0.0", format!("OK, no messages waiting for node {name}"));

@@ -435,6 +435,9 @@ struct State {
     live: HashMap<QueueId, u64>,
     /// Messages queued from the journal (no files of their own yet).
     stored: HashMap<QueueId, Stored>,
+    /// Segments opened for reading bodies, shared by the readers; dropped when a segment is retired
+    /// (a reader still holding one keeps the deleted segment's bytes until it is done).
+    readers: HashMap<u64, Arc<File>>,
     /// Checkpoints asked for: materialize and retire everything now, whatever the segments' age.
     checkpoints: usize,
     stop: bool,
@@ -464,6 +467,7 @@ impl Journal {
                 members,
                 live: replay.live,
                 stored: replay.stored,
+                readers: HashMap::new(),
                 checkpoints: 0,
                 stop: false,
                 halted: false,
@@ -505,11 +509,30 @@ impl Journal {
         self.shared.append(records, entries)
     }
 
-    /// Where a journaled message's body is: the segment's path, the body's offset and length.
-    pub fn body(&self, id: &str) -> Option<(PathBuf, u64, u64)> {
-        let state = lock(&self.shared.state);
-        let stored = state.stored.get(id)?;
-        Some((segment_path(&self.shared.dir, stored.segment), stored.body.start, stored.body.end - stored.body.start))
+    /// Opens a journaled message's body, or returns None when the message is not queued from the
+    /// journal (it has files of its own, or is gone). The location is resolved and the segment
+    /// opened under the state lock, the lock a retirement takes to move the message elsewhere, and
+    /// a segment is deleted only after its survivors were moved: so the segment found here still
+    /// exists, and the open handle keeps its bytes readable however long the reader holds it, even
+    /// after the segment is retired (the bytes are freed when the last handle closes).
+    pub fn open_body(&self, id: &str) -> Option<Result<SegmentReader, SpoolError>> {
+        let mut state = lock(&self.shared.state);
+        let stored = state.stored.get(id)?.clone();
+        let file = match state.readers.get(&stored.segment) {
+            Some(file) => Arc::clone(file),
+            None => {
+                let path = segment_path(&self.shared.dir, stored.segment);
+                match File::open(&path) {
+                    Ok(file) => {
+                        let file = Arc::new(file);
+                        state.readers.insert(stored.segment, Arc::clone(&file));
+                        file
+                    }
+                    Err(err) => return Some(Err(SpoolError::Io { path, source: err })),
+                }
+            }
+        };
+        Some(Ok(SegmentReader { file, position: stored.body.start, end: stored.body.end }))
     }
 
     /// Is the message queued from the journal (no files of its own)?
@@ -759,6 +782,7 @@ impl Shared {
                 match retired {
                     Ok(()) => {
                         state.members.remove(&number);
+                        state.readers.remove(&number);
                         for id in &ids {
                             if state.live.get(id) == Some(&number) {
                                 state.live.remove(id);
@@ -949,6 +973,41 @@ impl Shared {
         let mut buf = vec![0; len];
         file.read_exact_at(&mut buf, range.start).map_err(io_err(&path))?;
         Ok(buf)
+    }
+}
+
+/// A journaled body being read: a stretch of a segment, through a handle shared with other readers
+/// (positioned reads, so they never disturb each other).
+pub struct SegmentReader {
+    file: Arc<File>,
+    position: u64,
+    end: u64,
+}
+
+impl SegmentReader {
+    /// The body's length in octets.
+    pub fn len(&self) -> u64 {
+        self.end - self.position
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Read for SegmentReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = usize::try_from(self.end - self.position).unwrap_or(usize::MAX);
+        let want = buf.len().min(left);
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.position)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "journal segment ends inside a body"));
+        }
+        self.position += n as u64;
+        Ok(n)
     }
 }
 

@@ -12,13 +12,17 @@
 
 pub mod envelope;
 pub mod journal;
+mod memory;
+mod queue;
 
 pub use envelope::*;
+pub use memory::MemoryQueue;
+pub use queue::*;
 
 use crate::lock;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -248,7 +252,7 @@ impl Spool {
     }
 
     /// A new queue ID that sorts after every ID issued before.
-    pub fn new_id(&self) -> QueueId {
+    fn issue_id(&self) -> QueueId {
         let mut last = lock(&self.last_id);
         let now = now_micros();
         let next = if now > last.0 {
@@ -262,49 +266,28 @@ impl Spool {
         format!("{:013X}{:03X}", next.0, next.1)
     }
 
-    /// Starts writing a new message; nothing is queued until [`IncomingMessage::commit`].
-    /// The body is held in memory while it is small enough for the journal, and spills to a file in
-    /// `incoming/` when it grows past [`journal::MAX_JOURNALED_BODY`].
-    pub fn incoming(self: &Arc<Self>, id: &str) -> Result<IncomingMessage, SpoolError> {
-        Ok(IncomingMessage {
-            spool: Arc::clone(self),
-            id: id.to_string(),
-            path: PathBuf::new(),
-            body: Body::Memory(Vec::new()),
-            size: 0,
-        })
+    /// Gives every message queued in the journal its own files and deletes the journal's segments
+    /// (waiting at most `limit`); returns whether all were done.
+    pub fn checkpoint(&self, limit: std::time::Duration) -> bool {
+        self.journal.checkpoint(limit)
     }
 
-    /// A copy of every queued envelope, in arrival order.
-    pub fn list(&self) -> Vec<Envelope> {
-        lock(&self.index).values().cloned().collect()
-    }
-
-    /// Runs `f` over the index without copying it.
-    pub fn with_index<T>(&self, f: impl FnOnce(&BTreeMap<QueueId, Envelope>) -> T) -> T {
-        f(&lock(&self.index))
-    }
-
-    pub fn get(&self, id: &str) -> Option<Envelope> {
-        lock(&self.index).get(id).cloned()
-    }
-
-    pub fn len(&self) -> usize {
-        lock(&self.index).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Durably replaces a message's envelope, then the index.
-    pub fn update(&self, envelope: &Envelope) -> Result<(), SpoolError> {
+    /// Durably replaces the envelopes of queued messages, with one directory fsync for all of
+    /// them, then the index.
+    fn update_envelopes(&self, envelopes: &[Envelope]) -> Result<(), SpoolError> {
+        if envelopes.is_empty() {
+            return Ok(());
+        }
         let _files = self.journal.files_lock();
-        if self.write_envelopes(&[envelope])? {
+        if self.write_envelopes(&envelopes.iter().collect::<Vec<_>>())? {
             self.messages_sync.sync(&self.messages)?;
         }
-        lock(&self.index).insert(envelope.id.clone(), envelope.clone());
-        lock(&self.dirty).remove(&envelope.id);
+        let mut index = lock(&self.index);
+        let mut dirty = lock(&self.dirty);
+        for envelope in envelopes {
+            dirty.remove(&envelope.id);
+            index.insert(envelope.id.clone(), envelope.clone());
+        }
         Ok(())
     }
 
@@ -342,50 +325,10 @@ impl Spool {
         fs::rename(&tmp, target).map_err(io_err(target))
     }
 
-    /// Records retry bookkeeping (attempts, next attempt, last error) in memory only. It is not part
-    /// of the promise behind 250 — losing it in a crash means an earlier retry, never lost mail — and
-    /// writing it durably would cost an fsync per message per failed attempt while a primary is down.
-    /// It reaches the disk with the message's next durable change or [`Spool::persist_dirty`].
-    pub fn note(&self, envelopes: Vec<Envelope>) {
-        let mut index = lock(&self.index);
-        let mut dirty = lock(&self.dirty);
-        for envelope in envelopes {
-            if let Some(slot) = index.get_mut(&envelope.id) {
-                dirty.insert(envelope.id.clone());
-                *slot = envelope;
-            }
-        }
-    }
-
-    /// Writes every envelope changed by [`Spool::note`] (at shutdown). Returns how many.
-    pub fn persist_dirty(&self) -> Result<usize, SpoolError> {
-        let ids: Vec<QueueId> = lock(&self.dirty).drain().collect();
-        let envelopes: Vec<Envelope> =
-            self.with_index(|index| ids.iter().filter_map(|id| index.get(id).cloned()).collect());
-        self.update_many(&envelopes)?;
-        Ok(envelopes.len())
-    }
-
-    /// Like [`Spool::update`] for many envelopes, with one directory fsync for all of them.
-    pub fn update_many(&self, envelopes: &[Envelope]) -> Result<(), SpoolError> {
-        if envelopes.is_empty() {
-            return Ok(());
-        }
-        let _files = self.journal.files_lock();
-        if self.write_envelopes(&envelopes.iter().collect::<Vec<_>>())? {
-            self.messages_sync.sync(&self.messages)?;
-        }
-        let mut index = lock(&self.index);
-        let mut dirty = lock(&self.dirty);
-        for envelope in envelopes {
-            dirty.remove(&envelope.id);
-            index.insert(envelope.id.clone(), envelope.clone());
-        }
-        Ok(())
-    }
-
     /// Removes many messages with one directory fsync; a message already gone is not an error.
-    pub fn remove_many(&self, ids: &[QueueId]) -> Result<(), SpoolError> {
+    /// Envelopes are unlinked before bodies, so a crash can leave only an orphan body, which
+    /// recovery deletes.
+    fn remove_messages(&self, ids: &[QueueId]) -> Result<(), SpoolError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -437,136 +380,91 @@ impl Spool {
             })
         })
     }
+}
 
-    /// Removes a message: the envelope first, so a crash can leave only an orphan body, which
-    /// recovery deletes.
-    pub fn remove(&self, id: &str) -> Result<(), SpoolError> {
-        let _files = self.journal.files_lock();
-        let journaled = self.journal.holds(id);
-        self.journal.forget(&[id.to_string()])?;
-        let env = self.messages.join(format!("{id}.env"));
-        match fs::remove_file(&env) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound && journaled => {
-                lock(&self.index).remove(id);
-                return Ok(());
+/// The local store: the journal and files under `queue.dir`, with every envelope in memory.
+impl Queue for Spool {
+    fn new_id(&self) -> QueueId {
+        self.issue_id()
+    }
+
+    /// The body is held in memory while it is small enough for the journal, and spills to a file
+    /// in `incoming/` when it grows past [`journal::MAX_JOURNALED_BODY`].
+    fn incoming(self: Arc<Self>, id: &str) -> Result<Box<dyn Incoming>, SpoolError> {
+        Ok(Box::new(IncomingMessage {
+            spool: self,
+            id: id.to_string(),
+            path: PathBuf::new(),
+            body: Body::Memory(Vec::new()),
+            size: 0,
+        }))
+    }
+
+    fn get(&self, id: &str) -> Option<Envelope> {
+        lock(&self.index).get(id).cloned()
+    }
+
+    fn visit(&self, f: &mut dyn FnMut(&Envelope)) {
+        lock(&self.index).values().for_each(f);
+    }
+
+    fn len(&self) -> usize {
+        lock(&self.index).len()
+    }
+
+    fn update(&self, envelopes: &[Envelope]) -> Result<(), SpoolError> {
+        self.update_envelopes(envelopes)
+    }
+
+    fn note(&self, envelopes: Vec<Envelope>) {
+        let mut index = lock(&self.index);
+        let mut dirty = lock(&self.dirty);
+        for envelope in envelopes {
+            if let Some(slot) = index.get_mut(&envelope.id) {
+                dirty.insert(envelope.id.clone());
+                *slot = envelope;
             }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(SpoolError::NotFound(id.to_string())),
-            Err(err) => return Err(SpoolError::Io { path: env, source: err }),
-        }
-        let body = self.messages.join(format!("{id}.msg"));
-        if let Err(err) = fs::remove_file(&body)
-            && err.kind() != io::ErrorKind::NotFound
-        {
-            return Err(SpoolError::Io { path: body, source: err });
-        }
-        self.messages_sync.sync(&self.messages)?;
-        lock(&self.index).remove(id);
-        Ok(())
-    }
-
-    /// Path of a message's own body file (which a journaled message does not have yet).
-    fn body_path(&self, id: &str) -> PathBuf {
-        self.messages.join(format!("{id}.msg"))
-    }
-
-    /// Where a message's body is, for streaming it to the next hop.
-    pub fn body(&self, id: &str) -> BodyRef {
-        let file = self.body_path(id);
-        match self.journal.body(id) {
-            Some((segment, offset, len)) => BodyRef { path: segment, offset, len: Some(len), fallback: Some(file) },
-            None => BodyRef { path: file, offset: 0, len: None, fallback: None },
         }
     }
 
-    /// Reads a message's whole body.
-    pub fn read_body(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
-        let body = self.body(id);
-        let not_found = |err: io::Error| match err.kind() {
-            io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
-            _ => SpoolError::Io { path: body.path.clone(), source: err },
+    fn persist(&self) -> Result<usize, SpoolError> {
+        let ids: Vec<QueueId> = lock(&self.dirty).drain().collect();
+        let envelopes: Vec<Envelope> = {
+            let index = lock(&self.index);
+            ids.iter().filter_map(|id| index.get(id).cloned()).collect()
         };
-        let (file, len) = body.open().map_err(not_found)?;
-        let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-        file.take(len).read_to_end(&mut buf).map_err(not_found)?;
-        Ok(buf)
+        self.update_envelopes(&envelopes)?;
+        Ok(envelopes.len())
     }
 
-    /// Reads the header section of a message (up to the first empty line, at most `limit` octets).
-    pub fn read_headers(&self, id: &str, limit: usize) -> Result<Vec<u8>, SpoolError> {
-        let body = self.body(id);
-        let (file, len) = body.open().map_err(io_err(&body.path))?;
-        let mut buf = Vec::new();
-        file.take(len.min(limit as u64)).read_to_end(&mut buf).map_err(io_err(&body.path))?;
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.truncate(end + 2);
+    fn remove(&self, ids: &[QueueId]) -> Result<(), SpoolError> {
+        self.remove_messages(ids)
+    }
+
+    /// A journaled body is opened under the journal's lock ([`journal::Journal::open_body`]); any
+    /// other from its own file, which only the message's removal deletes.
+    fn open_body(&self, id: &str) -> Result<MessageBody, SpoolError> {
+        if let Some(opened) = self.journal.open_body(id) {
+            let reader = opened?;
+            let len = reader.len();
+            return Ok(MessageBody::new(Box::new(reader), len));
         }
-        Ok(buf)
+        let path = self.messages.join(format!("{id}.msg"));
+        let file = File::open(&path).map_err(|err| match err.kind() {
+            io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
+            _ => SpoolError::Io { path: path.clone(), source: err },
+        })?;
+        let len = file.metadata().map_err(io_err(&path))?.len();
+        Ok(MessageBody::new(Box::new(file), len))
     }
 
-    /// Bytes and inodes free on the spool's filesystem (statvfs).
-    pub fn space(&self) -> Result<SpaceInfo, SpoolError> {
+    fn space(&self) -> Result<SpaceInfo, SpoolError> {
         space_of(&self.root)
     }
 
-    /// Gives every message queued in the journal its own files and deletes the journal's segments
-    /// (waiting at most `limit`); returns whether all were done.
-    pub fn checkpoint(&self, limit: std::time::Duration) -> bool {
-        self.journal.checkpoint(limit)
-    }
-
-    /// Like [`Spool::checkpoint`], without blocking the caller: waits asynchronously.
-    pub async fn checkpoint_async(&self, limit: std::time::Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        self.journal.begin_checkpoint();
-        let mut done = self.journal.checkpointed();
-        while !done && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            done = self.journal.checkpointed();
-        }
-        self.journal.end_checkpoint();
-        done
-    }
-
-    /// How many queued messages wait in the journal (without files of their own).
-    pub fn journaled(&self) -> usize {
-        self.journal.queued()
-    }
-}
-
-/// Where a queued message's body is: its own file, or a stretch of a journal segment. A segment can
-/// be retired between looking and opening; its messages have their files by then (`fallback`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct BodyRef {
-    pub path: PathBuf,
-    pub offset: u64,
-    /// The body's length; None for a file of its own (its whole length).
-    pub len: Option<u64>,
-    pub fallback: Option<PathBuf>,
-}
-
-impl From<PathBuf> for BodyRef {
-    /// A body in a file of its own.
-    fn from(path: PathBuf) -> BodyRef {
-        BodyRef { path, offset: 0, len: None, fallback: None }
-    }
-}
-
-impl BodyRef {
-    /// Opens the body, positioned at its first octet; returns the file and the body's length.
-    pub fn open(&self) -> io::Result<(File, u64)> {
-        use std::io::{Seek, SeekFrom};
-        let (mut file, offset, len) = match (File::open(&self.path), &self.fallback) {
-            (Ok(file), _) => (file, self.offset, self.len),
-            (Err(err), Some(fallback)) if err.kind() == io::ErrorKind::NotFound => (File::open(fallback)?, 0, None),
-            (Err(err), _) => return Err(err),
-        };
-        let len = match len {
-            Some(len) => len,
-            None => file.metadata()?.len(),
-        };
-        file.seek(SeekFrom::Start(offset))?;
-        Ok((file, len))
+    fn sync_files(&self, limit: std::time::Duration) -> Option<usize> {
+        let waiting = self.journal.queued();
+        self.checkpoint(limit).then_some(waiting)
     }
 }
 
@@ -650,7 +548,7 @@ impl Spool {
                 skipped += 1;
                 continue;
             }
-            let mut message = self.incoming(&id)?;
+            let mut message = Arc::clone(self).incoming(&id)?;
             message.write(&body)?;
             message.commit(entry.envelope)?;
             imported += 1;
@@ -690,17 +588,16 @@ enum Body {
     Gone,
 }
 
-impl IncomingMessage {
-    pub fn id(&self) -> &str {
+impl Incoming for IncomingMessage {
+    fn id(&self) -> &str {
         &self.id
     }
 
-    /// Octets written so far.
-    pub fn size(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.size
     }
 
-    pub fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
+    fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
         if let Body::Memory(held) = &mut self.body {
             if held.len() + data.len() <= journal::MAX_JOURNALED_BODY {
                 held.extend_from_slice(data);
@@ -716,20 +613,7 @@ impl IncomingMessage {
         Ok(())
     }
 
-    /// Moves a body that outgrew the journal into its own file.
-    fn spill(&mut self, held: &[u8]) -> Result<(), SpoolError> {
-        self.body = Body::Gone;
-        let path = self.spool.incoming.join(format!("{}.msg", self.id));
-        let file = create_private(&path)?;
-        self.path = path;
-        let mut writer = BufWriter::with_capacity(64 * 1024, file);
-        writer.write_all(held).map_err(io_err(&self.path))?;
-        self.body = Body::File(writer);
-        Ok(())
-    }
-
-    /// Makes the message durable and queued. Only after this returns Ok may the server answer 250.
-    pub fn commit(mut self, mut envelope: Envelope) -> Result<Envelope, SpoolError> {
+    fn commit(mut self: Box<Self>, mut envelope: Envelope) -> Result<Envelope, SpoolError> {
         envelope.id = self.id.clone();
         envelope.size = self.size;
         let envelope = match std::mem::replace(&mut self.body, Body::Gone) {
@@ -743,6 +627,20 @@ impl IncomingMessage {
         }
         lock(&self.spool.index).insert(envelope.id.clone(), envelope.clone());
         Ok(envelope)
+    }
+}
+
+impl IncomingMessage {
+    /// Moves a body that outgrew the journal into its own file.
+    fn spill(&mut self, held: &[u8]) -> Result<(), SpoolError> {
+        self.body = Body::Gone;
+        let path = self.spool.incoming.join(format!("{}.msg", self.id));
+        let file = create_private(&path)?;
+        self.path = path;
+        let mut writer = BufWriter::with_capacity(64 * 1024, file);
+        writer.write_all(held).map_err(io_err(&self.path))?;
+        self.body = Body::File(writer);
+        Ok(())
     }
 
     /// A small message: one record in the journal, made durable together with the other sessions'

@@ -12,7 +12,7 @@ fn envelope(spool: &Spool, id: &str) -> Envelope {
 
 fn put(spool: &Arc<Spool>, data: &[u8]) -> Envelope {
     let id = spool.new_id();
-    let mut msg = spool.incoming(&id).expect("incoming");
+    let mut msg = std::sync::Arc::clone(spool).incoming(&id).expect("incoming");
     msg.write(data).expect("write");
     msg.commit(envelope(spool, &id)).expect("commit")
 }
@@ -37,7 +37,7 @@ fn uncommitted_message_never_appears() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
     let id = spool.new_id();
-    let mut msg = spool.incoming(&id).unwrap();
+    let mut msg = std::sync::Arc::clone(&spool).incoming(&id).unwrap();
     msg.write(b"half a mess").unwrap();
     drop(msg);
     assert!(spool.is_empty());
@@ -108,14 +108,14 @@ fn update_and_remove() {
     let mut env = put(&spool, b"x\r\n");
     env.held = true;
     env.record("held by test");
-    spool.update(&env).unwrap();
+    spool.update(std::slice::from_ref(&env)).unwrap();
     drop(spool);
     let spool = open(dir.path());
     assert!(spool.get(&env.id).unwrap().held);
-    spool.remove(&env.id).unwrap();
+    spool.delete(&env.id).unwrap();
     assert!(spool.get(&env.id).is_none());
-    assert!(matches!(spool.remove(&env.id), Err(SpoolError::NotFound(_))));
-    assert!(matches!(spool.update(&env), Err(SpoolError::NotFound(_))));
+    assert!(matches!(spool.delete(&env.id), Err(SpoolError::NotFound(_))));
+    assert!(matches!(spool.update(std::slice::from_ref(&env)), Err(SpoolError::NotFound(_))));
     assert_eq!(fs::read_dir(dir.path().join(MESSAGES)).unwrap().count(), 0);
 }
 
@@ -161,10 +161,10 @@ fn batch_update_and_remove() {
     for env in &mut envs {
         env.attempts = 7;
     }
-    spool.update_many(&envs).unwrap();
+    spool.update(&envs).unwrap();
     assert!(spool.list().iter().all(|e| e.attempts == 7));
     let ids: Vec<_> = envs.iter().map(|e| e.id.clone()).collect();
-    spool.remove_many(&ids[..2]).unwrap();
+    spool.remove(&ids[..2]).unwrap();
     assert_eq!(spool.list().len(), 1);
     drop(spool);
     let spool = open(dir.path());
@@ -178,7 +178,7 @@ fn export_and_import_keep_envelopes_bodies_and_order() {
     let spool = open(from.path());
     let mut envs: Vec<_> = (0..3).map(|i| put(&spool, format!("Subject: {i}\r\n\r\n.dot\r\n").as_bytes())).collect();
     envs[1].held = true;
-    spool.update(&envs[1]).unwrap();
+    spool.update(std::slice::from_ref(&envs[1])).unwrap();
     let mut exported = Vec::new();
     assert_eq!(export(from.path(), &mut exported).unwrap(), 3);
 
@@ -234,8 +234,8 @@ fn noted_bookkeeping_is_in_memory_until_persisted() {
     let spool = open(dir.path());
     assert_eq!(spool.get(&env.id).unwrap().attempts, 0, "a crash loses only the bookkeeping");
     spool.note(vec![env.clone()]);
-    assert_eq!(spool.persist_dirty().unwrap(), 1);
-    assert_eq!(spool.persist_dirty().unwrap(), 0, "nothing left to write");
+    assert_eq!(spool.persist().unwrap(), 1);
+    assert_eq!(spool.persist().unwrap(), 0, "nothing left to write");
     drop(spool);
     let spool = open(dir.path());
     assert_eq!(spool.get(&env.id).unwrap().last_error(), Some("connect: refused"));
@@ -296,11 +296,11 @@ fn removed_or_updated_journaled_messages_stay_that_way_after_a_crash() {
     let delivered = put(&spool, b"delivered\r\n");
     let delivered_too = put(&spool, b"delivered too\r\n");
     let mut updated = put(&spool, b"updated\r\n");
-    spool.remove(&delivered.id).unwrap();
-    assert!(matches!(spool.remove(&delivered.id), Err(SpoolError::NotFound(_))));
-    spool.remove_many(std::slice::from_ref(&delivered_too.id)).unwrap();
+    spool.delete(&delivered.id).unwrap();
+    assert!(matches!(spool.delete(&delivered.id), Err(SpoolError::NotFound(_))));
+    spool.remove(std::slice::from_ref(&delivered_too.id)).unwrap();
     updated.held = true;
-    spool.update(&updated).unwrap();
+    spool.update(std::slice::from_ref(&updated)).unwrap();
     assert_eq!(files_in(dir.path()), 0, "a change of state is one more record, not files");
     crash(spool);
     let (spool, recovery) = Spool::open(dir.path()).unwrap();
@@ -332,7 +332,7 @@ fn files_torn_by_a_crash_are_rewritten_from_the_journal() {
     let spool = open(dir.path());
     let mut env = put(&spool, b"Subject: whole\r\n\r\nbody\r\n");
     env.held = true;
-    spool.update(&env).unwrap();
+    spool.update(std::slice::from_ref(&env)).unwrap();
     crash(spool);
     // As if the files had been written by a retirement that a power loss interrupted.
     fs::write(dir.path().join(format!("messages/{}.msg", env.id)), b"Subj").unwrap();
@@ -349,7 +349,7 @@ fn a_checkpoint_gives_every_message_its_files_and_empties_the_journal() {
     let spool = open(dir.path());
     let mut env = put(&spool, b"x\r\n");
     env.attempts = 4;
-    spool.update(&env).unwrap();
+    spool.update(std::slice::from_ref(&env)).unwrap();
     assert!(spool.checkpoint(LIMIT));
     assert_eq!(files_in(dir.path()), 2);
     let written: Envelope =
@@ -369,7 +369,7 @@ fn a_large_message_bypasses_the_journal_and_survives_a_crash() {
     let spool = open(dir.path());
     let big: Vec<u8> = (0..journal::MAX_JOURNALED_BODY + 10).map(|i| b'a' + (i % 26) as u8).collect();
     let id = spool.new_id();
-    let mut msg = spool.incoming(&id).unwrap();
+    let mut msg = std::sync::Arc::clone(&spool).incoming(&id).unwrap();
     msg.write(&big[..1000]).unwrap();
     msg.write(&big[1000..]).unwrap();
     assert!(dir.path().join(format!("incoming/{id}.msg")).exists(), "spilled to a file");
@@ -386,7 +386,7 @@ fn a_spilled_message_dropped_uncommitted_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
     let id = spool.new_id();
-    let mut msg = spool.incoming(&id).unwrap();
+    let mut msg = std::sync::Arc::clone(&spool).incoming(&id).unwrap();
     msg.write(&vec![b'x'; journal::MAX_JOURNALED_BODY + 1]).unwrap();
     drop(msg);
     assert_eq!(fs::read_dir(dir.path().join(INCOMING)).unwrap().count(), 0);
@@ -401,7 +401,7 @@ fn a_segment_whose_messages_are_all_delivered_is_deleted() {
     let body = vec![b'x'; 450 * 1024];
     let ids: Vec<_> = (0..40).map(|_| put(&spool, &body).id).collect();
     assert!(segments_in(dir.path()) >= 2);
-    spool.remove_many(&ids[..37]).unwrap();
+    spool.remove(&ids[..37]).unwrap();
     wait_for_first_segment_to_go(dir.path(), "the delivered segment was never deleted");
     assert_eq!(files_in(dir.path()), 0, "nothing was written out for delivered mail");
     crash(spool);
@@ -415,7 +415,7 @@ fn a_clean_shutdown_leaves_segments_only_where_mail_waits() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
     let delivered = put(&spool, b"delivered\r\n");
-    spool.remove(&delivered.id).unwrap();
+    spool.delete(&delivered.id).unwrap();
     drop(spool);
     assert_eq!(segments_in(dir.path()), 0, "nothing queued, nothing left in the journal");
     let spool = open(dir.path());
@@ -436,9 +436,9 @@ fn a_mostly_delivered_segment_is_compacted() {
     // A survivor's latest envelope is a record in a later segment; the copy must carry it.
     let mut held = spool.get(&ids[0]).unwrap();
     held.held = true;
-    spool.update(&held).unwrap();
+    spool.update(std::slice::from_ref(&held)).unwrap();
     // Of the first segment's 37 messages, 2 still wait: under a quarter of it is still needed.
-    spool.remove_many(&ids[2..37]).unwrap();
+    spool.remove(&ids[2..37]).unwrap();
     wait_for_first_segment_to_go(dir.path(), "the mostly delivered segment was never compacted");
     assert_eq!(files_in(dir.path()), 0, "the two survivors were copied within the journal");
     assert!(ids[..2].iter().all(|id| spool.read_body(id).unwrap() == body));
@@ -456,7 +456,7 @@ fn many_removals_with_files_unlink_everything_on_several_threads() {
     let ids: Vec<_> = (0..40).map(|n| put(&spool, format!("m {n}\r\n").as_bytes()).id).collect();
     assert!(spool.checkpoint(LIMIT));
     assert_eq!(files_in(dir.path()), 80);
-    spool.remove_many(&ids[..39]).unwrap();
+    spool.remove(&ids[..39]).unwrap();
     assert_eq!(files_in(dir.path()), 2);
     assert_eq!(spool.list().len(), 1);
     crash(spool);
@@ -482,7 +482,7 @@ fn files_root_creates_in_someone_elses_spool_are_theirs() {
     let spool = open(&root);
     let mut env = put(&spool, b"x\r\n");
     env.held = true;
-    spool.update(&env).unwrap();
+    spool.update(std::slice::from_ref(&env)).unwrap();
     assert!(spool.checkpoint(LIMIT));
     let owned_by_nobody = |path: &Path| fs::metadata(path).unwrap().uid() == 65534;
     for sub in [MESSAGES, INCOMING, JOURNAL] {
@@ -491,5 +491,105 @@ fn files_root_creates_in_someone_elses_spool_are_theirs() {
     for entry in fs::read_dir(root.join(MESSAGES)).unwrap().chain(fs::read_dir(root.join(JOURNAL)).unwrap()) {
         let path = entry.unwrap().path();
         assert!(owned_by_nobody(&path), "{}", path.display());
+    }
+}
+
+/// The failure of issue 12: a delivery was given a body's location (segment and offset) when it
+/// was scheduled; compaction then copied the message forward and deleted the segment, and the
+/// delivery opened a file that was gone. A body is now opened through the store, by ID, and an open
+/// body stays readable whatever the store does meanwhile.
+#[test]
+fn a_body_being_read_survives_the_compaction_and_retirement_of_its_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let body = vec![b'z'; 450 * 1024];
+    let ids: Vec<_> = (0..40).map(|_| put(&spool, &body).id).collect();
+    // A delivery holds the first message's body, read partly, while the store compacts.
+    let mut held = spool.open_body(&ids[0]).expect("open").into_reader();
+    let mut start = vec![0; 1000];
+    std::io::Read::read_exact(&mut held, &mut start).expect("read the start");
+    spool.remove(&ids[2..37]).unwrap();
+    wait_for_first_segment_to_go(dir.path(), "the mostly delivered segment was never compacted");
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut held, &mut rest).expect("the rest, from the retired segment");
+    start.extend(rest);
+    assert!(start == body, "the held body read whole and unchanged");
+    // A delivery that opens the body only now finds its new place.
+    assert_eq!(spool.read_body(&ids[1]).expect("moved body"), body);
+    drop(held);
+}
+
+/// Readers race compaction: bodies are opened and read over and over while segments are compacted
+/// and retired under them; not one read may fail.
+#[test]
+fn bodies_read_during_compaction_never_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let body = vec![b'w'; 450 * 1024];
+    let ids: Vec<_> = (0..40).map(|_| put(&spool, &body).id).collect();
+    let survivors = [ids[0].clone(), ids[1].clone()];
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (spool, stop) = (Arc::clone(&spool), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for id in &survivors {
+                    assert_eq!(spool.read_body(id).expect("a body read during compaction").len(), 450 * 1024);
+                    reads += 1;
+                }
+            }
+            reads
+        })
+    };
+    spool.remove(&ids[2..37]).unwrap();
+    wait_for_first_segment_to_go(dir.path(), "the mostly delivered segment was never compacted");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.join().expect("no failed read") > 0);
+}
+
+/// The in-memory store answers the same queries as the local one.
+#[test]
+fn the_memory_store_and_the_local_store_answer_queries_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let local: Arc<dyn Queue> = open(dir.path());
+    let memory: Arc<dyn Queue> = MemoryQueue::new();
+    for queue in [&local, &memory] {
+        for (sender, rcpts, held) in [
+            ("a@s.test", vec!["x@example.test"], false),
+            ("", vec!["y@example.test", "z@other.test"], false),
+            ("b@s.test", vec!["q@OTHER.test."], true),
+        ] {
+            let id = queue.new_id();
+            let mut message = Arc::clone(queue).incoming(&id).unwrap();
+            message.write(b"Subject: hi\r\n\r\nbody\r\n").unwrap();
+            let mut envelope =
+                Envelope::new(id.clone(), sender.into(), rcpts.iter().map(|r| Recipient::new(r.to_string())).collect());
+            envelope.held = held;
+            message.commit(envelope).unwrap();
+        }
+    }
+    for queue in [&local, &memory] {
+        assert_eq!(queue.len(), 3);
+        assert_eq!(queue.count(&Filter::domain("other.test")), 2);
+        assert_eq!(queue.count(&Filter { held: Some(false), ..Filter::domain("other.test") }), 1);
+        assert_eq!(queue.count(&Filter { sender: Some("<>".into()), ..Filter::default() }), 1);
+        assert_eq!(queue.count(&Filter { recipient: Some("Y@EX".into()), ..Filter::default() }), 1);
+        let page = queue.query(&Filter::all(), Page { offset: 1, limit: 1 });
+        assert_eq!((page.total, page.matched, page.envelopes.len()), (3, 3, 1));
+        let stats = queue.stats();
+        assert_eq!((stats.messages, stats.held), (3, 1));
+        assert_eq!(stats.domains["other.test"].messages, 2);
+        assert_eq!(stats.domains["example.test"].messages, 2);
+        let shape = queue.shape(now_micros());
+        assert_eq!(shape["other.test"][0], 2, "both arrived in the last 5 minutes");
+        assert_eq!(queue.due().len(), 2, "held mail is not due");
+        let first = page.envelopes[0].id.clone();
+        assert_eq!(queue.read_headers(&first, 1024).unwrap(), b"Subject: hi\r\n");
+        assert!(queue.set_held(&first, true).unwrap().held);
+        assert_eq!(queue.due().len(), 1);
+        queue.delete(&first).unwrap();
+        assert!(matches!(queue.delete(&first), Err(SpoolError::NotFound(_))));
+        assert!(matches!(queue.open_body(&first), Err(SpoolError::NotFound(_))));
     }
 }

@@ -85,7 +85,7 @@ async fn show(State(state): State<WebState>, Path(id): Path<String>) -> Result<R
         let headers = spool.read_headers(&id, 256 * 1024).map_err(|e| WebError::Internal(e.to_string()))?;
         Ok::<_, WebError>(MessageResponse {
             listed: ListedMessage::from(&envelope),
-            subject: queue::subject(&spool, &id),
+            subject: queue::subject(spool.as_ref(), &id),
             envelope,
             headers: String::from_utf8_lossy(&headers).into_owned(),
         })

@@ -2,7 +2,7 @@
 //! a bounded ring, and the page draws it server-side as SVG (no script, no external assets).
 
 use crate::lock;
-use crate::spool::{Spool, now_micros, rfc3339};
+use crate::spool::{Queue, now_micros, rfc3339};
 use maud::{Markup, html};
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -53,8 +53,9 @@ impl Samples {
     }
 
     /// Samples the spool now.
-    pub fn record(&self, spool: &Spool) {
-        let (messages, bytes) = spool.with_index(|index| (index.len(), index.values().map(|e| e.size).sum::<u64>()));
+    pub fn record(&self, spool: &dyn Queue) {
+        let stats = spool.stats();
+        let (messages, bytes) = (stats.messages, stats.bytes);
         self.push(Sample { at: now_micros(), messages: messages as u64, bytes });
     }
 
@@ -65,12 +66,12 @@ impl Samples {
 }
 
 /// Samples every interval until `shutdown` turns true.
-pub async fn run_sampler(samples: Arc<Samples>, spool: Arc<Spool>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_sampler(samples: Arc<Samples>, spool: Arc<dyn Queue>, mut shutdown: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(samples.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ticker.tick() => samples.record(&spool),
+            _ = ticker.tick() => samples.record(spool.as_ref()),
             _ = shutdown.changed() => return,
         }
     }

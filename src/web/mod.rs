@@ -22,7 +22,7 @@ pub mod tls;
 use crate::config::{Config, WebConfig, cidr_list_contains};
 use crate::metrics::Metrics;
 use crate::schedule::SchedulerHandle;
-use crate::spool::Spool;
+use crate::spool::Queue;
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -104,7 +104,7 @@ fn with_retry_after(err: &WebError, mut response: Response) -> Response {
 pub struct WebState {
     /// The running configuration; replaced on a reload (SIGHUP).
     config: Arc<std::sync::RwLock<Arc<Config>>>,
-    pub spool: Arc<Spool>,
+    pub spool: Arc<dyn Queue>,
     pub scheduler: SchedulerHandle,
     pub metrics: Arc<Metrics>,
     /// Queue size over the last 24 hours, for the chart.
@@ -130,7 +130,7 @@ impl WebState {
     }
 
     /// The state for [`serve`]; the sampler for the chart is started by `serve`.
-    pub fn new(config: Arc<Config>, spool: Arc<Spool>, scheduler: SchedulerHandle, metrics: Arc<Metrics>) -> Self {
+    pub fn new(config: Arc<Config>, spool: Arc<dyn Queue>, scheduler: SchedulerHandle, metrics: Arc<Metrics>) -> Self {
         let samples = Arc::new(chart::Samples::new(config.web.sample_interval.0));
         let (_, stopping) = watch::channel(false);
         WebState {
@@ -271,6 +271,6 @@ async fn healthz(State(state): State<WebState>) -> Response {
 /// Prometheus text format (version 0.0.4 content type, which every scraper accepts).
 async fn metrics(State(state): State<WebState>) -> Response {
     let destinations = state.scheduler.destinations();
-    let text = state.metrics.render(&state.spool, &destinations);
+    let text = state.metrics.render(state.spool.as_ref(), &destinations);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

@@ -323,7 +323,7 @@ async fn load(state: &WebState, id: &str) -> Result<(Envelope, String, Option<St
     tokio::task::spawn_blocking(move || {
         let envelope = spool.get(&id).ok_or_else(|| WebError::NotFound(format!("no message {id} in the queue")))?;
         let headers = spool.read_headers(&id, 256 * 1024).map_err(|e| WebError::Internal(e.to_string()))?;
-        let subject = queue::subject(&spool, &id);
+        let subject = queue::subject(spool.as_ref(), &id);
         Ok((envelope, String::from_utf8_lossy(&headers).replace("\r\n", "\n"), subject))
     })
     .await

@@ -8,9 +8,8 @@
 use super::{WebError, WebState};
 use crate::control::ListedMessage;
 use crate::schedule::DestinationState;
-use crate::spool::{Envelope, RecipientStatus, SpaceInfo, Spool, now_micros, rfc3339};
+use crate::spool::{Envelope, Filter, Page, Queue, SpaceInfo, now_micros, rfc3339};
 use serde::{Deserialize, Serialize};
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Messages per page unless asked otherwise.
@@ -55,37 +54,20 @@ impl QueueFilter {
         }
     }
 
+    /// The queue's filter for this one. Expects a [`QueueFilter::normalised`] filter.
+    pub fn to_filter(&self) -> Filter {
+        Filter {
+            domain: self.domain.clone(),
+            sender: self.sender.clone(),
+            recipient: self.recipient.clone(),
+            ..Filter::default()
+        }
+    }
+
     /// Does the envelope pass? Expects a [`QueueFilter::normalised`] filter.
     pub fn matches(&self, envelope: &Envelope) -> bool {
-        if let Some(domain) = &self.domain
-            && !envelope.pending().any(|r| domain_eq(&r.address, domain))
-        {
-            return false;
-        }
-        if let Some(sender) = &self.sender {
-            let hit = if sender == "<>" { envelope.sender.is_empty() } else { contains_ci(&envelope.sender, sender) };
-            if !hit {
-                return false;
-            }
-        }
-        if let Some(recipient) = &self.recipient
-            && !envelope.pending().any(|r| contains_ci(&r.address, recipient))
-        {
-            return false;
-        }
-        true
+        self.to_filter().matches(envelope, now_micros())
     }
-}
-
-/// Case-insensitive (ASCII) substring test without allocating: this runs 100,000 times per page.
-fn contains_ci(haystack: &str, lower_needle: &str) -> bool {
-    let (h, n) = (haystack.as_bytes(), lower_needle.as_bytes());
-    n.is_empty() || h.windows(n.len()).any(|w| w.iter().zip(n).all(|(a, b)| a.to_ascii_lowercase() == *b))
-}
-
-/// Is the address's domain `lower_domain`?
-fn domain_eq(address: &str, lower_domain: &str) -> bool {
-    address.rsplit_once('@').is_some_and(|(_, d)| d.trim_end_matches('.').eq_ignore_ascii_case(lower_domain))
 }
 
 /// One message in a listing: the fields of `queue list --json` plus the page's extras.
@@ -117,26 +99,12 @@ pub struct QueuePage {
     pub messages: Vec<QueueEntry>,
 }
 
-/// The filtered page: one pass over the index, clones only the page's envelopes.
-pub fn select(spool: &Spool, filter: &QueueFilter) -> (usize, usize, Vec<Envelope>) {
+/// The filtered page: one query, which clones only the page's envelopes.
+pub fn select(spool: &dyn Queue, filter: &QueueFilter) -> (usize, usize, Vec<Envelope>) {
     let per_page = filter.per_page.unwrap_or(DEFAULT_PER_PAGE);
-    let skip = (filter.page.unwrap_or(1) - 1).saturating_mul(per_page);
-    spool.with_index(|index| {
-        if filter.domain.is_none() && filter.sender.is_none() && filter.recipient.is_none() {
-            // No filter: no need to look at every envelope to count the matches.
-            let chosen = index.values().skip(skip).take(per_page).cloned().collect();
-            return (index.len(), index.len(), chosen);
-        }
-        let mut matched = 0;
-        let mut chosen = Vec::new();
-        for envelope in index.values().filter(|e| filter.matches(e)) {
-            if matched >= skip && chosen.len() < per_page {
-                chosen.push(envelope.clone());
-            }
-            matched += 1;
-        }
-        (index.len(), matched, chosen)
-    })
+    let offset = (filter.page.unwrap_or(1) - 1).saturating_mul(per_page);
+    let found = spool.query(&filter.to_filter(), Page { offset, limit: per_page });
+    (found.total, found.matched, found.envelopes)
 }
 
 /// The page of the queue the filter asks for, with Subjects read from disk.
@@ -145,8 +113,8 @@ pub async fn queue_page(state: &WebState, filter: &QueueFilter) -> Result<QueueP
     let spool = std::sync::Arc::clone(&state.spool);
     let wanted = filter.clone();
     let (total, matched, messages) = tokio::task::spawn_blocking(move || {
-        let (total, matched, envelopes) = select(&spool, &wanted);
-        let entries = envelopes.iter().map(|e| entry(&spool, e)).collect::<Vec<_>>();
+        let (total, matched, envelopes) = select(spool.as_ref(), &wanted);
+        let entries = envelopes.iter().map(|e| entry(spool.as_ref(), e)).collect::<Vec<_>>();
         (total, matched, entries)
     })
     .await
@@ -163,7 +131,7 @@ pub async fn queue_page(state: &WebState, filter: &QueueFilter) -> Result<QueueP
     })
 }
 
-fn entry(spool: &Spool, envelope: &Envelope) -> QueueEntry {
+fn entry(spool: &dyn Queue, envelope: &Envelope) -> QueueEntry {
     let domains: BTreeSet<String> = envelope.pending().map(|r| r.domain()).collect();
     QueueEntry {
         listed: ListedMessage::from(envelope),
@@ -174,7 +142,7 @@ fn entry(spool: &Spool, envelope: &Envelope) -> QueueEntry {
 }
 
 /// The decoded Subject (mail-parser handles RFC 2047 encoded words), control characters removed.
-pub fn subject(spool: &Spool, id: &str) -> Option<String> {
+pub fn subject(spool: &dyn Queue, id: &str) -> Option<String> {
     let headers = spool.read_headers(id, HEADER_LIMIT).ok()?;
     let message = mail_parser::MessageParser::default().parse_headers(&headers)?;
     let text: String = message.subject()?.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
@@ -222,68 +190,17 @@ pub struct Status {
     pub open_smtp_sessions: i64,
 }
 
-struct Totals {
-    messages: usize,
-    bytes: u64,
-    held: usize,
-    oldest: Option<i64>,
-    per_domain: BTreeMap<String, usize>,
-}
-
-fn totals(spool: &Spool) -> Totals {
-    spool.with_index(|index| {
-        let mut t = Totals { messages: index.len(), bytes: 0, held: 0, oldest: None, per_domain: BTreeMap::new() };
-        for e in index.values() {
-            t.bytes += e.size;
-            t.held += usize::from(e.held);
-            t.oldest = Some(t.oldest.map_or(e.arrived, |o| o.min(e.arrived)));
-            for_each_domain(e, |d| match t.per_domain.get_mut(d) {
-                Some(n) => *n += 1,
-                None => {
-                    t.per_domain.insert(d.to_string(), 1);
-                }
-            });
-        }
-        t
-    })
-}
-
-/// The domain of an address, lower-cased, allocating only when it is not already in lower case.
-fn lower_domain(address: &str) -> Cow<'_, str> {
-    let raw = address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.')).unwrap_or_default();
-    if raw.bytes().any(|b| b.is_ascii_uppercase()) { Cow::Owned(raw.to_ascii_lowercase()) } else { Cow::Borrowed(raw) }
-}
-
-/// Calls `f` once per distinct domain of the pending recipients (this runs for every queued
-/// message, so the common single-recipient case allocates nothing).
-fn for_each_domain(envelope: &Envelope, mut f: impl FnMut(&str)) {
-    if let [only] = envelope.recipients.as_slice() {
-        if only.status == RecipientStatus::Pending {
-            f(&lower_domain(&only.address));
-        }
-        return;
-    }
-    let mut seen: Vec<Cow<'_, str>> = Vec::new();
-    for r in envelope.pending() {
-        let domain = lower_domain(&r.address);
-        if !seen.contains(&domain) {
-            f(&domain);
-            seen.push(domain);
-        }
-    }
-}
-
 /// The status summary, computed now.
 pub fn status(state: &WebState) -> Status {
-    let t = totals(&state.spool);
+    let t = state.spool.stats();
     let now = now_micros();
     let destinations = state.scheduler.destinations();
     let mut names: BTreeSet<String> = state.config().relay.domains.iter().cloned().collect();
     names.extend(destinations.keys().cloned());
-    names.extend(t.per_domain.keys().cloned());
+    names.extend(t.domains.keys().cloned());
     let domains = names
         .into_iter()
-        .map(|d| domain_status(&d, destinations.get(&d), t.per_domain.get(&d).copied().unwrap_or(0)))
+        .map(|d| domain_status(&d, destinations.get(&d), t.domains.get(&d).map_or(0, |s| s.messages)))
         .collect();
     Status {
         hostname: state.config().hostname.clone(),

@@ -3,7 +3,7 @@
 
 use bartleby::config::{Config, HumanDuration, Route};
 use bartleby::deliver::Job;
-use bartleby::spool::{Envelope, Recipient};
+use bartleby::spool::{Envelope, MemoryQueue, Queue, Recipient};
 use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
@@ -25,12 +25,18 @@ pub fn config(port: u16, tweak: impl FnOnce(&mut Config)) -> Arc<Config> {
     Arc::new(config)
 }
 
-/// Writes a body file and makes a job for `rcpts`.
-pub fn job(dir: &TempDir, id: &str, rcpts: &[&str], body: &[u8]) -> Job {
-    let path = dir.path().join(id);
-    std::fs::write(&path, body).unwrap();
+/// Queues `body` for `rcpts` under `id` in a queue of its own (in memory) and makes a job of it.
+pub fn job(_dir: &TempDir, id: &str, rcpts: &[&str], body: &[u8]) -> Job {
     let recipients = rcpts.iter().map(|r| Recipient::new(r.to_string())).collect();
-    let mut envelope = Envelope::new(id.to_string(), "sender@origin.test".into(), recipients);
-    envelope.size = body.len() as u64;
-    Job { envelope, body: path.into() }
+    queued_job(id, Envelope::new(id.to_string(), "sender@origin.test".into(), recipients), body)
+}
+
+/// Queues `body` with `envelope` under `id` in a queue of its own (in memory); the job reads the
+/// body through it, as the scheduler's do.
+pub fn queued_job(id: &str, envelope: Envelope, body: &[u8]) -> Job {
+    let queue = MemoryQueue::new();
+    let mut message = Arc::clone(&queue).incoming(id).expect("incoming");
+    message.write(body).expect("write");
+    let envelope = message.commit(envelope).expect("commit");
+    Job { envelope, queue }
 }

@@ -4,6 +4,7 @@
 
 use bartleby::config::Config;
 use bartleby::smtp::{self, ServerContext};
+use bartleby::spool::Queue as _;
 use bartleby::spool::{Envelope, Spool};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,7 +61,11 @@ impl Harness {
         let on_queued = Box::new(move |_: &Envelope| {
             counter.fetch_add(1, Ordering::SeqCst);
         });
-        let context = Arc::new(ServerContext::new(Arc::clone(&config), Arc::clone(&spool), on_queued));
+        let context = Arc::new(ServerContext::new(
+            Arc::clone(&config),
+            Arc::clone(&spool) as Arc<dyn bartleby::spool::Queue>,
+            on_queued,
+        ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (shutdown, receiver) = watch::channel(false);

@@ -7,7 +7,7 @@ use bartleby::config::Config;
 use bartleby::deliver::Deliverer;
 use bartleby::metrics::Metrics;
 use bartleby::schedule::Scheduler;
-use bartleby::spool::{Envelope, Recipient, Spool, now_micros};
+use bartleby::spool::{Envelope, Queue, Recipient, Spool, now_micros};
 use bartleby::web::{self, WebState};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct TestWeb {
     pub addr: SocketAddr,
-    pub spool: Arc<Spool>,
+    pub spool: Arc<dyn Queue>,
     pub state: WebState,
     pub dir: tempfile::TempDir,
     shutdown: watch::Sender<bool>,
@@ -53,7 +53,7 @@ impl TestWeb {
         );
         let config = Arc::new(Config::parse(&toml, "test.toml").expect("test config"));
         let (spool, _) = Spool::open(&config.queue.dir).expect("spool");
-        let spool = Arc::new(spool);
+        let spool: Arc<dyn Queue> = Arc::new(spool);
         let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).expect("deliverer"));
         let (scheduler, handle) = Scheduler::new(Arc::clone(&config), Arc::clone(&spool), deliverer);
         let (shutdown, stop) = watch::channel(false);
@@ -69,7 +69,7 @@ impl TestWeb {
     /// Queues a message with a Subject; it is not due for an hour, so nothing tries to deliver it.
     pub fn queue(&self, sender: &str, recipients: &[&str], subject: &str) -> String {
         let id = self.spool.new_id();
-        let mut incoming = self.spool.incoming(&id).expect("incoming");
+        let mut incoming = std::sync::Arc::clone(&self.spool).incoming(&id).expect("incoming");
         let body = format!("From: {sender}\r\nSubject: {subject}\r\nMessage-ID: <{id}@t>\r\n\r\nHello.\r\n");
         incoming.write(body.as_bytes()).expect("write");
         let rcpts = recipients.iter().map(|r| Recipient::new(r.to_string())).collect();
