@@ -497,6 +497,13 @@ impl Config {
         self.relay.domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
     }
 
+    /// Is `domain` a destination of ours, with an up/down state: a relayed domain or a route? The
+    /// senders' domains that receive our bounces are not.
+    pub fn is_destination(&self, domain: &str) -> bool {
+        let domain = domain.trim_end_matches('.');
+        self.is_relay_domain(domain) || self.routes.keys().any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
     /// The per-domain policy, or the defaults.
     pub fn domain_policy(&self, domain: &str) -> DomainConfig {
         self.domain.get(&domain.to_ascii_lowercase()).cloned().unwrap_or_default()

@@ -7,6 +7,7 @@
 //! oldest message, free space, primary up or down) is computed at scrape time instead, so it can
 //! never drift from the truth.
 
+use crate::config::Config;
 use crate::schedule::DestinationState;
 use crate::spool::{Queue, now_micros};
 use prometheus_client::encoding::text::encode;
@@ -96,11 +97,17 @@ impl Metrics {
 
     /// The Prometheus text exposition of the counters plus the gauges computed now from `spool`
     /// and the scheduler's `destinations`.
-    pub fn render(&self, spool: &dyn Queue, destinations: &BTreeMap<String, DestinationState>) -> String {
+    /// Per-domain series exist for `config`'s destinations only (relayed domains and routes).
+    pub fn render(
+        &self,
+        config: &Config,
+        spool: &dyn Queue,
+        destinations: &BTreeMap<String, DestinationState>,
+    ) -> String {
         let mut registry = Registry::with_prefix("bartleby");
         self.register_counters(&mut registry);
-        register_queue(&mut registry, spool);
-        register_destinations(&mut registry, destinations);
+        register_queue(&mut registry, config, spool);
+        register_destinations(&mut registry, config, destinations);
         let mut out = String::new();
         if let Err(err) = encode(&mut out, &registry) {
             tracing::error!(error = %err, "cannot encode metrics");
@@ -130,7 +137,7 @@ fn domain_label(domain: &str) -> DomainLabel {
 
 /// Queue messages and bytes per recipient domain (a message with recipients in two domains counts
 /// in both), the age of the oldest message, and the spool filesystem's space.
-fn register_queue(registry: &mut Registry, spool: &dyn Queue) {
+fn register_queue(registry: &mut Registry, config: &Config, spool: &dyn Queue) {
     let messages = Family::<DomainLabel, Gauge>::default();
     let bytes = Family::<DomainLabel, Gauge>::default();
     let total = Gauge::<i64>::default();
@@ -143,7 +150,7 @@ fn register_queue(registry: &mut Registry, spool: &dyn Queue) {
     if let Some(first) = stats.oldest {
         oldest.set((now - first).max(0) / 1_000_000);
     }
-    for (domain, counts) in &stats.domains {
+    for (domain, counts) in stats.domains.iter().filter(|(d, _)| config.is_destination(d)) {
         let label = domain_label(domain);
         messages.get_or_create(&label).set(i64::try_from(counts.messages).unwrap_or(i64::MAX));
         bytes.get_or_create(&label).set(i64::try_from(counts.bytes).unwrap_or(i64::MAX));
@@ -168,9 +175,9 @@ fn register_queue(registry: &mut Registry, spool: &dyn Queue) {
 }
 
 /// 1 while the domain's primary took our last delivery (or probe), 0 while it fails.
-fn register_destinations(registry: &mut Registry, destinations: &BTreeMap<String, DestinationState>) {
+fn register_destinations(registry: &mut Registry, config: &Config, destinations: &BTreeMap<String, DestinationState>) {
     let up = Family::<DomainLabel, Gauge>::default();
-    for (domain, state) in destinations {
+    for (domain, state) in destinations.iter().filter(|(d, _)| config.is_destination(d)) {
         up.get_or_create(&domain_label(domain)).set(i64::from(state.failing_since.is_none()));
     }
     registry.register("primary_up", "Whether the domain's primary accepted the last attempt", up);

@@ -75,6 +75,14 @@ impl DestinationState {
         self.last_error = None;
     }
 
+    /// Records an attempt in which the destination answered without taking a message (a 4xx or
+    /// 5xx for its recipients): it is not failing.
+    pub fn reached(&mut self, at: i64) {
+        self.last_attempt = Some(at);
+        self.failing_since = None;
+        self.last_error = None;
+    }
+
     /// Records a failure; `failing_since` keeps the first one of a run.
     pub fn failed(&mut self, at: i64, error: String) {
         self.last_attempt = Some(at);
@@ -180,8 +188,13 @@ pub struct Scheduler {
     /// Domains with a batch out: one batch per domain at a time keeps arrival order and the
     /// connection bound.
     busy_domains: HashSet<String>,
-    /// Domains whose last batch delivered nothing: when one comes back, its backlog is flushed.
+    /// Domains whose last batch reached no session (refused, timed out, 421, TLS): when one comes
+    /// back, its backlog is flushed.
     down_domains: HashSet<String>,
+    /// Messages the destination itself deferred for a recipient (a 4xx at RCPT, a greylist) while
+    /// its sessions worked: each keeps its own backoff, and under `strict_order` it neither holds
+    /// back the domain's later mail nor rides along in its batches.
+    own_backoff: HashSet<QueueId>,
     batches: JoinSet<(String, Vec<JobResult>)>,
     rx: mpsc::UnboundedReceiver<Command>,
     destinations: Destinations,
@@ -229,6 +242,7 @@ impl Scheduler {
             gathered: HashMap::new(),
             busy_domains: HashSet::new(),
             down_domains: HashSet::new(),
+            own_backoff: HashSet::new(),
             batches: JoinSet::new(),
             rx,
             recipients: None,
@@ -426,13 +440,18 @@ impl Scheduler {
         }
     }
 
-    /// `strict_order`: the primary must see the domain's mail in arrival order, so a batch always
-    /// starts with the oldest message of the domain and carries its whole backlog. If an older
-    /// message is waiting for its retry and the domain was tried less than `queue.first_retry` ago,
-    /// the batch's newer messages are parked until the backlog's turn: a message arriving while the
-    /// backlog waits never overtakes it, and arrivals during an outage do not retry the backlog
-    /// more than once per `first_retry`.
+    /// `strict_order`: the primary must see the domain's mail in arrival order. While the
+    /// destination is down, a batch starts with the oldest message waiting for it and carries the
+    /// whole backlog; if the domain was tried less than `queue.first_retry` ago, the batch's newer
+    /// messages are parked until the backlog's turn, so an arrival never overtakes the backlog and
+    /// arrivals during an outage do not retry it more than once per `first_retry`. A message the
+    /// destination deferred itself (a 4xx for one recipient) keeps its own backoff: it neither
+    /// holds back later mail nor rides along (README, "Arrival order"). While the destination is
+    /// up, nothing older waits for it, so the batch goes as it is.
     fn keep_arrival_order(&mut self, domain: &str, jobs: &mut Vec<Job>) {
+        if !self.down_domains.contains(domain) {
+            return;
+        }
         let in_batch: HashSet<QueueId> = jobs.iter().map(|j| j.envelope.id.clone()).collect();
         let filter = spool::Filter { held: Some(false), ..spool::Filter::domain(domain) };
         let waiting: Vec<Envelope> = self
@@ -441,6 +460,7 @@ impl Scheduler {
             .envelopes
             .into_iter()
             .filter(|e| !in_batch.contains(&e.id) && !self.in_flight.contains_key(&e.id))
+            .filter(|e| !self.own_backoff.contains(&e.id))
             .collect();
         let oldest_in_batch = jobs.iter().map(|j| j.envelope.id.clone()).min();
         let last_attempt = lock(&self.destinations).get(domain).and_then(|d| d.last_attempt);
@@ -509,10 +529,12 @@ impl Scheduler {
         for id in std::mem::take(&mut self.blocked) {
             self.schedule(id, now);
         }
-        if tally.delivered && self.down_domains.remove(&domain) {
+        // Back only when a session worked after sessions had failed: a batch whose one recipient
+        // got a 4xx neither takes the destination down nor brings it back.
+        if tally.answered && self.down_domains.remove(&domain) {
             tracing::info!(domain = %domain, "destination is back: flushing its queue");
             self.flush(Some(&domain));
-        } else if tally.deferred.is_some() && !tally.delivered {
+        } else if tally.down() {
             self.down_domains.insert(domain);
         }
     }
@@ -527,6 +549,19 @@ impl Scheduler {
         self.learn(results.iter().map(|(_, r)| r));
         for (domain, result) in results {
             self.tallies.entry(domain).or_default().add(&result);
+            let temp = result.outcomes.iter().filter_map(|(_, o)| match o {
+                RcptOutcome::TempFail(d) => Some(d.session),
+                _ => None,
+            });
+            let (mut own, mut destination) = (false, false);
+            for session in temp {
+                (own, destination) = (own || !session, destination || session);
+            }
+            if own && !destination {
+                self.own_backoff.insert(result.id.clone());
+            } else {
+                self.own_backoff.remove(&result.id);
+            }
             self.gathered.entry(result.id.clone()).or_default().extend(result.outcomes);
             let left = self.in_flight.get_mut(&result.id).map(|n| {
                 *n = n.saturating_sub(1);
@@ -550,9 +585,13 @@ impl Scheduler {
     /// the next settle starts, and domains whose results are now durable are released.
     fn settled(&mut self, done: Settled) {
         let (ids, next) = done;
-        for id in ids {
-            if self.in_flight.get(&id) == Some(&0) {
-                self.in_flight.remove(&id);
+        let pending: HashSet<&QueueId> = next.iter().map(|(id, _)| id).collect();
+        for id in &ids {
+            if self.in_flight.get(id) == Some(&0) {
+                self.in_flight.remove(id);
+            }
+            if !pending.contains(id) {
+                self.own_backoff.remove(id);
             }
         }
         for (id, at) in next {
@@ -635,21 +674,33 @@ impl Settler {
 #[derive(Debug, Default)]
 struct Tally {
     delivered: bool,
-    /// The first temporary failure's text.
-    deferred: Option<String>,
+    /// The destination answered for a recipient (a delivery, a 5xx, a 4xx for that recipient):
+    /// its sessions work, whatever it said.
+    answered: bool,
+    /// The first failure of a connection or a session (see [`Detail::session`]), or a loop.
+    failed: Option<String>,
 }
 
 impl Tally {
     fn add(&mut self, result: &JobResult) {
         for (_, outcome) in &result.outcomes {
             match outcome {
-                RcptOutcome::Delivered(_) => self.delivered = true,
-                RcptOutcome::TempFail(d) | RcptOutcome::Loop(d) if self.deferred.is_none() => {
-                    self.deferred = Some(d.text.clone());
+                RcptOutcome::Delivered(_) => (self.delivered, self.answered) = (true, true),
+                RcptOutcome::Loop(d) => {
+                    self.failed.get_or_insert_with(|| d.text.clone());
                 }
-                _ => {}
+                RcptOutcome::TempFail(d) | RcptOutcome::PermFail(d) if d.session => {
+                    self.failed.get_or_insert_with(|| d.text.clone());
+                }
+                // A remote MTA answered; a local error (no remote) says nothing of the destination.
+                RcptOutcome::TempFail(d) | RcptOutcome::PermFail(d) => self.answered |= d.remote_mta.is_some(),
             }
         }
+    }
+
+    /// The destination is failing: no session worked.
+    fn down(&self) -> bool {
+        self.failed.is_some() && !self.answered
     }
 }
 
@@ -668,13 +719,20 @@ impl Scheduler {
         }
     }
 
+    /// Only relayed domains and routes have a state; the senders' domains our bounces go to do not
+    /// (they would add rows to the page and series to `/metrics`).
     fn record_destination(&self, domain: &str, tally: &Tally) {
+        if !self.config.is_destination(domain) {
+            return;
+        }
         let now = now_micros();
         let mut table = lock(&self.destinations);
         let state = table.entry(domain.to_string()).or_default();
         if tally.delivered {
             state.succeeded(now);
-        } else if let Some(error) = &tally.deferred {
+        } else if tally.answered {
+            state.reached(now);
+        } else if let Some(error) = &tally.failed {
             state.failed(now, error.clone());
         }
     }
@@ -697,6 +755,7 @@ async fn split_loops(domain: &str, jobs: Vec<Job>, max: usize) -> (Vec<Job>, Vec
             text: format!("mail loop: the message carries {} Received headers (more than {max})", hops - 1),
             remote_mta: None,
             diagnostic: None,
+            session: false,
         };
         let outcomes = job
             .envelope
@@ -814,6 +873,7 @@ fn expire(config: &Config, envelope: &mut Envelope, now: i64, verdict: &mut Verd
             text: format!("message expired after {lifetime} in the queue; last error: {last}"),
             remote_mta: rcpt.remote_mta.clone(),
             diagnostic: None,
+            session: false,
         };
         rcpt.status = RecipientStatus::Failed;
         rcpt.last_error = Some(detail.text.clone());
@@ -830,6 +890,7 @@ fn pending_detail(rcpt: &Recipient) -> Detail {
         text: rcpt.last_error.clone().unwrap_or_else(|| "not yet delivered".into()),
         remote_mta: rcpt.remote_mta.clone(),
         diagnostic: None,
+        session: false,
     }
 }
 

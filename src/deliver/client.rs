@@ -63,7 +63,14 @@ impl ClientError {
             ClientError::Connect { .. } | ClientError::Body(_) => None,
             _ => remote_mta.map(str::to_string),
         };
-        Detail { status, text: self.to_string(), remote_mta, diagnostic }
+        // A broken connection, a failed handshake or a 421 (RFC 5321 3.8: the server closes the
+        // session) is the destination's failure; a body we cannot read is ours, not theirs.
+        let session = match self {
+            ClientError::Connect { .. } | ClientError::Network { .. } | ClientError::Tls { .. } => true,
+            ClientError::Reply { reply, .. } => reply.code == 421,
+            ClientError::Body(_) => false,
+        };
+        Detail { status, text: self.to_string(), remote_mta, diagnostic, session }
     }
 }
 
@@ -110,6 +117,8 @@ impl Reply {
             text,
             remote_mta: Some(remote_mta.to_string()),
             diagnostic: Some(self.to_string()),
+            // 421 at any stage: the server is closing the session (RFC 5321 3.8).
+            session: self.code == 421,
         };
         match self.code / 100 {
             2 => RcptOutcome::Delivered(detail),
@@ -655,6 +664,7 @@ impl Session {
                 text,
                 remote_mta: Some(self.host.clone()),
                 diagnostic: None,
+                session: false,
             }))
         };
         if let Some(limit) = self.caps.size
@@ -896,6 +906,7 @@ impl Session {
             text: format!("no reply from {} for this recipient", self.peer),
             remote_mta: Some(self.host.clone()),
             diagnostic: None,
+            session: true,
         })
     }
 

@@ -52,6 +52,10 @@ pub struct Detail {
     pub remote_mta: Option<String>,
     /// The SMTP reply code and text as received, for the DSN Diagnostic-Code, if any.
     pub diagnostic: Option<String>,
+    /// The connection or the session failed (refused, timed out, dropped, 421, TLS, no next hop),
+    /// not this recipient: only such a failure counts against the destination (its up/down state,
+    /// the flush when it is back). A 4xx for one recipient (a greylist, a full mailbox) does not.
+    pub session: bool,
 }
 
 /// One message to deliver: its envelope (only pending recipients in the batch's domain are tried)
@@ -277,6 +281,7 @@ impl Run {
         let fallback = lock(&self.last_error).clone().unwrap_or_else(|| Detail {
             status: "4.4.1".into(),
             text: "no connection to any next hop".into(),
+            session: true,
             ..Detail::default()
         });
         let reported = std::mem::take(&mut *lock(&self.reported));
@@ -346,16 +351,23 @@ async fn open_any(run: &Run) -> Result<Session, Detail> {
                 // A failed opportunistic handshake: Postfix-style, try the same host in plain text.
                 match Session::open(hop, &run.settings, TlsMode::Disabled).await {
                     Ok(session) => return Ok(session),
-                    Err(e) => last = Some(e.temp_detail(Some(&hop.host))),
+                    Err(e) => last = Some(Detail { session: true, ..e.temp_detail(Some(&hop.host)) }),
                 }
             }
             Err(e) => {
                 tracing::info!(mx = %hop.host, addr = %hop.addr, error = %e, "next hop failed");
-                last = Some(e.temp_detail(Some(&hop.host)));
+                // Whatever ends a session before its first transaction (a refused connection,
+                // a 554 greeting, a failed EHLO or handshake) is the destination's failure.
+                last = Some(Detail { session: true, ..e.temp_detail(Some(&hop.host)) });
             }
         }
     }
-    Err(last.unwrap_or_else(|| Detail { status: "4.4.4".into(), text: "no next hop".into(), ..Detail::default() }))
+    Err(last.unwrap_or_else(|| Detail {
+        status: "4.4.4".into(),
+        text: "no next hop".into(),
+        session: true,
+        ..Detail::default()
+    }))
 }
 
 fn log_transaction(job: &Job, host: &str, rcpts: &[&Recipient], outcomes: &[RcptOutcome]) {

@@ -50,7 +50,13 @@ pub enum RouteError {
 impl RouteError {
     /// The outcome every recipient of the domain gets.
     pub fn outcome(&self) -> RcptOutcome {
-        let detail = |status: &str| Detail { status: status.to_string(), text: self.to_string(), ..Detail::default() };
+        // A failed lookup keeps the destination unreachable: it counts against it.
+        let detail = |status: &str| Detail {
+            status: status.to_string(),
+            text: self.to_string(),
+            session: true,
+            ..Detail::default()
+        };
         match self {
             // RFC 7505 3: 5.1.10 for a null MX.
             RouteError::NullMx(_) => RcptOutcome::PermFail(detail("5.1.10")),

@@ -21,6 +21,7 @@ fn detail(status: &str, text: &str) -> Detail {
         text: text.into(),
         remote_mta: Some("primary.example.test".into()),
         diagnostic: None,
+        session: false,
     }
 }
 
@@ -200,6 +201,7 @@ mod backscatter {
             text: "RCPT TO: 550 5.1.1 no such user".into(),
             remote_mta: None,
             diagnostic: None,
+            session: false,
         };
         let outcomes = vec![("a@example.test".to_string(), RcptOutcome::PermFail(detail))];
         let now = envelope.arrived;

@@ -271,6 +271,6 @@ async fn healthz(State(state): State<WebState>) -> Response {
 /// Prometheus text format (version 0.0.4 content type, which every scraper accepts).
 async fn metrics(State(state): State<WebState>) -> Response {
     let destinations = state.scheduler.destinations();
-    let text = state.metrics.render(state.spool.as_ref(), &destinations);
+    let text = state.metrics.render(&state.config(), state.spool.as_ref(), &destinations);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

@@ -195,9 +195,12 @@ pub fn status(state: &WebState) -> Status {
     let t = state.spool.stats();
     let now = now_micros();
     let destinations = state.scheduler.destinations();
-    let mut names: BTreeSet<String> = state.config().relay.domains.iter().cloned().collect();
-    names.extend(destinations.keys().cloned());
-    names.extend(t.domains.keys().cloned());
+    // Rows for our destinations only: relayed domains and routes, not the senders' domains that
+    // our bounces go to.
+    let config = state.config();
+    let mut names: BTreeSet<String> = config.relay.domains.iter().map(|d| d.to_ascii_lowercase()).collect();
+    names.extend(config.routes.keys().map(|d| d.to_ascii_lowercase()));
+    names.extend(destinations.keys().filter(|d| config.is_destination(d)).cloned());
     let domains = names
         .into_iter()
         .map(|d| domain_status(&d, destinations.get(&d), t.domains.get(&d).map_or(0, |s| s.messages)))
