@@ -5,7 +5,7 @@
 use crate::auth::SenderCheck;
 use crate::config::{Config, ConfigError};
 use crate::control;
-use crate::deliver::Deliverer;
+use crate::deliver::{Courier, Deliverer};
 use crate::metrics::Metrics;
 use crate::monitor::Monitor;
 use crate::recipients::Recipients;
@@ -100,7 +100,8 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
         .map_err(|source| DaemonError::Control { path: socket_path.display().to_string(), source })?;
     let deliverer = Arc::new(Deliverer::new(Arc::clone(&config)).map_err(DaemonError::Setup)?);
     let guards = Guards::open(&config)?;
-    let (scheduler, handle) = Scheduler::new(Arc::clone(&config), Arc::clone(&spool), Arc::clone(&deliverer));
+    let (scheduler, handle) =
+        Scheduler::new(Arc::clone(&config), Arc::clone(&spool), Arc::clone(&deliverer) as Arc<dyn Courier>);
     let metrics = Arc::new(Metrics::default());
     let scheduler = scheduler.learning_into(Arc::clone(&guards.recipients)).counting_into(Arc::clone(&metrics));
     let monitor = Monitor::new(Arc::clone(&config), Arc::clone(&spool), handle.clone(), deliverer)
@@ -342,7 +343,9 @@ impl Live {
         let monitor =
             Monitor::new(Arc::clone(&config), Arc::clone(&self.spool), self.scheduler.clone(), Arc::clone(&deliverer))
                 .map_err(|e| ReloadError::Setup(e.to_string()))?;
-        self.scheduler.reload(Arc::clone(&config), deliverer).map_err(|e| ReloadError::Setup(e.to_string()))?;
+        self.scheduler
+            .reload(Arc::clone(&config), deliverer as Arc<dyn Courier>)
+            .map_err(|e| ReloadError::Setup(e.to_string()))?;
         let _ = self.serving.send(serving);
         self.web.set_config(Arc::clone(&config));
         // Alert rules and checks come with the new monitor (an alert still firing is sent again).

@@ -1,14 +1,14 @@
 //! When to try what. One task owns the schedule: a set of `(due, queue ID)` ordered by time, woken by
 //! commands (a new message, a flush, hold/release/delete) or by the next due time, like mini-redis's
 //! expiry task. It hands batches of due messages, per destination domain and oldest first, to the
-//! [`Deliverer`], and turns the outcomes plus a message's age into delivery, retry, delay notice or
+//! courier (the [`crate::deliver::Deliverer`]), and turns the outcomes plus a message's age into delivery, retry, delay notice or
 //! bounce (`apply_outcomes`, a pure function).
 //!
 //! Every change of state is written to the spool before it is acted on: a DSN is queued before the
 //! failed recipient's state is saved, and a message leaves the spool only when no recipient is pending.
 
 use crate::config::Config;
-use crate::deliver::{Deliverer, Detail, Job, JobResult, RcptOutcome};
+use crate::deliver::{Courier, Detail, Job, JobResult, RcptOutcome};
 use crate::dsn::{self, DsnKind, ReportedRecipient};
 use crate::lock;
 use crate::metrics::Metrics;
@@ -50,7 +50,7 @@ enum Command {
     Retry { id: QueueId, reply: oneshot::Sender<Result<(), ScheduleError>> },
     Hold { id: QueueId, held: bool, reply: oneshot::Sender<Result<Envelope, ScheduleError>> },
     Delete { id: QueueId, reply: oneshot::Sender<Result<(), ScheduleError>> },
-    Reload { config: Arc<Config>, deliverer: Arc<Deliverer> },
+    Reload { config: Arc<Config>, deliverer: Arc<dyn Courier> },
 }
 
 /// What the last deliveries to a destination domain said about its next hop (the primary).
@@ -93,6 +93,16 @@ impl DestinationState {
 
 /// Destination states by domain, shared with the admin page and the monitor.
 pub type Destinations = Arc<std::sync::Mutex<BTreeMap<String, DestinationState>>>;
+
+/// The scheduler's clock: wall-clock microseconds since the epoch, advancing with `tokio::time`,
+/// so that the scheduler's unit tests run on paused time (`tokio::time::pause`) and retries,
+/// backoff and strict order are checked without sleeping. Anchored to the wall clock once.
+pub fn now() -> i64 {
+    static ANCHOR: std::sync::OnceLock<(i64, std::time::Instant)> = std::sync::OnceLock::new();
+    let (wall, at) = *ANCHOR.get_or_init(|| (now_micros(), std::time::Instant::now()));
+    let elapsed = tokio::time::Instant::now().into_std().saturating_duration_since(at);
+    wall.saturating_add(i64::try_from(elapsed.as_micros()).unwrap_or(i64::MAX / 2))
+}
 
 /// How the rest of the daemon talks to the scheduler task.
 #[derive(Clone)]
@@ -141,7 +151,7 @@ impl SchedulerHandle {
 
     /// Uses a reloaded configuration (and the deliverer built from it) for the next batches;
     /// batches already out finish with the old one.
-    pub fn reload(&self, config: Arc<Config>, deliverer: Arc<Deliverer>) -> Result<(), ScheduleError> {
+    pub fn reload(&self, config: Arc<Config>, deliverer: Arc<dyn Courier>) -> Result<(), ScheduleError> {
         self.tx.send(Command::Reload { config, deliverer }).map_err(|_| ScheduleError::NotRunning)
     }
 
@@ -174,7 +184,7 @@ pub fn delete(spool: &dyn Queue, id: &str) -> Result<(), ScheduleError> {
 pub struct Scheduler {
     config: Arc<Config>,
     spool: Arc<dyn Queue>,
-    deliverer: Arc<Deliverer>,
+    deliverer: Arc<dyn Courier>,
     /// Messages waiting for their time, ordered by due time then arrival.
     due: BTreeSet<(i64, QueueId)>,
     /// The due time of each message in `due`, to find and move its entry.
@@ -220,7 +230,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Creates the scheduler with every queued message scheduled at its `next_attempt`.
-    pub fn new(config: Arc<Config>, spool: Arc<dyn Queue>, deliverer: Arc<Deliverer>) -> (Scheduler, SchedulerHandle) {
+    pub fn new(
+        config: Arc<Config>,
+        spool: Arc<dyn Queue>,
+        deliverer: Arc<dyn Courier>,
+    ) -> (Scheduler, SchedulerHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
         let destinations = Destinations::default();
@@ -273,7 +287,7 @@ impl Scheduler {
             self.dispatch();
             let next = self.due.first().map(|(at, _)| *at);
             let sleep = next.map(|at| {
-                let wait = Duration::from_micros(u64::try_from(at - now_micros()).unwrap_or(0));
+                let wait = Duration::from_micros(u64::try_from(at - now()).unwrap_or(0));
                 tokio::time::Instant::now() + wait
             });
             // Wake at least once a minute, so kept failed messages are swept when their time is up.
@@ -325,7 +339,7 @@ impl Scheduler {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Queued(id) => self.schedule(id, now_micros()),
+            Command::Queued(id) => self.schedule(id, now()),
             Command::Flush { domain, reply } => {
                 let _ = reply.send(self.flush(domain.as_deref()));
             }
@@ -334,7 +348,7 @@ impl Scheduler {
                     None => Err(SpoolError::NotFound(id).into()),
                     Some(_) if self.in_flight.contains_key(&id) => Err(ScheduleError::InFlight(id)),
                     Some(_) => {
-                        self.schedule(id, now_micros());
+                        self.schedule(id, now());
                         Ok(())
                     }
                 };
@@ -369,7 +383,7 @@ impl Scheduler {
 
     /// Marks deferred messages due now. Returns how many were scheduled.
     fn flush(&mut self, domain: Option<&str>) -> usize {
-        let now = now_micros();
+        let now = now();
         let filter =
             spool::Filter { held: Some(false), domain: domain.map(str::to_string), ..spool::Filter::default() };
         let chosen: Vec<QueueId> =
@@ -386,7 +400,7 @@ impl Scheduler {
     /// worth of outcomes is not yet durable: the primary's answers are written down at the pace
     /// of the disk, and what a crash could send again stays bounded.
     fn dispatch(&mut self) {
-        let now = now_micros();
+        let now = now();
         if self.swept.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
             self.swept = Some(std::time::Instant::now());
             sweep_suppressed(&self.config, self.spool.as_ref(), now);
@@ -433,7 +447,7 @@ impl Scheduler {
             tracing::debug!(domain = %domain, messages = jobs.len(), "delivery batch");
             self.batches.spawn(async move {
                 let (jobs, mut looped) = split_loops(&domain, jobs, max_received).await;
-                let mut results = deliverer.deliver_with_progress(&domain, jobs, progress).await;
+                let mut results = deliverer.deliver_batch(&domain, jobs, progress).await;
                 results.append(&mut looped);
                 (domain, results)
             });
@@ -467,7 +481,7 @@ impl Scheduler {
         let first_retry = i64::try_from(self.config.queue.first_retry.0.as_micros()).unwrap_or(i64::MAX / 2);
         let next_try = last_attempt.map_or(0, |at| at.saturating_add(first_retry));
         match waiting.first() {
-            Some(first) if next_try > now_micros() && oldest_in_batch.is_some_and(|oldest| first.id < oldest) => {
+            Some(first) if next_try > now() && oldest_in_batch.is_some_and(|oldest| first.id < oldest) => {
                 let due = self.due_at.get(&first.id).copied().unwrap_or(first.next_attempt);
                 let at = due.min(next_try);
                 for job in jobs.drain(..) {
@@ -525,7 +539,7 @@ impl Scheduler {
     fn release(&mut self, domain: String, tally: &Tally) {
         self.busy_domains.remove(&domain);
         self.record_destination(&domain, tally);
-        let now = now_micros();
+        let now = now();
         for id in std::mem::take(&mut self.blocked) {
             self.schedule(id, now);
         }
@@ -578,7 +592,9 @@ impl Scheduler {
     /// Starts the next settle when none is running: everything waiting goes in one (group commit).
     fn start_settling(&mut self) {
         let (spool, config, metrics) = (Arc::clone(&self.spool), Arc::clone(&self.config), Arc::clone(&self.metrics));
-        self.settler.start(move |settled| settle(&config, &spool, &metrics, settled));
+        // The time is taken here, on the scheduler's clock: the settle runs on a blocking thread.
+        let at = now();
+        self.settler.start(move |settled| settle(&config, &spool, &metrics, settled, at));
     }
 
     /// A settle finished: its messages leave `in_flight` and are rescheduled when still pending,
@@ -725,7 +741,7 @@ impl Scheduler {
         if !self.config.is_destination(domain) {
             return;
         }
-        let now = now_micros();
+        let now = now();
         let mut table = lock(&self.destinations);
         let state = table.entry(domain.to_string()).or_default();
         if tally.delivered {
@@ -973,8 +989,8 @@ fn settle(
     spool: &Arc<dyn Queue>,
     metrics: &Metrics,
     settled: Vec<(QueueId, Vec<(String, RcptOutcome)>)>,
+    now: i64,
 ) -> Vec<(QueueId, i64)> {
-    let now = now_micros();
     let started = std::time::Instant::now();
     let messages = settled.len();
     let mut updated = Vec::new();

@@ -24,6 +24,8 @@ use crate::config::Config;
 use crate::lock;
 use crate::spool::{Envelope, QueueId, Recipient, domain_of};
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -89,6 +91,36 @@ impl RcptOutcome {
         match self {
             RcptOutcome::Delivered(d) | RcptOutcome::TempFail(d) | RcptOutcome::PermFail(d) | RcptOutcome::Loop(d) => d,
         }
+    }
+}
+
+/// What the scheduler needs of delivery: one domain's batch taken to its next hops, each message's
+/// result sent on `progress` as soon as it is known (the rest returned at the end). [`Deliverer`]
+/// is the courier of the daemon; the scheduler's unit tests use a scripted one.
+pub trait Courier: Send + Sync {
+    fn deliver_batch<'a>(
+        &'a self,
+        domain: &'a str,
+        jobs: Vec<Job>,
+        progress: mpsc::UnboundedSender<(String, JobResult)>,
+    ) -> Pin<Box<dyn Future<Output = Vec<JobResult>> + Send + 'a>>;
+
+    /// Closes connections kept open between batches (at shutdown).
+    fn close_idle(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+impl Courier for Deliverer {
+    fn deliver_batch<'a>(
+        &'a self,
+        domain: &'a str,
+        jobs: Vec<Job>,
+        progress: mpsc::UnboundedSender<(String, JobResult)>,
+    ) -> Pin<Box<dyn Future<Output = Vec<JobResult>> + Send + 'a>> {
+        Box::pin(self.deliver_with_progress(domain, jobs, progress))
+    }
+
+    fn close_idle(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(Deliverer::close_idle(self))
     }
 }
 

@@ -294,3 +294,227 @@ async fn settler_groups_what_arrives_while_one_runs() {
     // Nothing runs: `done` never finishes (select! polls it alongside the rest).
     assert!(tokio::time::timeout(Duration::from_millis(50), settler.done()).await.is_err());
 }
+
+/// The scheduler run whole, over the in-memory store with a scripted courier, on paused time.
+mod runs {
+    use super::*;
+    use crate::deliver::Courier;
+    use crate::spool::MemoryQueue;
+    use std::future::Future;
+    use std::pin::Pin;
+
+    /// How the scripted destination answers a recipient.
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Answer {
+        Accept,
+        /// A 4xx for this recipient while the session works (a greylist, a full mailbox).
+        DeferRecipient,
+        /// No session: connection refused.
+        Refuse,
+    }
+
+    /// How the script answers a recipient address.
+    type Script = Box<dyn FnMut(&str) -> Answer + Send>;
+
+    /// A courier that answers from a script and logs every attempt, in order.
+    struct ScriptedCourier {
+        script: std::sync::Mutex<Script>,
+        attempts: std::sync::Mutex<Vec<(QueueId, String)>>,
+    }
+
+    impl ScriptedCourier {
+        fn new(script: impl FnMut(&str) -> Answer + Send + 'static) -> Arc<ScriptedCourier> {
+            Arc::new(ScriptedCourier { script: std::sync::Mutex::new(Box::new(script)), attempts: Default::default() })
+        }
+
+        fn tries_of(&self, id: &str) -> usize {
+            lock(&self.attempts).iter().filter(|(i, _)| i == id).count()
+        }
+
+        fn order(&self) -> Vec<QueueId> {
+            lock(&self.attempts).iter().map(|(id, _)| id.clone()).collect()
+        }
+    }
+
+    impl Courier for ScriptedCourier {
+        fn deliver_batch<'a>(
+            &'a self,
+            domain: &'a str,
+            jobs: Vec<Job>,
+            progress: mpsc::UnboundedSender<(String, JobResult)>,
+        ) -> Pin<Box<dyn Future<Output = Vec<JobResult>> + Send + 'a>> {
+            Box::pin(async move {
+                for job in jobs {
+                    let mut outcomes = Vec::new();
+                    for rcpt in job.envelope.pending().filter(|r| r.domain() == domain) {
+                        let answer = (lock(&self.script))(&rcpt.address);
+                        lock(&self.attempts).push((job.envelope.id.clone(), rcpt.address.clone()));
+                        let mut d = detail("2.0.0", "250 ok");
+                        let outcome = match answer {
+                            Answer::Accept => RcptOutcome::Delivered(d),
+                            Answer::DeferRecipient => {
+                                d.status = "4.2.2".into();
+                                d.text = "RCPT TO: 452 4.2.2 mailbox full".into();
+                                RcptOutcome::TempFail(d)
+                            }
+                            Answer::Refuse => RcptOutcome::TempFail(Detail {
+                                status: "4.4.1".into(),
+                                text: "connect to 127.0.0.2:25: Connection refused".into(),
+                                remote_mta: None,
+                                diagnostic: None,
+                                session: true,
+                            }),
+                        };
+                        outcomes.push((rcpt.address.clone(), outcome));
+                    }
+                    let _ = progress.send((domain.to_string(), JobResult { id: job.envelope.id.clone(), outcomes }));
+                }
+                Vec::new()
+            })
+        }
+
+        fn close_idle(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+            Box::pin(async {})
+        }
+    }
+
+    fn config(strict_order: bool) -> Arc<Config> {
+        let mut config = Config::demo();
+        config.relay.domains = vec!["example.test".into()];
+        config.queue.first_retry = crate::config::HumanDuration(Duration::from_secs(60));
+        config.queue.retry_interval = crate::config::HumanDuration(Duration::from_secs(3600));
+        let policy = crate::config::DomainConfig { strict_order, ..Default::default() };
+        config.domain.insert("example.test".into(), policy);
+        Arc::new(config)
+    }
+
+    fn submit(queue: &Arc<MemoryQueue>, rcpt: &str) -> QueueId {
+        let id = queue.new_id();
+        let mut message = Arc::clone(queue).incoming(&id).expect("incoming");
+        message.write(b"Subject: test\r\n\r\nbody\r\n").expect("write");
+        message.commit(envelope("a@sender.test", &[rcpt])).expect("commit");
+        id
+    }
+
+    /// Starts the scheduler; returns its handle and the sender that stops it.
+    fn start(
+        config: Arc<Config>,
+        queue: &Arc<MemoryQueue>,
+        courier: &Arc<ScriptedCourier>,
+    ) -> (SchedulerHandle, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let queue: Arc<dyn Queue> = Arc::clone(queue) as Arc<dyn Queue>;
+        let (scheduler, handle) = Scheduler::new(config, queue, Arc::clone(courier) as Arc<dyn Courier>);
+        let (stop, stopped) = watch::channel(false);
+        (handle, stop, tokio::spawn(scheduler.run(stopped)))
+    }
+
+    /// Lets virtual time pass in small steps until `done` holds (at most `limit` of virtual time).
+    async fn until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        done()
+    }
+
+    /// strict_order: a message the primary defers for one recipient keeps its own backoff; later
+    /// mail goes on without it, and it is not carried along in their batches.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_deferred_for_a_recipient_does_not_hold_back_later_mail() {
+        let queue = MemoryQueue::new();
+        let courier =
+            ScriptedCourier::new(
+                |rcpt| if rcpt.starts_with("full@") { Answer::DeferRecipient } else { Answer::Accept },
+            );
+        let deferred = submit(&queue, "full@example.test");
+        let (handle, stop, task) = start(config(true), &queue, &courier);
+        assert!(until(Duration::from_secs(5), || courier.tries_of(&deferred) == 1).await);
+        // Later mail, one message at a time, within the deferred message's first retry (60 s).
+        let mut later = Vec::new();
+        for _ in 0..5 {
+            let id = submit(&queue, "bob@example.test");
+            handle.queued(&id);
+            later.push(id.clone());
+            assert!(until(Duration::from_secs(5), || queue.get(&id).is_none()).await, "later mail was held back");
+        }
+        assert_eq!(courier.tries_of(&deferred), 1, "carried along in later batches: {:?}", courier.order());
+        // Its own retry comes at its backoff, once.
+        assert!(until(Duration::from_secs(90), || courier.tries_of(&deferred) == 2).await);
+        assert!(!until(Duration::from_secs(100), || courier.tries_of(&deferred) > 2).await, "retried too often");
+        let state = handle.destinations().get("example.test").cloned().expect("a destination state");
+        assert!(state.failing_since.is_none(), "a recipient's 4xx does not make the destination fail: {state:?}");
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
+
+    /// The destination fails only when sessions fail; when it answers again its backlog is flushed at
+    /// once (not at each message's backoff), oldest first under strict order.
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_that_comes_back_gets_its_backlog_at_once_in_order() {
+        let queue = MemoryQueue::new();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::clone(&up);
+        let courier = ScriptedCourier::new(move |_| {
+            if seen.load(std::sync::atomic::Ordering::SeqCst) { Answer::Accept } else { Answer::Refuse }
+        });
+        let backlog: Vec<QueueId> = (0..3).map(|_| submit(&queue, "bob@example.test")).collect();
+        let (handle, stop, task) = start(config(true), &queue, &courier);
+        assert!(until(Duration::from_secs(5), || backlog.iter().all(|id| courier.tries_of(id) == 1)).await);
+        let state = handle.destinations().get("example.test").cloned().expect("a destination state");
+        assert!(state.failing_since.is_some(), "refused connections make it fail: {state:?}");
+        // While it is down, an arrival within first_retry waits behind the backlog.
+        let arrival = submit(&queue, "carol@example.test");
+        handle.queued(&arrival);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(courier.tries_of(&arrival), 0, "an arrival overtook the backlog");
+        up.store(true, std::sync::atomic::Ordering::SeqCst);
+        // At the backlog's retry (60 s) the whole backlog and the arrival go, oldest first.
+        assert!(until(Duration::from_secs(120), || queue.is_empty()).await, "the backlog was not delivered");
+        let delivered: Vec<QueueId> = courier.order().into_iter().skip(3).collect();
+        let mut expected = backlog.clone();
+        expected.push(arrival);
+        assert_eq!(delivered, expected, "arrival order at the primary");
+        assert!(handle.destinations()["example.test"].failing_since.is_none());
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
+
+    /// A destination that is back is flushed: mail deferred by the outage goes at once, not at its
+    /// (doubling) backoff, as soon as one new message gets through.
+    #[tokio::test(start_paused = true)]
+    async fn the_first_delivery_after_an_outage_flushes_the_domain() {
+        let queue = MemoryQueue::new();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::clone(&up);
+        let courier = ScriptedCourier::new(move |_| {
+            if seen.load(std::sync::atomic::Ordering::SeqCst) { Answer::Accept } else { Answer::Refuse }
+        });
+        let old = submit(&queue, "bob@example.test");
+        let (handle, stop, task) = start(config(false), &queue, &courier);
+        // Two failed attempts: the next retry is 120 s after the second.
+        assert!(until(Duration::from_secs(90), || courier.tries_of(&old) == 2).await);
+        up.store(true, std::sync::atomic::Ordering::SeqCst);
+        let new = submit(&queue, "carol@example.test");
+        handle.queued(&new);
+        assert!(until(Duration::from_secs(10), || queue.is_empty()).await, "the old message waited for its backoff");
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
+
+    /// Bounces to a sender's domain give that domain no destination state.
+    #[tokio::test(start_paused = true)]
+    async fn only_relayed_domains_get_a_destination_state() {
+        let queue = MemoryQueue::new();
+        let courier = ScriptedCourier::new(|_| Answer::Refuse);
+        let id = submit(&queue, "someone@sender.test");
+        let (handle, stop, task) = start(config(false), &queue, &courier);
+        assert!(until(Duration::from_secs(5), || courier.tries_of(&id) == 1).await);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(handle.destinations().is_empty(), "{:?}", handle.destinations());
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
+}
