@@ -210,9 +210,14 @@ pub struct WebConfig {
     pub listen: SocketAddr,
     /// Peer addresses allowed to use the admin page (CIDR); everyone else gets 403.
     pub allow: Vec<Cidr>,
-    /// Optional accounts: user name -> argon2 PHC hash (`bartleby hash-password` makes one).
-    /// Empty: every allowed peer may use the page without logging in.
+    /// Accounts: user name -> argon2 PHC hash (`bartleby hash-password` makes one). When set, every
+    /// visitor logs in; empty, see `trust_allowed_hosts`.
     pub users: BTreeMap<String, String>,
+    /// Without `users`, may every peer in `allow` use the page without logging in? False by default:
+    /// the page is then locked (403), because with `allow = 127.0.0.0/8` "every peer" means every
+    /// local account of the machine, and the page can flush, hold and delete mail. Ignored when
+    /// `users` is set.
+    pub trust_allowed_hosts: bool,
     /// With `tls_key`, the page is served over HTTPS only.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -294,6 +299,7 @@ impl Default for WebConfig {
                 Cidr::from_str("::1/128").expect("literal CIDR"),
             ],
             users: BTreeMap::new(),
+            trust_allowed_hosts: false,
             tls_cert: None,
             tls_key: None,
             flush_cooldown: HumanDuration::seconds(60),
@@ -366,6 +372,9 @@ impl Config {
         config.routes.insert("example.test".to_string(), Route { host: "127.0.0.1".to_string(), port: 2526 });
         // A first try on loopback has no sender domains worth an SPF lookup on the internet.
         config.smtp.sender_auth = false;
+        // A first try has no accounts and only test mail: the page opens without a login. The
+        // packaged configuration leaves this false.
+        config.web.trust_allowed_hosts = true;
         config
     }
 
@@ -1057,6 +1066,13 @@ allow = ["127.0.0.1/32", "::1/128"]
         let err = Config::parse("[web]\ndisk_warn_percent = 5\ndisk_critical_percent = 10\n", "w.toml").unwrap_err();
         assert!(err.to_string().contains("web.disk_warn_percent"), "{err}");
         assert_eq!(Config::demo().web.flush_cooldown.0, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn web_login_is_required_by_default() {
+        let plain = Config::parse("", "w.toml").expect("valid");
+        assert!(!plain.web.trust_allowed_hosts, "no page without a login unless the operator says so");
+        assert!(Config::demo().web.trust_allowed_hosts, "the demo is a first try on loopback");
     }
 
     #[test]

@@ -9,6 +9,9 @@ use web_server::TestWeb;
 
 /// Every test's whole run is bounded.
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// No accounts, and the allowed peers trusted on purpose: without this key (the packaged default)
+/// the page is locked until an account exists.
+const TRUSTED: &str = "trust_allowed_hosts = true";
 
 async fn bounded<F: std::future::Future<Output = ()>>(test: F) {
     tokio::time::timeout(TEST_TIMEOUT, test).await.expect("test finished in time");
@@ -17,7 +20,7 @@ async fn bounded<F: std::future::Future<Output = ()>>(test: F) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_page_and_api_route_answers() {
     bounded(async {
-        let web = TestWeb::start("").await;
+        let web = TestWeb::start(TRUSTED).await;
         let a = web.queue("alice@sender.test", &["bob@example.test"], "First");
         let b = web.queue("carol@sender.test", &["dave@other.test", "erin@example.test"], "=?UTF-8?B?R3LDvMOfZQ==?=");
         let _c = web.queue("", &["frank@other.test"], "Bounce");
@@ -104,7 +107,7 @@ async fn every_page_and_api_route_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_outside_the_allowlist_get_403() {
     bounded(async {
-        let web = TestWeb::start("allow = [\"127.0.0.1/32\"]").await;
+        let web = TestWeb::start(&format!("{TRUSTED}\nallow = [\"127.0.0.1/32\"]")).await;
         let mut stranger = web.client();
         stranger.source = Some("127.0.0.9".parse().unwrap());
         for path in ["/", "/api/status", "/metrics", "/healthz", "/login"] {
@@ -125,7 +128,7 @@ async fn peers_outside_the_allowlist_get_403() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posts_need_the_csrf_token_and_our_origin() {
     bounded(async {
-        let web = TestWeb::start("").await;
+        let web = TestWeb::start(TRUSTED).await;
         let id = web.queue("a@sender.test", &["b@example.test"], "x");
         let mut client = web.client();
         let csrf = client.get("/").await.csrf();
@@ -187,7 +190,7 @@ async fn posts_need_the_csrf_token_and_our_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_actions_through_page_and_api() {
     bounded(async {
-        let web = TestWeb::start("").await;
+        let web = TestWeb::start(TRUSTED).await;
         let a = web.queue("a@sender.test", &["b@example.test"], "a");
         let b = web.queue("a@sender.test", &["b@example.test"], "b");
         let c = web.queue("a@sender.test", &["b@example.test"], "c");
@@ -234,7 +237,7 @@ async fn message_actions_through_page_and_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_has_a_cooldown() {
     bounded(async {
-        let web = TestWeb::start("flush_cooldown = \"60s\"").await;
+        let web = TestWeb::start(&format!("{TRUSTED}\nflush_cooldown = \"60s\"")).await;
         let id = web.queue("a@sender.test", &["b@example.test"], "x");
         bartleby::schedule::set_held(web.spool.as_ref(), &id, true).expect("hold");
         let mut client = web.client();
@@ -252,7 +255,7 @@ async fn flush_has_a_cooldown() {
         assert_eq!(api.status, 429);
         web.stop().await;
 
-        let web = TestWeb::start("flush_cooldown = \"1s\"").await;
+        let web = TestWeb::start(&format!("{TRUSTED}\nflush_cooldown = \"1s\"")).await;
         let mut client = web.client();
         let csrf = client.get("/api/status").await.json()["csrf_token"].as_str().unwrap().to_string();
         let token = [("X-CSRF-Token", csrf.as_str())];
@@ -274,7 +277,7 @@ async fn flush_has_a_cooldown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_controlled_strings_are_inert_text() {
     bounded(async {
-        let web = TestWeb::start("").await;
+        let web = TestWeb::start(TRUSTED).await;
         let sender = "<script>alert(1)</script>\"><img src=x onerror=alert(2)>@evil.test";
         let subject = "<script>alert(3)</script> \"><img src=x onerror=alert(4)>";
         let id = web.queue(sender, &["\"><img src=x onerror=alert(5)>@example.test"], subject);
@@ -359,9 +362,12 @@ async fn tls_serves_https_with_secure_cookies() {
         let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
         std::fs::write(&cert_path, key.cert.pem()).unwrap();
         std::fs::write(&key_path, key.signing_key.serialize_pem()).unwrap();
-        let web =
-            TestWeb::start(&format!("tls_cert = \"{}\"\ntls_key = \"{}\"", cert_path.display(), key_path.display()))
-                .await;
+        let web = TestWeb::start(&format!(
+            "{TRUSTED}\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert_path.display(),
+            key_path.display()
+        ))
+        .await;
 
         let mut roots = rustls::RootCertStore::empty();
         roots.add(key.cert.der().clone()).unwrap();
@@ -389,6 +395,49 @@ async fn tls_serves_https_with_secure_cookies() {
         let mut answer = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut answer)).await;
         assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"));
+        web.stop().await;
+    })
+    .await;
+}
+
+/// Issue 16, point 2: with the packaged defaults (`allow` = loopback, no accounts, no
+/// `trust_allowed_hosts`) any local user could list, flush, hold and delete. Now the page is
+/// locked: 403, no session, no data, no action; monitoring still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_accounts_the_page_is_locked_unless_hosts_are_trusted() {
+    bounded(async {
+        let web = TestWeb::start("").await;
+        let id = web.queue("alice@sender.test", &["bob@example.test"], "Payroll");
+        let mut local_user = web.client();
+        for path in ["/", "/api/status", "/api/queue", &format!("/api/queue/{id}"), &format!("/message/{id}"), "/login"]
+        {
+            let reply = local_user.get(path).await;
+            assert_eq!(reply.status, 403, "{path}: {}", reply.body);
+            assert!(reply.body.contains("web.users") && reply.body.contains("hash-password"), "{}", reply.body);
+            assert!(!reply.body.contains(&id) && !reply.body.contains("Payroll"), "{path}: {}", reply.body);
+            assert!(reply.header("set-cookie").is_none(), "{path}: no session, so no CSRF token");
+        }
+        for (path, body) in [
+            (format!("/api/queue/{id}/delete"), ""),
+            (format!("/api/queue/{id}/hold"), ""),
+            ("/api/flush".to_string(), ""),
+            (format!("/message/{id}/delete"), "confirm=yes"),
+            ("/flush".to_string(), ""),
+        ] {
+            let reply = local_user.post_form(&path, body).await;
+            assert_eq!(reply.status, 403, "{path}: {}", reply.body);
+        }
+        assert!(!web.spool.get(&id).expect("still queued").held);
+        assert_eq!(local_user.get("/healthz").await.status, 200, "monitors need no account");
+        let metrics = local_user.get("/metrics").await;
+        assert_eq!(metrics.status, 200);
+        assert!(!metrics.body.contains(&id), "metrics are counts, not messages");
+        web.stop().await;
+
+        // Trusting the allowed peers is the operator's explicit choice, and opens the page again.
+        let web = TestWeb::start(TRUSTED).await;
+        let id = web.queue("alice@sender.test", &["bob@example.test"], "Payroll");
+        assert!(web.client().get("/").await.body.contains(&id));
         web.stop().await;
     })
     .await;

@@ -6,9 +6,12 @@
 //! also come from our own origin (`Origin` and `Sec-Fetch-Site`, when the browser sends them).
 //! With `[web] users`, a session must log in (argon2 password hashes) before anything but the
 //! login form, `/healthz`, `/metrics` and the stylesheet is served; the session ID is replaced on
-//! login so a planted ID is worthless.
+//! login so a planted ID is worthless. Without accounts the page is locked (403 for all but
+//! `/healthz`, `/metrics` and the stylesheet) unless `[web] trust_allowed_hosts` says every peer in
+//! `[web] allow` may use it: on a shared machine, loopback is every local user.
 
 use super::{WebError, WebState};
+use crate::config::WebConfig;
 use crate::lock;
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -32,6 +35,15 @@ const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 const MAX_SESSIONS: usize = 10_000;
 /// Largest POST body read (forms and JSON requests are tiny).
 const MAX_POST: usize = 64 * 1024;
+/// The answer (403) while the page is locked, and the warning logged at start.
+pub const LOCKED: &str = "the admin page is locked: no account is configured. Add one to web.users \
+    (make the hash with `bartleby hash-password`), or set web.trust_allowed_hosts = true to let every \
+    peer in web.allow in without a login";
+
+/// Is the page locked: no accounts, and the operator did not say the allowed peers are trusted?
+pub fn locked(web: &WebConfig) -> bool {
+    web.users.is_empty() && !web.trust_allowed_hosts
+}
 
 /// One client's session, as the handlers see it.
 #[derive(Debug, Clone)]
@@ -170,6 +182,10 @@ pub async fn session_layer(State(state): State<WebState>, request: Request, next
     // Monitors and scrapers poll these every few seconds and never act: no session for them.
     if sessionless(request.uri().path()) && request.method() == Method::GET {
         return next.run(request).await;
+    }
+    // Locked: no session, no CSRF token, no data (logged once at start, not per request).
+    if locked(&state.config().web) {
+        return respond_error(request.uri().path(), WebError::Forbidden(LOCKED.into()));
     }
     let known = cookie_value(request.headers()).and_then(|id| state.sessions.get(&id));
     let (session, fresh) = match known {

@@ -2,8 +2,10 @@
 //!
 //! Every request passes, outermost first: security headers (CSP without inline script,
 //! `frame-ancestors 'none'`, nosniff, no referrer), the `[web] allow` CIDR list on the peer address
-//! (403 and a log line), the session layer (a cookie; a login when `[web] users` is set), and for a
-//! POST the origin checks and the CSRF token. Nothing changes on a GET.
+//! (403 and a log line), the session layer (a cookie; a login when `[web] users` is set; 403 for
+//! everything but `/healthz`, `/metrics` and the stylesheet when there are no accounts and
+//! `[web] trust_allowed_hosts` is not set), and for a POST the origin checks and the CSRF token.
+//! Nothing changes on a GET.
 //!
 //! - [`page`]: the HTML pages; [`api`]: the same data and actions as JSON under `/api/`;
 //! - [`queue`]: filtering and paginating the queue, the status summary (shared by both);
@@ -185,6 +187,9 @@ pub async fn serve(
     // Logged here and now: the daemon only looks at this task's result when it stops.
     let tls = tls::acceptor(&state.config().web)
         .inspect_err(|err| tracing::error!(error = %err, "admin page disabled: bad web.tls_cert/tls_key"))?;
+    if auth::locked(&state.config().web) {
+        tracing::warn!("{}", auth::LOCKED);
+    }
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let mut stop = shutdown.clone();
     let stopped = async move {
