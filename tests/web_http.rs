@@ -442,3 +442,83 @@ async fn without_accounts_the_page_is_locked_unless_hosts_are_trusted() {
     })
     .await;
 }
+
+/// Everything written to the log by the tests of this binary (one global subscriber).
+fn captured_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    use std::sync::{Mutex, OnceLock};
+    static LOG: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || LogWriter(log))
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+        log
+    })
+}
+
+struct LogWriter(&'static std::sync::Mutex<Vec<u8>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Log lines that mention `needle`.
+fn log_lines(needle: &str) -> Vec<String> {
+    let log = captured_log().lock().unwrap_or_else(|p| p.into_inner());
+    String::from_utf8_lossy(&log).lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
+}
+
+/// Issue 16, point 2: every action is logged with the account and the client address, refused
+/// ones too, from the page and from the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_are_logged_with_account_and_client_address() {
+    bounded(async {
+        captured_log();
+        let hash = bartleby::web::auth::hash_password("s3cret").unwrap();
+        let web = TestWeb::start(&format!("users = {{ operator7 = \"{hash}\" }}\nflush_cooldown = \"1s\"")).await;
+        let id = web.queue("a@sender.test", &["b@example.test"], "x");
+        let mut client = web.client();
+        client.source = Some("127.0.0.77".parse().unwrap());
+        let csrf = client.get("/login").await.csrf();
+        let login = client.post_form("/login", &format!("csrf={csrf}&user=operator7&password=s3cret")).await;
+        assert_eq!(login.status, 303);
+        let csrf = client.get("/").await.csrf();
+        let token = [("X-CSRF-Token", csrf.as_str())];
+        assert_eq!(client.post_form(&format!("/message/{id}/hold"), &format!("csrf={csrf}")).await.status, 303);
+        assert_eq!(client.request("POST", &format!("/api/queue/{id}/release"), &token, "").await.status, 200);
+        // Held before the delete, so no delivery attempt can make it busy (409); flushed last for the same reason.
+        assert_eq!(client.request("POST", &format!("/api/queue/{id}/hold"), &token, "").await.status, 200);
+        assert_eq!(client.request("POST", &format!("/api/queue/{id}/delete"), &token, "").await.status, 200);
+        assert_eq!(client.request("POST", &format!("/api/queue/{id}/delete"), &token, "").await.status, 404);
+        assert_eq!(client.request("POST", "/api/flush?domain=example.test", &token, "").await.status, 200);
+
+        let lines = log_lines("127.0.0.77");
+        assert!(lines.iter().any(|l| l.contains("web login") && l.contains("operator7")), "{lines:#?}");
+        let action = |name: &str| {
+            lines
+                .iter()
+                .filter(|l| l.contains("web action") && l.contains("operator7") && l.contains(&format!("\"{name}\"")))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        for name in ["hold", "release"] {
+            assert!(action(name).iter().any(|l| l.contains(&id)), "{name}: {lines:#?}");
+        }
+        assert!(action("flush").iter().any(|l| l.contains("example.test")), "{lines:#?}");
+        let deletes = action("delete");
+        assert_eq!(deletes.len(), 2, "{lines:#?}");
+        assert!(deletes.iter().all(|l| l.contains(&id)));
+        assert!(deletes.iter().any(|l| l.contains("web action failed") && l.contains("no message")), "{deletes:#?}");
+        web.stop().await;
+    })
+    .await;
+}

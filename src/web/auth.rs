@@ -16,13 +16,14 @@ use crate::lock;
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::body::{Body, to_bytes};
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use maud::html;
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,9 @@ pub struct Session {
     pub id: String,
     /// The logged-in user; None without accounts (or before login).
     pub user: Option<String>,
+    /// The peer address of the request being served (set on each request, not kept with the
+    /// session), so that actions are logged with where they came from.
+    pub client: Option<IpAddr>,
     /// The token every POST of this session must carry.
     pub csrf: String,
     created: Instant,
@@ -63,6 +67,11 @@ impl Session {
     /// Who did something, for the log.
     pub fn who(&self) -> &str {
         self.user.as_deref().unwrap_or("-")
+    }
+
+    /// Where the request came from, for the log ("-" when unknown).
+    pub fn client_text(&self) -> String {
+        self.client.map_or_else(|| "-".to_string(), |ip| ip.to_string())
     }
 }
 
@@ -79,7 +88,14 @@ impl Sessions {
 
     /// A new session, evicting expired ones (and the oldest when full).
     pub fn create(&self, user: Option<String>) -> Result<Session, WebError> {
-        let session = Session { id: random_hex()?, user, csrf: random_hex()?, created: Instant::now(), flash: None };
+        let session = Session {
+            id: random_hex()?,
+            user,
+            client: None,
+            csrf: random_hex()?,
+            created: Instant::now(),
+            flash: None,
+        };
         let mut map = self.lock();
         if map.len() >= MAX_SESSIONS {
             map.retain(|_, s| s.created.elapsed() < SESSION_LIFETIME);
@@ -187,14 +203,16 @@ pub async fn session_layer(State(state): State<WebState>, request: Request, next
     if locked(&state.config().web) {
         return respond_error(request.uri().path(), WebError::Forbidden(LOCKED.into()));
     }
+    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let known = cookie_value(request.headers()).and_then(|id| state.sessions.get(&id));
-    let (session, fresh) = match known {
+    let (mut session, fresh) = match known {
         Some(s) => (s, false),
         None => match state.sessions.create(None) {
             Ok(s) => (s, true),
             Err(err) => return respond_error(request.uri().path(), err),
         },
     };
+    session.client = client;
     let path = request.uri().path().to_string();
     let mut response = match check(&state, &session, request).await {
         Ok(mut request) => {
@@ -322,11 +340,11 @@ pub async fn login(
         .await
         .unwrap_or(false);
     if !ok {
-        tracing::warn!(user = %form.user, "web login failed");
+        tracing::warn!(user = %form.user, client = %session.client_text(), "web login failed");
         state.sessions.set_flash(&session.id, "Wrong user name or password.".into());
         return Redirect::to("/login").into_response();
     }
-    tracing::info!(user = %form.user, "web login");
+    tracing::info!(user = %form.user, client = %session.client_text(), "web login");
     state.sessions.remove(&session.id);
     let fresh = match state.sessions.create(Some(form.user)) {
         Ok(s) => s,
@@ -341,6 +359,9 @@ pub async fn login(
 
 /// POST /logout.
 pub async fn logout(State(state): State<WebState>, Extension(session): Extension<Session>) -> Response {
+    if session.user.is_some() {
+        tracing::info!(user = session.who(), client = %session.client_text(), "web logout");
+    }
     state.sessions.remove(&session.id);
     Redirect::to(if state.config().web.users.is_empty() { "/" } else { "/login" }).into_response()
 }
