@@ -218,6 +218,11 @@ pub struct WebConfig {
     /// local account of the machine, and the page can flush, hold and delete mail. Ignored when
     /// `users` is set.
     pub trust_allowed_hosts: bool,
+    /// The names the page answers to, in the Host header (any port), against DNS rebinding. None:
+    /// `localhost` and `hostname`. IP literals of the listen address (any, when it is 0.0.0.0 or
+    /// [::]) and of loopback are accepted besides these, because an IP literal cannot be rebound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostnames: Option<Vec<String>>,
     /// With `tls_key`, the page is served over HTTPS only.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -300,6 +305,7 @@ impl Default for WebConfig {
             ],
             users: BTreeMap::new(),
             trust_allowed_hosts: false,
+            hostnames: None,
             tls_cert: None,
             tls_key: None,
             flush_cooldown: HumanDuration::seconds(60),
@@ -334,6 +340,12 @@ impl WebConfig {
                     &format!("web.users.{user}"),
                     "not an argon2 hash (make one with `bartleby hash-password`)".into(),
                 );
+            }
+        }
+        for (i, name) in self.hostnames.iter().flatten().enumerate() {
+            let literal = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+            if !is_domain_name(name) && literal.parse::<IpAddr>().is_err() {
+                return bad(&format!("web.hostnames[{i}]"), format!("{name:?} is not a host name or IP address"));
             }
         }
         if self.disk_critical_percent > self.disk_warn_percent || self.disk_warn_percent > 100 {
@@ -422,6 +434,9 @@ impl Config {
         for domain in self.relay.domains.iter_mut().chain(self.relay.also_me.iter_mut()) {
             *domain = domain.trim_end_matches('.').to_ascii_lowercase();
         }
+        for name in self.web.hostnames.iter_mut().flatten() {
+            *name = name.trim_end_matches('.').to_ascii_lowercase();
+        }
         self.routes = std::mem::take(&mut self.routes)
             .into_iter()
             .map(|(domain, route)| (domain.to_ascii_lowercase(), route))
@@ -498,6 +513,15 @@ impl Config {
         }
         self.monitor.validate(&self.routes)?;
         self.web.validate()
+    }
+
+    /// The names the admin page answers to (`web.hostnames`, or `localhost` and `hostname`), in
+    /// lower case without a trailing dot; IP literals besides these are `web::host`'s business.
+    pub fn web_hostnames(&self) -> Vec<String> {
+        match &self.web.hostnames {
+            Some(names) => names.clone(),
+            None => vec!["localhost".to_string(), self.hostname.clone()],
+        }
     }
 
     /// Is `domain` one we are backup MX for?
@@ -1073,6 +1097,18 @@ allow = ["127.0.0.1/32", "::1/128"]
         let plain = Config::parse("", "w.toml").expect("valid");
         assert!(!plain.web.trust_allowed_hosts, "no page without a login unless the operator says so");
         assert!(Config::demo().web.trust_allowed_hosts, "the demo is a first try on loopback");
+    }
+
+    #[test]
+    fn web_hostnames_default_and_checked() {
+        let plain = Config::parse("hostname = \"Backup.Example.Test.\"\n", "w.toml").expect("valid");
+        assert_eq!(plain.web_hostnames(), ["localhost", "backup.example.test"]);
+        let set =
+            Config::parse("[web]\nhostnames = [\"Admin.Example.Test.\", \"[2001:db8::1]\", \"192.0.2.1\"]\n", "w.toml")
+                .expect("valid");
+        assert_eq!(set.web_hostnames(), ["admin.example.test", "[2001:db8::1]", "192.0.2.1"]);
+        let err = Config::parse("[web]\nhostnames = [\"admin.example.test:8025\"]\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("key `web.hostnames[0]`"), "{err}");
     }
 
     #[test]

@@ -400,6 +400,103 @@ async fn tls_serves_https_with_secure_cookies() {
     .await;
 }
 
+/// Issue 16, point 3: a page on an attacker's name re-pointed at 127.0.0.1 (DNS rebinding) sends
+/// `Host: rebind.attacker.test:PORT` and a matching Origin. It gets 421 and nothing else: no
+/// session, no CSRF token, no queue, and no action, even with a token stolen from a real session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_rebinding_gets_no_token_no_data_and_no_action() {
+    bounded(async {
+        let web = TestWeb::start(TRUSTED).await;
+        let id = web.queue("alice@sender.test", &["bob@example.test"], "Secret plans");
+        let rebound = format!("rebind.attacker.test:{}", web.addr.port());
+        let origin = format!("http://{rebound}");
+        let mut attacker = web.client();
+        attacker.host = Some(rebound.clone());
+
+        for path in ["/", "/api/status", "/api/queue", &format!("/api/queue/{id}"), &format!("/message/{id}")] {
+            let reply = attacker.request("GET", path, &[("Origin", &origin)], "").await;
+            assert_eq!(reply.status, 421, "{path}: {}", reply.body);
+            assert!(reply.header("set-cookie").is_none(), "{path}: no session for a rebound page");
+            assert!(!reply.body.contains(&id) && !reply.body.contains("Secret"), "{path}: {}", reply.body);
+            assert!(!reply.body.contains("csrf"), "{path}: no token: {}", reply.body);
+            assert!(reply.body.len() < 200, "{path}: a short body: {}", reply.body);
+        }
+        for path in ["/metrics", "/healthz", "/chart.svg", "/login"] {
+            assert_eq!(attacker.get(path).await.status, 421, "{path}");
+        }
+        assert!(attacker.cookie.is_none());
+
+        // Worst case: the attacker holds a real session's cookie and token. The name still gives it away.
+        let mut admin = web.client();
+        let csrf = admin.get("/").await.csrf();
+        attacker.cookie = admin.cookie.clone();
+        let form = [("Content-Type", "application/x-www-form-urlencoded"), ("Origin", origin.as_str())];
+        let delete = attacker
+            .request("POST", &format!("/message/{id}/delete"), &form, &format!("csrf={csrf}&confirm=yes"))
+            .await;
+        assert_eq!(delete.status, 421, "{}", delete.body);
+        let api = [("X-CSRF-Token", csrf.as_str()), ("Origin", origin.as_str())];
+        assert_eq!(attacker.request("POST", &format!("/api/queue/{id}/delete"), &api, "").await.status, 421);
+        assert_eq!(attacker.request("POST", &format!("/api/queue/{id}/hold"), &api, "").await.status, 421);
+        assert_eq!(attacker.request("POST", "/api/flush", &api, "").await.status, 421);
+        let envelope = web.spool.get(&id).expect("the message is still queued");
+        assert!(!envelope.held, "nothing refused changed anything");
+
+        // Our names work: localhost and `hostname` by default, the listen address, loopback.
+        let port = web.addr.port();
+        for host in
+            [format!("localhost:{port}"), format!("BACKUP.example.test:{port}"), "127.0.0.1".into(), "[::1]:9".into()]
+        {
+            let mut client = web.client();
+            client.host = Some(host.clone());
+            let page = client.get("/").await;
+            assert_eq!(page.status, 200, "{host}: {}", page.body);
+            assert!(page.body.contains(&id), "{host}");
+        }
+        // A request without Host cannot come from a browser, so it cannot be rebinding.
+        let mut bare = web.client();
+        bare.host = Some(String::new());
+        assert_eq!(bare.get("/healthz").await.status, 200);
+
+        // POSTs: the Origin must be ours too, and the one the request was sent to.
+        let mut client = web.client();
+        client.host = Some(format!("localhost:{port}"));
+        let csrf = client.get("/").await.csrf();
+        let foreign = [("X-CSRF-Token", csrf.as_str()), ("Origin", origin.as_str())];
+        assert_eq!(client.request("POST", &format!("/api/queue/{id}/hold"), &foreign, "").await.status, 403);
+        let ours_origin = format!("http://localhost:{port}");
+        let ok = [("X-CSRF-Token", csrf.as_str()), ("Origin", ours_origin.as_str())];
+        let deleted = client.request("POST", &format!("/api/queue/{id}/delete"), &ok, "").await;
+        assert_eq!(deleted.status, 200, "{}", deleted.body);
+        assert!(web.spool.get(&id).is_none());
+        web.stop().await;
+    })
+    .await;
+}
+
+/// `web.hostnames` replaces the default names; IP literals of loopback still work (SSH tunnels).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_hostnames_replace_the_defaults() {
+    bounded(async {
+        let web = TestWeb::start(&format!("{TRUSTED}\nhostnames = [\"admin.example.test\"]")).await;
+        let port = web.addr.port();
+        for (host, status) in [
+            (format!("admin.example.test:{port}"), 200),
+            (format!("localhost:{port}"), 421),
+            (format!("backup.example.test:{port}"), 421),
+            (format!("127.0.0.1:{port}"), 200),
+            (format!("admin.example.test.evil.test:{port}"), 421),
+            ("admin.example.test:80:80".to_string(), 421),
+        ] {
+            let mut client = web.client();
+            client.host = Some(host.clone());
+            assert_eq!(client.get("/api/status").await.status, status, "{host}");
+        }
+        web.stop().await;
+    })
+    .await;
+}
+
 /// Issue 16, point 2: with the packaged defaults (`allow` = loopback, no accounts, no
 /// `trust_allowed_hosts`) any local user could list, flush, hold and delete. Now the page is
 /// locked: 403, no session, no data, no action; monitoring still works.

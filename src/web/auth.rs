@@ -11,7 +11,7 @@
 //! `[web] allow` may use it: on a shared machine, loopback is every local user.
 
 use super::{WebError, WebState};
-use crate::config::WebConfig;
+use crate::config::{Config, WebConfig};
 use crate::lock;
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -238,13 +238,14 @@ fn respond_error(path: &str, err: WebError) -> Response {
 /// Login and, for POST, origin and CSRF; returns the request rebuilt around its buffered body.
 async fn check(state: &WebState, session: &Session, request: Request) -> Result<Request, WebError> {
     let path = request.uri().path();
-    if !state.config().web.users.is_empty() && session.user.is_none() && !open_path(path) {
+    let config = state.config();
+    if !config.web.users.is_empty() && session.user.is_none() && !open_path(path) {
         return Err(WebError::Unauthorized);
     }
     if request.method() != Method::POST {
         return Ok(request);
     }
-    same_origin(request.headers())?;
+    same_origin(request.headers(), &config)?;
     let (parts, body) = request.into_parts();
     let bytes = to_bytes(body, MAX_POST).await.map_err(|_| WebError::BadRequest("request body too large".into()))?;
     let from_header = parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -286,8 +287,9 @@ fn percent_decode(input: &[u8]) -> String {
 }
 
 /// Refuses cross-site POSTs: `Sec-Fetch-Site` must say same-origin (or none, typed by the user),
-/// and an `Origin` must name the host the request was sent to.
-fn same_origin(headers: &HeaderMap) -> Result<(), WebError> {
+/// and an `Origin` must name the host the request was sent to, and that host must be one of ours
+/// (the Host check has passed already; this keeps the two from drifting apart).
+fn same_origin(headers: &HeaderMap, config: &Config) -> Result<(), WebError> {
     let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("?"));
     if let Some(site) = text("sec-fetch-site")
         && !matches!(site, "same-origin" | "none")
@@ -299,6 +301,10 @@ fn same_origin(headers: &HeaderMap) -> Result<(), WebError> {
         let authority = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
         if authority.is_none_or(|a| !a.eq_ignore_ascii_case(host)) {
             return Err(WebError::Forbidden(format!("request from another origin ({origin})")));
+        }
+        let ours = authority.and_then(super::host::host_part).is_some_and(|h| super::host::is_ours(config, &h));
+        if !ours {
+            return Err(WebError::Forbidden(format!("request from an origin not in web.hostnames ({origin})")));
         }
     }
     Ok(())
@@ -388,16 +394,21 @@ mod tests {
 
     #[test]
     fn origin_checks() {
+        let config = Config::demo();
         let mut headers = HeaderMap::new();
         headers.insert("host", HeaderValue::from_static("127.0.0.1:8025"));
-        assert!(same_origin(&headers).is_ok());
+        assert!(same_origin(&headers, &config).is_ok());
         headers.insert("origin", HeaderValue::from_static("http://127.0.0.1:8025"));
-        assert!(same_origin(&headers).is_ok());
+        assert!(same_origin(&headers, &config).is_ok());
         headers.insert("origin", HeaderValue::from_static("http://evil.test"));
-        assert!(same_origin(&headers).is_err());
+        assert!(same_origin(&headers, &config).is_err());
+        // Host and Origin agree, as under DNS rebinding, but the name is not ours.
+        headers.insert("host", HeaderValue::from_static("rebind.attacker.test:8025"));
+        headers.insert("origin", HeaderValue::from_static("http://rebind.attacker.test:8025"));
+        assert!(same_origin(&headers, &config).is_err());
         headers.remove("origin");
         headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
-        assert!(same_origin(&headers).is_err());
+        assert!(same_origin(&headers, &config).is_err());
     }
 
     #[test]
