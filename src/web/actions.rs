@@ -21,7 +21,6 @@ pub enum Action {
 }
 
 impl Action {
-    /// The per-message action named in a URL (`/message/{id}/{name}`).
     /// The action's name, for the log.
     pub fn name(&self) -> &'static str {
         match self {
@@ -41,6 +40,7 @@ impl Action {
         }
     }
 
+    /// The per-message action named in a URL (`/message/{id}/{name}`).
     pub fn for_message(name: &str, id: String) -> Result<Action, WebError> {
         if !is_queue_id(&id) {
             return Err(WebError::BadRequest(format!("{id:?} is not a queue ID")));
