@@ -492,6 +492,14 @@ async fn configured_hostnames_replace_the_defaults() {
             client.host = Some(host.clone());
             assert_eq!(client.get("/api/status").await.status, status, "{host}");
         }
+        // A second Host header, or an absolute-form target naming another host, is refused too.
+        let mut client = web.client();
+        client.host = Some(format!("admin.example.test:{port}"));
+        let two = client.request("GET", "/api/queue", &[("Host", "rebind.attacker.test")], "").await;
+        assert_eq!(two.status, 421, "{}", two.body);
+        let absolute = client.get(&format!("http://rebind.attacker.test:{port}/api/queue")).await;
+        assert_eq!(absolute.status, 421, "{}", absolute.body);
+        assert_eq!(client.get(&format!("http://admin.example.test:{port}/api/status")).await.status, 200);
         web.stop().await;
     })
     .await;
