@@ -44,7 +44,9 @@ install -d -m 0755 "$root/DEBIAN" "$root/usr/sbin" "$root/etc/bartleby" "$root/l
     "$root/usr/share/man/man8" "$doc" "$root/usr/share/bash-completion/completions" \
     "$root/usr/share/zsh/vendor-completions" "$root/usr/share/fish/vendor_completions.d"
 install -m 0755 "$binary" "$root/usr/sbin/bartleby"
-install -m 0644 "$here/bartleby.toml" "$root/etc/bartleby/bartleby.toml"
+# 0640: the file may hold password hashes ([web] users). postinst gives it to group bartleby,
+# which the package cannot name here (the group does not exist before postinst).
+install -m 0640 "$here/bartleby.toml" "$root/etc/bartleby/bartleby.toml"
 install -m 0644 "$here/bartleby.service" "$root/lib/systemd/system/bartleby.service"
 
 "$binary" generate man "$stage/man"

@@ -210,9 +210,19 @@ pub struct WebConfig {
     pub listen: SocketAddr,
     /// Peer addresses allowed to use the admin page (CIDR); everyone else gets 403.
     pub allow: Vec<Cidr>,
-    /// Optional accounts: user name -> argon2 PHC hash (`bartleby hash-password` makes one).
-    /// Empty: every allowed peer may use the page without logging in.
+    /// Accounts: user name -> argon2 PHC hash (`bartleby hash-password` makes one). When set, every
+    /// visitor logs in; empty, see `trust_allowed_hosts`.
     pub users: BTreeMap<String, String>,
+    /// Without `users`, may every peer in `allow` use the page without logging in? False by default:
+    /// the page is then locked (403), because with `allow = 127.0.0.0/8` "every peer" means every
+    /// local account of the machine, and the page can flush, hold and delete mail. Ignored when
+    /// `users` is set.
+    pub trust_allowed_hosts: bool,
+    /// The names the page answers to, in the Host header (any port), against DNS rebinding. None:
+    /// `localhost` and `hostname`. IP literals of the listen address (any, when it is 0.0.0.0 or
+    /// [::]) and of loopback are accepted besides these, because an IP literal cannot be rebound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostnames: Option<Vec<String>>,
     /// With `tls_key`, the page is served over HTTPS only.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -294,6 +304,8 @@ impl Default for WebConfig {
                 Cidr::from_str("::1/128").expect("literal CIDR"),
             ],
             users: BTreeMap::new(),
+            trust_allowed_hosts: false,
+            hostnames: None,
             tls_cert: None,
             tls_key: None,
             flush_cooldown: HumanDuration::seconds(60),
@@ -328,6 +340,12 @@ impl WebConfig {
                     &format!("web.users.{user}"),
                     "not an argon2 hash (make one with `bartleby hash-password`)".into(),
                 );
+            }
+        }
+        for (i, name) in self.hostnames.iter().flatten().enumerate() {
+            let literal = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')).unwrap_or(name);
+            if !is_domain_name(name) && literal.parse::<IpAddr>().is_err() {
+                return bad(&format!("web.hostnames[{i}]"), format!("{name:?} is not a host name or IP address"));
             }
         }
         if self.disk_critical_percent > self.disk_warn_percent || self.disk_warn_percent > 100 {
@@ -366,6 +384,9 @@ impl Config {
         config.routes.insert("example.test".to_string(), Route { host: "127.0.0.1".to_string(), port: 2526 });
         // A first try on loopback has no sender domains worth an SPF lookup on the internet.
         config.smtp.sender_auth = false;
+        // A first try has no accounts and only test mail: the page opens without a login. The
+        // packaged configuration leaves this false.
+        config.web.trust_allowed_hosts = true;
         config
     }
 
@@ -412,6 +433,9 @@ impl Config {
         self.hostname = self.hostname.trim_end_matches('.').to_ascii_lowercase();
         for domain in self.relay.domains.iter_mut().chain(self.relay.also_me.iter_mut()) {
             *domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        }
+        for name in self.web.hostnames.iter_mut().flatten() {
+            *name = name.trim_end_matches('.').to_ascii_lowercase();
         }
         self.routes = std::mem::take(&mut self.routes)
             .into_iter()
@@ -489,6 +513,15 @@ impl Config {
         }
         self.monitor.validate(&self.routes)?;
         self.web.validate()
+    }
+
+    /// The names the admin page answers to (`web.hostnames`, or `localhost` and `hostname`), in
+    /// lower case without a trailing dot; IP literals besides these are `web::host`'s business.
+    pub fn web_hostnames(&self) -> Vec<String> {
+        match &self.web.hostnames {
+            Some(names) => names.clone(),
+            None => vec!["localhost".to_string(), self.hostname.clone()],
+        }
     }
 
     /// Is `domain` one we are backup MX for?
@@ -1057,6 +1090,25 @@ allow = ["127.0.0.1/32", "::1/128"]
         let err = Config::parse("[web]\ndisk_warn_percent = 5\ndisk_critical_percent = 10\n", "w.toml").unwrap_err();
         assert!(err.to_string().contains("web.disk_warn_percent"), "{err}");
         assert_eq!(Config::demo().web.flush_cooldown.0, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn web_login_is_required_by_default() {
+        let plain = Config::parse("", "w.toml").expect("valid");
+        assert!(!plain.web.trust_allowed_hosts, "no page without a login unless the operator says so");
+        assert!(Config::demo().web.trust_allowed_hosts, "the demo is a first try on loopback");
+    }
+
+    #[test]
+    fn web_hostnames_default_and_checked() {
+        let plain = Config::parse("hostname = \"Backup.Example.Test.\"\n", "w.toml").expect("valid");
+        assert_eq!(plain.web_hostnames(), ["localhost", "backup.example.test"]);
+        let set =
+            Config::parse("[web]\nhostnames = [\"Admin.Example.Test.\", \"[2001:db8::1]\", \"192.0.2.1\"]\n", "w.toml")
+                .expect("valid");
+        assert_eq!(set.web_hostnames(), ["admin.example.test", "[2001:db8::1]", "192.0.2.1"]);
+        let err = Config::parse("[web]\nhostnames = [\"admin.example.test:8025\"]\n", "w.toml").unwrap_err();
+        assert!(err.to_string().contains("key `web.hostnames[0]`"), "{err}");
     }
 
     #[test]

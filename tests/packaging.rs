@@ -88,6 +88,11 @@ fn example_config_is_safe_and_every_key_it_shows_is_real() {
     assert_eq!(config.queue.dir, Path::new(SPOOL));
     assert_eq!(config.user, None, "systemd's User= drops privileges; the config must not need root");
     assert!(config.web.listen.ip().is_loopback());
+    // Issue 16: loopback is every local user, so without an account the page must be locked, and
+    // it answers only for its own names (DNS rebinding).
+    assert!(config.web.users.is_empty() && !config.web.trust_allowed_hosts);
+    assert!(bartleby::web::auth::locked(&config.web), "the packaged admin page must need a login");
+    assert_eq!(config.web.hostnames, None, "the default names: localhost and hostname");
 
     // Uncommenting every key shows no unknown key and no bad value (TLS files must exist).
     let dir = tempfile::tempdir().expect("tempdir");
@@ -191,7 +196,8 @@ fn package_holds_binary_conffile_unit_man_pages_and_completions() {
     let listing = run_ok("dpkg-deb", &["--contents", deb]);
     for (mode, path) in [
         ("-rwxr-xr-x root/root", "./usr/sbin/bartleby"),
-        ("-rw-r--r-- root/root", "./etc/bartleby/bartleby.toml"),
+        // It may hold password hashes; postinst gives it to group bartleby.
+        ("-rw-r----- root/root", "./etc/bartleby/bartleby.toml"),
         ("-rw-r--r-- root/root", "./lib/systemd/system/bartleby.service"),
         ("-rw-r--r-- root/root", "./usr/share/man/man8/bartleby.8.gz"),
         ("-rw-r--r-- root/root", "./usr/share/man/man8/bartleby-queue-list.8.gz"),
@@ -354,11 +360,20 @@ fn assert_installed_layout() {
     assert_eq!(spool.gid(), id_of("-g"));
     let conffiles = run_ok("dpkg-query", &["-W", "-f=${Conffiles}", "bartleby"]);
     assert!(conffiles.contains("/etc/bartleby/bartleby.toml"), "{conffiles}");
+    assert_conffile_is_private();
     assert!(Path::new("/etc/systemd/system/multi-user.target.wants/bartleby.service").exists(), "enabled");
     run_ok("/usr/sbin/bartleby", &["--config", "/etc/bartleby/bartleby.toml", "check-config"]);
     if Path::new("/usr/bin/man").exists() {
         assert!(run_ok("man", &["-w", "bartleby-queue-list"]).contains("/usr/share/man/man8/bartleby-queue-list.8.gz"));
     }
+}
+
+/// The configuration may hold password hashes: 0640 root:bartleby, unreadable by other users.
+fn assert_conffile_is_private() {
+    let conf = fs::metadata("/etc/bartleby/bartleby.toml").expect("conffile");
+    assert_eq!((conf.mode() & 0o7777, conf.uid(), conf.gid()), (0o640, 0, id_of("-g")), "conffile mode and owner");
+    let nobody = run("runuser", &["-u", "nobody", "--", "cat", "/etc/bartleby/bartleby.toml"]);
+    assert!(!nobody.status.success(), "another local user can read the configuration");
 }
 
 fn id_of(flag: &str) -> u32 {
@@ -527,6 +542,7 @@ fn remove_and_purge_keep_mail(deb: &Path, config: &Path, id: &str) {
     fs::write(conffile, &changed).expect("edit conffile");
     install(deb);
     assert_eq!(fs::read_to_string(conffile).expect("conffile"), changed);
+    assert_conffile_is_private();
 
     run_ok("dpkg", &["--remove", "bartleby"]);
     assert_eq!(package_status(), "rc");

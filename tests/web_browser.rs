@@ -43,7 +43,8 @@ fn flush_button_empties_the_queue_once_the_primary_is_back() {
     let primary: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
     let web_port = free_port("127.0.0.1");
     let extra = format!(
-        "[routes]\n\"example.test\" = \"{primary}\"\n[web]\nlisten = \"127.0.0.1:{web_port}\"\nflush_cooldown = \"1s\"\n"
+        "[routes]\n\"example.test\" = \"{primary}\"\n[web]\nlisten = \"127.0.0.1:{web_port}\"\nflush_cooldown = \"1s\"\n\
+         trust_allowed_hosts = true\n"
     );
     let mut bartleby = Daemon::start(dir.path(), "", &extra);
 

@@ -9,6 +9,9 @@ use web_server::TestWeb;
 
 /// Every test's whole run is bounded.
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// No accounts, and the allowed peers trusted on purpose: without this key (the packaged default)
+/// the page is locked until an account exists.
+const TRUSTED: &str = "trust_allowed_hosts = true";
 
 async fn bounded<F: std::future::Future<Output = ()>>(test: F) {
     tokio::time::timeout(TEST_TIMEOUT, test).await.expect("test finished in time");
@@ -17,7 +20,7 @@ async fn bounded<F: std::future::Future<Output = ()>>(test: F) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_page_and_api_route_answers() {
     bounded(async {
-        let web = TestWeb::start("").await;
+        let web = TestWeb::start(TRUSTED).await;
         let a = web.queue("alice@sender.test", &["bob@example.test"], "First");
         let b = web.queue("carol@sender.test", &["dave@other.test", "erin@example.test"], "=?UTF-8?B?R3LDvMOfZQ==?=");
         let _c = web.queue("", &["frank@other.test"], "Bounce");
@@ -104,7 +107,7 @@ async fn every_page_and_api_route_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_outside_the_allowlist_get_403() {
     bounded(async {
-        let web = TestWeb::start("allow = [\"127.0.0.1/32\"]").await;
+        let web = TestWeb::start(&format!("{TRUSTED}\nallow = [\"127.0.0.1/32\"]")).await;
         let mut stranger = web.client();
         stranger.source = Some("127.0.0.9".parse().unwrap());
         for path in ["/", "/api/status", "/metrics", "/healthz", "/login"] {
@@ -125,7 +128,7 @@ async fn peers_outside_the_allowlist_get_403() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posts_need_the_csrf_token_and_our_origin() {
     bounded(async {
-        let web = TestWeb::start("").await;
+        let web = TestWeb::start(TRUSTED).await;
         let id = web.queue("a@sender.test", &["b@example.test"], "x");
         let mut client = web.client();
         let csrf = client.get("/").await.csrf();
@@ -187,7 +190,7 @@ async fn posts_need_the_csrf_token_and_our_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_actions_through_page_and_api() {
     bounded(async {
-        let web = TestWeb::start("").await;
+        let web = TestWeb::start(TRUSTED).await;
         let a = web.queue("a@sender.test", &["b@example.test"], "a");
         let b = web.queue("a@sender.test", &["b@example.test"], "b");
         let c = web.queue("a@sender.test", &["b@example.test"], "c");
@@ -234,7 +237,7 @@ async fn message_actions_through_page_and_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_has_a_cooldown() {
     bounded(async {
-        let web = TestWeb::start("flush_cooldown = \"60s\"").await;
+        let web = TestWeb::start(&format!("{TRUSTED}\nflush_cooldown = \"60s\"")).await;
         let id = web.queue("a@sender.test", &["b@example.test"], "x");
         bartleby::schedule::set_held(web.spool.as_ref(), &id, true).expect("hold");
         let mut client = web.client();
@@ -252,7 +255,7 @@ async fn flush_has_a_cooldown() {
         assert_eq!(api.status, 429);
         web.stop().await;
 
-        let web = TestWeb::start("flush_cooldown = \"1s\"").await;
+        let web = TestWeb::start(&format!("{TRUSTED}\nflush_cooldown = \"1s\"")).await;
         let mut client = web.client();
         let csrf = client.get("/api/status").await.json()["csrf_token"].as_str().unwrap().to_string();
         let token = [("X-CSRF-Token", csrf.as_str())];
@@ -274,7 +277,7 @@ async fn flush_has_a_cooldown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_controlled_strings_are_inert_text() {
     bounded(async {
-        let web = TestWeb::start("").await;
+        let web = TestWeb::start(TRUSTED).await;
         let sender = "<script>alert(1)</script>\"><img src=x onerror=alert(2)>@evil.test";
         let subject = "<script>alert(3)</script> \"><img src=x onerror=alert(4)>";
         let id = web.queue(sender, &["\"><img src=x onerror=alert(5)>@example.test"], subject);
@@ -359,9 +362,12 @@ async fn tls_serves_https_with_secure_cookies() {
         let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
         std::fs::write(&cert_path, key.cert.pem()).unwrap();
         std::fs::write(&key_path, key.signing_key.serialize_pem()).unwrap();
-        let web =
-            TestWeb::start(&format!("tls_cert = \"{}\"\ntls_key = \"{}\"", cert_path.display(), key_path.display()))
-                .await;
+        let web = TestWeb::start(&format!(
+            "{TRUSTED}\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert_path.display(),
+            key_path.display()
+        ))
+        .await;
 
         let mut roots = rustls::RootCertStore::empty();
         roots.add(key.cert.der().clone()).unwrap();
@@ -389,6 +395,234 @@ async fn tls_serves_https_with_secure_cookies() {
         let mut answer = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut answer)).await;
         assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"));
+        web.stop().await;
+    })
+    .await;
+}
+
+/// Issue 16, point 3: a page on an attacker's name re-pointed at 127.0.0.1 (DNS rebinding) sends
+/// `Host: rebind.attacker.test:PORT` and a matching Origin. It gets 421 and nothing else: no
+/// session, no CSRF token, no queue, and no action, even with a token stolen from a real session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_rebinding_gets_no_token_no_data_and_no_action() {
+    bounded(async {
+        let web = TestWeb::start(TRUSTED).await;
+        let id = web.queue("alice@sender.test", &["bob@example.test"], "Secret plans");
+        let rebound = format!("rebind.attacker.test:{}", web.addr.port());
+        let origin = format!("http://{rebound}");
+        let mut attacker = web.client();
+        attacker.host = Some(rebound.clone());
+
+        for path in ["/", "/api/status", "/api/queue", &format!("/api/queue/{id}"), &format!("/message/{id}")] {
+            let reply = attacker.request("GET", path, &[("Origin", &origin)], "").await;
+            assert_eq!(reply.status, 421, "{path}: {}", reply.body);
+            assert!(reply.header("set-cookie").is_none(), "{path}: no session for a rebound page");
+            assert!(!reply.body.contains(&id) && !reply.body.contains("Secret"), "{path}: {}", reply.body);
+            assert!(!reply.body.contains("csrf"), "{path}: no token: {}", reply.body);
+            assert!(reply.body.len() < 200, "{path}: a short body: {}", reply.body);
+        }
+        for path in ["/metrics", "/healthz", "/chart.svg", "/login"] {
+            assert_eq!(attacker.get(path).await.status, 421, "{path}");
+        }
+        assert!(attacker.cookie.is_none());
+
+        // Worst case: the attacker holds a real session's cookie and token. The name still gives it away.
+        let mut admin = web.client();
+        let csrf = admin.get("/").await.csrf();
+        attacker.cookie = admin.cookie.clone();
+        let form = [("Content-Type", "application/x-www-form-urlencoded"), ("Origin", origin.as_str())];
+        let delete = attacker
+            .request("POST", &format!("/message/{id}/delete"), &form, &format!("csrf={csrf}&confirm=yes"))
+            .await;
+        assert_eq!(delete.status, 421, "{}", delete.body);
+        let api = [("X-CSRF-Token", csrf.as_str()), ("Origin", origin.as_str())];
+        assert_eq!(attacker.request("POST", &format!("/api/queue/{id}/delete"), &api, "").await.status, 421);
+        assert_eq!(attacker.request("POST", &format!("/api/queue/{id}/hold"), &api, "").await.status, 421);
+        assert_eq!(attacker.request("POST", "/api/flush", &api, "").await.status, 421);
+        let envelope = web.spool.get(&id).expect("the message is still queued");
+        assert!(!envelope.held, "nothing refused changed anything");
+
+        // Our names work: localhost and `hostname` by default, the listen address, loopback.
+        let port = web.addr.port();
+        for host in
+            [format!("localhost:{port}"), format!("BACKUP.example.test:{port}"), "127.0.0.1".into(), "[::1]:9".into()]
+        {
+            let mut client = web.client();
+            client.host = Some(host.clone());
+            let page = client.get("/").await;
+            assert_eq!(page.status, 200, "{host}: {}", page.body);
+            assert!(page.body.contains(&id), "{host}");
+        }
+        // A request without Host cannot come from a browser, so it cannot be rebinding.
+        let mut bare = web.client();
+        bare.host = Some(String::new());
+        assert_eq!(bare.get("/healthz").await.status, 200);
+
+        // POSTs: the Origin must be ours too, and the one the request was sent to.
+        let mut client = web.client();
+        client.host = Some(format!("localhost:{port}"));
+        let csrf = client.get("/").await.csrf();
+        let foreign = [("X-CSRF-Token", csrf.as_str()), ("Origin", origin.as_str())];
+        assert_eq!(client.request("POST", &format!("/api/queue/{id}/hold"), &foreign, "").await.status, 403);
+        let ours_origin = format!("http://localhost:{port}");
+        let ok = [("X-CSRF-Token", csrf.as_str()), ("Origin", ours_origin.as_str())];
+        let deleted = client.request("POST", &format!("/api/queue/{id}/delete"), &ok, "").await;
+        assert_eq!(deleted.status, 200, "{}", deleted.body);
+        assert!(web.spool.get(&id).is_none());
+        web.stop().await;
+    })
+    .await;
+}
+
+/// `web.hostnames` replaces the default names; IP literals of loopback still work (SSH tunnels).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_hostnames_replace_the_defaults() {
+    bounded(async {
+        let web = TestWeb::start(&format!("{TRUSTED}\nhostnames = [\"admin.example.test\"]")).await;
+        let port = web.addr.port();
+        for (host, status) in [
+            (format!("admin.example.test:{port}"), 200),
+            (format!("localhost:{port}"), 421),
+            (format!("backup.example.test:{port}"), 421),
+            (format!("127.0.0.1:{port}"), 200),
+            (format!("admin.example.test.evil.test:{port}"), 421),
+            ("admin.example.test:80:80".to_string(), 421),
+        ] {
+            let mut client = web.client();
+            client.host = Some(host.clone());
+            assert_eq!(client.get("/api/status").await.status, status, "{host}");
+        }
+        // A second Host header, or an absolute-form target naming another host, is refused too.
+        let mut client = web.client();
+        client.host = Some(format!("admin.example.test:{port}"));
+        let two = client.request("GET", "/api/queue", &[("Host", "rebind.attacker.test")], "").await;
+        assert_eq!(two.status, 421, "{}", two.body);
+        let absolute = client.get(&format!("http://rebind.attacker.test:{port}/api/queue")).await;
+        assert_eq!(absolute.status, 421, "{}", absolute.body);
+        assert_eq!(client.get(&format!("http://admin.example.test:{port}/api/status")).await.status, 200);
+        web.stop().await;
+    })
+    .await;
+}
+
+/// Issue 16, point 2: with the packaged defaults (`allow` = loopback, no accounts, no
+/// `trust_allowed_hosts`) any local user could list, flush, hold and delete. Now the page is
+/// locked: 403, no session, no data, no action; monitoring still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_accounts_the_page_is_locked_unless_hosts_are_trusted() {
+    bounded(async {
+        let web = TestWeb::start("").await;
+        let id = web.queue("alice@sender.test", &["bob@example.test"], "Payroll");
+        let mut local_user = web.client();
+        for path in ["/", "/api/status", "/api/queue", &format!("/api/queue/{id}"), &format!("/message/{id}"), "/login"]
+        {
+            let reply = local_user.get(path).await;
+            assert_eq!(reply.status, 403, "{path}: {}", reply.body);
+            assert!(reply.body.contains("web.users") && reply.body.contains("hash-password"), "{}", reply.body);
+            assert!(!reply.body.contains(&id) && !reply.body.contains("Payroll"), "{path}: {}", reply.body);
+            assert!(reply.header("set-cookie").is_none(), "{path}: no session, so no CSRF token");
+        }
+        for (path, body) in [
+            (format!("/api/queue/{id}/delete"), ""),
+            (format!("/api/queue/{id}/hold"), ""),
+            ("/api/flush".to_string(), ""),
+            (format!("/message/{id}/delete"), "confirm=yes"),
+            ("/flush".to_string(), ""),
+        ] {
+            let reply = local_user.post_form(&path, body).await;
+            assert_eq!(reply.status, 403, "{path}: {}", reply.body);
+        }
+        assert!(!web.spool.get(&id).expect("still queued").held);
+        assert_eq!(local_user.get("/healthz").await.status, 200, "monitors need no account");
+        let metrics = local_user.get("/metrics").await;
+        assert_eq!(metrics.status, 200);
+        assert!(!metrics.body.contains(&id), "metrics are counts, not messages");
+        web.stop().await;
+
+        // Trusting the allowed peers is the operator's explicit choice, and opens the page again.
+        let web = TestWeb::start(TRUSTED).await;
+        let id = web.queue("alice@sender.test", &["bob@example.test"], "Payroll");
+        assert!(web.client().get("/").await.body.contains(&id));
+        web.stop().await;
+    })
+    .await;
+}
+
+/// Everything written to the log by the tests of this binary (one global subscriber).
+fn captured_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    use std::sync::{Mutex, OnceLock};
+    static LOG: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || LogWriter(log))
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+        log
+    })
+}
+
+struct LogWriter(&'static std::sync::Mutex<Vec<u8>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Log lines that mention `needle`.
+fn log_lines(needle: &str) -> Vec<String> {
+    let log = captured_log().lock().unwrap_or_else(|p| p.into_inner());
+    String::from_utf8_lossy(&log).lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
+}
+
+/// Issue 16, point 2: every action is logged with the account and the client address, refused
+/// ones too, from the page and from the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_are_logged_with_account_and_client_address() {
+    bounded(async {
+        captured_log();
+        let hash = bartleby::web::auth::hash_password("s3cret").unwrap();
+        let web = TestWeb::start(&format!("users = {{ operator7 = \"{hash}\" }}\nflush_cooldown = \"1s\"")).await;
+        let id = web.queue("a@sender.test", &["b@example.test"], "x");
+        let mut client = web.client();
+        client.source = Some("127.0.0.77".parse().unwrap());
+        let csrf = client.get("/login").await.csrf();
+        let login = client.post_form("/login", &format!("csrf={csrf}&user=operator7&password=s3cret")).await;
+        assert_eq!(login.status, 303);
+        let csrf = client.get("/").await.csrf();
+        let token = [("X-CSRF-Token", csrf.as_str())];
+        assert_eq!(client.post_form(&format!("/message/{id}/hold"), &format!("csrf={csrf}")).await.status, 303);
+        assert_eq!(client.request("POST", &format!("/api/queue/{id}/release"), &token, "").await.status, 200);
+        // Held before the delete, so no delivery attempt can make it busy (409); flushed last for the same reason.
+        assert_eq!(client.request("POST", &format!("/api/queue/{id}/hold"), &token, "").await.status, 200);
+        assert_eq!(client.request("POST", &format!("/api/queue/{id}/delete"), &token, "").await.status, 200);
+        assert_eq!(client.request("POST", &format!("/api/queue/{id}/delete"), &token, "").await.status, 404);
+        assert_eq!(client.request("POST", "/api/flush?domain=example.test", &token, "").await.status, 200);
+
+        let lines = log_lines("127.0.0.77");
+        assert!(lines.iter().any(|l| l.contains("web login") && l.contains("operator7")), "{lines:#?}");
+        let action = |name: &str| {
+            lines
+                .iter()
+                .filter(|l| l.contains("web action") && l.contains("operator7") && l.contains(&format!("\"{name}\"")))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        for name in ["hold", "release"] {
+            assert!(action(name).iter().any(|l| l.contains(&id)), "{name}: {lines:#?}");
+        }
+        assert!(action("flush").iter().any(|l| l.contains("example.test")), "{lines:#?}");
+        let deletes = action("delete");
+        assert_eq!(deletes.len(), 2, "{lines:#?}");
+        assert!(deletes.iter().all(|l| l.contains(&id)));
+        assert!(deletes.iter().any(|l| l.contains("web action failed") && l.contains("no message")), "{deletes:#?}");
         web.stop().await;
     })
     .await;

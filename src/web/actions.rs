@@ -1,6 +1,8 @@
 //! The operator's actions, shared by the page and the API: each goes through the scheduler (which
-//! owns the queue's state), is logged with who did it, and yields a sentence for the next page.
+//! owns the queue's state), is logged with who did it and from where (account and client address,
+//! refused ones too), and yields a sentence for the next page.
 
+use super::auth::Session;
 use super::{WebError, WebState};
 use crate::lock;
 use crate::schedule::ScheduleError;
@@ -19,6 +21,25 @@ pub enum Action {
 }
 
 impl Action {
+    /// The action's name, for the log.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Flush(_) => "flush",
+            Action::Retry(_) => "retry",
+            Action::Hold(_) => "hold",
+            Action::Release(_) => "release",
+            Action::Delete(_) => "delete",
+        }
+    }
+
+    /// The message it is about, if any.
+    pub fn queue_id(&self) -> Option<&str> {
+        match self {
+            Action::Flush(_) => None,
+            Action::Retry(id) | Action::Hold(id) | Action::Release(id) | Action::Delete(id) => Some(id),
+        }
+    }
+
     /// The per-message action named in a URL (`/message/{id}/{name}`).
     pub fn for_message(name: &str, id: String) -> Result<Action, WebError> {
         if !is_queue_id(&id) {
@@ -43,9 +64,24 @@ fn schedule_error(err: ScheduleError) -> WebError {
     }
 }
 
-/// Carries out `action` for `who` (a user name or "-"); returns what happened, in words.
-pub async fn perform(state: &WebState, action: Action, who: &str) -> Result<String, WebError> {
-    tracing::info!(user = who, action = ?action, "web action");
+/// Carries out `action` for the session's user; logs it with the account ("-" without accounts)
+/// and the client address, whatever the outcome; returns what happened, in words.
+pub async fn perform(state: &WebState, action: Action, session: &Session) -> Result<String, WebError> {
+    let (name, queue_id) = (action.name(), action.queue_id().map(str::to_string));
+    let domain = match &action {
+        Action::Flush(domain) => domain.clone(),
+        _ => None,
+    };
+    let result = run(state, action).await;
+    let (user, client) = (session.who(), session.client_text());
+    match &result {
+        Ok(done) => tracing::info!(user, client, action = name, queue_id, domain, result = %done, "web action"),
+        Err(err) => tracing::warn!(user, client, action = name, queue_id, domain, error = %err, "web action failed"),
+    }
+    result
+}
+
+async fn run(state: &WebState, action: Action) -> Result<String, WebError> {
     match action {
         Action::Flush(domain) => {
             let domain = domain.map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase()).filter(|d| !d.is_empty());

@@ -105,7 +105,7 @@ async fn act(
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let action = Action::for_message(&name, id)?;
-    Ok(done(actions::perform(&state, action, session.who()).await?))
+    Ok(done(actions::perform(&state, action, &session).await?))
 }
 
 /// The flush request: `domain` in the query string or in a JSON body; neither means everything.
@@ -127,7 +127,7 @@ async fn flush(
         serde_json::from_slice::<FlushRequest>(&body).map_err(|e| WebError::BadRequest(format!("bad JSON: {e}")))?
     };
     let domain = query.domain.or(from_body.domain);
-    Ok(done(actions::perform(&state, Action::Flush(domain), session.who()).await?))
+    Ok(done(actions::perform(&state, Action::Flush(domain), &session).await?))
 }
 
 async fn chart(State(state): State<WebState>) -> Response {

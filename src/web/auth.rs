@@ -6,20 +6,24 @@
 //! also come from our own origin (`Origin` and `Sec-Fetch-Site`, when the browser sends them).
 //! With `[web] users`, a session must log in (argon2 password hashes) before anything but the
 //! login form, `/healthz`, `/metrics` and the stylesheet is served; the session ID is replaced on
-//! login so a planted ID is worthless.
+//! login so a planted ID is worthless. Without accounts the page is locked (403 for all but
+//! `/healthz`, `/metrics` and the stylesheet) unless `[web] trust_allowed_hosts` says every peer in
+//! `[web] allow` may use it: on a shared machine, loopback is every local user.
 
 use super::{WebError, WebState};
+use crate::config::{Config, WebConfig};
 use crate::lock;
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::body::{Body, to_bytes};
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use maud::html;
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -32,6 +36,15 @@ const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 const MAX_SESSIONS: usize = 10_000;
 /// Largest POST body read (forms and JSON requests are tiny).
 const MAX_POST: usize = 64 * 1024;
+/// The answer (403) while the page is locked, and the warning logged at start.
+pub const LOCKED: &str = "the admin page is locked: no account is configured. Add one to web.users \
+    (make the hash with `bartleby hash-password`), or set web.trust_allowed_hosts = true to let every \
+    peer in web.allow in without a login";
+
+/// Is the page locked: no accounts, and the operator did not say the allowed peers are trusted?
+pub fn locked(web: &WebConfig) -> bool {
+    web.users.is_empty() && !web.trust_allowed_hosts
+}
 
 /// One client's session, as the handlers see it.
 #[derive(Debug, Clone)]
@@ -40,6 +53,9 @@ pub struct Session {
     pub id: String,
     /// The logged-in user; None without accounts (or before login).
     pub user: Option<String>,
+    /// The peer address of the request being served (set on each request, not kept with the
+    /// session), so that actions are logged with where they came from.
+    pub client: Option<IpAddr>,
     /// The token every POST of this session must carry.
     pub csrf: String,
     created: Instant,
@@ -51,6 +67,11 @@ impl Session {
     /// Who did something, for the log.
     pub fn who(&self) -> &str {
         self.user.as_deref().unwrap_or("-")
+    }
+
+    /// Where the request came from, for the log ("-" when unknown).
+    pub fn client_text(&self) -> String {
+        self.client.map_or_else(|| "-".to_string(), |ip| ip.to_string())
     }
 }
 
@@ -67,7 +88,14 @@ impl Sessions {
 
     /// A new session, evicting expired ones (and the oldest when full).
     pub fn create(&self, user: Option<String>) -> Result<Session, WebError> {
-        let session = Session { id: random_hex()?, user, csrf: random_hex()?, created: Instant::now(), flash: None };
+        let session = Session {
+            id: random_hex()?,
+            user,
+            client: None,
+            csrf: random_hex()?,
+            created: Instant::now(),
+            flash: None,
+        };
         let mut map = self.lock();
         if map.len() >= MAX_SESSIONS {
             map.retain(|_, s| s.created.elapsed() < SESSION_LIFETIME);
@@ -171,14 +199,20 @@ pub async fn session_layer(State(state): State<WebState>, request: Request, next
     if sessionless(request.uri().path()) && request.method() == Method::GET {
         return next.run(request).await;
     }
+    // Locked: no session, no CSRF token, no data (logged once at start, not per request).
+    if locked(&state.config().web) {
+        return respond_error(request.uri().path(), WebError::Forbidden(LOCKED.into()));
+    }
+    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let known = cookie_value(request.headers()).and_then(|id| state.sessions.get(&id));
-    let (session, fresh) = match known {
+    let (mut session, fresh) = match known {
         Some(s) => (s, false),
         None => match state.sessions.create(None) {
             Ok(s) => (s, true),
             Err(err) => return respond_error(request.uri().path(), err),
         },
     };
+    session.client = client;
     let path = request.uri().path().to_string();
     let mut response = match check(&state, &session, request).await {
         Ok(mut request) => {
@@ -204,13 +238,14 @@ fn respond_error(path: &str, err: WebError) -> Response {
 /// Login and, for POST, origin and CSRF; returns the request rebuilt around its buffered body.
 async fn check(state: &WebState, session: &Session, request: Request) -> Result<Request, WebError> {
     let path = request.uri().path();
-    if !state.config().web.users.is_empty() && session.user.is_none() && !open_path(path) {
+    let config = state.config();
+    if !config.web.users.is_empty() && session.user.is_none() && !open_path(path) {
         return Err(WebError::Unauthorized);
     }
     if request.method() != Method::POST {
         return Ok(request);
     }
-    same_origin(request.headers())?;
+    same_origin(request.headers(), &config)?;
     let (parts, body) = request.into_parts();
     let bytes = to_bytes(body, MAX_POST).await.map_err(|_| WebError::BadRequest("request body too large".into()))?;
     let from_header = parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -252,8 +287,9 @@ fn percent_decode(input: &[u8]) -> String {
 }
 
 /// Refuses cross-site POSTs: `Sec-Fetch-Site` must say same-origin (or none, typed by the user),
-/// and an `Origin` must name the host the request was sent to.
-fn same_origin(headers: &HeaderMap) -> Result<(), WebError> {
+/// and an `Origin` must name the host the request was sent to, and that host must be one of ours
+/// (the Host check has passed already; this keeps the two from drifting apart).
+fn same_origin(headers: &HeaderMap, config: &Config) -> Result<(), WebError> {
     let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("?"));
     if let Some(site) = text("sec-fetch-site")
         && !matches!(site, "same-origin" | "none")
@@ -265,6 +301,10 @@ fn same_origin(headers: &HeaderMap) -> Result<(), WebError> {
         let authority = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
         if authority.is_none_or(|a| !a.eq_ignore_ascii_case(host)) {
             return Err(WebError::Forbidden(format!("request from another origin ({origin})")));
+        }
+        let ours = authority.and_then(super::host::host_part).is_some_and(|h| super::host::is_ours(config, &h));
+        if !ours {
+            return Err(WebError::Forbidden(format!("request from an origin not in web.hostnames ({origin})")));
         }
     }
     Ok(())
@@ -306,11 +346,11 @@ pub async fn login(
         .await
         .unwrap_or(false);
     if !ok {
-        tracing::warn!(user = %form.user, "web login failed");
+        tracing::warn!(user = %form.user, client = %session.client_text(), "web login failed");
         state.sessions.set_flash(&session.id, "Wrong user name or password.".into());
         return Redirect::to("/login").into_response();
     }
-    tracing::info!(user = %form.user, "web login");
+    tracing::info!(user = %form.user, client = %session.client_text(), "web login");
     state.sessions.remove(&session.id);
     let fresh = match state.sessions.create(Some(form.user)) {
         Ok(s) => s,
@@ -325,6 +365,9 @@ pub async fn login(
 
 /// POST /logout.
 pub async fn logout(State(state): State<WebState>, Extension(session): Extension<Session>) -> Response {
+    if session.user.is_some() {
+        tracing::info!(user = session.who(), client = %session.client_text(), "web logout");
+    }
     state.sessions.remove(&session.id);
     Redirect::to(if state.config().web.users.is_empty() { "/" } else { "/login" }).into_response()
 }
@@ -351,16 +394,21 @@ mod tests {
 
     #[test]
     fn origin_checks() {
+        let config = Config::demo();
         let mut headers = HeaderMap::new();
         headers.insert("host", HeaderValue::from_static("127.0.0.1:8025"));
-        assert!(same_origin(&headers).is_ok());
+        assert!(same_origin(&headers, &config).is_ok());
         headers.insert("origin", HeaderValue::from_static("http://127.0.0.1:8025"));
-        assert!(same_origin(&headers).is_ok());
+        assert!(same_origin(&headers, &config).is_ok());
         headers.insert("origin", HeaderValue::from_static("http://evil.test"));
-        assert!(same_origin(&headers).is_err());
+        assert!(same_origin(&headers, &config).is_err());
+        // Host and Origin agree, as under DNS rebinding, but the name is not ours.
+        headers.insert("host", HeaderValue::from_static("rebind.attacker.test:8025"));
+        headers.insert("origin", HeaderValue::from_static("http://rebind.attacker.test:8025"));
+        assert!(same_origin(&headers, &config).is_err());
         headers.remove("origin");
         headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
-        assert!(same_origin(&headers).is_err());
+        assert!(same_origin(&headers, &config).is_err());
     }
 
     #[test]

@@ -2,19 +2,24 @@
 //!
 //! Every request passes, outermost first: security headers (CSP without inline script,
 //! `frame-ancestors 'none'`, nosniff, no referrer), the `[web] allow` CIDR list on the peer address
-//! (403 and a log line), the session layer (a cookie; a login when `[web] users` is set), and for a
-//! POST the origin checks and the CSRF token. Nothing changes on a GET.
+//! (403 and a log line), the Host check against DNS rebinding (421 and a log line, see [`host`]),
+//! the session layer (a cookie; a login when `[web] users` is set; 403 for everything but
+//! `/healthz`, `/metrics` and the stylesheet when there are no accounts and
+//! `[web] trust_allowed_hosts` is not set), and for a POST the origin checks and the CSRF token.
+//! Nothing changes on a GET.
 //!
 //! - [`page`]: the HTML pages; [`api`]: the same data and actions as JSON under `/api/`;
 //! - [`queue`]: filtering and paginating the queue, the status summary (shared by both);
 //! - [`actions`]: flush, retry, hold, release and delete through the scheduler, with the flush cooldown;
 //! - [`auth`]: sessions, login, CSRF, argon2 passwords; [`chart`]: queue-size samples and the SVG chart;
+//! - [`host`]: the names the page answers to (the Host and Origin checks);
 //! - [`tls`]: HTTPS when `[web] tls_cert` and `tls_key` are set.
 
 pub mod actions;
 pub mod api;
 pub mod auth;
 pub mod chart;
+pub mod host;
 pub mod page;
 pub mod queue;
 pub mod tls;
@@ -43,6 +48,10 @@ pub enum WebError {
     Forbidden(String),
     #[error("log in first")]
     Unauthorized,
+    /// The request named a host that is not ours (DNS rebinding, or a name missing from
+    /// `[web] hostnames`).
+    #[error("this server does not answer for {0:?}; add it to web.hostnames if it is ours")]
+    Misdirected(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -67,6 +76,7 @@ impl WebError {
         match self {
             WebError::Forbidden(_) => StatusCode::FORBIDDEN,
             WebError::Unauthorized => StatusCode::UNAUTHORIZED,
+            WebError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             WebError::NotFound(_) => StatusCode::NOT_FOUND,
             WebError::BadRequest(_) => StatusCode::BAD_REQUEST,
             WebError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -167,6 +177,7 @@ pub fn router(state: WebState) -> Router {
         .route("/metrics", get(metrics))
         .nest("/api", api::router())
         .layer(middleware::from_fn_with_state(state.clone(), auth::session_layer))
+        .layer(middleware::from_fn_with_state(state.clone(), host_check))
         .layer(middleware::from_fn_with_state(state.clone(), allowlist))
         .layer(middleware::from_fn(security_headers))
         .with_state(state)
@@ -185,6 +196,9 @@ pub async fn serve(
     // Logged here and now: the daemon only looks at this task's result when it stops.
     let tls = tls::acceptor(&state.config().web)
         .inspect_err(|err| tracing::error!(error = %err, "admin page disabled: bad web.tls_cert/tls_key"))?;
+    if auth::locked(&state.config().web) {
+        tracing::warn!("{}", auth::LOCKED);
+    }
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let mut stop = shutdown.clone();
     let stopped = async move {
@@ -227,6 +241,37 @@ async fn allowlist(
     }
     tracing::warn!(peer = %peer.ip(), path = %request.uri().path(), "web request refused: peer not in web.allow");
     WebError::Forbidden(format!("{} is not in web.allow", peer.ip())).plain()
+}
+
+/// Refuses, with 421 and one log line, a request whose Host header (or absolute-form target) names
+/// a host that is not ours: a browser tricked by DNS rebinding sends the attacker's name there. A
+/// request without Host passes: browsers always send one, so it cannot come from that attack, and
+/// some HTTP/1.0 health checkers send none.
+async fn host_check(State(state): State<WebState>, request: Request, next: Next) -> Response {
+    let config = state.config();
+    let hosts = request.headers().get_all(header::HOST);
+    let named: Vec<String> = hosts
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?").to_string())
+        .chain(request.uri().authority().map(|a| a.as_str().to_string()))
+        .collect();
+    let ours = |name: &String| host::host_part(name).is_some_and(|h| host::is_ours(&config, &h));
+    // RFC 9112 3.2: more than one Host header is an error, whatever they say.
+    let refused = match hosts.iter().count() {
+        0 | 1 => named.iter().find(|name| !ours(name)).cloned(),
+        _ => Some(named.join(", ")),
+    };
+    let Some(name) = refused else {
+        return next.run(request).await;
+    };
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    tracing::warn!(
+        peer = peer.as_deref().unwrap_or("-"),
+        host = %name,
+        path = %request.uri().path(),
+        "web request refused: Host is not in web.hostnames (DNS rebinding?)"
+    );
+    WebError::Misdirected(name).plain()
 }
 
 /// Headers on every response: no script at all (the pages need none), no framing, no sniffing, no

@@ -402,7 +402,7 @@ pub async fn delete(
     if form.confirm.as_deref() != Some("yes") {
         return Ok(Redirect::to(&format!("/message/{}/delete", encode(&id))).into_response());
     }
-    let done = actions::perform(&state, Action::for_message("delete", id)?, session.who()).await?;
+    let done = actions::perform(&state, Action::for_message("delete", id)?, &session).await?;
     state.sessions.set_flash(&session.id, done);
     Ok(Redirect::to("/").into_response())
 }
@@ -417,7 +417,7 @@ pub async fn act(
         return Err(WebError::BadRequest("delete needs the confirmation form".into()).into());
     }
     let action = Action::for_message(&name, id.clone())?;
-    let done = actions::perform(&state, action, session.who()).await?;
+    let done = actions::perform(&state, action, &session).await?;
     state.sessions.set_flash(&session.id, done);
     Ok(Redirect::to(&format!("/message/{id}")).into_response())
 }
@@ -438,7 +438,7 @@ pub async fn flush(
     Extension(session): Extension<Session>,
     Form(form): Form<FlushForm>,
 ) -> Result<Response, PageError> {
-    let done = actions::perform(&state, Action::Flush(form.domain), session.who()).await?;
+    let done = actions::perform(&state, Action::Flush(form.domain), &session).await?;
     state.sessions.set_flash(&session.id, done);
     // Only a local path: never an open redirect to another site.
     let back = form.back.filter(|b| b.starts_with('/') && !b.starts_with("//") && !b.contains('\\'));

@@ -80,7 +80,7 @@ impl TestWeb {
     }
 
     pub fn client(&self) -> Client {
-        Client { addr: self.addr, cookie: None, source: None }
+        Client { addr: self.addr, cookie: None, source: None, host: None }
     }
 
     /// Stops the server and the scheduler and waits for both.
@@ -121,6 +121,9 @@ pub struct Client {
     pub cookie: Option<String>,
     /// Source address to connect from (e.g. 127.0.0.9), for allowlist tests.
     pub source: Option<IpAddr>,
+    /// The Host header to send instead of the server's address (`Some("")`: none at all), for
+    /// the DNS rebinding tests.
+    pub host: Option<String>,
 }
 
 impl Client {
@@ -145,7 +148,11 @@ impl Client {
             socket.bind(SocketAddr::new(source, 0)).expect("bind source address");
         }
         let mut stream = socket.connect(self.addr).await.expect("connect");
-        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
+        let host = self.host.clone().unwrap_or_else(|| self.addr.to_string());
+        let mut request = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+        if !host.is_empty() {
+            request += &format!("Host: {host}\r\n");
+        }
         if let Some(cookie) = &self.cookie {
             request += &format!("Cookie: bartleby_session={cookie}\r\n");
         }
