@@ -435,9 +435,6 @@ struct State {
     live: HashMap<QueueId, u64>,
     /// Messages queued from the journal (no files of their own yet).
     stored: HashMap<QueueId, Stored>,
-    /// Segments opened for reading bodies, shared by the readers; dropped when a segment is retired
-    /// (a reader still holding one keeps the deleted segment's bytes until it is done).
-    readers: HashMap<u64, Arc<File>>,
     /// Checkpoints asked for: materialize and retire everything now, whatever the segments' age.
     checkpoints: usize,
     stop: bool,
@@ -467,7 +464,6 @@ impl Journal {
                 members,
                 live: replay.live,
                 stored: replay.stored,
-                readers: HashMap::new(),
                 checkpoints: 0,
                 stop: false,
                 halted: false,
@@ -514,24 +510,18 @@ impl Journal {
     /// opened under the state lock, the lock a retirement takes to move the message elsewhere, and
     /// a segment is deleted only after its survivors were moved: so the segment found here still
     /// exists, and the open handle keeps its bytes readable however long the reader holds it, even
-    /// after the segment is retired (the bytes are freed when the last handle closes).
+    /// after the segment is retired.
     pub fn open_body(&self, id: &str) -> Option<Result<SegmentReader, SpoolError>> {
-        let mut state = lock(&self.shared.state);
+        let state = lock(&self.shared.state);
         let stored = state.stored.get(id)?.clone();
-        let file = match state.readers.get(&stored.segment) {
-            Some(file) => Arc::clone(file),
-            None => {
-                let path = segment_path(&self.shared.dir, stored.segment);
-                match File::open(&path) {
-                    Ok(file) => {
-                        let file = Arc::new(file);
-                        state.readers.insert(stored.segment, Arc::clone(&file));
-                        file
-                    }
-                    Err(err) => return Some(Err(SpoolError::Io { path, source: err })),
-                }
-            }
+        let path = segment_path(&self.shared.dir, stored.segment);
+        // Opened while the lock is held: the segment cannot be retired in between. The handle is
+        // the reader's own, closed when it is done, so no descriptor outlives the reading.
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(err) => return Some(Err(SpoolError::Io { path, source: err })),
         };
+        drop(state);
         Some(Ok(SegmentReader { file, position: stored.body.start, end: stored.body.end }))
     }
 
@@ -782,7 +772,6 @@ impl Shared {
                 match retired {
                     Ok(()) => {
                         state.members.remove(&number);
-                        state.readers.remove(&number);
                         for id in &ids {
                             if state.live.get(id) == Some(&number) {
                                 state.live.remove(id);
@@ -976,10 +965,10 @@ impl Shared {
     }
 }
 
-/// A journaled body being read: a stretch of a segment, through a handle shared with other readers
-/// (positioned reads, so they never disturb each other).
+/// A journaled body being read: a stretch of a segment, through a handle of its own that keeps the
+/// bytes readable even once the segment is retired (they are freed when the handle closes).
 pub struct SegmentReader {
-    file: Arc<File>,
+    file: File,
     position: u64,
     end: u64,
 }
