@@ -49,12 +49,13 @@ fn fix_crc(record: &mut [u8]) {
     record[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.finalize().to_le_bytes());
 }
 
-/// A spool directory of our own, on tmpfs when there is one (the restore path calls `syncfs`).
+/// A spool directory of this process's own, under `$BARTLEBY_FUZZ_DIR` (scripts/fuzz makes one on
+/// tmpfs and removes it after) or the temporary directory; the restore path calls `syncfs`.
 fn root() -> &'static Path {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
-        let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-        base.join(format!("bartleby-fuzz-journal-{}", std::process::id()))
+        let base = std::env::var_os("BARTLEBY_FUZZ_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        base.join(format!("journal-replay-{}", std::process::id()))
     })
 }
 
