@@ -1,12 +1,15 @@
 //! The three fuzz entry points of `fuzz/` (command parser, DATA reader, config loader), driven on the
 //! stable toolchain by a seeded random generator that mutates realistic inputs: bounded in count and
 //! time, reproducible from the seed printed on failure. Crashes found by cargo-fuzz become cases in
-//! `REGRESSIONS` below.
+//! `REGRESSIONS` below, or a test of their own that reads the crash's file in `fuzz/corpus/`.
 
 use bartleby::config::Config;
+use bartleby::control::ListedMessage;
+use bartleby::dsn::{self, DsnKind, ReportedRecipient};
 use bartleby::smtp::command;
 use bartleby::smtp::data::DataReader;
-use std::time::{Duration, Instant};
+use bartleby::spool::{Envelope, from_micros};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 /// Total time per entry point; the loop stops at this or at `ROUNDS`.
 const BUDGET: Duration = Duration::from_secs(5);
@@ -148,4 +151,27 @@ fn regressions() {
         let (_, _, _) = read_in_pieces(input, &mut fastrand::Rng::with_seed(7));
         let _ = Config::parse(&String::from_utf8_lossy(input), "r.toml");
     }
+}
+
+/// An envelope whose timestamps lie past the year 9999 (a damaged `.env` file or a `queue import`
+/// line decodes so): listing it (`queue list`, the admin page) and building its failure notice
+/// panicked in the `time` crate's date conversion. The `envelope_decoder` fuzz target's corpus
+/// keeps the input.
+#[test]
+fn envelope_with_times_past_the_year_9999_is_listed_and_bounced() {
+    let json = include_bytes!("../fuzz/corpus/envelope_decoder/regression-times-past-year-9999");
+    let envelope: Envelope = serde_json::from_slice(json).unwrap();
+    let listed = ListedMessage::from(&envelope);
+    assert_eq!(listed.arrived, "9999-12-31T23:59:59Z");
+    assert_eq!(listed.next_attempt, "9999-12-31T23:59:59Z");
+    let kind = DsnKind::Failure;
+    let reported: Vec<ReportedRecipient> = dsn::reported(&envelope, kind, &envelope.recipients)
+        .into_iter()
+        .map(|r| ReportedRecipient::from_recipient(r, kind))
+        .collect();
+    let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let retry_until = from_micros(envelope.arrived) + Duration::from_secs(5 * 86_400);
+    let notice = dsn::build("mx.test", &envelope, kind, &reported, b"Subject: s\r\n\r\n", now, Some(retry_until));
+    let text = String::from_utf8_lossy(&notice);
+    assert!(text.contains("Arrival-Date: Fri, 31 Dec 9999 23:59:59 +0000"), "{text}");
 }

@@ -953,7 +953,9 @@ impl Session {
 /// refusals gathered before the connection broke.
 type EnvelopeResult = Result<(Vec<Option<RcptOutcome>>, Option<Reply>), (Vec<Option<RcptOutcome>>, ClientError)>;
 
-async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Result<Reply, String> {
+/// Reads one (possibly multiline) reply; public for the `reply_parser` fuzz target only.
+#[doc(hidden)]
+pub async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Result<Reply, String> {
     let mut lines = Vec::new();
     let mut buf = Vec::with_capacity(128);
     loop {

@@ -252,12 +252,26 @@ pub fn from_micros(micros: i64) -> SystemTime {
 
 /// RFC 3339 form of a timestamp in microseconds, in UTC, for listings and JSON.
 pub fn rfc3339(micros: i64) -> String {
-    let at = time::OffsetDateTime::from(from_micros(micros));
+    let at = utc(from_micros(micros));
     at.replace_nanosecond(0).unwrap_or(at).format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 /// RFC 5322 date (for Received and Date headers), in UTC.
 pub fn rfc5322_date(time: SystemTime) -> String {
-    let at = time::OffsetDateTime::from(time);
-    at.format(&time::format_description::well_known::Rfc2822).unwrap_or_default()
+    utc(time).format(&time::format_description::well_known::Rfc2822).unwrap_or_default()
+}
+
+/// `time` as a date, clamped to the years 1 to 9999 that the `time` crate represents: its own
+/// conversion panics beyond them, and an envelope's timestamps come from a file (a damaged one, or
+/// a `queue import` line) that the listing, the admin page and failure notices must still show.
+fn utc(time: SystemTime) -> time::OffsetDateTime {
+    let nanos = match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => i128::try_from(after.as_nanos()).unwrap_or(i128::MAX),
+        Err(before) => i128::try_from(before.duration().as_nanos()).map_or(i128::MIN, |n| -n),
+    };
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(if nanos < 0 {
+        time::PrimitiveDateTime::MIN.assume_utc()
+    } else {
+        time::PrimitiveDateTime::MAX.assume_utc()
+    })
 }
