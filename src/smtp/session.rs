@@ -207,8 +207,14 @@ impl Session {
         &self.context.config
     }
 
-    fn hostname(&self) -> &str {
+    /// Our name, as in the greeting.
+    pub fn hostname(&self) -> &str {
         &self.context.config.hostname
+    }
+
+    /// The client's address.
+    pub fn client(&self) -> IpAddr {
+        self.client
     }
 
     /// The 220 greeting (RFC 5321 4.2, 3.1).
@@ -224,6 +230,12 @@ impl Session {
     /// The reply when the client was silent too long (RFC 5321 4.5.3.2).
     pub fn timeout_reply(&self) -> Reply {
         Reply::new(421, "4.4.2", format!("{} timeout, closing", self.hostname()))
+    }
+
+    /// The reply to a session closed, at `smtp.max_sessions`, to make room for a new client: it fell
+    /// behind for `smtp.overload_timeout`, the timeout Postfix uses under overload (4.4.2: timed out).
+    pub fn overload_reply(&self) -> Reply {
+        Reply::new(421, "4.4.2", format!("{} too busy for stalled sessions, closing", self.hostname()))
     }
 
     /// Is a message being received (so the DATA timeout applies)?
