@@ -17,8 +17,8 @@ use crate::lock;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Free-space checks are cached this long, so a burst of MAILs costs one statvfs. Any released
-/// reservation drops the cache, since the octets it stood for are now on disk or gone.
+/// Free-space checks are cached this long, so a burst of MAILs costs one statvfs. A released
+/// reservation is taken off the cached free space, since the octets it stood for may now be on disk.
 const SPACE_CACHE: Duration = Duration::from_secs(1);
 /// Fewer free inodes than this counts as no room (a message may need two files and a rename).
 const MIN_FREE_INODES: u64 = 64;
@@ -113,7 +113,12 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         let mut state = lock(&self.monitor.state);
         state.reserved = state.reserved.saturating_sub(self.octets);
-        state.last = None;
+        // Committed, its octets are on disk though the cached figure may predate them; dropped, they
+        // are free again, and the next statvfs (within a second) says so.
+        let octets = self.octets;
+        if let Some((_, Some(free))) = state.last.as_mut() {
+            *free = free.saturating_sub(octets);
+        }
     }
 }
 

@@ -472,6 +472,9 @@ fn declared_sizes_and_data_count_against_the_free_space() {
     assert!(space.confirm(&second, &fx.context, second.octets()));
     drop(first);
     assert_eq!(space.reserved(), second.octets());
+    // Until the disk is looked at again, the octets given back count as written (they might be).
+    assert!(!space.grow(&mut second, &fx.context, free / 2 + free / 4));
+    assert!(space.confirm(&second, &fx.context, second.octets()), "a fresh look, as before a commit");
     assert!(space.grow(&mut second, &fx.context, free / 2 + free / 4), "room again once one is given back");
     drop(second);
     assert_eq!(space.reserved(), 0);
