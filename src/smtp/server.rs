@@ -418,3 +418,6 @@ async fn commit(pending: PendingMessage) -> Result<Envelope, SpoolError> {
         Err(err) => Err(SpoolError::Io { path: Default::default(), source: std::io::Error::other(err.to_string()) }),
     }
 }
+
+#[cfg(test)]
+mod tests;
