@@ -61,7 +61,8 @@ pub struct SmtpConfig {
     pub max_recipients: usize,
     /// Longest text line in DATA, in octets without CRLF (RFC 5321 4.5.3.1.6 says 1000; real mail is longer).
     pub max_line_length: usize,
-    /// Concurrent SMTP sessions; beyond it new connections get 421.
+    /// Concurrent SMTP sessions; beyond it a stalled session makes room (`overload_timeout`), or
+    /// new connections get 421 4.3.2.
     pub max_sessions: usize,
     /// Received headers a message may carry before it is refused as a mail loop (RFC 5321 6.3).
     pub max_received_headers: usize,
@@ -1113,6 +1114,25 @@ allow = ["127.0.0.1/32", "::1/128"]
             assert!(bad.parse::<HumanDuration>().is_err(), "{bad}");
         }
         assert_eq!(HumanDuration::seconds(5400).to_string(), "1h30m");
+    }
+
+    #[test]
+    fn slow_client_and_pregreet_keys() {
+        let text = "[smtp]\ncommand_deadline = \"2m\"\ndata_deadline = \"20m\"\ndata_min_rate = 0\n\
+            overload_timeout = \"5s\"\npregreet_delay = \"3s\"\npregreet_action = \"log\"\n";
+        let smtp = Config::parse(text, "s.toml").unwrap().smtp;
+        assert_eq!(
+            (smtp.command_deadline, smtp.data_deadline),
+            (HumanDuration::minutes(2), HumanDuration::minutes(20))
+        );
+        assert_eq!((smtp.data_min_rate, smtp.overload_timeout), (0, HumanDuration::seconds(5)));
+        assert_eq!((smtp.pregreet_delay, smtp.pregreet_action), (HumanDuration::seconds(3), PregreetAction::Log));
+        let defaults = SmtpConfig::default();
+        assert_eq!((defaults.pregreet_delay.0, defaults.pregreet_action), (Duration::ZERO, PregreetAction::Reject));
+        let err = Config::parse("[smtp]\npregreet_action = \"drop\"\n", "s.toml").unwrap_err();
+        assert!(err.to_string().contains("smtp.pregreet_action"), "{err}");
+        let err = Config::parse("[smtp]\ncommand_deadline = \"0s\"\n", "s.toml").unwrap_err();
+        assert!(err.to_string().contains("smtp.command_deadline"), "{err}");
     }
 
     #[test]

@@ -216,13 +216,14 @@ async fn run_session(mut shared: Shared, mut stream: TcpStream, peer: SocketAddr
 }
 
 /// Postfix postscreen's pregreet test: with `smtp.pregreet_delay` set, waits that long before the
-/// greeting. RFC 5321 3.1 and 4.3.1 have the client wait for the 220, so one that talks first is
-/// not a real MTA but, as a rule, a spambot writing blind. With `pregreet_action = "reject"` it gets
-/// 554 5.5.1 instead of the greeting (RFC 5321 3.1 allows 554 in place of 220) and the connection is
-/// closed: permanent, because a real sender never fails this test and a retrying bot should not be
-/// invited back; closed at once rather than after its QUIT, because what it already sent was written
-/// without listening, and waiting for it would give the slot back to the bot. With `"log"` what it
-/// sent is kept and read as its first commands once it is greeted.
+/// greeting. RFC 5321 3.1 has the client send EHLO once it has received the greeting, so one that
+/// talks first is not a real MTA but, as a rule, a spambot writing blind. With
+/// `pregreet_action = "reject"` it gets 554 5.5.1 in place of the 220 (RFC 5321 3.1 allows 554
+/// there): permanent, because a real sender never fails this test and a bot should not be asked
+/// back. Then the connection is closed at once. RFC 5321 3.1 asks a server that greets with 554 to
+/// wait for QUIT; we do not, like postscreen's `drop`: what the client sent was written without
+/// listening, so it will not QUIT in answer, and waiting would hand the session back to the bot.
+/// With `"log"` what it sent is kept and read as its first commands once it is greeted.
 ///
 /// Returns the octets the client sent early (none when it waited), or why the session is over.
 async fn pregreet(stream: &mut TcpStream, session: &Session) -> Result<Vec<u8>, &'static str> {
