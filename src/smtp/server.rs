@@ -248,9 +248,21 @@ async fn pregreet(stream: &mut TcpStream, session: &Session) -> Result<Vec<u8>, 
             let reply =
                 Reply::new(554, "5.5.1", format!("{} protocol error: talked before the greeting", session.hostname()));
             let _ = send(stream, &reply.to_bytes(), REFUSAL_TIMEOUT).await;
+            discard_rest(stream).await;
             Err("pregreet")
         }
     }
+}
+
+/// Half-closes and reads what the client still sends, for a second at most: closing a socket with
+/// unread input makes the kernel reset the connection, which can destroy a reply not yet read.
+async fn discard_rest(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut sink = vec![0u8; READ_CHUNK];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// Runs the TLS handshake (RFC 3207 4), then the rest of the session over TLS.
