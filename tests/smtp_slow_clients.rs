@@ -7,6 +7,7 @@
 mod smtp_harness;
 
 use bartleby::config::{HumanDuration, PregreetAction};
+use bartleby::spool::Queue;
 use smtp_harness::{Harness, python, stdout};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

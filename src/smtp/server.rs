@@ -11,7 +11,7 @@ use crate::config::PregreetAction;
 use crate::recipients::Decision;
 use crate::spool::{Envelope, SpoolError};
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -188,7 +188,7 @@ async fn run_session(mut shared: Shared, mut stream: TcpStream, peer: SocketAddr
     let standing = shared.overload.register();
     let tls_available = shared.acceptor.is_some();
     let mut session = Session::new(Arc::clone(&shared.context), Arc::clone(&shared.space), peer.ip(), tls_available);
-    let early = match pregreet(&mut stream, &session).await {
+    let early = match pregreet(&mut stream, &shared.context, session.client()).await {
         Ok(early) => early,
         Err(reason) => {
             let _ = stream.shutdown().await;
@@ -226,8 +226,9 @@ async fn run_session(mut shared: Shared, mut stream: TcpStream, peer: SocketAddr
 /// With `"log"` what it sent is kept and read as its first commands once it is greeted.
 ///
 /// Returns the octets the client sent early (none when it waited), or why the session is over.
-async fn pregreet(stream: &mut TcpStream, session: &Session) -> Result<Vec<u8>, &'static str> {
-    let smtp = &session.config().smtp;
+/// It takes the context and the client's address rather than the session, which is not `Sync`.
+async fn pregreet(stream: &mut TcpStream, context: &ServerContext, client: IpAddr) -> Result<Vec<u8>, &'static str> {
+    let smtp = &context.config.smtp;
     let delay = smtp.pregreet_delay.0;
     if delay.is_zero() {
         return Ok(Vec::new());
@@ -240,13 +241,16 @@ async fn pregreet(stream: &mut TcpStream, session: &Session) -> Result<Vec<u8>, 
     };
     early.truncate(n);
     let sample = String::from_utf8_lossy(&early[..n.min(64)]).escape_debug().to_string();
-    tracing::warn!(client = %session.client(), octets = n, sample = %sample, action = ?smtp.pregreet_action,
+    tracing::warn!(client = %client, octets = n, sample = %sample, action = ?smtp.pregreet_action,
         "pregreet: client talked before the greeting");
     match smtp.pregreet_action {
         PregreetAction::Log => Ok(early),
         PregreetAction::Reject => {
-            let reply =
-                Reply::new(554, "5.5.1", format!("{} protocol error: talked before the greeting", session.hostname()));
+            let reply = Reply::new(
+                554,
+                "5.5.1",
+                format!("{} protocol error: talked before the greeting", context.config.hostname),
+            );
             let _ = send(stream, &reply.to_bytes(), REFUSAL_TIMEOUT).await;
             discard_rest(stream).await;
             Err("pregreet")
