@@ -61,14 +61,32 @@ pub struct SmtpConfig {
     pub max_recipients: usize,
     /// Longest text line in DATA, in octets without CRLF (RFC 5321 4.5.3.1.6 says 1000; real mail is longer).
     pub max_line_length: usize,
-    /// Concurrent SMTP sessions; beyond it new connections get 421.
+    /// Concurrent SMTP sessions; beyond it a stalled session makes room (`overload_timeout`), or
+    /// new connections get 421 4.3.2.
     pub max_sessions: usize,
     /// Received headers a message may carry before it is refused as a mail loop (RFC 5321 6.3).
     pub max_received_headers: usize,
-    /// Time to wait for the next command (RFC 5321 4.5.3.2.7: at least 5 minutes).
+    /// Time to wait for the next read of a command (RFC 5321 4.5.3.2.7: at least 5 minutes).
     pub command_timeout: HumanDuration,
-    /// Time to wait for the next chunk of message data (RFC 5321 4.5.3.2.7).
+    /// Time to wait for the next read of message data (RFC 5321 4.5.3.2.7).
     pub data_timeout: HumanDuration,
+    /// Time for a whole command line, from our previous reply to its CRLF, however it trickles in
+    /// (RFC 5321 4.5.3.2.7 bounds the wait for the next command, not each read).
+    pub command_deadline: HumanDuration,
+    /// Time for the whole DATA phase, from 354 to the final dot, before `data_min_rate` extends it.
+    pub data_deadline: HumanDuration,
+    /// Octets per second that extend `data_deadline` (Postfix's smtpd_min_data_rate): a message of
+    /// N octets may take `data_deadline + N / data_min_rate`. 0: `data_deadline` is a fixed bound.
+    pub data_min_rate: u64,
+    /// When `max_sessions` is reached, a new client takes the place of the session that has been
+    /// behind its deadlines longest, if that is at least this long (Postfix's stress-mode
+    /// smtpd_timeout of 10s); otherwise the new client gets 421 4.3.2.
+    pub overload_timeout: HumanDuration,
+    /// Wait this long before the 220 greeting, to catch clients that talk first (Postfix postscreen's
+    /// pregreet test); 0s: greet at once.
+    pub pregreet_delay: HumanDuration,
+    /// What happens to a client that talked before the greeting: `reject` (554 5.5.1, closed) or `log`.
+    pub pregreet_action: PregreetAction,
     /// Clients (CIDR) allowed to start a queue run with ETRN (RFC 1985); empty: nobody.
     pub etrn_allow: Vec<Cidr>,
     /// Concurrent SMTP sessions from one client IP address; beyond it new connections get 421 4.7.0.
@@ -109,6 +127,17 @@ pub enum BounceUnverified {
     Send,
     /// Keep the failed message held and counted instead, like an SPF failure.
     Hold,
+}
+
+/// What happens to a client that sends before the greeting (see `smtp.pregreet_delay`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PregreetAction {
+    /// 554 5.5.1 instead of the greeting, and the connection is closed.
+    #[default]
+    Reject,
+    /// Log it and serve the client as usual (what it sent early is read as its first commands).
+    Log,
 }
 
 /// What happens at RCPT to an address bartleby cannot vouch for (issue 6; `docs/security.md`).
@@ -249,6 +278,12 @@ impl Default for SmtpConfig {
             max_received_headers: 50,
             command_timeout: HumanDuration::minutes(5),
             data_timeout: HumanDuration::minutes(10),
+            command_deadline: HumanDuration::minutes(5),
+            data_deadline: HumanDuration::minutes(10),
+            data_min_rate: 500,
+            overload_timeout: HumanDuration::seconds(10),
+            pregreet_delay: HumanDuration::seconds(0),
+            pregreet_action: PregreetAction::Reject,
             etrn_allow: Vec::new(),
             max_sessions_per_ip: 20,
             max_messages_per_ip_per_minute: 120,
@@ -569,6 +604,16 @@ impl Config {
         }
         if smtp.callout_timeout.0.is_zero() {
             return bad("smtp.callout_timeout", "must be longer than 0".into());
+        }
+        for (key, value) in [
+            ("smtp.command_timeout", smtp.command_timeout),
+            ("smtp.data_timeout", smtp.data_timeout),
+            ("smtp.command_deadline", smtp.command_deadline),
+            ("smtp.data_deadline", smtp.data_deadline),
+        ] {
+            if value.0.is_zero() {
+                return bad(key, "must be longer than 0".into());
+            }
         }
         for (domain, policy) in &self.domain {
             if let Some(path) = &policy.recipients_file
@@ -1121,6 +1166,25 @@ allow = ["127.0.0.1/32", "::1/128"]
             assert!(bad.parse::<HumanDuration>().is_err(), "{bad}");
         }
         assert_eq!(HumanDuration::seconds(5400).to_string(), "1h30m");
+    }
+
+    #[test]
+    fn slow_client_and_pregreet_keys() {
+        let text = "[smtp]\ncommand_deadline = \"2m\"\ndata_deadline = \"20m\"\ndata_min_rate = 0\n\
+            overload_timeout = \"5s\"\npregreet_delay = \"3s\"\npregreet_action = \"log\"\n";
+        let smtp = Config::parse(text, "s.toml").unwrap().smtp;
+        assert_eq!(
+            (smtp.command_deadline, smtp.data_deadline),
+            (HumanDuration::minutes(2), HumanDuration::minutes(20))
+        );
+        assert_eq!((smtp.data_min_rate, smtp.overload_timeout), (0, HumanDuration::seconds(5)));
+        assert_eq!((smtp.pregreet_delay, smtp.pregreet_action), (HumanDuration::seconds(3), PregreetAction::Log));
+        let defaults = SmtpConfig::default();
+        assert_eq!((defaults.pregreet_delay.0, defaults.pregreet_action), (Duration::ZERO, PregreetAction::Reject));
+        let err = Config::parse("[smtp]\npregreet_action = \"drop\"\n", "s.toml").unwrap_err();
+        assert!(err.to_string().contains("smtp.pregreet_action"), "{err}");
+        let err = Config::parse("[smtp]\ncommand_deadline = \"0s\"\n", "s.toml").unwrap_err();
+        assert!(err.to_string().contains("smtp.command_deadline"), "{err}");
     }
 
     #[test]

@@ -4,14 +4,20 @@
 //! - [`reply`]: replies with enhanced status codes (RFC 2034, RFC 3463);
 //! - [`data`]: the DATA reader (dot-unstuffing, end of data, bare CR/LF, limits);
 //! - [`session`]: the per-connection state machine, one function per verb;
-//! - `server`: sockets, TLS upgrade, the session cap, timeouts and shutdown.
+//! - `space`: free space on the spool, counted for every message being received;
+//! - `pace`: how long a client may take, per read, per command line and per DATA phase;
+//! - `overload`: which session makes room when `smtp.max_sessions` is reached;
+//! - `server`: sockets, the pregreet test, TLS upgrade, the session cap, timeouts and shutdown.
 
 pub mod command;
 pub mod data;
 pub mod limits;
+mod overload;
+mod pace;
 pub mod reply;
 mod server;
 pub mod session;
+mod space;
 
 use crate::auth::SenderCheck;
 use crate::config::Config;

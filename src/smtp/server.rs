@@ -1,14 +1,17 @@
 //! The socket side of SMTP: accept loops, the session cap, one task per session moving bytes between
-//! the socket and its [`Session`], the STARTTLS upgrade, timeouts and shutdown.
+//! the socket and its [`Session`], the pregreet test, the STARTTLS upgrade, timeouts and shutdown.
 
 use super::limits::SessionSlot;
+use super::overload::{Overload, Registered};
+use super::pace::{Pace, PaceLimits};
 use super::reply::Reply;
 use super::session::{Action, PendingMessage, Session, SpaceMonitor};
 use super::{ServerContext, Serving};
+use crate::config::PregreetAction;
 use crate::recipients::Decision;
 use crate::spool::{Envelope, SpoolError};
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -23,12 +26,18 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const READ_CHUNK: usize = 16 * 1024;
 /// A refused client gets this long to take its 421.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// A session closed to make room gets this long to take its 421.
+const EVICTION_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+/// A new client waits this long for the place of the session closed for it.
+const EVICTION_WAIT: Duration = Duration::from_secs(3);
 
 /// Everything a session task needs besides its socket.
 #[derive(Clone)]
 struct Shared {
     context: Arc<ServerContext>,
     space: Arc<SpaceMonitor>,
+    /// Every session's standing, to choose one to close when `smtp.max_sessions` is reached.
+    overload: Arc<Overload>,
     acceptor: Option<TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
 }
@@ -45,10 +54,12 @@ pub(super) async fn serve(
 ) {
     let limit = Arc::new(Semaphore::new(current.borrow().context.config.smtp.max_sessions));
     let space = Arc::new(SpaceMonitor::new());
+    let overload = Overload::new();
     let session_shutdown = shutdown.clone();
     let shared = |serving: &Serving| Shared {
         context: Arc::clone(&serving.context),
         space: Arc::clone(&space),
+        overload: Arc::clone(&overload),
         acceptor: serving.acceptor.clone(),
         shutdown: session_shutdown.clone(),
     };
@@ -63,22 +74,9 @@ pub(super) async fn serve(
         tokio::select! {
             () = shutting_down(&mut shutdown) => break,
             conn = accepted.recv() => match conn {
-                Some((stream, peer)) => match Arc::clone(&limit).try_acquire_owned() {
-                    Ok(permit) => {
-                        let shared = shared(&current.borrow());
-                        match enter(&shared, peer) {
-                            Some(slot) => {
-                                sessions.spawn(run_session(shared, stream, peer, (permit, slot)));
-                            }
-                            None => {
-                                sessions.spawn(refuse_ip(stream, peer));
-                            }
-                        }
-                    }
-                    Err(_) => {
-                        sessions.spawn(refuse(stream, peer));
-                    }
-                },
+                Some((stream, peer)) => {
+                    sessions.spawn(admit(shared(&current.borrow()), Arc::clone(&limit), stream, peer));
+                }
                 None => shutting_down(&mut shutdown).await,
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
@@ -109,6 +107,30 @@ async fn accept_loop(listener: TcpListener, sender: mpsc::Sender<(TcpStream, Soc
             }
         }
     }
+}
+
+/// Gives a new client its places under `smtp.max_sessions_per_ip` and `smtp.max_sessions` (making
+/// room if it can) and runs its session, or refuses it.
+async fn admit(shared: Shared, limit: Arc<Semaphore>, stream: TcpStream, peer: SocketAddr) {
+    let Some(slot) = enter(&shared, peer) else { return refuse_ip(stream, peer).await };
+    let permit = match Arc::clone(&limit).try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => match make_room(&shared, limit).await {
+            Some(permit) => permit,
+            None => return refuse(stream, peer).await,
+        },
+    };
+    run_session(shared, stream, peer, (permit, slot)).await;
+}
+
+/// Every session is taken: closes the one behind longest (see [`super::overload`]) and waits for its
+/// place. None when no session has been behind `smtp.overload_timeout`, or its place did not come free.
+async fn make_room(shared: &Shared, limit: Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    let min_behind = shared.context.config.smtp.overload_timeout.0;
+    if !shared.overload.evict_one(tokio::time::Instant::now(), min_behind) {
+        return None;
+    }
+    tokio::time::timeout(EVICTION_WAIT, limit.acquire_owned()).await.ok()?.ok()
 }
 
 /// Beyond `smtp.max_sessions`: greet with 421 and close (RFC 5321 3.1).
@@ -146,32 +168,117 @@ enum End {
 /// The session's places under `smtp.max_sessions` and `smtp.max_sessions_per_ip`, held until it ends.
 type Permits = (OwnedSemaphorePermit, SessionSlot);
 
+/// A session's clock and its standing among the others.
+struct Timing {
+    pace: Pace,
+    standing: Registered,
+}
+
+impl Timing {
+    /// The session answered: from now it owes a command or data, and its standing says since when.
+    fn progressed(&mut self, in_data: bool) {
+        self.pace.progressed(in_data, tokio::time::Instant::now());
+        self.standing.behind_since(self.pace.behind_since());
+    }
+}
+
 async fn run_session(mut shared: Shared, mut stream: TcpStream, peer: SocketAddr, _permits: Permits) {
     let metrics = Arc::clone(&shared.context.metrics);
     let _open = metrics.session_started();
+    let standing = shared.overload.register();
     let tls_available = shared.acceptor.is_some();
     let mut session = Session::new(Arc::clone(&shared.context), Arc::clone(&shared.space), peer.ip(), tls_available);
+    let early = match pregreet(&mut stream, &shared.context, session.client()).await {
+        Ok(early) => early,
+        Err(reason) => {
+            let _ = stream.shutdown().await;
+            session.log_disconnect(reason);
+            return;
+        }
+    };
     let greeting = session.greeting().to_bytes();
     let write_timeout = shared.context.config.smtp.command_timeout.0;
     if !matches!(tokio::time::timeout(write_timeout, stream.write_all(&greeting)).await, Ok(Ok(()))) {
         session.log_disconnect("greeting not delivered");
         return;
     }
-    let reason = match drive(&mut stream, &mut session, &mut shared.shutdown).await {
+    let limits = PaceLimits::from_config(&session.config().smtp);
+    let mut timing = Timing { pace: Pace::new(limits, tokio::time::Instant::now()), standing };
+    timing.progressed(false);
+    let reason = match drive(&mut stream, &mut session, &mut shared.shutdown, &mut timing, &early).await {
         End::Closed(reason) => {
             let _ = stream.shutdown().await;
             reason
         }
-        End::StartTls => upgrade(stream, &mut session, &mut shared).await,
+        End::StartTls => upgrade(stream, &mut session, &mut shared, &mut timing).await,
     };
     session.log_disconnect(reason);
 }
 
+/// Postfix postscreen's pregreet test: with `smtp.pregreet_delay` set, waits that long before the
+/// greeting. RFC 5321 3.1 has the client send EHLO once it has received the greeting, so one that
+/// talks first is not a real MTA but, as a rule, a spambot writing blind. With
+/// `pregreet_action = "reject"` it gets 554 5.5.1 in place of the 220 (RFC 5321 3.1 allows 554
+/// there): permanent, because a real sender never fails this test and a bot should not be asked
+/// back. Then the connection is closed at once. RFC 5321 3.1 asks a server that greets with 554 to
+/// wait for QUIT; we do not, like postscreen's `drop`: what the client sent was written without
+/// listening, so it will not QUIT in answer, and waiting would hand the session back to the bot.
+/// With `"log"` what it sent is kept and read as its first commands once it is greeted.
+///
+/// Returns the octets the client sent early (none when it waited), or why the session is over.
+/// It takes the context and the client's address rather than the session, which is not `Sync`.
+async fn pregreet(stream: &mut TcpStream, context: &ServerContext, client: IpAddr) -> Result<Vec<u8>, &'static str> {
+    let smtp = &context.config.smtp;
+    let delay = smtp.pregreet_delay.0;
+    if delay.is_zero() {
+        return Ok(Vec::new());
+    }
+    let mut early = vec![0u8; READ_CHUNK];
+    let n = match tokio::time::timeout(delay, stream.read(&mut early)).await {
+        Err(_) => return Ok(Vec::new()),
+        Ok(Ok(0)) | Ok(Err(_)) => return Err("lost connection before the greeting"),
+        Ok(Ok(n)) => n,
+    };
+    early.truncate(n);
+    let sample = String::from_utf8_lossy(&early[..n.min(64)]).escape_debug().to_string();
+    tracing::warn!(client = %client, octets = n, sample = %sample, action = ?smtp.pregreet_action,
+        "pregreet: client talked before the greeting");
+    match smtp.pregreet_action {
+        PregreetAction::Log => Ok(early),
+        PregreetAction::Reject => {
+            let reply = Reply::new(
+                554,
+                "5.5.1",
+                format!("{} protocol error: talked before the greeting", context.config.hostname),
+            );
+            let _ = send(stream, &reply.to_bytes(), REFUSAL_TIMEOUT).await;
+            discard_rest(stream).await;
+            Err("pregreet")
+        }
+    }
+}
+
+/// Half-closes and reads what the client still sends, for a second at most: closing a socket with
+/// unread input makes the kernel reset the connection, which can destroy a reply not yet read.
+async fn discard_rest(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut sink = vec![0u8; READ_CHUNK];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
 /// Runs the TLS handshake (RFC 3207 4), then the rest of the session over TLS.
-async fn upgrade(stream: TcpStream, session: &mut Session, shared: &mut Shared) -> &'static str {
+async fn upgrade(stream: TcpStream, session: &mut Session, shared: &mut Shared, timing: &mut Timing) -> &'static str {
     let Some(acceptor) = shared.acceptor.clone() else { return "tls not configured" };
     let timeout = shared.context.config.smtp.command_timeout.0;
-    let mut tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout(timeout, acceptor.accept(stream)) => handshake,
+        // A handshake is the client's work too: a stalled one may be closed to make room.
+        () = timing.standing.evicted() => return "closed to make room",
+    };
+    let mut tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
             tracing::warn!(error = %err, "tls handshake failed");
@@ -180,7 +287,8 @@ async fn upgrade(stream: TcpStream, session: &mut Session, shared: &mut Shared) 
         Err(_) => return "tls handshake timeout",
     };
     session.tls_started();
-    let reason = match drive(&mut tls, session, &mut shared.shutdown).await {
+    timing.progressed(false);
+    let reason = match drive(&mut tls, session, &mut shared.shutdown, timing, &[]).await {
         End::Closed(reason) => reason,
         End::StartTls => "starttls twice",
     };
@@ -188,89 +296,121 @@ async fn upgrade(stream: TcpStream, session: &mut Session, shared: &mut Shared) 
     reason
 }
 
-/// Moves bytes between `stream` and `session` until the session closes or asks for TLS.
-async fn drive<S>(stream: &mut S, session: &mut Session, shutdown: &mut watch::Receiver<bool>) -> End
+/// Moves bytes between `stream` and `session` until the session closes or asks for TLS. `early` is
+/// what the client sent before its greeting (see [`pregreet`]), read as its first input.
+async fn drive<S>(
+    stream: &mut S,
+    session: &mut Session,
+    shutdown: &mut watch::Receiver<bool>,
+    timing: &mut Timing,
+    early: &[u8],
+) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let smtp = &timeouts(session);
+    let write_timeout = session.config().smtp.command_timeout.0;
     let mut buffer = vec![0u8; READ_CHUNK];
-    let mut actions: VecDeque<Action> = VecDeque::new();
+    let mut actions: VecDeque<Action> = session.feed(early).into();
     loop {
-        let mut out = Vec::new();
-        while let Some(action) = actions.pop_front() {
-            match action {
-                Action::Reply(reply) => out.extend_from_slice(&reply.to_bytes()),
-                Action::Close(reply) => {
-                    out.extend_from_slice(&reply.to_bytes());
-                    let _ = send(stream, &out, smtp.command_timeout).await;
-                    return End::Closed("quit");
-                }
-                Action::StartTls(reply) => {
-                    out.extend_from_slice(&reply.to_bytes());
-                    return match send(stream, &out, smtp.command_timeout).await {
-                        Ok(()) => End::StartTls,
-                        Err(()) => End::Closed("write failed"),
-                    };
-                }
-                Action::Verify(recipient) => {
-                    let decision = match &session.context().recipients {
-                        Some(recipients) => recipients.callout(&recipient.address).await,
-                        None => Decision::Accept,
-                    };
-                    actions.push_back(session.verified(*recipient, decision));
-                    actions.extend(session.feed(&[]));
-                }
-                Action::Commit(mut pending) => {
-                    // Replies before the commit go out first: the client may be waiting for them.
-                    if send(stream, &std::mem::take(&mut out), smtp.command_timeout).await.is_err() {
-                        return End::Closed("write failed");
-                    }
-                    if let Some(check) = session.context().sender_check.clone() {
-                        pending.authenticate(&check).await;
-                    }
-                    let reply = session.committed(commit(*pending).await);
-                    out.extend_from_slice(&reply.to_bytes());
-                    actions.extend(session.feed(&[]));
-                }
-            }
-        }
-        if send(stream, &out, smtp.command_timeout).await.is_err() {
+        let progressed = !actions.is_empty();
+        let out = match carry_out(stream, session, &mut actions, timing, write_timeout).await {
+            Ok(out) => out,
+            Err(end) => return end,
+        };
+        if send(stream, &out, write_timeout).await.is_err() {
             return End::Closed("write failed");
         }
+        if progressed {
+            timing.progressed(session.in_data());
+        }
         if *shutdown.borrow() {
-            let _ = send(stream, &session.shutdown_reply().to_bytes(), smtp.command_timeout).await;
+            let _ = send(stream, &session.shutdown_reply().to_bytes(), write_timeout).await;
             return End::Closed("shutdown");
         }
-        let timeout = if session.in_data() { smtp.data_timeout } else { smtp.command_timeout };
         tokio::select! {
-            read = tokio::time::timeout(timeout, stream.read(&mut buffer)) => match read {
+            read = tokio::time::timeout_at(timing.pace.deadline(), stream.read(&mut buffer)) => match read {
                 Ok(Ok(0)) => return End::Closed("lost connection"),
-                Ok(Ok(n)) => actions.extend(session.feed(&buffer[..n])),
+                Ok(Ok(n)) => {
+                    timing.pace.received(n, tokio::time::Instant::now());
+                    if session.in_data() {
+                        timing.standing.behind_since(timing.pace.behind_since());
+                    }
+                    actions.extend(session.feed(&buffer[..n]));
+                }
                 Ok(Err(_)) => return End::Closed("read error"),
                 Err(_) => {
-                    let _ = send(stream, &session.timeout_reply().to_bytes(), smtp.command_timeout).await;
+                    // RFC 5321 4.5.3.2: the client ran out of time, per read or for the whole
+                    // command line or DATA phase.
+                    let _ = send(stream, &session.timeout_reply().to_bytes(), write_timeout).await;
                     return End::Closed("timeout");
                 }
             },
+            () = timing.standing.evicted() => {
+                let _ = send(stream, &session.overload_reply().to_bytes(), EVICTION_REPLY_TIMEOUT).await;
+                return End::Closed("closed to make room");
+            }
             () = shutting_down(shutdown) => {
                 // Idle or mid-DATA: answer at once; a half-received message is dropped with the session.
-                let _ = send(stream, &session.shutdown_reply().to_bytes(), smtp.command_timeout).await;
+                let _ = send(stream, &session.shutdown_reply().to_bytes(), write_timeout).await;
                 return End::Closed("shutdown");
             }
         }
     }
 }
 
-/// The timeouts a session runs with.
-struct Timeouts {
-    command_timeout: Duration,
-    data_timeout: Duration,
-}
-
-fn timeouts(session: &Session) -> Timeouts {
-    let smtp = &session.config().smtp;
-    Timeouts { command_timeout: smtp.command_timeout.0, data_timeout: smtp.data_timeout.0 }
+/// Carries out the session's actions; returns the replies still to send, or how the pass ended.
+/// While a callout or a commit runs the session waits for us, so it cannot be chosen to make room.
+async fn carry_out<S>(
+    stream: &mut S,
+    session: &mut Session,
+    actions: &mut VecDeque<Action>,
+    timing: &mut Timing,
+    write_timeout: Duration,
+) -> Result<Vec<u8>, End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Vec::new();
+    while let Some(action) = actions.pop_front() {
+        match action {
+            Action::Reply(reply) => out.extend_from_slice(&reply.to_bytes()),
+            Action::Close(reply) => {
+                out.extend_from_slice(&reply.to_bytes());
+                let _ = send(stream, &out, write_timeout).await;
+                return Err(End::Closed("quit"));
+            }
+            Action::StartTls(reply) => {
+                out.extend_from_slice(&reply.to_bytes());
+                return Err(match send(stream, &out, write_timeout).await {
+                    Ok(()) => End::StartTls,
+                    Err(()) => End::Closed("write failed"),
+                });
+            }
+            Action::Verify(recipient) => {
+                timing.standing.busy();
+                let decision = match &session.context().recipients {
+                    Some(recipients) => recipients.callout(&recipient.address).await,
+                    None => Decision::Accept,
+                };
+                actions.push_back(session.verified(*recipient, decision));
+                actions.extend(session.feed(&[]));
+            }
+            Action::Commit(mut pending) => {
+                timing.standing.busy();
+                // Replies before the commit go out first: the client may be waiting for them.
+                if send(stream, &std::mem::take(&mut out), write_timeout).await.is_err() {
+                    return Err(End::Closed("write failed"));
+                }
+                if let Some(check) = session.context().sender_check.clone() {
+                    pending.authenticate(&check).await;
+                }
+                let reply = session.committed(commit(*pending).await);
+                out.extend_from_slice(&reply.to_bytes());
+                actions.extend(session.feed(&[]));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Writes and flushes, bounded in time so a client that stops reading cannot hold the session.
@@ -295,3 +435,6 @@ async fn commit(pending: PendingMessage) -> Result<Envelope, SpoolError> {
         Err(err) => Err(SpoolError::Io { path: Default::default(), source: std::io::Error::other(err.to_string()) }),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,15 +10,16 @@ use super::command::{self, Command, CommandError, EtrnNode, MAX_PARAMETER_LINE, 
 use super::data::{DataProblem, DataReader};
 use super::limits::Rate;
 use super::reply::Reply;
-use crate::lock;
+pub use super::space::{Reservation, SpaceMonitor};
 use crate::recipients::Decision;
 use crate::spool::{Envelope, Filter, Incoming, Recipient, SpoolError};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
-/// Free-space checks are cached this long, so a burst of MAILs costs one statvfs.
-const SPACE_CACHE: Duration = Duration::from_secs(1);
+/// A message's reservation grows in steps of this many octets past what has arrived (see
+/// [`SpaceMonitor`]), so the free space is not looked at for every read.
+const SPACE_STEP: u64 = 64 * 1024;
 
 /// What the server must do after feeding bytes. At most one action that is not `Reply` is returned,
 /// and it is the last one.
@@ -42,6 +43,8 @@ pub struct PendingMessage {
     envelope: Envelope,
     /// The message as received, for DKIM; None when too large to keep or not checked.
     copy: Option<Vec<u8>>,
+    /// The space it was counted against, given back once the commit is over.
+    space: Reservation,
 }
 
 impl std::fmt::Debug for PendingMessage {
@@ -53,7 +56,11 @@ impl std::fmt::Debug for PendingMessage {
 impl PendingMessage {
     /// Makes the message durable (fsyncs; call it from `spawn_blocking`).
     pub fn commit(self) -> Result<Envelope, SpoolError> {
-        self.message.commit(self.envelope)
+        let PendingMessage { message, envelope, space, .. } = self;
+        let committed = message.commit(envelope);
+        // Only now are the octets on disk (or given up): until here they stay reserved.
+        drop(space);
+        committed
     }
 
     /// Records the sender's SPF/DKIM verdict in the envelope (issue 6: at accept time, while the
@@ -65,50 +72,6 @@ impl PendingMessage {
         tracing::info!(queue_id = %self.message.id(), from = %self.envelope.sender, spf = ?verdict.spf,
             dkim_aligned = verdict.dkim_aligned, "sender checked");
         self.envelope.sender_auth = Some(verdict);
-    }
-}
-
-/// Free space on the spool, checked at each MAIL and cached briefly; shared by all sessions.
-pub struct SpaceMonitor {
-    /// Last check: when, and whether there was room.
-    last: Mutex<Option<(Instant, bool)>>,
-}
-
-impl SpaceMonitor {
-    pub fn new() -> SpaceMonitor {
-        SpaceMonitor { last: Mutex::new(None) }
-    }
-
-    /// Is there room for new mail: at least `queue.min_free` bytes free and some inodes?
-    /// A failed statvfs counts as no room: better a 452 than a message we cannot store.
-    fn has_room(&self, context: &ServerContext) -> bool {
-        let mut last = lock(&self.last);
-        if let Some((at, room)) = *last
-            && at.elapsed() < SPACE_CACHE
-        {
-            return room;
-        }
-        let room = match context.spool.space() {
-            Ok(space) => {
-                space.free_bytes >= context.config.queue.min_free
-                    && (space.total_inodes == 0 || space.free_inodes >= 64)
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot check free space on the spool");
-                false
-            }
-        };
-        if !room {
-            tracing::warn!(min_free = context.config.queue.min_free, "spool is low on space: refusing new mail");
-        }
-        *last = Some((Instant::now(), room));
-        room
-    }
-}
-
-impl Default for SpaceMonitor {
-    fn default() -> Self {
-        SpaceMonitor::new()
     }
 }
 
@@ -127,6 +90,8 @@ struct Transaction {
     recipients: Vec<Recipient>,
     /// A recipient was accepted under the `hold` policy: the message is held for review.
     hold: bool,
+    /// Space on the spool for the message: its declared SIZE at MAIL, grown as data arrives.
+    space: Reservation,
 }
 
 /// What RCPT came to: a reply now, or a callout first.
@@ -141,6 +106,9 @@ struct DataPhase {
     message: Box<dyn Incoming>,
     /// The first write error; the data is still read to its end, then 451.
     write_error: Option<SpoolError>,
+    /// The message outgrew the free space; the data is still read to its end (without storing
+    /// more of it), then 452 4.3.1.
+    no_space: bool,
     /// Reused buffer for unstuffed data on its way to the spool.
     scratch: Vec<u8>,
     /// The message kept in memory for the DKIM check, up to [`crate::auth::DKIM_MAX_MESSAGE`].
@@ -207,8 +175,14 @@ impl Session {
         &self.context.config
     }
 
-    fn hostname(&self) -> &str {
+    /// Our name, as in the greeting.
+    pub fn hostname(&self) -> &str {
         &self.context.config.hostname
+    }
+
+    /// The client's address.
+    pub fn client(&self) -> IpAddr {
+        self.client
     }
 
     /// The 220 greeting (RFC 5321 4.2, 3.1).
@@ -224,6 +198,12 @@ impl Session {
     /// The reply when the client was silent too long (RFC 5321 4.5.3.2).
     pub fn timeout_reply(&self) -> Reply {
         Reply::new(421, "4.4.2", format!("{} timeout, closing", self.hostname()))
+    }
+
+    /// The reply to a session closed, at `smtp.max_sessions`, to make room for a new client: it fell
+    /// behind for `smtp.overload_timeout`, the timeout Postfix uses under overload (4.4.2: timed out).
+    pub fn overload_reply(&self) -> Reply {
+        Reply::new(421, "4.4.2", format!("{} too busy for stalled sessions, closing", self.hostname()))
     }
 
     /// Is a message being received (so the DATA timeout applies)?
@@ -300,10 +280,19 @@ impl Session {
             }
         }
         if data.write_error.is_none()
+            && !data.no_space
             && !data.scratch.is_empty()
             && let Err(err) = data.message.write(&data.scratch)
         {
             data.write_error = Some(err);
+        }
+        // Count what arrived against the free space before the disk is full, not after.
+        if let Some(transaction) = self.transaction.as_mut()
+            && !data.no_space
+            && data.message.size() > transaction.space.octets()
+        {
+            let wanted = data.message.size().saturating_add(SPACE_STEP);
+            data.no_space = !self.space.grow(&mut transaction.space, &self.context, wanted);
         }
         match end {
             Some(used) => (used, Some(self.end_of_data())),
@@ -404,15 +393,16 @@ impl Session {
         if mail.size.is_some_and(|size| size > max) {
             return Reply::new(552, "5.3.4", format!("message size exceeds fixed limit of {max} octets"));
         }
-        if !self.space.has_room(&self.context) {
+        // RFC 1870: a declared SIZE that would not fit now gets 452 (552 is for the fixed limit).
+        let Some(space) = self.space.reserve(&self.context, mail.size.unwrap_or(0)) else {
             return Reply::new(452, "4.3.1", "insufficient system storage");
-        }
+        };
         let rate = self.context.config.smtp.max_messages_per_ip_per_minute;
         if !self.context.limits.charge(self.client, Rate::Messages, rate, Instant::now()) {
             tracing::warn!(client = %self.client, limit = rate, "message rate limit reached");
             return Reply::new(452, "4.7.0", format!("too much mail from {}, try again later", self.client));
         }
-        self.transaction = Some(Transaction { mail, recipients: Vec::new(), hold: false });
+        self.transaction = Some(Transaction { mail, recipients: Vec::new(), hold: false, space });
         Reply::new(250, "2.1.0", "Ok")
     }
 
@@ -552,6 +542,7 @@ impl Session {
                 .with_max_header(smtp.max_header_size),
             message,
             write_error: None,
+            no_space: false,
             scratch: Vec::new(),
             copy: self.context.sender_check.as_ref().map(|_| Vec::new()),
         });
@@ -622,14 +613,19 @@ impl Session {
             tracing::error!(client = %self.client, queue_id = %id, error = %err, "queue file write error");
             return Action::Reply(Reply::new(451, "4.3.0", "error: queue file write error"));
         }
-        let envelope = self.envelope(transaction);
-        Action::Commit(Box::new(PendingMessage { message: data.message, envelope, copy: data.copy }))
+        // The last look before the commit: other sessions may have filled the disk meanwhile.
+        if data.no_space || !self.space.confirm(&transaction.space, &self.context, data.message.size()) {
+            tracing::warn!(client = %self.client, queue_id = %id, from = %transaction.mail.address,
+                size = data.reader.size(), "message refused: spool low on space");
+            return Action::Reply(Reply::new(452, "4.3.1", "insufficient system storage"));
+        }
+        let (envelope, space) = self.envelope(transaction);
+        Action::Commit(Box::new(PendingMessage { message: data.message, envelope, copy: data.copy, space }))
     }
 
-    fn envelope(&self, transaction: Transaction) -> Envelope {
-        let mail = transaction.mail;
-        let hold = transaction.hold;
-        let mut envelope = Envelope::new(String::new(), mail.address, transaction.recipients);
+    fn envelope(&self, transaction: Transaction) -> (Envelope, Reservation) {
+        let Transaction { mail, recipients, hold, space } = transaction;
+        let mut envelope = Envelope::new(String::new(), mail.address, recipients);
         envelope.ret = mail.ret;
         envelope.envid = mail.envid;
         envelope.body = mail.body;
@@ -642,7 +638,7 @@ impl Session {
             envelope.held = true;
             envelope.record("held for review: a recipient could not be verified");
         }
-        envelope
+        (envelope, space)
     }
 
     /// The result of [`PendingMessage::commit`]: only now may 250 be sent.

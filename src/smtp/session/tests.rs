@@ -457,3 +457,36 @@ fn unknown_recipients_follow_the_domain_policy() {
     assert_eq!(addresses, ["alice@example.test", "carol@other.test"]);
     assert!(queued[0].held, "carol was accepted under the hold policy");
 }
+
+#[test]
+fn declared_sizes_and_data_count_against_the_free_space() {
+    let fx = fixture(|c| c.smtp.max_message_size = u64::MAX);
+    let free = fx.context.spool.space().expect("statvfs").free_bytes;
+    // Other processes write to this filesystem too: leave them a hundredth of it.
+    let margin = free / 100;
+    let space = Arc::new(SpaceMonitor::new());
+    let first = space.reserve(&fx.context, free / 2 - margin).expect("half fits");
+    let mut second = space.reserve(&fx.context, free / 2 - margin).expect("the other half fits");
+    assert!(space.reserve(&fx.context, free / 4).is_none(), "a quarter more does not");
+    assert!(!space.grow(&mut second, &fx.context, free / 2 + free / 4), "nor can a reservation grow by it");
+    assert!(space.confirm(&second, &fx.context, second.octets()));
+    drop(first);
+    assert_eq!(space.reserved(), second.octets());
+    // Until the disk is looked at again, the octets given back count as written (they might be).
+    assert!(!space.grow(&mut second, &fx.context, free / 2 + free / 4));
+    assert!(space.confirm(&second, &fx.context, second.octets()), "a fresh look, as before a commit");
+    assert!(space.grow(&mut second, &fx.context, free / 2 + free / 4), "room again once one is given back");
+    drop(second);
+    assert_eq!(space.reserved(), 0);
+    // Through a session: a SIZE larger than the free space gets 452 at MAIL, and nothing stays reserved.
+    let mut session =
+        Session::new(Arc::clone(&fx.context), Arc::clone(&space), "192.0.2.7".parse().expect("ip"), false);
+    let mail = format!("EHLO c.test\r\nMAIL FROM:<a@b.test> SIZE={}\r\nMAIL FROM:<a@b.test> SIZE=100\r\n", free + 1);
+    let (text, _) = talk(&mut session, mail.as_bytes());
+    assert_eq!(codes(&text), ["250", "452", "250"], "{text}");
+    assert!(text.contains("452 4.3.1 insufficient system storage\r\n"), "{text}");
+    assert_eq!(space.reserved(), 100);
+    let (text, _) = talk(&mut session, b"RCPT TO:<x@example.test>\r\nDATA\r\nSubject: s\r\n\r\nhi\r\n.\r\n");
+    assert_eq!(codes(&text), ["250", "354", "250"], "{text}");
+    assert_eq!(space.reserved(), 0, "given back after the commit");
+}
