@@ -19,7 +19,7 @@
 //! records again; messages that also have files (written by a retirement or update that a crash
 //! interrupted) get their body rewritten from the record.
 //!
-//! Record layout (little-endian): magic `BJR1`, kind (1 message, 2 forget), queue ID (16 octets),
+//! Record layout (little-endian): magic `BJR1`, kind (1 message, 2 forget, 3 envelope), queue ID (16 octets),
 //! envelope length (u32), body length (u64), CRC-32 of everything after the magic except itself, then
 //! the envelope JSON and the body. A replay stops at the first record that does not check out: a
 //! write torn by a crash is always the last thing in its segment.

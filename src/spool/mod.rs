@@ -1,14 +1,19 @@
-//! The durable queue. This is the only code that touches queue files.
+//! The durable queue, and the one interface every stage uses to reach it ([`Queue`], see
+//! `src/spool/queue.rs`). Two stores implement it: the local store ([`Spool`], this module with [`journal`]:
+//! the only code that touches queue files) and [`MemoryQueue`] (unit tests).
 //!
-//! Layout under `queue.dir` (see `docs/spool.md`):
+//! The local store's layout under `queue.dir` (see `docs/spool.md`):
 //! - `incoming/`: files being written; anything here after a crash was never acknowledged.
-//! - `messages/ID.msg`: the message as received, our Received header first; never changed.
-//! - `messages/ID.env`: the envelope as JSON; replaced atomically on every change of state.
+//! - `journal/N.wal`: the write-ahead journal; a message up to 512 KiB is one record there, made
+//!   durable with the other sessions' (group commit), and is queued and read from there.
+//! - `messages/ID.msg`, `ID.env`: a larger message (or one written out by `queue sync`): the body as
+//!   received, never changed, and the envelope as JSON, replaced atomically on every change.
 //! - `lock`: held (flock) by the process that owns the spool, the daemon or an offline CLI.
 //! - `control.sock`: the running daemon's control socket.
 //!
-//! A message exists once both files are in `messages/` and that directory has been fsync'd; only then
-//! is 250 sent. On start, half-written leftovers are removed and everything else is queued again.
+//! A message exists once its journal record is fdatasync'd, or once both its files are in
+//! `messages/` and that directory has been fsync'd; only then is 250 sent. On start, half-written
+//! leftovers are removed and everything else is queued again.
 
 pub mod envelope;
 pub mod journal;
