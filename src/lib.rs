@@ -32,6 +32,7 @@ pub mod schedule;
 pub mod smtp;
 pub mod spool;
 pub mod web;
+pub mod xtext;
 
 /// Locks a std mutex, taking over a poisoned one: a panic elsewhere leaves the data as consistent
 /// as the last completed update, and a mail server must keep going rather than panic in turn.

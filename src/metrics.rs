@@ -8,7 +8,7 @@
 //! never drift from the truth.
 
 use crate::config::Config;
-use crate::schedule::DestinationState;
+use crate::deliver::destination::DestinationState;
 use crate::spool::{Queue, now_micros};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;

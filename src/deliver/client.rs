@@ -213,7 +213,7 @@ impl Capabilities {
 }
 
 /// RFC 3461 4 xtext, shared with the inbound side (ENVID is passed on encoded as it came).
-pub use crate::smtp::command::xtext_encode;
+use crate::xtext::xtext_encode;
 
 /// Dot-stuffs a CRLF body while streaming (RFC 5321 4.5.2): a line starting with `.` gets one more.
 #[derive(Debug, Clone)]

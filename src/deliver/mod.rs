@@ -13,6 +13,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod destination;
 pub mod mx;
 pub mod route;
 

@@ -7,7 +7,7 @@
 
 use super::{WebError, WebState};
 use crate::control::ListedMessage;
-use crate::schedule::DestinationState;
+use crate::deliver::destination::DestinationState;
 use crate::spool::{Envelope, Filter, Page, Queue, SpaceInfo, now_micros, rfc3339};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};

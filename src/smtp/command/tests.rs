@@ -1,4 +1,5 @@
 use super::*;
+use crate::xtext::xtext_encode;
 
 fn ok(line: &str) -> Command {
     parse(line.as_bytes()).unwrap_or_else(|err| panic!("{line:?}: {err}"))
