@@ -9,7 +9,6 @@ use super::RecipientsError;
 use crate::spool::now_micros;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The cache file's name inside the spool directory.
@@ -95,18 +94,12 @@ pub fn modify<T>(spool_dir: &Path, change: impl FnOnce(&mut CacheFile) -> T) -> 
 
 fn write_atomically(spool_dir: &Path, cache: &CacheFile) -> Result<(), RecipientsError> {
     let path = cache_path(spool_dir);
-    let tmp = spool_dir.join(format!("{CACHE_FILE}.tmp"));
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| RecipientsError::Io { path, source }
-    };
     let bytes = serde_json::to_vec_pretty(cache)
         .map_err(|e| RecipientsError::Corrupt { path: path.clone(), problem: e.to_string() })?;
-    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    std::fs::File::open(spool_dir).and_then(|dir| dir.sync_all()).map_err(io(spool_dir))?;
-    Ok(())
+    crate::spool::atomic_write(&path, &bytes).map_err(|e| match e {
+        crate::spool::SpoolError::Io { path, source } => RecipientsError::Io { path, source },
+        other => RecipientsError::Io { path: path.clone(), source: std::io::Error::other(other.to_string()) },
+    })
 }
 
 #[cfg(test)]

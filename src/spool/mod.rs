@@ -706,6 +706,24 @@ impl Drop for IncomingMessage {
     }
 }
 
+/// Replaces `path` atomically and durably with `data`: a private temporary file in the same
+/// directory, fsync'd, renamed over `path`, then the directory fsync'd, so that after a crash the
+/// file holds either the old or the new bytes, never a mix, and the new name survives power loss.
+pub fn atomic_write(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", fastrand::u64(..)));
+    let written = create_private(&tmp).and_then(|mut file| {
+        file.write_all(data).and_then(|()| file.sync_all()).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, path).map_err(io_err(path))
+    });
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    sync_dir(dir)
+}
+
 /// Writes an envelope as JSON to a new private file (not yet fsync'd).
 fn write_private_json(envelope: &Envelope, path: &Path) -> Result<File, SpoolError> {
     let json =

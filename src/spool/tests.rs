@@ -593,3 +593,16 @@ fn the_memory_store_and_the_local_store_answer_queries_alike() {
         assert!(matches!(queue.open_body(&first), Err(SpoolError::NotFound(_))));
     }
 }
+
+#[test]
+fn atomic_write_replaces_a_file_privately_and_leaves_no_temporary() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.json");
+    atomic_write(&path, b"old").unwrap();
+    atomic_write(&path, b"new").unwrap();
+    assert_eq!(fs::read(&path).unwrap(), b"new");
+    assert_eq!(mode_of(&path) & 0o777, 0o600);
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    let missing = dir.path().join("no-such-dir").join("x");
+    assert!(matches!(atomic_write(&missing, b"x"), Err(SpoolError::Io { .. })));
+}
