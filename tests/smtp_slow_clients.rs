@@ -8,50 +8,15 @@ mod smtp_harness;
 
 use bartleby::config::{HumanDuration, PregreetAction};
 use bartleby::spool::Queue;
-use smtp_harness::{Harness, python, stdout};
+use smtp_harness::{Client, Harness, python, stdout};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 
 async fn bounded<F: std::future::Future>(test: F) -> F::Output {
     tokio::time::timeout(Duration::from_secs(60), test).await.expect("test finished in time")
-}
-
-/// A raw SMTP client.
-struct Client {
-    stream: BufReader<TcpStream>,
-}
-
-impl Client {
-    async fn connect(harness: &Harness) -> Client {
-        Client { stream: BufReader::new(TcpStream::connect(harness.addr).await.expect("connect")) }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.get_mut().write_all(bytes).await.expect("write");
-    }
-
-    async fn reply(&mut self) -> String {
-        smtp_harness::read_reply(&mut self.stream).await
-    }
-
-    /// True when the server closed the connection (EOF) within a few seconds.
-    async fn closed(&mut self) -> bool {
-        let mut rest = Vec::new();
-        matches!(tokio::time::timeout(Duration::from_secs(5), self.stream.read_to_end(&mut rest)).await, Ok(Ok(0)))
-    }
-
-    /// Greeting, EHLO, MAIL, RCPT and DATA up to the 354.
-    async fn start_data(&mut self) {
-        assert!(self.reply().await.starts_with("220 "));
-        self.send(b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n").await;
-        for code in ["250", "250", "250", "354"] {
-            let reply = self.reply().await;
-            assert!(reply.lines().last().is_some_and(|l| l.starts_with(code)), "{reply}");
-        }
-    }
 }
 
 /// A client that sends `bytes` one octet every `every`, from its own loopback address, while it

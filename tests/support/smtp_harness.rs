@@ -12,6 +12,8 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -180,6 +182,42 @@ pub async fn read_reply<S: tokio::io::AsyncRead + Unpin>(reader: &mut tokio::io:
         text.push_str(&line);
         if line.as_bytes().get(3) == Some(&b' ') {
             return text;
+        }
+    }
+}
+
+/// A raw SMTP client.
+pub struct Client {
+    pub stream: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub async fn connect(harness: &Harness) -> Client {
+        Client { stream: BufReader::new(TcpStream::connect(harness.addr).await.expect("connect")) }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.get_mut().write_all(bytes).await.expect("write");
+    }
+
+    /// One whole reply; panics if the connection closes first.
+    pub async fn reply(&mut self) -> String {
+        read_reply(&mut self.stream).await
+    }
+
+    /// True when the server closed the connection (EOF) within a few seconds.
+    pub async fn closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        matches!(tokio::time::timeout(Duration::from_secs(5), self.stream.read_to_end(&mut rest)).await, Ok(Ok(0)))
+    }
+
+    /// Greeting, EHLO, MAIL, RCPT and DATA up to the 354.
+    pub async fn start_data(&mut self) {
+        assert!(self.reply().await.starts_with("220 "));
+        self.send(b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\n").await;
+        for code in ["250", "250", "250", "354"] {
+            let reply = self.reply().await;
+            assert!(reply.lines().last().is_some_and(|l| l.starts_with(code)), "{reply}");
         }
     }
 }
