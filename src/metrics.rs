@@ -148,7 +148,7 @@ fn register_queue(registry: &mut Registry, config: &Config, spool: &dyn Queue) {
     total.set(i64::try_from(stats.messages).unwrap_or(i64::MAX));
     suppressed.set(i64::try_from(stats.bounce_suppressed).unwrap_or(i64::MAX));
     if let Some(first) = stats.oldest {
-        oldest.set((now - first).max(0) / 1_000_000);
+        oldest.set(now.saturating_sub(first).max(0) / 1_000_000);
     }
     for (domain, counts) in stats.domains.iter().filter(|(d, _)| config.is_destination(d)) {
         let label = domain_label(domain);

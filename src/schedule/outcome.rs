@@ -34,7 +34,7 @@ pub fn apply_outcomes(
         envelope.history.push(crate::spool::HistoryEntry { at: now, event });
     }
     envelope.attempts += 1;
-    let age = Duration::from_micros(u64::try_from(now - envelope.arrived).unwrap_or(0));
+    let age = Duration::from_micros(u64::try_from(now.saturating_sub(envelope.arrived)).unwrap_or(0));
     if !envelope.is_done() && age >= config.queue.max_lifetime.0 {
         expire(config, envelope, now, &mut verdict);
     } else if !envelope.is_done() && age >= config.queue.warn_after.0 && !envelope.delay_notified {

@@ -349,7 +349,7 @@ pub trait Queue: Send + Sync {
     fn shape(&self, now: i64) -> BTreeMap<String, [usize; SHAPE_BUCKETS_MINUTES.len()]> {
         let mut shape: BTreeMap<String, [usize; SHAPE_BUCKETS_MINUTES.len()]> = BTreeMap::new();
         self.visit(&mut |e| {
-            let minutes = u64::try_from((now - e.arrived).max(0) / 60_000_000).unwrap_or(0);
+            let minutes = u64::try_from(now.saturating_sub(e.arrived).max(0) / 60_000_000).unwrap_or(0);
             let bucket = SHAPE_BUCKETS_MINUTES.iter().rposition(|start| minutes >= *start).unwrap_or(0);
             for_each_domain(e, |domain| {
                 if !shape.contains_key(domain) {

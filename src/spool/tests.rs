@@ -606,3 +606,20 @@ fn atomic_write_replaces_a_file_privately_and_leaves_no_temporary() {
     let missing = dir.path().join("no-such-dir").join("x");
     assert!(matches!(atomic_write(&missing, b"x"), Err(SpoolError::Io { .. })));
 }
+
+/// An absurd arrival time (a damaged envelope, an import) must not panic the queries on overflow.
+#[test]
+fn queries_over_an_absurd_arrival_time_do_not_overflow() {
+    let queue = MemoryQueue::new();
+    let id = queue.new_id();
+    let mut message = Arc::clone(&queue).incoming(&id).unwrap();
+    message.write(b"x\r\n").unwrap();
+    let mut envelope = Envelope::new(id, "a@s.test".into(), vec![Recipient::new("b@example.test".into())]);
+    envelope.arrived = i64::MIN;
+    message.commit(envelope).unwrap();
+    let shape = queue.shape(i64::MAX);
+    assert_eq!(shape["example.test"].iter().sum::<usize>(), 1);
+    let old = Filter { older_than: Some(std::time::Duration::from_secs(60)), ..Filter::default() };
+    assert_eq!(queue.count(&old), 1);
+    assert_eq!(queue.stats().oldest, Some(i64::MIN));
+}

@@ -102,7 +102,7 @@ fn short_time(rfc3339: &str) -> String {
 }
 
 fn age_of(micros: i64) -> String {
-    human_age(u64::try_from((now_micros() - micros) / 1_000_000).unwrap_or(0))
+    human_age(u64::try_from(now_micros().saturating_sub(micros) / 1_000_000).unwrap_or(0))
 }
 
 /// Percent-encodes a query component (RFC 3986 unreserved characters pass).

@@ -211,7 +211,7 @@ pub fn status(state: &WebState) -> Status {
         bytes: t.bytes,
         held: t.held,
         oldest_arrived: t.oldest.map(rfc3339),
-        oldest_age_seconds: t.oldest.map(|o| u64::try_from((now - o) / 1_000_000).unwrap_or(0)),
+        oldest_age_seconds: t.oldest.map(|o| u64::try_from(now.saturating_sub(o) / 1_000_000).unwrap_or(0)),
         domains,
         disk: state.spool.space().ok().map(|s| disk(&state.config().web, s)),
         counters: state.metrics.counters(),
