@@ -25,15 +25,10 @@ async fn bursts_with_the_primary_up_are_never_deferred_by_a_local_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let routes = format!("[routes]\n\"example.test\" = \"{}\"\n\"sender.test\" = \"{}\"\n", primary.addr, senders.addr);
     let mut bartleby = Daemon::start(dir.path(), "", &routes);
-    // Daemon::start writes [smtp] with listen and sender_auth; lift the per-client limits there
-    // (every session comes from 127.0.0.1).
+    // Every session comes from 127.0.0.1: lift the per-client limits.
     let limits =
         "max_sessions_per_ip = 100\nmax_messages_per_ip_per_minute = 5000\nmax_recipients_per_ip_per_minute = 5000\n";
-    let config = std::fs::read_to_string(&bartleby.config_path).expect("config");
-    let config = config.replacen("sender_auth = false\n", &format!("sender_auth = false\n{limits}"), 1);
-    std::fs::write(&bartleby.config_path, config).expect("config");
-    bartleby.stop();
-    bartleby.restart();
+    bartleby.restart_with_smtp_settings(limits);
     // 200 KiB bodies: 120 messages fill more than one 16 MiB segment.
     let line = "y".repeat(98) + "\r\n";
     let body = format!("Subject: burst\r\n\r\n{}", line.repeat(2000)).into_bytes();

@@ -67,12 +67,7 @@ async fn a_thousand_concurrent_sessions() {
     let smtp_extra = "max_sessions = 1100\nmax_sessions_per_ip = 1100\nmax_messages_per_ip_per_minute = 5000\nmax_recipients_per_ip_per_minute = 5000\n";
     let config_extra = format!("[routes]\n\"example.test\" = \"127.0.0.1:{closed}\"\n");
     let mut bartleby = Daemon::start(dir.path(), "", &config_extra);
-    // Daemon::start writes [smtp] with listen and sender_auth; add the limits to that table.
-    let config = std::fs::read_to_string(&bartleby.config_path).expect("config");
-    let config = config.replacen("sender_auth = false\n", &format!("sender_auth = false\n{smtp_extra}"), 1);
-    std::fs::write(&bartleby.config_path, config).expect("config");
-    bartleby.stop();
-    bartleby.restart();
+    bartleby.restart_with_smtp_settings(smtp_extra);
     let pid = bartleby.pid().expect("running");
     let fds_before = open_fds(pid);
     let addr = bartleby.smtp;

@@ -165,6 +165,16 @@ impl Daemon {
         std::fs::write(&self.config_path, edit(text)).expect("write config");
     }
 
+    /// Adds `settings` (TOML lines) to the `[smtp]` table that [`Daemon::start`] writes, and
+    /// restarts on the new configuration.
+    pub fn restart_with_smtp_settings(&mut self, settings: &str) {
+        self.rewrite_config(|config| {
+            config.replacen("sender_auth = false\n", &format!("sender_auth = false\n{settings}"), 1)
+        });
+        self.stop();
+        self.restart();
+    }
+
     /// Waits (at most `limit`) until the log contains `needle`.
     pub fn wait_for_log(&self, needle: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
