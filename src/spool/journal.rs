@@ -24,6 +24,7 @@
 //! the envelope JSON and the body. A replay stops at the first record that does not check out: a
 //! write torn by a crash is always the last thing in its segment.
 
+use super::index::{Key, id_of, key};
 use super::{QueueId, SpoolError, io_err, lock, sync_dir};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -71,6 +72,14 @@ enum Record {
         id: QueueId,
         envelope: Range<usize>,
     },
+}
+
+impl Record {
+    fn id(&self) -> &str {
+        match self {
+            Record::Message { id, .. } | Record::Forget { id } | Record::Envelope { id, .. } => id,
+        }
+    }
 }
 
 fn encode(out: &mut Vec<u8>, kind: u8, id: &str, envelope: &[u8], body: &[u8]) {
@@ -175,10 +184,10 @@ pub struct JournaledMessage {
 /// What [`replay`] found: the journal's state for [`Journal::start`] and the messages queued from it.
 #[derive(Default)]
 pub struct Replay {
-    /// Each segment's message IDs and size.
-    segments: BTreeMap<u64, (Vec<QueueId>, u64)>,
-    live: HashMap<QueueId, u64>,
-    stored: HashMap<QueueId, Stored>,
+    /// Each segment's messages and size.
+    segments: BTreeMap<u64, (Vec<Key>, u64)>,
+    live: HashMap<Key, u64>,
+    stored: HashMap<Key, Stored>,
     /// Envelopes (JSON) of the messages queued from the journal, for the index.
     pub envelopes: Vec<(QueueId, Vec<u8>)>,
     /// Messages that also had files, whose body was rewritten from the record.
@@ -188,8 +197,8 @@ pub struct Replay {
 /// Reads every segment left by the last run (see the module docs). Does not delete segments.
 pub fn replay(journal: &Path, messages: &Path) -> Result<Replay, SpoolError> {
     let mut replay = Replay::default();
-    let mut latest: BTreeMap<QueueId, (Stored, Vec<u8>)> = BTreeMap::new();
-    let mut forgotten: HashSet<QueueId> = HashSet::new();
+    let mut latest: BTreeMap<Key, (Stored, Vec<u8>)> = BTreeMap::new();
+    let mut forgotten: HashSet<Key> = HashSet::new();
     for scan in scan_segments(segments(journal)?)? {
         let number = scan.number;
         let (ids, size) = replay.segments.entry(number).or_default();
@@ -198,8 +207,8 @@ pub fn replay(journal: &Path, messages: &Path) -> Result<Replay, SpoolError> {
             match record {
                 Scanned::Message { id, envelope, json, body } => {
                     forgotten.remove(&id);
-                    ids.push(id.clone());
-                    replay.live.insert(id.clone(), number);
+                    ids.push(id);
+                    replay.live.insert(id, number);
                     let stored = Stored { segment: number, body, envelope_segment: number, envelope };
                     latest.insert(id, (stored, json));
                 }
@@ -219,9 +228,9 @@ pub fn replay(journal: &Path, messages: &Path) -> Result<Replay, SpoolError> {
         }
     }
     // One directory read instead of a lookup per record (restart time matters with 100,000 queued).
-    let with_files: HashSet<String> = fs::read_dir(messages)
+    let with_files: HashSet<Key> = fs::read_dir(messages)
         .map_err(io_err(messages))?
-        .filter_map(|e| Some(e.ok()?.path().file_stem()?.to_str()?.to_string()))
+        .filter_map(|e| key(e.ok()?.path().file_stem()?.to_str()?))
         .collect();
     let mut rewritten = false;
     for (id, (stored, envelope)) in latest {
@@ -231,15 +240,15 @@ pub fn replay(journal: &Path, messages: &Path) -> Result<Replay, SpoolError> {
             let len = usize::try_from(stored.body.end - stored.body.start).unwrap_or(0);
             let mut body = vec![0; len];
             file.read_exact_at(&mut body, stored.body.start).map_err(io_err(&path))?;
-            restore(messages, &id, &envelope, &body)?;
+            restore(messages, &id_of(id), &envelope, &body)?;
             rewritten = true;
             replay.restored += 1;
         } else {
-            replay.stored.insert(id.clone(), stored);
-            replay.envelopes.push((id, envelope));
+            replay.stored.insert(id, stored);
+            replay.envelopes.push((id_of(id), envelope));
         }
     }
-    for id in forgotten.iter().filter(|id| with_files.contains(*id)) {
+    for id in forgotten.iter().filter(|id| with_files.contains(*id)).map(|k| id_of(*k)) {
         for ext in ["env", "msg"] {
             let path = messages.join(format!("{id}.{ext}"));
             match fs::remove_file(&path) {
@@ -263,9 +272,9 @@ struct SegmentScan {
 }
 
 enum Scanned {
-    Message { id: QueueId, envelope: Range<u64>, json: Vec<u8>, body: Range<u64> },
-    Forget { id: QueueId },
-    Envelope { id: QueueId, envelope: Range<u64>, json: Vec<u8> },
+    Message { id: Key, envelope: Range<u64>, json: Vec<u8>, body: Range<u64> },
+    Forget { id: Key },
+    Envelope { id: Key, envelope: Range<u64>, json: Vec<u8> },
 }
 
 /// Reads and checks the segments on all cores (each thread reuses one buffer); returns them in order.
@@ -286,17 +295,21 @@ fn scan_segments(found: Vec<(u64, PathBuf)>) -> Result<Vec<SegmentScan>, SpoolEr
 fn scan(number: u64, data: &[u8]) -> SegmentScan {
     let records = decode(data)
         .into_iter()
-        .map(|record| match record {
-            Record::Message { id, envelope, body } => Scanned::Message {
+        .filter_map(|record| {
+            // decode checked the ID's shape.
+            let id = key(record.id())?;
+            Some(match record {
+            Record::Message { envelope, body, .. } => Scanned::Message {
                 id,
                 json: data[envelope.clone()].to_vec(),
                 envelope: range64(&envelope),
                 body: range64(&body),
             },
-            Record::Forget { id } => Scanned::Forget { id },
-            Record::Envelope { id, envelope } => {
+            Record::Forget { .. } => Scanned::Forget { id },
+            Record::Envelope { envelope, .. } => {
                 Scanned::Envelope { id, json: data[envelope.clone()].to_vec(), envelope: range64(&envelope) }
             }
+        })
         })
         .collect();
     SegmentScan { number, size: data.len() as u64, records }
@@ -398,7 +411,7 @@ struct Segment {
 /// The messages recorded in one segment not yet retired.
 #[derive(Default)]
 struct Members {
-    ids: Vec<QueueId>,
+    ids: Vec<Key>,
     /// When the segment was closed; None for the current one.
     closed: Option<Instant>,
     /// Its size in octets, known once closed.
@@ -414,7 +427,7 @@ struct Pending {
 /// A message or envelope record among the pending ones; ranges are offsets in `State::pending`
 /// (relative to the caller's buffer until queued).
 struct Entry {
-    id: QueueId,
+    id: Key,
     envelope: Range<usize>,
     /// None for an envelope update.
     body: Option<Range<usize>>,
@@ -432,9 +445,9 @@ struct State {
     /// Segments not yet retired, oldest first (the current one included).
     members: BTreeMap<u64, Members>,
     /// Each message whose record sits in a segment not yet retired, with that segment.
-    live: HashMap<QueueId, u64>,
+    live: HashMap<Key, u64>,
     /// Messages queued from the journal (no files of their own yet).
-    stored: HashMap<QueueId, Stored>,
+    stored: HashMap<Key, Stored>,
     /// Checkpoints asked for: materialize and retire everything now, whatever the segments' age.
     checkpoints: usize,
     stop: bool,
@@ -482,11 +495,12 @@ impl Journal {
 
     /// Appends a message and returns once it is durable; from then on it is queued from its record.
     pub fn append_message(&self, id: &str, envelope: &[u8], body: &[u8]) -> Result<(), SpoolError> {
+        let Some(id_key) = key(id) else { return Err(SpoolError::NotFound(id.to_string())) };
         let mut record = Vec::with_capacity(HEADER_LEN + envelope.len() + body.len());
         encode(&mut record, KIND_MESSAGE, id, envelope, body);
         let env_range = HEADER_LEN..HEADER_LEN + envelope.len();
         let body_range = env_range.end..record.len();
-        self.shared.append(record, vec![Entry { id: id.to_string(), envelope: env_range, body: Some(body_range) }])
+        self.shared.append(record, vec![Entry { id: id_key, envelope: env_range, body: Some(body_range) }])
     }
 
     /// Records newer envelopes of journaled messages (call with [`Journal::files_lock`] held, for
@@ -498,9 +512,10 @@ impl Journal {
         let mut records = Vec::new();
         let mut entries = Vec::with_capacity(envelopes.len());
         for (id, json) in envelopes {
+            let Some(id_key) = key(id) else { return Err(SpoolError::NotFound(id.clone())) };
             let start = records.len() + HEADER_LEN;
             encode(&mut records, KIND_ENVELOPE, id, json, &[]);
-            entries.push(Entry { id: id.clone(), envelope: start..start + json.len(), body: None });
+            entries.push(Entry { id: id_key, envelope: start..start + json.len(), body: None });
         }
         self.shared.append(records, entries)
     }
@@ -513,7 +528,7 @@ impl Journal {
     /// after the segment is retired.
     pub fn open_body(&self, id: &str) -> Option<Result<SegmentReader, SpoolError>> {
         let state = lock(&self.shared.state);
-        let stored = state.stored.get(id)?.clone();
+        let stored = state.stored.get(&key(id)?)?.clone();
         let path = segment_path(&self.shared.dir, stored.segment);
         // Opened while the lock is held: the segment cannot be retired in between. The handle is
         // the reader's own, closed when it is done, so no descriptor outlives the reading.
@@ -525,9 +540,22 @@ impl Journal {
         Some(Ok(SegmentReader { file, position: stored.body.start, end: stored.body.end }))
     }
 
+    /// Reads a journaled message's latest envelope (JSON), or returns None when the message is not
+    /// queued from the journal. Resolved and read under the state lock, like [`Journal::open_body`].
+    pub fn read_envelope(&self, id: &str) -> Option<Result<Vec<u8>, SpoolError>> {
+        let state = lock(&self.shared.state);
+        let stored = state.stored.get(&key(id)?)?;
+        let path = segment_path(&self.shared.dir, stored.envelope_segment);
+        let len = usize::try_from(stored.envelope.end - stored.envelope.start).unwrap_or(0);
+        let mut json = vec![0; len];
+        let read = File::open(&path).and_then(|file| file.read_exact_at(&mut json, stored.envelope.start));
+        drop(state);
+        Some(read.map(|()| json).map_err(|source| SpoolError::Io { path, source }))
+    }
+
     /// Is the message queued from the journal (no files of its own)?
     pub fn holds(&self, id: &str) -> bool {
-        lock(&self.shared.state).stored.contains_key(id)
+        key(id).is_some_and(|k| lock(&self.shared.state).stored.contains_key(&k))
     }
 
     /// Held while the caller writes or removes files of messages that may be journaled.
@@ -541,7 +569,7 @@ impl Journal {
         let mut records = Vec::new();
         {
             let state = lock(&self.shared.state);
-            for id in ids.iter().filter(|id| state.live.contains_key(*id)) {
+            for id in ids.iter().filter(|id| key(id).is_some_and(|k| state.live.contains_key(&k))) {
                 encode(&mut records, KIND_FORGET, id, &[], &[]);
             }
         }
@@ -550,8 +578,8 @@ impl Journal {
         }
         self.shared.append(records, Vec::new())?;
         let mut state = lock(&self.shared.state);
-        for id in ids {
-            state.stored.remove(id);
+        for id in ids.iter().filter_map(|id| key(id)) {
+            state.stored.remove(&id);
         }
         Ok(())
     }
@@ -694,8 +722,8 @@ impl Shared {
                                     envelope_segment: number,
                                     envelope: at(entry.envelope),
                                 };
-                                state.live.insert(entry.id.clone(), number);
-                                state.stored.insert(entry.id.clone(), stored);
+                                state.live.insert(entry.id, number);
+                                state.stored.insert(entry.id, stored);
                                 state.members.entry(number).or_default().ids.push(entry.id);
                             }
                             None => {
@@ -842,7 +870,7 @@ impl Shared {
     }
 
     /// Moves the segment's queued messages (to the current segment or to files), then deletes it.
-    fn retire_segment(&self, number: u64, ids: &[QueueId], survivors: Survivors) -> Result<(), SpoolError> {
+    fn retire_segment(&self, number: u64, ids: &[Key], survivors: Survivors) -> Result<(), SpoolError> {
         let path = segment_path(&self.dir, number);
         if survivors == Survivors::Relocate {
             self.relocate(number, ids)?;
@@ -864,7 +892,7 @@ const SURVIVORS_AT_ONCE: usize = 64;
 
 impl State {
     /// Where a message is stored, if it is queued from segment `number`.
-    fn stored_in(&self, id: &str, number: u64) -> Option<&Stored> {
+    fn stored_in(&self, id: &Key, number: u64) -> Option<&Stored> {
         self.stored.get(id).filter(|s| s.segment == number)
     }
 }
@@ -883,18 +911,19 @@ enum Survivors {
 impl Shared {
     /// Appends a copy of each message still queued from segment `number` (its latest envelope and
     /// its body) to the current segment; once durable, the copies are the ones queued and read.
-    fn relocate(&self, number: u64, ids: &[QueueId]) -> Result<(), SpoolError> {
+    fn relocate(&self, number: u64, ids: &[Key]) -> Result<(), SpoolError> {
         let mut files: HashMap<u64, File> = HashMap::new();
         for chunk in ids.chunks(SURVIVORS_AT_ONCE) {
             let _files = lock(&self.files);
             let mut records = Vec::new();
             let mut entries = Vec::with_capacity(chunk.len());
             for JournaledMessage { id, envelope, body } in self.read_survivors(&mut files, number, chunk)? {
+                let Some(id_key) = key(&id) else { continue };
                 let env_start = records.len() + HEADER_LEN;
                 encode(&mut records, KIND_MESSAGE, &id, &envelope, &body);
                 let env_range = env_start..env_start + envelope.len();
                 let body_range = env_range.end..env_range.end + body.len();
-                entries.push(Entry { id, envelope: env_range, body: Some(body_range) });
+                entries.push(Entry { id: id_key, envelope: env_range, body: Some(body_range) });
             }
             if !entries.is_empty() {
                 self.append(records, entries)?;
@@ -905,7 +934,7 @@ impl Shared {
 
     /// Writes each message still queued from segment `number` to its own files; once they are durable
     /// (one `syncfs` per group), the files are the ones read.
-    fn write_out(&self, number: u64, ids: &[QueueId]) -> Result<(), SpoolError> {
+    fn write_out(&self, number: u64, ids: &[Key]) -> Result<(), SpoolError> {
         let mut files: HashMap<u64, File> = HashMap::new();
         for chunk in ids.chunks(SURVIVORS_AT_ONCE) {
             let _files = lock(&self.files);
@@ -917,8 +946,8 @@ impl Shared {
             // Readers switch to the files only once they are durable.
             syncfs(&self.messages)?;
             let mut state = lock(&self.state);
-            for message in survivors {
-                state.stored.remove(&message.id);
+            for message in survivors.iter().filter_map(|m| key(&m.id)) {
+                state.stored.remove(&message);
             }
         }
         Ok(())
@@ -930,11 +959,11 @@ impl Shared {
         &self,
         files: &mut HashMap<u64, File>,
         number: u64,
-        ids: &[QueueId],
+        ids: &[Key],
     ) -> Result<Vec<JournaledMessage>, SpoolError> {
         let stored: Vec<(QueueId, Stored)> = {
             let state = lock(&self.state);
-            ids.iter().filter_map(|id| state.stored_in(id, number).map(|s| (id.clone(), s.clone()))).collect()
+            ids.iter().filter_map(|id| state.stored_in(id, number).map(|s| (id_of(*id), s.clone()))).collect()
         };
         stored
             .into_iter()

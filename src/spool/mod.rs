@@ -16,6 +16,7 @@
 //! leftovers are removed and everything else is queued again.
 
 pub mod envelope;
+mod index;
 pub mod journal;
 mod memory;
 mod queue;
@@ -67,17 +68,17 @@ pub struct SpaceInfo {
     pub total_inodes: u64,
 }
 
-/// The queue: files on disk plus an in-memory index of every envelope.
+/// The queue: files on disk plus a slim in-memory index of every message ([`index`]); envelopes
+/// are read from disk when asked for.
 pub struct Spool {
     root: PathBuf,
     messages: PathBuf,
     incoming: PathBuf,
-    /// Every queued envelope by ID, so listings and the scheduler never re-read the disk.
-    index: Mutex<BTreeMap<QueueId, Envelope>>,
+    /// A summary of every queued message (and the retry bookkeeping kept in memory only), so that
+    /// counts, pages, the queue's shape and the scheduler's start never read an envelope.
+    index: Mutex<index::Index>,
     /// The last issued ID as (microseconds, sequence), so IDs stay unique and increasing.
     last_id: Mutex<(i64, u16)>,
-    /// Messages whose retry bookkeeping changed in memory only (see [`Spool::note`]).
-    dirty: Mutex<std::collections::HashSet<QueueId>>,
     /// Coalesces fsyncs of `messages/` across concurrent commits (group commit).
     messages_sync: DirSync,
     /// Where small messages are made durable first (see [`journal`]); dropped before the lock.
@@ -129,10 +130,9 @@ impl Spool {
             root: root.to_path_buf(),
             messages,
             incoming,
-            index: Mutex::new(BTreeMap::new()),
+            index: Mutex::new(index::Index::default()),
             last_id: Mutex::new((0, 0)),
             messages_sync: DirSync::default(),
-            dirty: Mutex::new(std::collections::HashSet::new()),
             journal,
             _lock: lock,
         };
@@ -184,12 +184,10 @@ impl Spool {
             fs::remove_file(&path).map_err(io_err(&path))?;
             recovery.removed_partial += 1;
         }
-        let mut index = BTreeMap::new();
+        let mut index = index::Index::default();
         for (path, parsed) in read_envelopes(complete.into_iter().map(|(_, path)| path).collect())? {
-            match parsed {
-                Ok(envelope) => {
-                    index.insert(envelope.id.clone(), envelope);
-                }
+            match parsed.and_then(|e| index::key(&e.id).map(|k| (k, e)).ok_or_else(|| bad_id(&path))) {
+                Ok((key, envelope)) => index.insert(key, &envelope),
                 Err(err) => {
                     tracing::error!(error = %err, "unreadable envelope moved to corrupt/");
                     self.quarantine(&path)?;
@@ -206,7 +204,7 @@ impl Spool {
             let body = self.messages.join(format!("{id}.msg"));
             if quarantined.contains(&id) {
                 self.quarantine(&body)?;
-            } else if !index.contains_key(&id) {
+            } else if !index::key(&id).is_some_and(|k| index.contains(k)) {
                 fs::remove_file(&body).map_err(io_err(&body))?;
                 recovery.removed_partial += 1;
             }
@@ -214,10 +212,9 @@ impl Spool {
         self.messages_sync.sync(&self.messages)?;
         recovery.replayed = journaled.len();
         for (id, json, parsed) in parse_journaled(journaled)? {
-            match parsed {
-                Ok(envelope) => {
-                    index.insert(id, envelope);
-                }
+            match parsed.map(|e| (index::key(&id), e)) {
+                Ok((Some(key), envelope)) => index.insert(key, &envelope),
+                Ok((None, _)) => tracing::error!(queue_id = %id, "journaled message with a malformed ID ignored"),
                 Err(err) => {
                     tracing::error!(queue_id = %id, error = %err, "unreadable journaled envelope moved to corrupt/");
                     self.quarantine_journaled(&id, &json)?;
@@ -226,8 +223,8 @@ impl Spool {
             }
         }
         recovery.queued = index.len();
-        if let Some(last) = index.keys().next_back() {
-            *lock(&self.last_id) = parse_id(last).unwrap_or((0, 0));
+        if let Some(last) = index.last_key() {
+            *lock(&self.last_id) = parse_id(&index::id_of(last)).unwrap_or((0, 0));
         }
         *lock(&self.index) = index;
         Ok(recovery)
@@ -271,6 +268,65 @@ impl Spool {
         format!("{:013X}{:03X}", next.0, next.1)
     }
 
+    /// A queued message's envelope as it is on disk, with the retry bookkeeping noted in memory
+    /// applied; None when it is not queued. Read under the index lock, so that the message cannot
+    /// be removed or rewritten halfway through; parsed after it.
+    fn load(&self, key: index::Key) -> Result<Option<Envelope>, SpoolError> {
+        let id = index::id_of(key);
+        let path = self.messages.join(format!("{id}.env"));
+        let (json, noted) = {
+            let index = lock(&self.index);
+            if !index.contains(key) {
+                return Ok(None);
+            }
+            let json = match self.journal.read_envelope(&id) {
+                Some(read) => read?,
+                // A message leaves the journal only once its files are durable, so a message not
+                // in the journal has them.
+                None => match fs::read(&path) {
+                    Ok(json) => json,
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(err) => return Err(SpoolError::Io { path, source: err }),
+                },
+            };
+            (json, index.noted_of(key))
+        };
+        let mut envelope: Envelope =
+            serde_json::from_slice(&json).map_err(|source| SpoolError::BadEnvelope { path, source })?;
+        if let Some(noted) = noted {
+            noted.apply(&mut envelope);
+        }
+        Ok(Some(envelope))
+    }
+
+    /// Calls `f` with the envelope of each message after `after` that passes `filter`, oldest
+    /// first, until it returns false. The index answers what it can first ([`index::Index::prefilter`]);
+    /// envelopes are read a page at a time, the lock taken per page and per message only.
+    fn each(&self, filter: &Filter, mut after: Option<index::Key>, f: &mut dyn FnMut(Envelope) -> bool) {
+        const PAGE: usize = 256;
+        let now = now_micros();
+        loop {
+            let keys: Vec<index::Key> = {
+                let index = lock(&self.index);
+                let passes = index.prefilter(filter, now);
+                index.iter_after(after).filter(|(_, s)| passes(s)).map(|(k, _)| k).take(PAGE).collect()
+            };
+            let Some(last) = keys.last().copied() else { return };
+            after = Some(last);
+            for key in keys {
+                match self.load(key) {
+                    Ok(Some(envelope)) if filter.matches(&envelope, now) => {
+                        if !f(envelope) {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::error!(queue_id = %index::id_of(key), error = %err, "cannot read envelope"),
+                }
+            }
+        }
+    }
+
     /// Gives every message queued in the journal its own files and deletes the journal's segments
     /// (waiting at most `limit`); returns whether all were done.
     pub fn checkpoint(&self, limit: std::time::Duration) -> bool {
@@ -284,14 +340,22 @@ impl Spool {
             return Ok(());
         }
         let _files = self.journal.files_lock();
+        {
+            // A read meanwhile finds the old envelope without its noted bookkeeping: an older
+            // retry state at worst, never a mix of the new envelope and the old notes.
+            let mut index = lock(&self.index);
+            for key in envelopes.iter().filter_map(|e| index::key(&e.id)) {
+                index.clear_noted(key);
+            }
+        }
         if self.write_envelopes(&envelopes.iter().collect::<Vec<_>>())? {
             self.messages_sync.sync(&self.messages)?;
         }
         let mut index = lock(&self.index);
-        let mut dirty = lock(&self.dirty);
         for envelope in envelopes {
-            dirty.remove(&envelope.id);
-            index.insert(envelope.id.clone(), envelope.clone());
+            if let Some(key) = index::key(&envelope.id).filter(|k| index.contains(*k)) {
+                index.insert(key, envelope);
+            }
         }
         Ok(())
     }
@@ -346,8 +410,8 @@ impl Spool {
             self.messages_sync.sync(&self.messages)?;
         }
         let mut index = lock(&self.index);
-        for id in ids {
-            index.remove(id);
+        for key in ids.iter().filter_map(|id| index::key(id)) {
+            index.remove(key);
         }
         Ok(())
     }
@@ -406,51 +470,176 @@ impl Queue for Spool {
     }
 
     fn get(&self, id: &str) -> Option<Envelope> {
-        lock(&self.index).get(id).cloned()
+        let key = index::key(id)?;
+        self.load(key).unwrap_or_else(|err| {
+            tracing::error!(queue_id = %id, error = %err, "cannot read envelope");
+            None
+        })
     }
 
+    /// Reads every envelope from disk, a page at a time: for small queues and exports only.
     fn visit(&self, f: &mut dyn FnMut(&Envelope)) {
-        lock(&self.index).values().for_each(f);
+        self.each(&Filter::all(), None, &mut |e| {
+            f(&e);
+            true
+        });
     }
 
     fn len(&self) -> usize {
         lock(&self.index).len()
     }
 
-    /// Without a filter the page is a slice of the index: no other envelope needs a look (the
-    /// admin page's first page with 100,000 queued).
-    fn query(&self, filter: &Filter, page: Page) -> Found {
-        if !filter.is_empty() {
-            return query_by_visit(self, filter, page);
-        }
+    fn due(&self) -> Vec<(QueueId, i64)> {
         let index = lock(&self.index);
-        let envelopes = index.values().skip(page.offset).take(page.limit).cloned().collect();
-        Found { total: index.len(), matched: index.len(), envelopes }
+        index.iter_after(None).filter(|(_, s)| !s.held()).map(|(k, s)| (index::id_of(k), s.next_attempt)).collect()
+    }
+
+    /// The summaries answer every filter but sender and recipient, which need the envelopes: then
+    /// only the messages that pass the rest are read.
+    fn query(&self, filter: &Filter, page: Page) -> Found {
+        let total = self.len();
+        if !needs_envelopes(filter) {
+            let (matched, keys) = {
+                let index = lock(&self.index);
+                let passes = index.prefilter(filter, now_micros());
+                let mut matched = 0;
+                let mut keys = Vec::new();
+                for (key, summary) in index.iter_after(None) {
+                    if passes(summary) {
+                        if matched >= page.offset && keys.len() < page.limit {
+                            keys.push(key);
+                        }
+                        matched += 1;
+                    }
+                }
+                (matched, keys)
+            };
+            let envelopes = keys.into_iter().filter_map(|k| self.load(k).ok().flatten()).collect();
+            return Found { total, matched, envelopes };
+        }
+        let mut found = Found { total, ..Found::default() };
+        self.each(filter, None, &mut |e| {
+            if found.matched >= page.offset && found.envelopes.len() < page.limit {
+                found.envelopes.push(e);
+            }
+            found.matched += 1;
+            true
+        });
+        found
+    }
+
+    fn scan(&self, filter: &Filter, after: Option<&str>, limit: usize) -> Vec<Envelope> {
+        let mut found = Vec::new();
+        let after = after.map(|id| index::key(id).unwrap_or(0));
+        self.each(filter, after, &mut |e| {
+            found.push(e);
+            found.len() < limit
+        });
+        found
+    }
+
+    fn ids(&self, filter: &Filter) -> Vec<QueueId> {
+        if !needs_envelopes(filter) {
+            let index = lock(&self.index);
+            let passes = index.prefilter(filter, now_micros());
+            return index.iter_after(None).filter(|(_, s)| passes(s)).map(|(k, _)| index::id_of(k)).collect();
+        }
+        let mut ids = Vec::new();
+        self.each(filter, None, &mut |e| {
+            ids.push(e.id);
+            true
+        });
+        ids
+    }
+
+    fn count(&self, filter: &Filter) -> usize {
+        if !needs_envelopes(filter) {
+            let index = lock(&self.index);
+            let passes = index.prefilter(filter, now_micros());
+            return index.iter_after(None).filter(|(_, s)| passes(s)).count();
+        }
+        let mut n = 0;
+        self.each(filter, None, &mut |_| {
+            n += 1;
+            true
+        });
+        n
+    }
+
+    fn stats(&self) -> Stats {
+        let index = lock(&self.index);
+        let mut stats = Stats::default();
+        for (_, s) in index.iter_after(None) {
+            stats.messages += 1;
+            stats.bytes += s.size;
+            stats.held += usize::from(s.held());
+            stats.bounce_suppressed += usize::from(s.bounce_suppressed());
+            stats.oldest = Some(stats.oldest.map_or(s.arrived, |o| o.min(s.arrived)));
+            for domain in index.domains(s) {
+                if !stats.domains.contains_key(domain) {
+                    let first = DomainStats { oldest: s.arrived, ..DomainStats::default() };
+                    stats.domains.insert(domain.to_string(), first);
+                }
+                if let Some(entry) = stats.domains.get_mut(domain) {
+                    entry.messages += 1;
+                    entry.bytes += s.size;
+                    entry.oldest = entry.oldest.min(s.arrived);
+                }
+            }
+        }
+        stats
+    }
+
+    fn shape(&self, now: i64) -> BTreeMap<String, [usize; SHAPE_BUCKETS_MINUTES.len()]> {
+        let index = lock(&self.index);
+        let mut shape: BTreeMap<String, [usize; SHAPE_BUCKETS_MINUTES.len()]> = BTreeMap::new();
+        for (_, s) in index.iter_after(None) {
+            let bucket = shape_bucket(now, s.arrived);
+            for domain in index.domains(s) {
+                if !shape.contains_key(domain) {
+                    shape.insert(domain.to_string(), Default::default());
+                }
+                if let Some(counts) = shape.get_mut(domain) {
+                    counts[bucket] += 1;
+                }
+            }
+        }
+        shape
     }
 
     fn update(&self, envelopes: &[Envelope]) -> Result<(), SpoolError> {
         self.update_envelopes(envelopes)
     }
 
+    /// Kept in the index's summaries ([`index`]), not on disk; a deferral that one reason cannot
+    /// tell for every pending recipient is written durably instead.
     fn note(&self, envelopes: Vec<Envelope>) {
-        let mut index = lock(&self.index);
-        let mut dirty = lock(&self.dirty);
-        for envelope in envelopes {
-            if let Some(slot) = index.get_mut(&envelope.id) {
-                dirty.insert(envelope.id.clone());
-                *slot = envelope;
+        let now = now_micros();
+        let mut durable = Vec::new();
+        {
+            let mut index = lock(&self.index);
+            for envelope in envelopes {
+                let Some(key) = index::key(&envelope.id).filter(|k| index.contains(*k)) else { continue };
+                let at = envelope.history.last().map_or(now, |h| h.at);
+                if !index.note(key, &envelope, at) {
+                    durable.push(envelope);
+                }
             }
+        }
+        if let Err(err) = self.update_envelopes(&durable) {
+            tracing::error!(error = %err, "cannot save delivery state");
         }
     }
 
     fn persist(&self) -> Result<usize, SpoolError> {
-        let ids: Vec<QueueId> = lock(&self.dirty).drain().collect();
-        let envelopes: Vec<Envelope> = {
-            let index = lock(&self.index);
-            ids.iter().filter_map(|id| index.get(id).cloned()).collect()
-        };
-        self.update_envelopes(&envelopes)?;
-        Ok(envelopes.len())
+        let noted = lock(&self.index).noted();
+        let mut written = 0;
+        for chunk in noted.chunks(512) {
+            let envelopes: Vec<Envelope> = chunk.iter().filter_map(|k| self.load(*k).ok().flatten()).collect();
+            self.update_envelopes(&envelopes)?;
+            written += envelopes.len();
+        }
+        Ok(written)
     }
 
     fn remove(&self, ids: &[QueueId]) -> Result<(), SpoolError> {
@@ -560,7 +749,7 @@ impl Spool {
             if !is_queue_id(&id) {
                 return Err(bad("bad queue ID in export"));
             }
-            if self.get(&id).is_some() {
+            if lock(&self.index).contains(index::key(&id).unwrap_or_default()) {
                 skipped += 1;
                 continue;
             }
@@ -570,6 +759,16 @@ impl Spool {
             imported += 1;
         }
     }
+}
+
+/// Does the filter ask for what only the envelope knows (the sender, a recipient's address)?
+fn needs_envelopes(filter: &Filter) -> bool {
+    filter.sender.is_some() || filter.recipient.is_some()
+}
+
+/// An envelope file whose ID is not a queue ID.
+fn bad_id(path: &Path) -> SpoolError {
+    SpoolError::Io { path: path.to_path_buf(), source: io::Error::new(io::ErrorKind::InvalidData, "bad queue ID") }
 }
 
 /// statvfs of the filesystem holding `path`.
@@ -641,7 +840,9 @@ impl Incoming for IncomingMessage {
             let mut last = lock(&self.spool.last_id);
             *last = (*last).max(parsed);
         }
-        lock(&self.spool.index).insert(envelope.id.clone(), envelope.clone());
+        if let Some(key) = index::key(&envelope.id) {
+            lock(&self.spool.index).insert(key, &envelope);
+        }
         Ok(envelope)
     }
 }

@@ -175,6 +175,12 @@ pub struct DomainStats {
 /// 80-160 m, 160-320 m, 320-640 m, 640-1280 m, 1280 m and more (about a day).
 pub const SHAPE_BUCKETS_MINUTES: [u64; 10] = [0, 5, 10, 20, 40, 80, 160, 320, 640, 1280];
 
+/// The [`SHAPE_BUCKETS_MINUTES`] bucket of a message that arrived at `arrived`, at `now`.
+pub fn shape_bucket(now: i64, arrived: i64) -> usize {
+    let minutes = u64::try_from(now.saturating_sub(arrived).max(0) / 60_000_000).unwrap_or(0);
+    SHAPE_BUCKETS_MINUTES.iter().rposition(|start| minutes >= *start).unwrap_or(0)
+}
+
 /// A message being received; dropping it without [`Incoming::commit`] leaves nothing queued.
 pub trait Incoming: Send {
     fn id(&self) -> &str;
@@ -280,6 +286,20 @@ pub trait Queue: Send + Sync {
         query_by_visit(self, filter, page)
     }
 
+    /// Up to `limit` messages that pass `filter`, oldest first, after the message `after` (keyset
+    /// paging: a listing of a million messages is read a page at a time, and messages that come
+    /// and go meanwhile shift no page).
+    fn scan(&self, filter: &Filter, after: Option<&str>, limit: usize) -> Vec<Envelope> {
+        let now = now_micros();
+        let mut found = Vec::new();
+        self.visit(&mut |e| {
+            if found.len() < limit && after.is_none_or(|a| e.id.as_str() > a) && filter.matches(e, now) {
+                found.push(e.clone());
+            }
+        });
+        found
+    }
+
     /// The IDs of the messages that pass `filter`, oldest first (bulk actions, flushes).
     fn ids(&self, filter: &Filter) -> Vec<QueueId> {
         let now = now_micros();
@@ -338,8 +358,7 @@ pub trait Queue: Send + Sync {
     fn shape(&self, now: i64) -> BTreeMap<String, [usize; SHAPE_BUCKETS_MINUTES.len()]> {
         let mut shape: BTreeMap<String, [usize; SHAPE_BUCKETS_MINUTES.len()]> = BTreeMap::new();
         self.visit(&mut |e| {
-            let minutes = u64::try_from(now.saturating_sub(e.arrived).max(0) / 60_000_000).unwrap_or(0);
-            let bucket = SHAPE_BUCKETS_MINUTES.iter().rposition(|start| minutes >= *start).unwrap_or(0);
+            let bucket = shape_bucket(now, e.arrived);
             for_each_domain(e, |domain| {
                 if !shape.contains_key(domain) {
                     shape.insert(domain.to_string(), Default::default());

@@ -1,0 +1,396 @@
+//! The local store's index: a slim summary of every queued message (arrival, next attempt, size,
+//! flags, the domains of its pending recipients), about 100 octets a message, so that a million
+//! queued messages fit in a small part of a gigabyte. The envelope itself stays on disk (in its
+//! journal record or its `.env` file) and is read when a caller asks for it.
+//!
+//! Retry bookkeeping that need not be durable (`Queue::note`: attempts, next attempt, the last
+//! deferral) is kept here too, in the summary, with the deferral's text interned: during an outage
+//! every queued message carries the same "connection refused", once.
+
+use super::{Envelope, Filter, QueueId, RecipientStatus, for_each_domain};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// A queue ID as a number: 13 hex digits of microseconds and 3 of a sequence are exactly 64 bits,
+/// and the numbers sort as the IDs do.
+pub type Key = u64;
+
+/// The key of a well-formed queue ID.
+pub fn key(id: &str) -> Option<Key> {
+    if super::is_queue_id(id) { u64::from_str_radix(id, 16).ok() } else { None }
+}
+
+/// The queue ID of a key.
+pub fn id_of(key: Key) -> QueueId {
+    format!("{key:016X}")
+}
+
+const HELD: u8 = 1;
+const BOUNCE_SUPPRESSED: u8 = 2;
+
+/// What the index keeps of one message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub arrived: i64,
+    pub next_attempt: i64,
+    pub size: u64,
+    /// When the last deferral was noted in memory only (0: none since the envelope was written).
+    noted_at: i64,
+    /// Domains of pending recipients beyond the first, interned.
+    more_domains: Option<Box<Vec<u32>>>,
+    pub attempts: u32,
+    /// The noted deferral's reason, interned (meaningful when `noted_at` is set).
+    reason: u32,
+    /// The first pending recipient's domain, interned; [`NO_DOMAIN`] when none is pending.
+    domain: u32,
+    flags: u8,
+}
+
+const NO_DOMAIN: u32 = u32::MAX;
+
+impl Summary {
+    pub fn held(&self) -> bool {
+        self.flags & HELD != 0
+    }
+
+    pub fn bounce_suppressed(&self) -> bool {
+        self.flags & BOUNCE_SUPPRESSED != 0
+    }
+
+    pub fn is_noted(&self) -> bool {
+        self.noted_at != 0
+    }
+
+    fn domain_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        let first = (self.domain != NO_DOMAIN).then_some(self.domain);
+        first.into_iter().chain(self.more_domains.iter().flat_map(|more| more.iter().copied()))
+    }
+}
+
+/// Why pending recipients were last deferred, when that was only noted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Reason {
+    pub error: Option<String>,
+    pub remote_mta: Option<String>,
+}
+
+/// Retry bookkeeping kept in memory only, taken out of the index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Noted {
+    attempts: u32,
+    next_attempt: i64,
+    at: i64,
+    reason: Option<Reason>,
+}
+
+impl Noted {
+    /// Applies it to the envelope read from disk: the attempts, the next attempt, and the last
+    /// deferral of each pending recipient (with its history line).
+    pub fn apply(&self, envelope: &mut Envelope) {
+        envelope.attempts = self.attempts;
+        envelope.next_attempt = self.next_attempt;
+        let Some(reason) = &self.reason else { return };
+        for rcpt in envelope.recipients.iter_mut().filter(|r| r.status == RecipientStatus::Pending) {
+            rcpt.last_error.clone_from(&reason.error);
+            rcpt.remote_mta.clone_from(&reason.remote_mta);
+            let text = reason.error.as_deref().unwrap_or("deferred");
+            let event = format!("deferred <{}>: {text}", rcpt.address);
+            envelope.history.push(super::HistoryEntry { at: self.at, event });
+        }
+    }
+}
+
+/// Strings kept once however many summaries name them, counted so that unused ones are freed.
+#[derive(Debug)]
+struct Interned<T> {
+    ids: HashMap<Arc<T>, u32>,
+    values: Vec<Option<(Arc<T>, u32)>>,
+    free: Vec<u32>,
+}
+
+impl<T> Default for Interned<T> {
+    fn default() -> Self {
+        Interned { ids: HashMap::new(), values: Vec::new(), free: Vec::new() }
+    }
+}
+
+impl<T: std::hash::Hash + Eq> Interned<T> {
+    fn acquire(&mut self, value: T) -> u32 {
+        if let Some(&id) = self.ids.get(&value) {
+            if let Some(Some((_, count))) = self.values.get_mut(id as usize) {
+                *count += 1;
+            }
+            return id;
+        }
+        let value = Arc::new(value);
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.values[id as usize] = Some((Arc::clone(&value), 1));
+                id
+            }
+            None => {
+                self.values.push(Some((Arc::clone(&value), 1)));
+                u32::try_from(self.values.len() - 1).unwrap_or(u32::MAX - 1)
+            }
+        };
+        self.ids.insert(value, id);
+        id
+    }
+
+    fn release(&mut self, id: u32) {
+        let Some(slot) = self.values.get_mut(id as usize) else { return };
+        let Some((value, count)) = slot else { return };
+        *count -= 1;
+        if *count == 0 {
+            self.ids.remove(&**value);
+            *slot = None;
+            self.free.push(id);
+        }
+    }
+
+    fn get(&self, id: u32) -> Option<&T> {
+        self.values.get(id as usize)?.as_ref().map(|(value, _)| &**value)
+    }
+
+    fn find(&self, value: &T) -> Option<u32> {
+        self.ids.get(value).copied()
+    }
+}
+
+/// Every queued message's summary, oldest first.
+#[derive(Debug, Default)]
+pub struct Index {
+    entries: BTreeMap<Key, Summary>,
+    domains: Interned<String>,
+    reasons: Interned<Reason>,
+}
+
+impl Index {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn contains(&self, key: Key) -> bool {
+        self.entries.contains_key(&key)
+    }
+
+    #[cfg(test)]
+    pub fn get(&self, key: Key) -> Option<&Summary> {
+        self.entries.get(&key)
+    }
+
+    pub fn last_key(&self) -> Option<Key> {
+        self.entries.keys().next_back().copied()
+    }
+
+    /// Sets the message's summary from its envelope as it is now on disk (no noted bookkeeping).
+    pub fn insert(&mut self, key: Key, envelope: &Envelope) {
+        let mut domains = Vec::new();
+        for_each_domain(envelope, |d| domains.push(self.domains.acquire(d.to_string())));
+        let mut flags = 0;
+        if envelope.held {
+            flags |= HELD;
+        }
+        if envelope.bounce_suppressed {
+            flags |= BOUNCE_SUPPRESSED;
+        }
+        let domain = domains.first().copied().unwrap_or(NO_DOMAIN);
+        let more_domains = (domains.len() > 1).then(|| Box::new(domains[1..].to_vec()));
+        let summary = Summary {
+            arrived: envelope.arrived,
+            next_attempt: envelope.next_attempt,
+            size: envelope.size,
+            noted_at: 0,
+            more_domains,
+            attempts: envelope.attempts,
+            reason: 0,
+            domain,
+            flags,
+        };
+        if let Some(old) = self.entries.insert(key, summary) {
+            self.release(&old);
+        }
+    }
+
+    pub fn remove(&mut self, key: Key) {
+        if let Some(old) = self.entries.remove(&key) {
+            self.release(&old);
+        }
+    }
+
+    fn release(&mut self, summary: &Summary) {
+        for id in summary.domain_ids().collect::<Vec<_>>() {
+            self.domains.release(id);
+        }
+        if summary.is_noted() {
+            self.reasons.release(summary.reason);
+        }
+    }
+
+    /// Forgets the noted bookkeeping of a message about to be written durably.
+    pub fn clear_noted(&mut self, key: Key) {
+        let Some(summary) = self.entries.get_mut(&key) else { return };
+        if summary.is_noted() {
+            summary.noted_at = 0;
+            let reason = summary.reason;
+            self.reasons.release(reason);
+        }
+    }
+
+    /// Keeps a deferral in memory only. Returns false when the envelope's deferral cannot be told
+    /// by one reason for every pending recipient (then the caller writes it durably).
+    pub fn note(&mut self, key: Key, envelope: &Envelope, at: i64) -> bool {
+        let mut pending = envelope.recipients.iter().filter(|r| r.status == RecipientStatus::Pending);
+        let Some(first) = pending.next() else { return false };
+        let reason = Reason { error: first.last_error.clone(), remote_mta: first.remote_mta.clone() };
+        if pending.any(|r| r.last_error != reason.error || r.remote_mta != reason.remote_mta) {
+            return false;
+        }
+        let Some(summary) = self.entries.get(&key) else { return true };
+        if summary.held() != envelope.held || summary.bounce_suppressed() != envelope.bounce_suppressed {
+            return false;
+        }
+        self.clear_noted(key);
+        let reason = self.reasons.acquire(reason);
+        if let Some(summary) = self.entries.get_mut(&key) {
+            summary.attempts = envelope.attempts;
+            summary.next_attempt = envelope.next_attempt;
+            summary.noted_at = at.max(1);
+            summary.reason = reason;
+        }
+        true
+    }
+
+    /// The message's noted bookkeeping, to apply to its envelope as read from disk.
+    pub fn noted_of(&self, key: Key) -> Option<Noted> {
+        let summary = self.entries.get(&key).filter(|s| s.is_noted())?;
+        Some(Noted {
+            attempts: summary.attempts,
+            next_attempt: summary.next_attempt,
+            at: summary.noted_at,
+            reason: self.reasons.get(summary.reason).cloned(),
+        })
+    }
+
+    /// Keys of the messages with noted bookkeeping.
+    pub fn noted(&self) -> Vec<Key> {
+        self.entries.iter().filter(|(_, s)| s.is_noted()).map(|(k, _)| *k).collect()
+    }
+
+    /// Every summary, oldest first, from the first key after `after`.
+    pub fn iter_after(&self, after: Option<Key>) -> impl Iterator<Item = (Key, &Summary)> {
+        let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        self.entries.range((start, std::ops::Bound::Unbounded)).map(|(k, s)| (*k, s))
+    }
+
+    /// The domains of the summary's pending recipients.
+    pub fn domains<'a>(&'a self, summary: &'a Summary) -> impl Iterator<Item = &'a str> + 'a {
+        summary.domain_ids().filter_map(|id| self.domains.get(id).map(String::as_str))
+    }
+
+    /// A filter's parts that a summary can answer. Whether a message may pass: false means it
+    /// cannot; true means it may (sender and recipient need the envelope).
+    pub fn prefilter(&self, filter: &Filter, now: i64) -> impl Fn(&Summary) -> bool + '_ {
+        let domain = filter.domain.as_ref().map(|d| {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            self.domains.find(&d)
+        });
+        let older_than = filter.older_than.map(|age| now.saturating_sub(i64::try_from(age.as_micros()).unwrap_or(i64::MAX)));
+        let (held, kept) = (filter.held, filter.bounce_suppressed);
+        move |s: &Summary| {
+            if let Some(domain) = domain {
+                match domain {
+                    None => return false,
+                    Some(id) => {
+                        if !s.domain_ids().any(|d| d == id) {
+                            return false;
+                        }
+                    }
+                }
+            }
+            if older_than.is_some_and(|limit| s.arrived > limit) {
+                return false;
+            }
+            if held.is_some_and(|h| h != s.held()) {
+                return false;
+            }
+            !kept.is_some_and(|k| k != s.bounce_suppressed())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::Recipient;
+
+    fn envelope(id: &str, rcpts: &[&str]) -> Envelope {
+        let mut e = Envelope::new(id.into(), "a@example.org".into(), rcpts.iter().map(|r| Recipient::new((*r).into())).collect());
+        e.size = 10;
+        e
+    }
+
+    #[test]
+    fn keys_sort_as_queue_ids_and_round_trip() {
+        let (a, b) = ("0005F1A2B3C4D000", "0005F1A2B3C4D001");
+        assert!(key(a) < key(b));
+        assert_eq!(key(a).map(id_of).as_deref(), Some(a));
+        assert_eq!(key("not an id"), None);
+        assert_eq!(key("0005f1a2b3c4d000"), None, "lower case is not a queue ID");
+    }
+
+    #[test]
+    fn interned_domains_are_freed_with_their_last_message() {
+        let mut index = Index::default();
+        let e = envelope("0000000000001000", &["x@Example.COM", "y@other.test", "z@example.com"]);
+        index.insert(1, &e);
+        let summary = index.get(1).cloned().expect("summary");
+        assert_eq!(index.domains(&summary).collect::<Vec<_>>(), ["example.com", "other.test"]);
+        index.remove(1);
+        assert!(index.domains.ids.is_empty(), "{:?}", index.domains);
+    }
+
+    #[test]
+    fn a_noted_deferral_is_materialized_on_the_envelope_from_disk() {
+        let mut index = Index::default();
+        let on_disk = envelope("0000000000001000", &["x@example.com", "y@example.com"]);
+        index.insert(1, &on_disk);
+        let mut deferred = on_disk.clone();
+        deferred.attempts = 3;
+        deferred.next_attempt = 99;
+        for r in &mut deferred.recipients {
+            r.last_error = Some("connection refused".into());
+            r.remote_mta = Some("mx.example.com".into());
+        }
+        assert!(index.note(1, &deferred, 50));
+        let mut read = on_disk.clone();
+        index.noted_of(1).expect("noted").apply(&mut read);
+        assert_eq!((read.attempts, read.next_attempt), (3, 99));
+        assert!(read.recipients.iter().all(|r| r.last_error.as_deref() == Some("connection refused")));
+        assert_eq!(read.history.len(), 2);
+        assert_eq!(read.history[0].at, 50);
+        // Two recipients deferred for different reasons cannot be told by one: written durably.
+        deferred.recipients[1].last_error = Some("greylisted".into());
+        assert!(!index.note(1, &deferred, 60));
+        index.clear_noted(1);
+        assert!(index.reasons.ids.is_empty());
+    }
+
+    #[test]
+    fn the_prefilter_answers_domain_age_and_flags() {
+        let mut index = Index::default();
+        let mut e = envelope("0000000000001000", &["x@example.com"]);
+        e.arrived = 1_000;
+        e.held = true;
+        index.insert(1, &e);
+        let s = index.get(1).cloned().expect("summary");
+        let pass = |f: Filter, now| index.prefilter(&f, now)(&s);
+        assert!(pass(Filter::domain("EXAMPLE.com."), 0));
+        assert!(!pass(Filter::domain("other.test"), 0));
+        assert!(pass(Filter { held: Some(true), ..Filter::default() }, 0));
+        assert!(!pass(Filter { held: Some(false), ..Filter::default() }, 0));
+        let old = Filter { older_than: Some(std::time::Duration::from_micros(500)), ..Filter::default() };
+        assert!(pass(old.clone(), 2_000));
+        assert!(!pass(old, 1_200));
+    }
+}
