@@ -303,7 +303,7 @@ fn queue(config: Config, action: QueueCommand) -> ExitCode {
     let result = match action {
         QueueCommand::Export { file } => export(&config, &file),
         QueueCommand::Import { file } => import(&config, &file),
-        QueueCommand::List { json } => return queue_request(&config, Request::List, json),
+        QueueCommand::List { json } => return list_queue(&config, json),
         QueueCommand::Show { id } => return queue_request(&config, Request::Show { id }, false),
         QueueCommand::Delete { id } => return queue_request(&config, Request::Delete { id }, false),
         QueueCommand::Hold { id } => return queue_request(&config, Request::Hold { id }, false),
@@ -402,26 +402,98 @@ fn render(request: &Request, value: &RawValue, json: bool) -> String {
 /// with the reason it waits.
 pub fn mailq(list: &[ListedMessage]) -> String {
     if list.is_empty() {
-        return "Mail queue is empty\n".to_string();
+        return MAILQ_EMPTY.to_string();
     }
-    let mut out = String::from("-Queue ID-------- --Size-- ----Arrival Time---- -Sender/Recipient-------\n");
-    let mut bytes = 0u64;
+    let mut out = String::from(MAILQ_HEADER);
     for m in list {
-        bytes += m.size;
-        let mark = if m.held { "!" } else { " " };
-        let sender = if m.sender.is_empty() { "MAILER-DAEMON" } else { &m.sender };
-        out += &format!("{}{mark}{:>9} {:>20}  {sender}\n", m.id, m.size, short_time(&m.arrived));
-        if let Some(error) = &m.last_error {
-            out += &format!("{:49}({error})\n", "");
-        }
-        for rcpt in &m.recipients {
-            out += &format!("{:49}{rcpt}\n", "");
-        }
-        out.push('\n');
+        out += &mailq_entry(m);
     }
-    let count = list.len();
-    out += &format!("-- {} Kbytes in {count} Request{}.\n", bytes.div_ceil(1024), if count == 1 { "" } else { "s" });
+    out + &mailq_footer(list.len(), list.iter().map(|m| m.size).sum())
+}
+
+const MAILQ_EMPTY: &str = "Mail queue is empty\n";
+const MAILQ_HEADER: &str = "-Queue ID-------- --Size-- ----Arrival Time---- -Sender/Recipient-------\n";
+
+fn mailq_entry(m: &ListedMessage) -> String {
+    let mark = if m.held { "!" } else { " " };
+    let sender = if m.sender.is_empty() { "MAILER-DAEMON" } else { &m.sender };
+    let mut out = format!("{}{mark}{:>9} {:>20}  {sender}\n", m.id, m.size, short_time(&m.arrived));
+    if let Some(error) = &m.last_error {
+        out += &format!("{:49}({error})\n", "");
+    }
+    for rcpt in &m.recipients {
+        out += &format!("{:49}{rcpt}\n", "");
+    }
+    out.push('\n');
     out
+}
+
+fn mailq_footer(count: usize, bytes: u64) -> String {
+    format!("-- {} Kbytes in {count} Request{}.\n", bytes.div_ceil(1024), if count == 1 { "" } else { "s" })
+}
+
+/// Messages per page of `queue list`.
+const LIST_PAGE: usize = 1000;
+
+/// `queue list`: a page at a time, each printed as it comes, so that the first line of a million
+/// messages shows at once and the listing never sits whole in memory (the daemon's or ours).
+fn list_queue(config: &Config, json: bool) -> ExitCode {
+    let listed = runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(list_pages(config, json)));
+    match listed {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn list_pages(config: &Config, json: bool) -> Result<(), String> {
+    use std::io::Write;
+    let socket = Spool::control_socket_path(&config.queue.dir);
+    let mut offline: Option<std::sync::Arc<dyn Queue>> = None;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let (mut after, mut count, mut bytes) = (None::<String>, 0usize, 0u64);
+    let write_err = |e: std::io::Error| format!("standard output: {e}");
+    loop {
+        let request = Request::ListPage { after: after.clone(), limit: LIST_PAGE };
+        let raw = match &offline {
+            Some(spool) => control::execute(request, spool, None).await?,
+            None => match control::request(&socket, &request).await {
+                Err(ControlError::NotRunning(_)) => {
+                    if !config.queue.dir.exists() {
+                        return Err(format!("no spool at {} (is queue.dir right?)", config.queue.dir.display()));
+                    }
+                    let (spool, _) = Spool::open(&config.queue.dir).map_err(|e| e.to_string())?;
+                    offline = Some(std::sync::Arc::new(spool));
+                    continue;
+                }
+                other => other.map_err(|e| e.to_string())?,
+            },
+        };
+        let page: Vec<ListedMessage> = serde_json::from_str(raw.get()).map_err(|e| format!("bad listing: {e}"))?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        for m in &page {
+            let text = if json {
+                let item = serde_json::to_string_pretty(m).map_err(|e| e.to_string())?;
+                format!("{}  {}", if count == 0 { "[\n" } else { ",\n" }, item.replace('\n', "\n  "))
+            } else {
+                format!("{}{}", if count == 0 { MAILQ_HEADER } else { "" }, mailq_entry(m))
+            };
+            out.write_all(text.as_bytes()).map_err(write_err)?;
+            count += 1;
+            bytes += m.size;
+        }
+        out.flush().map_err(write_err)?;
+    }
+    let end = match (json, count) {
+        (true, 0) => "[]\n".to_string(),
+        (true, _) => "\n]\n".to_string(),
+        (false, 0) => MAILQ_EMPTY.to_string(),
+        (false, _) => mailq_footer(count, bytes),
+    };
+    out.write_all(end.as_bytes()).and_then(|()| out.flush()).map_err(write_err)
 }
 
 /// "2026-11-29T13:14:06Z" -> "2026-11-29 13:14:06".

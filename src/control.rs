@@ -4,7 +4,7 @@
 //! the spool itself (under its lock) and calls [`execute`] the same way.
 
 use crate::schedule::{self, ScheduleError, SchedulerHandle};
-use crate::spool::{Envelope, Queue, SpoolError, is_queue_id, rfc3339};
+use crate::spool::{Envelope, Filter, Queue, SpoolError, is_queue_id, rfc3339};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::path::Path;
@@ -15,11 +15,20 @@ use tokio::net::{UnixListener, UnixStream};
 /// Longest request line accepted from the socket.
 const MAX_REQUEST: usize = 64 * 1024;
 
+/// Most messages in one [`Request::ListPage`].
+pub const MAX_PAGE: usize = 10_000;
+
 /// One operator command.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     List,
+    /// One page of the listing, oldest first, after the message `after` (keyset paging: `queue
+    /// list` prints a million messages a page at a time, its first line at once).
+    ListPage {
+        after: Option<String>,
+        limit: usize,
+    },
     Show {
         id: String,
     },
@@ -120,9 +129,28 @@ pub async fn execute(
     let text = |t: String| json(serde_json::value::to_raw_value(&t));
     match request {
         Request::List => {
-            let mut list: Vec<ListedMessage> = Vec::with_capacity(spool.len());
-            spool.visit(&mut |e| list.push(ListedMessage::from(e)));
+            let store = Arc::clone(spool);
+            let list = tokio::task::spawn_blocking(move || {
+                let mut list: Vec<ListedMessage> = Vec::with_capacity(store.len());
+                store.visit(&mut |e| list.push(ListedMessage::from(e)));
+                list
+            })
+            .await
+            .map_err(|e| e.to_string())?;
             json(serde_json::value::to_raw_value(&list))
+        }
+        Request::ListPage { after, limit } => {
+            if after.as_deref().is_some_and(|id| !is_queue_id(id)) {
+                return Err(format!("{:?} is not a queue ID", after.unwrap_or_default()));
+            }
+            let store = Arc::clone(spool);
+            let limit = limit.clamp(1, MAX_PAGE);
+            let page = tokio::task::spawn_blocking(move || {
+                store.scan(&Filter::all(), after.as_deref(), limit).iter().map(ListedMessage::from).collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            json(serde_json::value::to_raw_value(&page))
         }
         Request::Show { id } => {
             id_ok(&id)?;

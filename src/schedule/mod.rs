@@ -16,8 +16,8 @@ use crate::lock;
 use crate::metrics::Metrics;
 use crate::recipients::Recipients;
 use crate::spool::{
-    self, DsnNotify, DsnRet, Envelope, Queue, QueueId, Recipient, RecipientStatus, SpoolError, domain_of, from_micros,
-    now_micros,
+    self, DsnNotify, DsnRet, Envelope, Queue, QueueId, QueueKey, Recipient, RecipientStatus, SpoolError, domain_of, from_micros,
+    now_micros, queue_id, queue_key,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -148,12 +148,15 @@ pub struct Scheduler {
     config: Arc<Config>,
     spool: Arc<dyn Queue>,
     deliverer: Arc<dyn Courier>,
-    /// Messages waiting for their time, ordered by due time then arrival.
-    due: BTreeSet<(i64, QueueId)>,
+    /// Messages waiting for their time, ordered by due time then arrival (keys, not IDs: with a
+    /// million queued this is the scheduler's largest table).
+    due: BTreeSet<(i64, QueueKey)>,
     /// The due time of each message in `due`, to find and move its entry.
-    due_at: HashMap<QueueId, i64>,
-    /// Messages that are due but whose domain already has a batch out; retried when it returns.
-    blocked: BTreeSet<QueueId>,
+    due_at: HashMap<QueueKey, i64>,
+    /// Messages that are due but whose domain already has a batch out (or a full batch), by that
+    /// domain, oldest first: when the domain's batch returns, the next batch's worth goes back to
+    /// `due`, so a backlog of a million costs a batch's work per batch, not a million.
+    blocked: HashMap<String, BTreeSet<QueueKey>>,
     /// Number of domain batches carrying each message right now.
     in_flight: HashMap<QueueId, usize>,
     /// Outcomes gathered for a message until its last batch returns.
@@ -214,7 +217,7 @@ impl Scheduler {
             deliverer,
             due: BTreeSet::new(),
             due_at: HashMap::new(),
-            blocked: BTreeSet::new(),
+            blocked: HashMap::new(),
             in_flight: HashMap::new(),
             gathered: HashMap::new(),
             busy_domains: HashSet::new(),
@@ -287,17 +290,50 @@ impl Scheduler {
     }
 
     fn schedule(&mut self, id: QueueId, at: i64) {
-        if let Some(old) = self.due_at.insert(id.clone(), at) {
-            self.due.remove(&(old, id.clone()));
+        let Some(key) = queue_key(&id) else {
+            tracing::error!(queue_id = %id, "not a queue ID: not scheduled");
+            return;
+        };
+        self.schedule_key(key, at);
+    }
+
+    fn schedule_key(&mut self, key: QueueKey, at: i64) {
+        if let Some(old) = self.due_at.insert(key, at) {
+            self.due.remove(&(old, key));
         }
-        self.due.insert((at, id));
+        self.due.insert((at, key));
     }
 
     fn unschedule(&mut self, id: &str) {
-        if let Some(old) = self.due_at.remove(id) {
-            self.due.remove(&(old, id.to_string()));
+        let Some(key) = queue_key(id) else { return };
+        if let Some(old) = self.due_at.remove(&key) {
+            self.due.remove(&(old, key));
         }
-        self.blocked.remove(id);
+        for blocked in self.blocked.values_mut() {
+            blocked.remove(&key);
+        }
+    }
+
+    /// A due message waits for `domain`'s batch to return.
+    fn block(&mut self, domain: &str, key: QueueKey) {
+        self.blocked.entry(domain.to_string()).or_default().insert(key);
+    }
+
+    /// The next batch's worth of `domain`'s blocked messages is due again, oldest first.
+    fn unblock(&mut self, domain: &str, now: i64) {
+        let Some(blocked) = self.blocked.get_mut(domain) else { return };
+        let mut next = Vec::with_capacity(BATCH_LIMIT.min(blocked.len()));
+        while next.len() < BATCH_LIMIT
+            && let Some(key) = blocked.pop_first()
+        {
+            next.push(key);
+        }
+        if blocked.is_empty() {
+            self.blocked.remove(domain);
+        }
+        for key in next {
+            self.schedule_key(key, now);
+        }
     }
 
     fn handle(&mut self, command: Command) {
@@ -372,28 +408,38 @@ impl Scheduler {
             return;
         }
         let mut batches: BTreeMap<String, Vec<Job>> = BTreeMap::new();
-        while let Some((at, id)) = self.due.first().cloned() {
+        while let Some((at, key)) = self.due.first().copied() {
             if at > now {
                 break;
             }
-            self.due.remove(&(at, id.clone()));
-            self.due_at.remove(&id);
-            let Some(envelope) = self.spool.get(&id) else { continue };
-            if envelope.held || self.in_flight.contains_key(&id) {
+            self.due.remove(&(at, key));
+            self.due_at.remove(&key);
+            let id = queue_id(key);
+            // The brief first: a message whose domain is busy is set aside without reading its
+            // envelope from disk.
+            let Some(brief) = self.spool.brief(&id) else { continue };
+            if brief.held || self.in_flight.contains_key(&id) {
                 continue;
             }
-            let domains: BTreeSet<String> = envelope.pending().map(Recipient::domain).collect();
-            let free = domains
+            let domains: BTreeSet<String> = brief.domains.into_iter().collect();
+            let busy = domains
                 .iter()
-                .all(|d| !self.busy_domains.contains(d) && batches.get(d).is_none_or(|b| b.len() < BATCH_LIMIT));
-            if !free {
-                self.blocked.insert(id);
+                .find(|d| self.busy_domains.contains(*d) || batches.get(*d).is_some_and(|b| b.len() >= BATCH_LIMIT));
+            if let Some(busy) = busy.cloned() {
+                self.block(&busy, key);
                 continue;
             }
+            let Some(envelope) = self.spool.get(&id) else { continue };
             self.in_flight.insert(id.clone(), domains.len());
             for domain in domains {
                 batches.entry(domain).or_default().push(self.job(envelope.clone()));
             }
+        }
+        // A domain whose blocked messages have no batch out to release them (its batch was
+        // parked for arrival order) gets them back now.
+        let idle: Vec<String> = self.blocked.keys().filter(|d| !self.busy_domains.contains(*d) && !batches.contains_key(*d)).cloned().collect();
+        for domain in idle {
+            self.unblock(&domain, now);
         }
         for (domain, mut jobs) in batches {
             if self.config.domain_policy(&domain).strict_order {
@@ -458,9 +504,7 @@ impl Scheduler {
         self.busy_domains.remove(&domain);
         self.record_destination(&domain, tally);
         let now = now();
-        for id in std::mem::take(&mut self.blocked) {
-            self.schedule(id, now);
-        }
+        self.unblock(&domain, now);
         // Back only when a session worked after sessions had failed: a batch whose one recipient
         // got a 4xx neither takes the destination down nor brings it back.
         if tally.answered && self.down_domains.remove(&domain) {

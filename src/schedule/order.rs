@@ -31,7 +31,7 @@ impl Scheduler {
         let next_try = last_attempt.map_or(0, |at| at.saturating_add(first_retry));
         match waiting.first() {
             Some(first) if next_try > now() && oldest_in_batch.is_some_and(|oldest| first.id < oldest) => {
-                let due = self.due_at.get(&first.id).copied().unwrap_or(first.next_attempt);
+                let due = queue_key(&first.id).and_then(|k| self.due_at.get(&k).copied()).unwrap_or(first.next_attempt);
                 let at = due.min(next_try);
                 for job in jobs.drain(..) {
                     self.release_in_flight(&job.envelope.id);

@@ -12,6 +12,21 @@ pub const ENVELOPE_VERSION: u32 = 1;
 /// sorting IDs as strings sorts messages by arrival.
 pub type QueueId = String;
 
+/// A queue ID as a number: 13 hex digits of microseconds and 3 of a sequence are exactly 64 bits,
+/// and the numbers sort as the IDs do. Eight octets instead of a 40-octet string where a million
+/// of them are kept (the local store's index, the scheduler's timetable).
+pub type QueueKey = u64;
+
+/// The key of a well-formed queue ID.
+pub fn queue_key(id: &str) -> Option<QueueKey> {
+    if super::is_queue_id(id) { u64::from_str_radix(id, 16).ok() } else { None }
+}
+
+/// The queue ID of a key.
+pub fn queue_id(key: QueueKey) -> QueueId {
+    format!("{key:016X}")
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Envelope {
     pub version: u32,

@@ -7,23 +7,11 @@
 //! deferral) is kept here too, in the summary, with the deferral's text interned: during an outage
 //! every queued message carries the same "connection refused", once.
 
-use super::{Envelope, Filter, QueueId, RecipientStatus, for_each_domain};
+use super::{Envelope, Filter, RecipientStatus, for_each_domain};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-/// A queue ID as a number: 13 hex digits of microseconds and 3 of a sequence are exactly 64 bits,
-/// and the numbers sort as the IDs do.
-pub type Key = u64;
-
-/// The key of a well-formed queue ID.
-pub fn key(id: &str) -> Option<Key> {
-    if super::is_queue_id(id) { u64::from_str_radix(id, 16).ok() } else { None }
-}
-
-/// The queue ID of a key.
-pub fn id_of(key: Key) -> QueueId {
-    format!("{key:016X}")
-}
+pub use super::envelope::{QueueKey as Key, queue_id as id_of, queue_key as key};
 
 const HELD: u8 = 1;
 const BOUNCE_SUPPRESSED: u8 = 2;
@@ -36,17 +24,29 @@ pub struct Summary {
     pub size: u64,
     /// When the last deferral was noted in memory only (0: none since the envelope was written).
     noted_at: i64,
-    /// Domains of pending recipients beyond the first, interned.
-    more_domains: Option<Box<Vec<u32>>>,
+    /// Pending recipients and their domains beyond the first, interned.
+    more: Option<Box<More>>,
+    /// The sender's address, interned (a queue's senders and recipients repeat: a backlog for one
+    /// site is mostly its few users' mail).
+    sender: u32,
+    /// The first pending recipient's address, interned; [`NONE`] when none is pending.
+    recipient: u32,
     pub attempts: u32,
     /// The noted deferral's reason, interned (meaningful when `noted_at` is set).
     reason: u32,
-    /// The first pending recipient's domain, interned; [`NO_DOMAIN`] when none is pending.
+    /// The first pending recipient's domain, interned; [`NONE`] when none is pending.
     domain: u32,
     flags: u8,
 }
 
-const NO_DOMAIN: u32 = u32::MAX;
+/// The rest of a message with more than one pending recipient (or domain).
+#[derive(Debug, Clone, PartialEq)]
+struct More {
+    domains: Vec<u32>,
+    recipients: Vec<u32>,
+}
+
+const NONE: u32 = u32::MAX;
 
 impl Summary {
     pub fn held(&self) -> bool {
@@ -62,8 +62,13 @@ impl Summary {
     }
 
     fn domain_ids(&self) -> impl Iterator<Item = u32> + '_ {
-        let first = (self.domain != NO_DOMAIN).then_some(self.domain);
-        first.into_iter().chain(self.more_domains.iter().flat_map(|more| more.iter().copied()))
+        let first = (self.domain != NONE).then_some(self.domain);
+        first.into_iter().chain(self.more.iter().flat_map(|more| more.domains.iter().copied()))
+    }
+
+    fn recipient_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        let first = (self.recipient != NONE).then_some(self.recipient);
+        first.into_iter().chain(self.more.iter().flat_map(|more| more.recipients.iter().copied()))
     }
 }
 
@@ -162,6 +167,7 @@ impl<T: std::hash::Hash + Eq> Interned<T> {
 pub struct Index {
     entries: BTreeMap<Key, Summary>,
     domains: Interned<String>,
+    addresses: Interned<String>,
     reasons: Interned<Reason>,
 }
 
@@ -174,8 +180,7 @@ impl Index {
         self.entries.contains_key(&key)
     }
 
-    #[cfg(test)]
-    pub fn get(&self, key: Key) -> Option<&Summary> {
+    pub fn summary(&self, key: Key) -> Option<&Summary> {
         self.entries.get(&key)
     }
 
@@ -194,14 +199,28 @@ impl Index {
         if envelope.bounce_suppressed {
             flags |= BOUNCE_SUPPRESSED;
         }
-        let domain = domains.first().copied().unwrap_or(NO_DOMAIN);
-        let more_domains = (domains.len() > 1).then(|| Box::new(domains[1..].to_vec()));
+        let recipients: Vec<u32> = envelope
+            .recipients
+            .iter()
+            .filter(|r| r.status == RecipientStatus::Pending)
+            .map(|r| self.addresses.acquire(r.address.clone()))
+            .collect();
+        let sender = self.addresses.acquire(envelope.sender.clone());
+        let domain = domains.first().copied().unwrap_or(NONE);
+        let more = (domains.len() > 1 || recipients.len() > 1).then(|| {
+            Box::new(More {
+                domains: domains.get(1..).unwrap_or_default().to_vec(),
+                recipients: recipients.get(1..).unwrap_or_default().to_vec(),
+            })
+        });
         let summary = Summary {
             arrived: envelope.arrived,
             next_attempt: envelope.next_attempt,
             size: envelope.size,
             noted_at: 0,
-            more_domains,
+            more,
+            sender,
+            recipient: recipients.first().copied().unwrap_or(NONE),
             attempts: envelope.attempts,
             reason: 0,
             domain,
@@ -219,8 +238,11 @@ impl Index {
     }
 
     fn release(&mut self, summary: &Summary) {
-        for id in summary.domain_ids().collect::<Vec<_>>() {
+        for id in summary.domain_ids() {
             self.domains.release(id);
+        }
+        for id in summary.recipient_ids().chain([summary.sender]) {
+            self.addresses.release(id);
         }
         if summary.is_noted() {
             self.reasons.release(summary.reason);
@@ -288,9 +310,23 @@ impl Index {
         summary.domain_ids().filter_map(|id| self.domains.get(id).map(String::as_str))
     }
 
-    /// A filter's parts that a summary can answer. Whether a message may pass: false means it
-    /// cannot; true means it may (sender and recipient need the envelope).
+    /// Whether a message passes the filter, told by its summary alone. Text is matched once per
+    /// distinct address, not once per message.
     pub fn prefilter(&self, filter: &Filter, now: i64) -> impl Fn(&Summary) -> bool + '_ {
+        let matching = |needle: &str, null_sender: bool| -> Vec<bool> {
+            self.addresses
+                .values
+                .iter()
+                .map(|v| {
+                    v.as_ref().is_some_and(|(address, _)| {
+                        if null_sender { address.is_empty() } else { super::queue::contains_ci(address, needle) }
+                    })
+                })
+                .collect()
+        };
+        let senders = filter.sender.as_deref().map(|s| matching(s, s == "<>"));
+        let recipients = filter.recipient.as_deref().map(|r| matching(r, false));
+        let hit = |ids: &[bool], id: u32| ids.get(id as usize).copied().unwrap_or(false);
         let domain = filter.domain.as_ref().map(|d| {
             let d = d.trim_end_matches('.').to_ascii_lowercase();
             self.domains.find(&d)
@@ -312,6 +348,12 @@ impl Index {
                 return false;
             }
             if held.is_some_and(|h| h != s.held()) {
+                return false;
+            }
+            if senders.as_ref().is_some_and(|ids| !hit(ids, s.sender)) {
+                return false;
+            }
+            if recipients.as_ref().is_some_and(|ids| !s.recipient_ids().any(|r| hit(ids, r))) {
                 return false;
             }
             !kept.is_some_and(|k| k != s.bounce_suppressed())
@@ -344,10 +386,11 @@ mod tests {
         let mut index = Index::default();
         let e = envelope("0000000000001000", &["x@Example.COM", "y@other.test", "z@example.com"]);
         index.insert(1, &e);
-        let summary = index.get(1).cloned().expect("summary");
+        let summary = index.summary(1).cloned().expect("summary");
         assert_eq!(index.domains(&summary).collect::<Vec<_>>(), ["example.com", "other.test"]);
         index.remove(1);
         assert!(index.domains.ids.is_empty(), "{:?}", index.domains);
+        assert!(index.addresses.ids.is_empty(), "{:?}", index.addresses);
     }
 
     #[test]
@@ -383,10 +426,14 @@ mod tests {
         e.arrived = 1_000;
         e.held = true;
         index.insert(1, &e);
-        let s = index.get(1).cloned().expect("summary");
+        let s = index.summary(1).cloned().expect("summary");
         let pass = |f: Filter, now| index.prefilter(&f, now)(&s);
         assert!(pass(Filter::domain("EXAMPLE.com."), 0));
         assert!(!pass(Filter::domain("other.test"), 0));
+        assert!(pass(Filter { sender: Some("A@EXAMPLE".into()), ..Filter::default() }, 0));
+        assert!(!pass(Filter { sender: Some("<>".into()), ..Filter::default() }, 0));
+        assert!(pass(Filter { recipient: Some("x@".into()), ..Filter::default() }, 0));
+        assert!(!pass(Filter { recipient: Some("y@".into()), ..Filter::default() }, 0));
         assert!(pass(Filter { held: Some(true), ..Filter::default() }, 0));
         assert!(!pass(Filter { held: Some(false), ..Filter::default() }, 0));
         let old = Filter { older_than: Some(std::time::Duration::from_micros(500)), ..Filter::default() };

@@ -477,6 +477,12 @@ impl Queue for Spool {
         })
     }
 
+    fn brief(&self, id: &str) -> Option<Brief> {
+        let index = lock(&self.index);
+        let summary = index.summary(index::key(id)?)?;
+        Some(Brief { held: summary.held(), domains: index.domains(summary).map(str::to_string).collect() })
+    }
+
     /// Reads every envelope from disk, a page at a time: for small queues and exports only.
     fn visit(&self, f: &mut dyn FnMut(&Envelope)) {
         self.each(&Filter::all(), None, &mut |e| {
@@ -494,38 +500,26 @@ impl Queue for Spool {
         index.iter_after(None).filter(|(_, s)| !s.held()).map(|(k, s)| (index::id_of(k), s.next_attempt)).collect()
     }
 
-    /// The summaries answer every filter but sender and recipient, which need the envelopes: then
-    /// only the messages that pass the rest are read.
+    /// The summaries answer the filter (they keep the addresses, interned): only the page's
+    /// envelopes are read.
     fn query(&self, filter: &Filter, page: Page) -> Found {
-        let total = self.len();
-        if !needs_envelopes(filter) {
-            let (matched, keys) = {
-                let index = lock(&self.index);
-                let passes = index.prefilter(filter, now_micros());
-                let mut matched = 0;
-                let mut keys = Vec::new();
-                for (key, summary) in index.iter_after(None) {
-                    if passes(summary) {
-                        if matched >= page.offset && keys.len() < page.limit {
-                            keys.push(key);
-                        }
-                        matched += 1;
+        let (total, matched, keys) = {
+            let index = lock(&self.index);
+            let passes = index.prefilter(filter, now_micros());
+            let mut matched = 0;
+            let mut keys = Vec::new();
+            for (key, summary) in index.iter_after(None) {
+                if passes(summary) {
+                    if matched >= page.offset && keys.len() < page.limit {
+                        keys.push(key);
                     }
+                    matched += 1;
                 }
-                (matched, keys)
-            };
-            let envelopes = keys.into_iter().filter_map(|k| self.load(k).ok().flatten()).collect();
-            return Found { total, matched, envelopes };
-        }
-        let mut found = Found { total, ..Found::default() };
-        self.each(filter, None, &mut |e| {
-            if found.matched >= page.offset && found.envelopes.len() < page.limit {
-                found.envelopes.push(e);
             }
-            found.matched += 1;
-            true
-        });
-        found
+            (index.len(), matched, keys)
+        };
+        let envelopes = keys.into_iter().filter_map(|k| self.load(k).ok().flatten()).collect();
+        Found { total, matched, envelopes }
     }
 
     fn scan(&self, filter: &Filter, after: Option<&str>, limit: usize) -> Vec<Envelope> {
@@ -539,31 +533,15 @@ impl Queue for Spool {
     }
 
     fn ids(&self, filter: &Filter) -> Vec<QueueId> {
-        if !needs_envelopes(filter) {
-            let index = lock(&self.index);
-            let passes = index.prefilter(filter, now_micros());
-            return index.iter_after(None).filter(|(_, s)| passes(s)).map(|(k, _)| index::id_of(k)).collect();
-        }
-        let mut ids = Vec::new();
-        self.each(filter, None, &mut |e| {
-            ids.push(e.id);
-            true
-        });
-        ids
+        let index = lock(&self.index);
+        let passes = index.prefilter(filter, now_micros());
+        index.iter_after(None).filter(|(_, s)| passes(s)).map(|(k, _)| index::id_of(k)).collect()
     }
 
     fn count(&self, filter: &Filter) -> usize {
-        if !needs_envelopes(filter) {
-            let index = lock(&self.index);
-            let passes = index.prefilter(filter, now_micros());
-            return index.iter_after(None).filter(|(_, s)| passes(s)).count();
-        }
-        let mut n = 0;
-        self.each(filter, None, &mut |_| {
-            n += 1;
-            true
-        });
-        n
+        let index = lock(&self.index);
+        let passes = index.prefilter(filter, now_micros());
+        index.iter_after(None).filter(|(_, s)| passes(s)).count()
     }
 
     fn stats(&self) -> Stats {
@@ -759,11 +737,6 @@ impl Spool {
             imported += 1;
         }
     }
-}
-
-/// Does the filter ask for what only the envelope knows (the sender, a recipient's address)?
-fn needs_envelopes(filter: &Filter) -> bool {
-    filter.sender.is_some() || filter.recipient.is_some()
 }
 
 /// An envelope file whose ID is not a queue ID.

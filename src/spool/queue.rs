@@ -87,7 +87,7 @@ impl Filter {
 }
 
 /// Case-insensitive (ASCII) substring test without allocating: this runs once per queued message.
-fn contains_ci(haystack: &str, needle: &str) -> bool {
+pub(super) fn contains_ci(haystack: &str, needle: &str) -> bool {
     let (h, n) = (haystack.as_bytes(), needle.as_bytes());
     n.is_empty() || h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
 }
@@ -235,6 +235,14 @@ pub struct Claim {
     pub until: i64,
 }
 
+/// What the scheduler needs of a message before it reads the envelope: whether it is held, and
+/// the domains of its pending recipients (lower case, distinct).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Brief {
+    pub held: bool,
+    pub domains: Vec<String>,
+}
+
 /// The queue: the one interface between the stages and a store. See the module doc.
 pub trait Queue: Send + Sync {
     /// A new queue ID that sorts after every ID issued before (arrival order).
@@ -245,6 +253,14 @@ pub trait Queue: Send + Sync {
 
     /// A message's envelope.
     fn get(&self, id: &str) -> Option<Envelope>;
+
+    /// A message's [`Brief`], without reading its envelope where the store need not.
+    fn brief(&self, id: &str) -> Option<Brief> {
+        let envelope = self.get(id)?;
+        let mut domains = Vec::new();
+        for_each_domain(&envelope, |d| domains.push(d.to_string()));
+        Some(Brief { held: envelope.held, domains })
+    }
 
     /// Calls `f` with every queued envelope, oldest first: the hook of the default queries.
     fn visit(&self, f: &mut dyn FnMut(&Envelope));
