@@ -16,8 +16,8 @@ use crate::lock;
 use crate::metrics::Metrics;
 use crate::recipients::Recipients;
 use crate::spool::{
-    self, DsnNotify, DsnRet, Envelope, Queue, QueueId, QueueKey, Recipient, RecipientStatus, SpoolError, domain_of, from_micros,
-    now_micros, queue_id, queue_key,
+    self, DsnNotify, DsnRet, Envelope, Queue, QueueId, QueueKey, Recipient, RecipientStatus, SpoolError, domain_of,
+    from_micros, now_micros, queue_id, queue_key,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -437,7 +437,12 @@ impl Scheduler {
         }
         // A domain whose blocked messages have no batch out to release them (its batch was
         // parked for arrival order) gets them back now.
-        let idle: Vec<String> = self.blocked.keys().filter(|d| !self.busy_domains.contains(*d) && !batches.contains_key(*d)).cloned().collect();
+        let idle: Vec<String> = self
+            .blocked
+            .keys()
+            .filter(|d| !self.busy_domains.contains(*d) && !batches.contains_key(*d))
+            .cloned()
+            .collect();
         for domain in idle {
             self.unblock(&domain, now);
         }

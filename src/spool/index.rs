@@ -331,7 +331,8 @@ impl Index {
             let d = d.trim_end_matches('.').to_ascii_lowercase();
             self.domains.find(&d)
         });
-        let older_than = filter.older_than.map(|age| now.saturating_sub(i64::try_from(age.as_micros()).unwrap_or(i64::MAX)));
+        let older_than =
+            filter.older_than.map(|age| now.saturating_sub(i64::try_from(age.as_micros()).unwrap_or(i64::MAX)));
         let (held, kept) = (filter.held, filter.bounce_suppressed);
         move |s: &Summary| {
             if let Some(domain) = domain {
@@ -356,7 +357,7 @@ impl Index {
             if recipients.as_ref().is_some_and(|ids| !s.recipient_ids().any(|r| hit(ids, r))) {
                 return false;
             }
-            !kept.is_some_and(|k| k != s.bounce_suppressed())
+            kept.is_none_or(|k| k == s.bounce_suppressed())
         }
     }
 }
@@ -367,7 +368,11 @@ mod tests {
     use crate::spool::Recipient;
 
     fn envelope(id: &str, rcpts: &[&str]) -> Envelope {
-        let mut e = Envelope::new(id.into(), "a@example.org".into(), rcpts.iter().map(|r| Recipient::new((*r).into())).collect());
+        let mut e = Envelope::new(
+            id.into(),
+            "a@example.org".into(),
+            rcpts.iter().map(|r| Recipient::new((*r).into())).collect(),
+        );
         e.size = 10;
         e
     }

@@ -299,17 +299,17 @@ fn scan(number: u64, data: &[u8]) -> SegmentScan {
             // decode checked the ID's shape.
             let id = key(record.id())?;
             Some(match record {
-            Record::Message { envelope, body, .. } => Scanned::Message {
-                id,
-                json: data[envelope.clone()].to_vec(),
-                envelope: range64(&envelope),
-                body: range64(&body),
-            },
-            Record::Forget { .. } => Scanned::Forget { id },
-            Record::Envelope { envelope, .. } => {
-                Scanned::Envelope { id, json: data[envelope.clone()].to_vec(), envelope: range64(&envelope) }
-            }
-        })
+                Record::Message { envelope, body, .. } => Scanned::Message {
+                    id,
+                    json: data[envelope.clone()].to_vec(),
+                    envelope: range64(&envelope),
+                    body: range64(&body),
+                },
+                Record::Forget { .. } => Scanned::Forget { id },
+                Record::Envelope { envelope, .. } => {
+                    Scanned::Envelope { id, json: data[envelope.clone()].to_vec(), envelope: range64(&envelope) }
+                }
+            })
         })
         .collect();
     SegmentScan { number, size: data.len() as u64, records }
