@@ -181,47 +181,62 @@ pub struct JournaledMessage {
     pub body: Vec<u8>,
 }
 
-/// What [`replay`] found: the journal's state for [`Journal::start`] and the messages queued from it.
+/// What [`replay`] found: the journal's state for [`Journal::start`].
 #[derive(Default)]
 pub struct Replay {
     /// Each segment's messages and size.
     segments: BTreeMap<u64, (Vec<Key>, u64)>,
     live: HashMap<Key, u64>,
     stored: HashMap<Key, Stored>,
-    /// Envelopes (JSON) of the messages queued from the journal, for the index.
-    pub envelopes: Vec<(QueueId, Vec<u8>)>,
     /// Messages that also had files, whose body was rewritten from the record.
     pub restored: usize,
 }
 
+/// Segments read at once per core: the envelopes of a few segments are in memory at a time, not
+/// those of a million messages.
+const SEGMENTS_AT_ONCE_PER_CORE: usize = 2;
+
 /// Reads every segment left by the last run (see the module docs). Does not delete segments.
-pub fn replay(journal: &Path, messages: &Path) -> Result<Replay, SpoolError> {
+/// Each record's envelope is parsed with `parse` on all cores, and `found` is told, in record
+/// order, of each message queued from the journal with its latest envelope (Some) or that a message
+/// it was told of is not (None: forgotten, or given its files back).
+pub fn replay<T: Send>(
+    journal: &Path,
+    messages: &Path,
+    parse: &(dyn Fn(&[u8]) -> T + Sync),
+    found: &mut dyn FnMut(Key, Option<T>),
+) -> Result<Replay, SpoolError> {
     let mut replay = Replay::default();
-    let mut latest: BTreeMap<Key, (Stored, Vec<u8>)> = BTreeMap::new();
+    let mut latest: HashMap<Key, Stored> = HashMap::new();
     let mut forgotten: HashSet<Key> = HashSet::new();
-    for scan in scan_segments(segments(journal)?)? {
-        let number = scan.number;
-        let (ids, size) = replay.segments.entry(number).or_default();
-        *size = scan.size;
-        for record in scan.records {
-            match record {
-                Scanned::Message { id, envelope, json, body } => {
-                    forgotten.remove(&id);
-                    ids.push(id);
-                    replay.live.insert(id, number);
-                    let stored = Stored { segment: number, body, envelope_segment: number, envelope };
-                    latest.insert(id, (stored, json));
-                }
-                Scanned::Forget { id } => {
-                    latest.remove(&id);
-                    forgotten.insert(id);
-                }
-                // An update of a message whose record is gone had given it files already.
-                Scanned::Envelope { id, envelope, json } => {
-                    if let Some((stored, latest_json)) = latest.get_mut(&id) {
-                        stored.envelope_segment = number;
-                        stored.envelope = envelope;
-                        *latest_json = json;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    for group in segments(journal)?.chunks(cores * SEGMENTS_AT_ONCE_PER_CORE) {
+        for scan in scan_segments(group.to_vec(), parse)? {
+            let number = scan.number;
+            let (ids, size) = replay.segments.entry(number).or_default();
+            *size = scan.size;
+            for record in scan.records {
+                match record {
+                    Scanned::Message { id, envelope, parsed, body } => {
+                        forgotten.remove(&id);
+                        ids.push(id);
+                        replay.live.insert(id, number);
+                        latest.insert(id, Stored { segment: number, body, envelope_segment: number, envelope });
+                        found(id, Some(parsed));
+                    }
+                    Scanned::Forget { id } => {
+                        if latest.remove(&id).is_some() {
+                            found(id, None);
+                        }
+                        forgotten.insert(id);
+                    }
+                    // An update of a message whose record is gone had given it files already.
+                    Scanned::Envelope { id, envelope, parsed } => {
+                        if let Some(stored) = latest.get_mut(&id) {
+                            stored.envelope_segment = number;
+                            stored.envelope = envelope;
+                            found(id, Some(parsed));
+                        }
                     }
                 }
             }
@@ -233,19 +248,23 @@ pub fn replay(journal: &Path, messages: &Path) -> Result<Replay, SpoolError> {
         .filter_map(|e| key(e.ok()?.path().file_stem()?.to_str()?))
         .collect();
     let mut rewritten = false;
-    for (id, (stored, envelope)) in latest {
+    for (id, stored) in latest {
         if with_files.contains(&id) {
-            let path = segment_path(journal, stored.segment);
-            let file = File::open(&path).map_err(io_err(&path))?;
-            let len = usize::try_from(stored.body.end - stored.body.start).unwrap_or(0);
-            let mut body = vec![0; len];
-            file.read_exact_at(&mut body, stored.body.start).map_err(io_err(&path))?;
+            let read = |segment: u64, range: &Range<u64>| -> Result<Vec<u8>, SpoolError> {
+                let path = segment_path(journal, segment);
+                let file = File::open(&path).map_err(io_err(&path))?;
+                let mut data = vec![0; usize::try_from(range.end - range.start).unwrap_or(0)];
+                file.read_exact_at(&mut data, range.start).map_err(io_err(&path))?;
+                Ok(data)
+            };
+            let body = read(stored.segment, &stored.body)?;
+            let envelope = read(stored.envelope_segment, &stored.envelope)?;
             restore(messages, &id_of(id), &envelope, &body)?;
+            found(id, None);
             rewritten = true;
             replay.restored += 1;
         } else {
             replay.stored.insert(id, stored);
-            replay.envelopes.push((id_of(id), envelope));
         }
     }
     for id in forgotten.iter().filter(|id| with_files.contains(*id)).map(|k| id_of(*k)) {
@@ -264,21 +283,25 @@ pub fn replay(journal: &Path, messages: &Path) -> Result<Replay, SpoolError> {
     Ok(replay)
 }
 
-/// A segment's records as found by [`scan_segments`], with the envelopes copied out.
-struct SegmentScan {
+/// A segment's records as found by [`scan_segments`], with the envelopes parsed.
+struct SegmentScan<T> {
     number: u64,
     size: u64,
-    records: Vec<Scanned>,
+    records: Vec<Scanned<T>>,
 }
 
-enum Scanned {
-    Message { id: Key, envelope: Range<u64>, json: Vec<u8>, body: Range<u64> },
+enum Scanned<T> {
+    Message { id: Key, envelope: Range<u64>, parsed: T, body: Range<u64> },
     Forget { id: Key },
-    Envelope { id: Key, envelope: Range<u64>, json: Vec<u8> },
+    Envelope { id: Key, envelope: Range<u64>, parsed: T },
 }
 
-/// Reads and checks the segments on all cores (each thread reuses one buffer); returns them in order.
-fn scan_segments(found: Vec<(u64, PathBuf)>) -> Result<Vec<SegmentScan>, SpoolError> {
+/// Reads, checks and parses the segments on all cores (each thread reuses one buffer); returns
+/// them in order.
+fn scan_segments<T: Send>(
+    found: Vec<(u64, PathBuf)>,
+    parse: &(dyn Fn(&[u8]) -> T + Sync),
+) -> Result<Vec<SegmentScan<T>>, SpoolError> {
     super::on_all_cores(found, "a journal segment reader", |chunk| {
         let mut buffer = Vec::new();
         chunk
@@ -286,13 +309,13 @@ fn scan_segments(found: Vec<(u64, PathBuf)>) -> Result<Vec<SegmentScan>, SpoolEr
             .map(|(number, path)| {
                 buffer.clear();
                 File::open(&path).and_then(|mut f| f.read_to_end(&mut buffer)).map_err(io_err(&path))?;
-                Ok(scan(number, &buffer))
+                Ok(scan(number, &buffer, parse))
             })
             .collect()
     })
 }
 
-fn scan(number: u64, data: &[u8]) -> SegmentScan {
+fn scan<T>(number: u64, data: &[u8], parse: &(dyn Fn(&[u8]) -> T + Sync)) -> SegmentScan<T> {
     let records = decode(data)
         .into_iter()
         .filter_map(|record| {
@@ -301,13 +324,13 @@ fn scan(number: u64, data: &[u8]) -> SegmentScan {
             Some(match record {
                 Record::Message { envelope, body, .. } => Scanned::Message {
                     id,
-                    json: data[envelope.clone()].to_vec(),
+                    parsed: parse(&data[envelope.clone()]),
                     envelope: range64(&envelope),
                     body: range64(&body),
                 },
                 Record::Forget { .. } => Scanned::Forget { id },
                 Record::Envelope { envelope, .. } => {
-                    Scanned::Envelope { id, json: data[envelope.clone()].to_vec(), envelope: range64(&envelope) }
+                    Scanned::Envelope { id, parsed: parse(&data[envelope.clone()]), envelope: range64(&envelope) }
                 }
             })
         })

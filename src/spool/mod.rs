@@ -122,8 +122,22 @@ impl Spool {
             .map_err(io_err(&lock_path))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| SpoolError::Locked(root.to_path_buf()))?;
-        let mut replay = journal::replay(&journal_dir, &messages)?;
-        let journaled = std::mem::take(&mut replay.envelopes);
+        // The journal's messages go straight into the index as their segments are read, a few
+        // segments at a time: a million envelopes are never in memory at once.
+        let mut journaled = index::Index::default();
+        let mut unreadable = std::collections::HashMap::new();
+        let parse = |json: &[u8]| serde_json::from_slice::<Envelope>(json).map_err(|e| e.to_string());
+        let replay = journal::replay(&journal_dir, &messages, &parse, &mut |key, latest| {
+            unreadable.remove(&key);
+            match latest {
+                Some(Ok(envelope)) => journaled.insert(key, &envelope),
+                Some(Err(err)) => {
+                    journaled.remove(key);
+                    unreadable.insert(key, err);
+                }
+                None => journaled.remove(key),
+            }
+        })?;
         let restored = replay.restored;
         let journal = journal::Journal::start(&journal_dir, &messages, replay)?;
         let spool = Spool {
@@ -136,8 +150,9 @@ impl Spool {
             journal,
             _lock: lock,
         };
-        let mut recovery = spool.recover(journaled)?;
+        let mut recovery = spool.recover(journaled, unreadable)?;
         recovery.replayed += restored;
+        release_free_memory();
         Ok((spool, recovery))
     }
 
@@ -150,10 +165,15 @@ impl Spool {
         root.join("control.sock")
     }
 
-    /// Rebuilds the index from `messages/` and from the envelopes of the messages queued in the
-    /// journal (`journaled`, found by [`journal::replay`]).
-    fn recover(&self, journaled: Vec<(QueueId, Vec<u8>)>) -> Result<Recovery, SpoolError> {
-        let mut recovery = Recovery::default();
+    /// Completes the index (`journaled`: the messages queued in the journal, found by
+    /// [`journal::replay`]) with the messages in `messages/`, and quarantines journaled messages
+    /// whose envelope does not parse (`unreadable`).
+    fn recover(
+        &self,
+        mut index: index::Index,
+        unreadable: std::collections::HashMap<index::Key, String>,
+    ) -> Result<Recovery, SpoolError> {
+        let mut recovery = Recovery { replayed: index.len(), ..Recovery::default() };
         for entry in fs::read_dir(&self.incoming).map_err(io_err(&self.incoming))? {
             let path = entry.map_err(io_err(&self.incoming))?.path();
             fs::remove_file(&path).map_err(io_err(&path))?;
@@ -184,14 +204,21 @@ impl Spool {
             fs::remove_file(&path).map_err(io_err(&path))?;
             recovery.removed_partial += 1;
         }
-        let mut index = index::Index::default();
-        for (path, parsed) in read_envelopes(complete.into_iter().map(|(_, path)| path).collect())? {
-            match parsed.and_then(|e| index::key(&e.id).map(|k| (k, e)).ok_or_else(|| bad_id(&path))) {
-                Ok((key, envelope)) => index.insert(key, &envelope),
-                Err(err) => {
-                    tracing::error!(error = %err, "unreadable envelope moved to corrupt/");
-                    self.quarantine(&path)?;
-                    recovery.quarantined += 1;
+        // A few thousand envelopes at a time: their parsed copies never pile up in memory.
+        let mut loaded = std::collections::HashSet::new();
+        let paths: Vec<PathBuf> = complete.into_iter().map(|(_, path)| path).collect();
+        for chunk in paths.chunks(8192) {
+            for (path, parsed) in read_envelopes(chunk.to_vec())? {
+                match parsed.and_then(|e| index::key(&e.id).map(|k| (k, e)).ok_or_else(|| bad_id(&path))) {
+                    Ok((key, envelope)) => {
+                        loaded.insert(key);
+                        index.insert(key, &envelope);
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "unreadable envelope moved to corrupt/");
+                        self.quarantine(&path)?;
+                        recovery.quarantined += 1;
+                    }
                 }
             }
         }
@@ -204,23 +231,19 @@ impl Spool {
             let body = self.messages.join(format!("{id}.msg"));
             if quarantined.contains(&id) {
                 self.quarantine(&body)?;
-            } else if !index::key(&id).is_some_and(|k| index.contains(k)) {
+            } else if !index::key(&id).is_some_and(|k| loaded.contains(&k)) {
                 fs::remove_file(&body).map_err(io_err(&body))?;
                 recovery.removed_partial += 1;
             }
         }
         self.messages_sync.sync(&self.messages)?;
-        recovery.replayed = journaled.len();
-        for (id, json, parsed) in parse_journaled(journaled)? {
-            match parsed.map(|e| (index::key(&id), e)) {
-                Ok((Some(key), envelope)) => index.insert(key, &envelope),
-                Ok((None, _)) => tracing::error!(queue_id = %id, "journaled message with a malformed ID ignored"),
-                Err(err) => {
-                    tracing::error!(queue_id = %id, error = %err, "unreadable journaled envelope moved to corrupt/");
-                    self.quarantine_journaled(&id, &json)?;
-                    recovery.quarantined += 1;
-                }
-            }
+        for (key, err) in unreadable {
+            let id = index::id_of(key);
+            tracing::error!(queue_id = %id, error = %err, "unreadable journaled envelope moved to corrupt/");
+            let json = self.journal.read_envelope(&id).transpose()?.unwrap_or_default();
+            self.quarantine_journaled(&id, &json)?;
+            recovery.quarantined += 1;
+            recovery.replayed += 1;
         }
         recovery.queued = index.len();
         if let Some(last) = index.last_key() {
@@ -744,6 +767,16 @@ fn bad_id(path: &Path) -> SpoolError {
     SpoolError::Io { path: path.to_path_buf(), source: io::Error::new(io::ErrorKind::InvalidData, "bad queue ID") }
 }
 
+/// Hands freed heap back to the system: glibc keeps it, so the scratch of a recovery (the parsed
+/// envelopes of a million messages, a few segments at a time) would stay in the daemon's RSS.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory to the kernel; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// statvfs of the filesystem holding `path`.
 pub fn space_of(path: &Path) -> Result<SpaceInfo, SpoolError> {
     let st = rustix::fs::statvfs(path).map_err(|e| SpoolError::Io { path: path.to_path_buf(), source: e.into() })?;
@@ -983,21 +1016,6 @@ fn read_envelopes(paths: Vec<PathBuf>) -> Result<Parsed, SpoolError> {
             .map(|path| {
                 let parsed = read_envelope(&path);
                 (path, parsed)
-            })
-            .collect())
-    })
-}
-
-/// Parses the envelopes of journaled messages on all cores, keeping each one's JSON (for quarantine).
-type ParsedJournaled = Vec<(QueueId, Vec<u8>, serde_json::Result<Envelope>)>;
-
-fn parse_journaled(journaled: Vec<(QueueId, Vec<u8>)>) -> Result<ParsedJournaled, SpoolError> {
-    on_all_cores(journaled, "an envelope parser", |chunk| {
-        Ok(chunk
-            .into_iter()
-            .map(|(id, json)| {
-                let parsed = serde_json::from_slice(&json);
-                (id, json, parsed)
             })
             .collect())
     })
