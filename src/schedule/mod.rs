@@ -192,6 +192,27 @@ pub struct Scheduler {
     closing: Vec<(String, u64, Tally)>,
     /// When held messages whose bounce was suppressed were last swept for expiry.
     swept: Option<std::time::Instant>,
+    /// A sweep is running.
+    sweeping: bool,
+    /// Disk work the loop must not wait for (an operator's hold, release or delete, the sweep), on
+    /// blocking threads: the loop goes on dispatching, and applies each when it is done.
+    ops: JoinSet<Operation>,
+}
+
+/// Disk work done off the scheduler's loop, with what the loop does once it is done.
+enum Operation {
+    Held {
+        id: QueueId,
+        held: bool,
+        result: Result<Envelope, ScheduleError>,
+        reply: oneshot::Sender<Result<Envelope, ScheduleError>>,
+    },
+    Deleted {
+        id: QueueId,
+        result: Result<(), ScheduleError>,
+        reply: oneshot::Sender<Result<(), ScheduleError>>,
+    },
+    Swept,
 }
 
 impl Scheduler {
@@ -227,6 +248,8 @@ impl Scheduler {
             rx,
             recipients: None,
             swept: None,
+            sweeping: false,
+            ops: JoinSet::new(),
         };
         for (id, at) in scheduler.spool.due() {
             scheduler.schedule(id, at);
@@ -276,11 +299,21 @@ impl Scheduler {
                     Err(err) => tracing::error!(error = %err, "delivery batch failed"),
                 },
                 done = self.settler.done() => self.settled(done),
+                Some(done) = self.ops.join_next(), if !self.ops.is_empty() => match done {
+                    Ok(done) => self.operated(done),
+                    Err(err) => tracing::error!(error = %err, "queue operation failed"),
+                },
                 _ = sleep_until(sleep) => {}
                 _ = shutdown.changed() => break,
             }
         }
         self.batches.abort_all();
+        // Operators' changes already under way finish and are answered.
+        while let Some(done) = self.ops.join_next().await {
+            if let Ok(done) = done {
+                self.operated(done);
+            }
+        }
         // What the primary has answered is made durable before we go, so that it is not sent again.
         while self.settler.running.is_some() || !self.settler.waiting.is_empty() {
             let done = self.settler.done().await;
@@ -354,7 +387,37 @@ impl Scheduler {
                 let _ = reply.send(result);
             }
             Command::Hold { id, held, reply } => {
-                let result = set_held(self.spool.as_ref(), &id, held);
+                let spool = Arc::clone(&self.spool);
+                self.ops.spawn_blocking(move || {
+                    let result = set_held(spool.as_ref(), &id, held);
+                    Operation::Held { id, held, result, reply }
+                });
+            }
+            Command::Reload { config, deliverer } => {
+                self.config = config;
+                self.deliverer = deliverer;
+            }
+            Command::Delete { id, reply } => {
+                if self.in_flight.contains_key(&id) {
+                    let _ = reply.send(Err(ScheduleError::InFlight(id)));
+                    return;
+                }
+                self.unschedule(&id);
+                // Kept from dispatch, flushes and retries until the removal is done.
+                self.in_flight.insert(id.clone(), 1);
+                let spool = Arc::clone(&self.spool);
+                self.ops.spawn_blocking(move || {
+                    let result = delete(spool.as_ref(), &id);
+                    Operation::Deleted { id, result, reply }
+                });
+            }
+        }
+    }
+
+    /// An operator's change or a sweep is done on its blocking thread: the timetable follows it.
+    fn operated(&mut self, done: Operation) {
+        match done {
+            Operation::Held { id, held, result, reply } => {
                 if let Ok(envelope) = &result {
                     if held {
                         self.unschedule(&id);
@@ -364,19 +427,14 @@ impl Scheduler {
                 }
                 let _ = reply.send(result);
             }
-            Command::Reload { config, deliverer } => {
-                self.config = config;
-                self.deliverer = deliverer;
-            }
-            Command::Delete { id, reply } => {
-                let result = if self.in_flight.contains_key(&id) {
-                    Err(ScheduleError::InFlight(id))
-                } else {
-                    self.unschedule(&id);
-                    delete(self.spool.as_ref(), &id)
-                };
+            Operation::Deleted { id, result, reply } => {
+                self.in_flight.remove(&id);
+                if result.is_err() && self.spool.brief(&id).is_some() {
+                    self.schedule(id, now());
+                }
                 let _ = reply.send(result);
             }
+            Operation::Swept => self.sweeping = false,
         }
     }
 
@@ -400,9 +458,14 @@ impl Scheduler {
     /// of the disk, and what a crash could send again stays bounded.
     fn dispatch(&mut self) {
         let now = now();
-        if self.swept.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+        if !self.sweeping && self.swept.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
             self.swept = Some(std::time::Instant::now());
-            sweep_suppressed(&self.config, self.spool.as_ref(), now);
+            self.sweeping = true;
+            let (config, spool) = (Arc::clone(&self.config), Arc::clone(&self.spool));
+            self.ops.spawn_blocking(move || {
+                sweep_suppressed(&config, spool.as_ref(), now);
+                Operation::Swept
+            });
         }
         if self.settler.backlog() >= BATCH_LIMIT {
             return;

@@ -517,4 +517,100 @@ mod runs {
         let _ = stop.send(true);
         let _ = task.await;
     }
+
+    /// A store whose removal of one message waits until the courier has tried another: the
+    /// scheduler must go on delivering while an operator's delete does its disk work.
+    struct SlowRemoval {
+        inner: Arc<MemoryQueue>,
+        courier: Arc<ScriptedCourier>,
+        slow: QueueId,
+        other: QueueId,
+        went_on: std::sync::atomic::AtomicBool,
+    }
+
+    impl Queue for SlowRemoval {
+        fn new_id(&self) -> QueueId {
+            self.inner.new_id()
+        }
+        fn incoming(self: Arc<Self>, id: &str) -> Result<Box<dyn spool::Incoming>, SpoolError> {
+            Arc::clone(&self.inner).incoming(id)
+        }
+        fn get(&self, id: &str) -> Option<Envelope> {
+            self.inner.get(id)
+        }
+        fn visit(&self, f: &mut dyn FnMut(&Envelope)) {
+            self.inner.visit(f)
+        }
+        fn update(&self, envelopes: &[Envelope]) -> Result<(), SpoolError> {
+            self.inner.update(envelopes)
+        }
+        fn note(&self, envelopes: Vec<Envelope>) {
+            self.inner.note(envelopes)
+        }
+        fn persist(&self) -> Result<usize, SpoolError> {
+            self.inner.persist()
+        }
+        fn remove(&self, ids: &[QueueId]) -> Result<(), SpoolError> {
+            if ids.contains(&self.slow) {
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while std::time::Instant::now() < deadline && self.courier.tries_of(&self.other) == 0 {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let went_on = self.courier.tries_of(&self.other) > 0;
+                self.went_on.store(went_on, std::sync::atomic::Ordering::SeqCst);
+            }
+            self.inner.remove(ids)
+        }
+        fn open_body(&self, id: &str) -> Result<spool::MessageBody, SpoolError> {
+            self.inner.open_body(id)
+        }
+        fn space(&self) -> Result<spool::SpaceInfo, SpoolError> {
+            self.inner.space()
+        }
+    }
+
+    /// An operator's delete runs its disk work off the scheduler's loop (issue 12, section 4):
+    /// while it waits for the disk, mail that arrives meanwhile is still delivered.
+    #[tokio::test(start_paused = true)]
+    async fn delivery_goes_on_while_a_delete_waits_for_the_disk() {
+        let inner = MemoryQueue::new();
+        let courier = ScriptedCourier::new(|_| Answer::Accept);
+        let mut held = envelope("a@sender.test", &["bob@example.test"]);
+        held.held = true;
+        let slow = inner.new_id();
+        let mut message = Arc::clone(&inner).incoming(&slow).expect("incoming");
+        message.write(b"Subject: held\r\n\r\nbody\r\n").expect("write");
+        message.commit(held).expect("commit");
+        let other = inner.new_id();
+        let queue = Arc::new(SlowRemoval {
+            inner: Arc::clone(&inner),
+            courier: Arc::clone(&courier),
+            slow: slow.clone(),
+            other: other.clone(),
+            went_on: Default::default(),
+        });
+        let (scheduler, handle) = Scheduler::new(
+            config(false),
+            Arc::clone(&queue) as Arc<dyn Queue>,
+            Arc::clone(&courier) as Arc<dyn Courier>,
+        );
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(scheduler.run(stopped));
+        let deleting = tokio::spawn({
+            let handle = handle.clone();
+            let slow = slow.clone();
+            async move { handle.delete(&slow).await }
+        });
+        tokio::task::yield_now().await;
+        let mut message = Arc::clone(&inner).incoming(&other).expect("incoming");
+        message.write(b"Subject: later\r\n\r\nbody\r\n").expect("write");
+        message.commit(envelope("a@sender.test", &["carol@example.test"])).expect("commit");
+        handle.queued(&other);
+        assert!(until(Duration::from_secs(10), || deleting.is_finished()).await, "the delete never finished");
+        deleting.await.expect("join").expect("deleted");
+        assert!(queue.went_on.load(std::sync::atomic::Ordering::SeqCst), "delivery stopped while the delete ran");
+        assert!(inner.get(&slow).is_none());
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
 }
