@@ -7,7 +7,7 @@
 
 use super::route::NextHop;
 use super::{Detail, RcptOutcome};
-use crate::config::DeliveryConfig;
+use crate::config::{DeliveryConfig, SourceAddress};
 use crate::spool::{BodyType, DsnNotify, DsnRet, Envelope, Queue, Recipient};
 use rustls::ClientConfig;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -313,6 +313,8 @@ pub struct ClientSettings {
     pub opportunistic: TlsConnector,
     /// TLS for `require_tls` domains: Web PKI roots plus the configured extra CA file.
     pub verified: TlsConnector,
+    /// `delivery.source_address`: what connections are made from.
+    pub source: SourceAddress,
 }
 
 impl ClientSettings {
@@ -343,6 +345,7 @@ impl ClientSettings {
             timeouts: Timeouts::from_config(delivery),
             opportunistic: TlsConnector::from(Arc::new(opportunistic)),
             verified: TlsConnector::from(Arc::new(verified)),
+            source: delivery.source_address,
         })
     }
 }
@@ -482,9 +485,9 @@ impl Session {
     /// Connects to `hop`, reads the greeting, sends EHLO (HELO after a 5xx) and STARTTLS as `mode` says.
     pub async fn open(hop: &NextHop, settings: &ClientSettings, mode: TlsMode) -> Result<Session, ClientError> {
         let timeouts = settings.timeouts;
-        let tcp = match tokio::time::timeout(timeouts.connect, TcpStream::connect(hop.addr)).await {
+        let tcp = match tokio::time::timeout(timeouts.connect, connect(hop.addr, &settings.source)).await {
             Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(ClientError::Connect { addr: hop.addr, reason: io_reason(&e) }),
+            Ok(Err(reason)) => return Err(ClientError::Connect { addr: hop.addr, reason }),
             Err(_) => return Err(ClientError::Connect { addr: hop.addr, reason: "timed out".into() }),
         };
         let _ = tcp.set_nodelay(true);
@@ -1114,6 +1117,19 @@ impl Body {
             Err(e) => Err(ClientError::Body(format!("{id}: {e}"))),
         }
     }
+}
+
+/// Connects to `addr`, from the source address of its family when one is set.
+async fn connect(addr: std::net::SocketAddr, source: &SourceAddress) -> Result<TcpStream, String> {
+    let Some(local) = source.for_peer(addr.ip()) else {
+        return TcpStream::connect(addr).await.map_err(|e| io_reason(&e));
+    };
+    let socket = if local.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+    let socket = socket.map_err(|e| io_reason(&e))?;
+    socket
+        .bind(std::net::SocketAddr::new(local, 0))
+        .map_err(|e| format!("cannot bind delivery.source_address {local}: {}", io_reason(&e)))?;
+    socket.connect(addr).await.map_err(|e| format!("{} (from {local})", io_reason(&e)))
 }
 
 /// The TLS server name: the MX host name (or the route's IP literal).
