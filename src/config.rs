@@ -1,13 +1,14 @@
 //! The configuration file: TOML, validated at start.
 //!
 //! The key names under `hostname`, `[smtp]`, `[relay]`, `[dns]`, `[queue]`, `[routes]`, `[domain."..."]`
-//! and `[web]` are a public contract: tools outside the project write them. New settings go beside them.
+//! and `[web]`, and `delivery.source_address`, are a public contract: tools outside the project write
+//! them. New settings go beside them.
 //! Every problem is reported as one line naming the file, the key and what is wrong.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -230,6 +231,87 @@ pub struct DeliveryConfig {
     pub tls_ca_file: Option<PathBuf>,
     /// How long to wait for one DNS answer before asking again (two tries, then a temporary failure).
     pub dns_timeout: HumanDuration,
+    /// The local addresses outbound connections are made from, at most one IPv4 and one IPv6 (like
+    /// Postfix's smtp_bind_address and smtp_bind_address6), so the primary's SPF and PTR checks
+    /// see the address published for the backup. Unset for a family: the system chooses.
+    #[serde(skip_serializing_if = "SourceAddress::is_empty")]
+    pub source_address: SourceAddress,
+}
+
+/// `delivery.source_address`: one address (`"192.0.2.25"`) or a list with at most one per family
+/// (`["192.0.2.25", "2001:db8::25"]`); written back as a list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceAddress {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl SourceAddress {
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_none() && self.v6.is_none()
+    }
+
+    /// The address to bind before connecting to `peer`: the one of its family, if set.
+    pub fn for_peer(&self, peer: IpAddr) -> Option<IpAddr> {
+        match peer {
+            IpAddr::V4(_) => self.v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.v6.map(IpAddr::V6),
+        }
+    }
+
+    /// Every address set, IPv4 first.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        self.v4.map(IpAddr::V4).into_iter().chain(self.v6.map(IpAddr::V6)).collect()
+    }
+
+    /// Builds it from addresses as written, refusing what cannot be a source address.
+    fn from_texts<'a>(texts: impl IntoIterator<Item = &'a str>) -> Result<SourceAddress, String> {
+        let mut source = SourceAddress::default();
+        for text in texts {
+            let ip: IpAddr = text.trim().parse().map_err(|_| format!("{text:?} is not an IP address"))?;
+            if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+                return Err(format!("{ip} cannot be a source address"));
+            }
+            let taken = match ip {
+                IpAddr::V4(v4) => source.v4.replace(v4).is_some(),
+                IpAddr::V6(v6) => source.v6.replace(v6).is_some(),
+            };
+            if taken {
+                return Err("at most one IPv4 and one IPv6 address".into());
+            }
+        }
+        Ok(source)
+    }
+}
+
+impl Serialize for SourceAddress {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let texts: Vec<String> = self.addresses().iter().map(IpAddr::to_string).collect();
+        texts.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SourceAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = SourceAddress;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an IP address or a list of at most one IPv4 and one IPv6 address")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<SourceAddress, E> {
+                SourceAddress::from_texts([text]).map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<SourceAddress, A::Error> {
+                let mut texts = Vec::new();
+                while let Some(text) = seq.next_element::<String>()? {
+                    texts.push(text);
+                }
+                SourceAddress::from_texts(texts.iter().map(String::as_str)).map_err(serde::de::Error::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -326,6 +408,7 @@ impl Default for DeliveryConfig {
             data_done_timeout: HumanDuration::minutes(10),
             tls_ca_file: None,
             dns_timeout: HumanDuration::seconds(5),
+            source_address: SourceAddress::default(),
         }
     }
 }
@@ -545,6 +628,13 @@ impl Config {
         }
         if self.delivery.dns_timeout.0.is_zero() {
             return bad("delivery.dns_timeout", "must be longer than 0".into());
+        }
+        for ip in self.delivery.source_address.addresses() {
+            // Binding is the test the kernel applies at every connection; ask it now, so a typo or
+            // an address this host lacks stops check-config and the start, not each delivery.
+            if let Err(err) = std::net::UdpSocket::bind((ip, 0)) {
+                return bad("delivery.source_address", format!("{ip} is not an address of this host (bind: {err})"));
+            }
         }
         self.monitor.validate(&self.routes)?;
         self.web.validate()
@@ -1100,6 +1190,41 @@ allow = ["127.0.0.1/32", "::1/128"]
         assert!(err.to_string().contains("key `web.allow"), "{err}");
         let err = Config::parse("[routes]\n\"a.test\" = \"nohost\"\n", "d.toml").unwrap_err();
         assert!(err.to_string().contains("key `routes.a.test`"), "{err}");
+    }
+
+    #[test]
+    fn source_address_one_or_one_per_family() {
+        let parse = |value: &str| Config::parse(&format!("[delivery]\nsource_address = {value}\n"), "s.toml");
+        let one = parse("\"127.0.0.9\"").expect("one address");
+        let expected = SourceAddress { v4: Some(Ipv4Addr::new(127, 0, 0, 9)), v6: None };
+        assert_eq!(one.delivery.source_address, expected);
+        assert_eq!(
+            one.delivery.source_address.for_peer("192.0.2.1".parse().unwrap()),
+            Some("127.0.0.9".parse().unwrap())
+        );
+        assert_eq!(
+            one.delivery.source_address.for_peer("2001:db8::1".parse().unwrap()),
+            None,
+            "v6: the system chooses"
+        );
+        assert!(one.to_toml().contains("source_address = [\"127.0.0.9\"]"), "{}", one.to_toml());
+        let reread = Config::parse(&one.to_toml(), "again.toml").expect("check-config output parses");
+        assert_eq!(reread.delivery.source_address, expected);
+        assert!(!Config::parse("", "e.toml").expect("empty").to_toml().contains("source_address"));
+        for (value, problem) in [
+            ("\"127.0.0.9\", \"127.0.0.10\"]", "at most one IPv4 and one IPv6 address"),
+            ("[\"backup.example.test\"]", "\"backup.example.test\" is not an IP address"),
+            ("\"0.0.0.0\"", "0.0.0.0 cannot be a source address"),
+            ("\"ff02::1\"", "ff02::1 cannot be a source address"),
+            ("25", "expected an IP address or a list"),
+            // TEST-NET-1 is on no host: bind says so at check-config and at start.
+            ("\"192.0.2.25\"", "192.0.2.25 is not an address of this host (bind: "),
+        ] {
+            let value =
+                if value.ends_with(']') && !value.starts_with('[') { format!("[{value}") } else { value.into() };
+            let err = parse(&value).expect_err(&value).to_string();
+            assert!(err.contains("key `delivery.source_address`") && err.contains(problem), "{value}: {err}");
+        }
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The outbound SMTP client (RFC 5321): one connection to one next hop, carrying any number of
 //! transactions. Replies and EHLO keywords are parsed by small pure functions; the session is a
 //! thin loop of writes and reads, each bounded by its RFC 5321 4.5.3.2 timeout.
+//!
+//! The body goes with `BDAT size LAST` when the next hop offers CHUNKING (RFC 3030): sent as
+//! stored, without dot-stuffing, and the only way a BINARYMIME message may go.
 
 use super::route::NextHop;
 use super::{Detail, RcptOutcome};
-use crate::config::DeliveryConfig;
+use crate::config::{DeliveryConfig, SourceAddress};
 use crate::spool::{BodyType, DsnNotify, DsnRet, Envelope, Queue, Recipient};
 use rustls::ClientConfig;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -186,6 +189,10 @@ pub struct Capabilities {
     pub smtputf8: bool,
     /// RFC 3461.
     pub dsn: bool,
+    /// RFC 3030 2: BDAT.
+    pub chunking: bool,
+    /// RFC 3030 3: BODY=BINARYMIME (only with CHUNKING).
+    pub binarymime: bool,
 }
 
 impl Capabilities {
@@ -201,6 +208,8 @@ impl Capabilities {
                 "8BITMIME" => caps.eightbitmime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
                 "DSN" => caps.dsn = true,
+                "CHUNKING" => caps.chunking = true,
+                "BINARYMIME" => caps.binarymime = true,
                 "SIZE" => {
                     caps.size_offered = true;
                     caps.size = words.next().and_then(|n| n.parse::<u64>().ok()).filter(|&n| n > 0);
@@ -304,6 +313,8 @@ pub struct ClientSettings {
     pub opportunistic: TlsConnector,
     /// TLS for `require_tls` domains: Web PKI roots plus the configured extra CA file.
     pub verified: TlsConnector,
+    /// `delivery.source_address`: what connections are made from.
+    pub source: SourceAddress,
 }
 
 impl ClientSettings {
@@ -334,6 +345,7 @@ impl ClientSettings {
             timeouts: Timeouts::from_config(delivery),
             opportunistic: TlsConnector::from(Arc::new(opportunistic)),
             verified: TlsConnector::from(Arc::new(verified)),
+            source: delivery.source_address,
         })
     }
 }
@@ -473,9 +485,9 @@ impl Session {
     /// Connects to `hop`, reads the greeting, sends EHLO (HELO after a 5xx) and STARTTLS as `mode` says.
     pub async fn open(hop: &NextHop, settings: &ClientSettings, mode: TlsMode) -> Result<Session, ClientError> {
         let timeouts = settings.timeouts;
-        let tcp = match tokio::time::timeout(timeouts.connect, TcpStream::connect(hop.addr)).await {
+        let tcp = match tokio::time::timeout(timeouts.connect, connect(hop.addr, &settings.source)).await {
             Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(ClientError::Connect { addr: hop.addr, reason: io_reason(&e) }),
+            Ok(Err(reason)) => return Err(ClientError::Connect { addr: hop.addr, reason }),
             Err(_) => return Err(ClientError::Connect { addr: hop.addr, reason: "timed out".into() }),
         };
         let _ = tcp.set_nodelay(true);
@@ -598,10 +610,12 @@ impl Session {
         let rcpt_cmds: Vec<String> = rcpts.iter().map(|r| self.rcpt_command(r)).collect();
         let (reused, replies_before) = (self.transactions > 0, self.replies);
         self.transactions += 1;
+        // With CHUNKING the envelope ends without DATA: BDAT carries the body (RFC 3030 2).
+        let chunking = self.caps.chunking;
         let result = if self.caps.pipelining {
-            self.envelope_pipelined(&mail, &rcpt_cmds, rcpts).await
+            self.envelope_pipelined(&mail, &rcpt_cmds, rcpts, !chunking).await
         } else {
-            self.envelope_one_by_one(&mail, &rcpt_cmds, rcpts).await
+            self.envelope_one_by_one(&mail, &rcpt_cmds, rcpts, !chunking).await
         };
         self.used = true;
         let (mut outcomes, data_reply) = match result {
@@ -615,31 +629,62 @@ impl Session {
             }
         };
         let accepted: Vec<usize> = (0..rcpts.len()).filter(|&i| outcomes[i].is_none()).collect();
+        let delivered = if chunking {
+            self.send_bdat(body, size, &accepted, &mut outcomes).await
+        } else {
+            self.send_data(body, data_reply, &accepted, &mut outcomes).await
+        };
+        if let Err(e) = delivered {
+            return self.broken(outcomes, &e);
+        }
+        let reusable = self.reset_if_failed(&outcomes).await;
+        let outcomes = outcomes.into_iter().map(|o| o.unwrap_or_else(|| self.no_reply())).collect();
+        Transaction { outcomes, reusable, stale: false }
+    }
+
+    /// The body with BDAT to the accepted recipients (none accepted: nothing to send).
+    async fn send_bdat(
+        &mut self,
+        body: Body,
+        size: u64,
+        accepted: &[usize],
+        outcomes: &mut [Option<RcptOutcome>],
+    ) -> Result<(), ClientError> {
+        if accepted.is_empty() {
+            return Ok(());
+        }
+        let last = self.bdat(body, size).await?;
+        for &i in accepted {
+            outcomes[i] = Some(last.outcome(format!("BDAT LAST to {}: {last}", self.peer), &self.host));
+        }
+        Ok(())
+    }
+
+    /// The body after DATA's 354 to the accepted recipients, or DATA's refusal for them.
+    async fn send_data(
+        &mut self,
+        body: Body,
+        data_reply: Option<Reply>,
+        accepted: &[usize],
+        outcomes: &mut [Option<RcptOutcome>],
+    ) -> Result<(), ClientError> {
         match data_reply {
-            Some(reply) if reply.code == 354 && !accepted.is_empty() => match self.data(body).await {
-                Ok(last) => {
-                    for &i in &accepted {
-                        outcomes[i] = Some(last.outcome(format!("end of DATA to {}: {last}", self.peer), &self.host));
-                    }
-                }
-                Err(e) => return self.broken(outcomes, &e),
-            },
-            Some(reply) if reply.code == 354 => {
-                // RFC 2920 3.1: DATA accepted with no valid recipient: send an empty message's end.
-                if let Err(e) = self.finish_empty_data().await {
-                    return self.broken(outcomes, &e);
+            Some(reply) if reply.code == 354 && !accepted.is_empty() => {
+                let last = self.data(body).await?;
+                for &i in accepted {
+                    outcomes[i] = Some(last.outcome(format!("end of DATA to {}: {last}", self.peer), &self.host));
                 }
             }
+            // RFC 2920 3.1: DATA accepted with no valid recipient: send an empty message's end.
+            Some(reply) if reply.code == 354 => self.finish_empty_data().await?,
             Some(reply) => {
-                for &i in &accepted {
+                for &i in accepted {
                     outcomes[i] = Some(reply.outcome(format!("DATA to {}: {reply}", self.peer), &self.host));
                 }
             }
             None => {}
         }
-        let reusable = self.reset_if_failed(&outcomes).await;
-        let outcomes = outcomes.into_iter().map(|o| o.unwrap_or_else(|| self.no_reply())).collect();
-        Transaction { outcomes, reusable, stale: false }
+        Ok(())
     }
 
     /// A recipient callout (issue 6): `MAIL FROM:<>`, `RCPT TO:<address>`, then `RSET`, so nothing is
@@ -676,8 +721,14 @@ impl Session {
             BodyType::EightBitMime if !self.caps.eightbitmime => {
                 return refuse("5.6.3", format!("8-bit message, but {} does not offer 8BITMIME", self.peer));
             }
-            BodyType::BinaryMime => {
-                return refuse("5.6.3", format!("binary message, and {} cannot take it with DATA", self.peer));
+            // RFC 3030 3: binary data goes only to a server that announced BINARYMIME, and only with
+            // BDAT; we do not convert it, so the message fails "in the usual manner for delivery
+            // failures", with RFC 3463's conversion required but prohibited.
+            BodyType::BinaryMime if !(self.caps.binarymime && self.caps.chunking) => {
+                return refuse(
+                    "5.6.3",
+                    format!("binary message, but {} does not offer BINARYMIME with CHUNKING", self.peer),
+                );
             }
             _ => {}
         }
@@ -692,8 +743,10 @@ impl Session {
         if self.caps.size_offered {
             cmd.push_str(&format!(" SIZE={size}"));
         }
-        if envelope.body == BodyType::EightBitMime {
-            cmd.push_str(" BODY=8BITMIME");
+        match envelope.body {
+            BodyType::EightBitMime => cmd.push_str(" BODY=8BITMIME"),
+            BodyType::BinaryMime => cmd.push_str(" BODY=BINARYMIME"),
+            BodyType::SevenBit => {}
         }
         if envelope.smtputf8 {
             cmd.push_str(" SMTPUTF8");
@@ -735,15 +788,24 @@ impl Session {
         cmd
     }
 
-    /// RFC 2920: RSET (when needed), MAIL, every RCPT and DATA in one write, then the replies in order.
-    async fn envelope_pipelined(&mut self, mail: &str, rcpts: &[String], who: &[&Recipient]) -> EnvelopeResult {
+    /// RFC 2920: RSET (when needed), MAIL, every RCPT and DATA (when `data`) in one write, then the
+    /// replies in order.
+    async fn envelope_pipelined(
+        &mut self,
+        mail: &str,
+        rcpts: &[String],
+        who: &[&Recipient],
+        data: bool,
+    ) -> EnvelopeResult {
         let mut batch = String::with_capacity(mail.len() + rcpts.iter().map(String::len).sum::<usize>() + 16);
         if self.used {
             batch.push_str("RSET\r\n");
         }
         batch.push_str(mail);
         rcpts.iter().for_each(|r| batch.push_str(r));
-        batch.push_str("DATA\r\n");
+        if data {
+            batch.push_str("DATA\r\n");
+        }
         let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; rcpts.len()];
         if let Err(e) = self.write("MAIL FROM", batch.as_bytes(), self.timeouts.command).await {
             return Err((outcomes, e));
@@ -771,14 +833,23 @@ impl Session {
                 outcomes[i] = Some(self.rcpt_refused(&stage, &reply));
             }
         }
+        if !data {
+            return Ok((outcomes, None));
+        }
         match self.read_reply("DATA", self.timeouts.data_init).await {
             Ok(reply) => Ok((outcomes, Some(reply))),
             Err(e) => Err((outcomes, e)),
         }
     }
 
-    /// Without PIPELINING: one command, one reply; DATA only when a recipient was accepted.
-    async fn envelope_one_by_one(&mut self, mail: &str, rcpts: &[String], who: &[&Recipient]) -> EnvelopeResult {
+    /// Without PIPELINING: one command, one reply; DATA (when `data`) only when a recipient was accepted.
+    async fn envelope_one_by_one(
+        &mut self,
+        mail: &str,
+        rcpts: &[String],
+        who: &[&Recipient],
+        data: bool,
+    ) -> EnvelopeResult {
         let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; rcpts.len()];
         if self.used {
             match self.command("RSET\r\n", "RSET", self.timeouts.command).await {
@@ -803,7 +874,7 @@ impl Session {
                 Err(e) => return Err((outcomes, e)),
             }
         }
-        if outcomes.iter().all(Option::is_some) {
+        if !data || outcomes.iter().all(Option::is_some) {
             return Ok((outcomes, None));
         }
         match self.command("DATA\r\n", "DATA", self.timeouts.data_init).await {
@@ -837,16 +908,8 @@ impl Session {
         let mut input = vec![0u8; CHUNK];
         let mut out = Vec::with_capacity(CHUNK + CHUNK / 8 + 8);
         loop {
-            // The store's reader blocks (a file, a journal segment): each chunk is read on a
-            // blocking thread, never on the runtime's workers.
-            let read = tokio::task::spawn_blocking(move || {
-                let n = std::io::Read::read(&mut file, &mut input);
-                (file, input, n)
-            })
-            .await;
             let n;
-            (file, input, n) = read.map_err(|e| ClientError::Body(e.to_string()))?;
-            let n = n.map_err(|e| ClientError::Body(e.to_string()))?;
+            (file, input, n) = read_block(file, input).await?;
             if n == 0 {
                 break;
             }
@@ -859,6 +922,36 @@ impl Session {
         stuffer.finish(&mut out);
         self.write("DATA", &out, self.timeouts.data_block).await?;
         self.read_reply("end of DATA", self.timeouts.data_done).await
+    }
+
+    /// Sends the body as stored with `BDAT size LAST` (RFC 3030 2) and reads the final reply. One
+    /// chunk: the size is known, and a body that turns out shorter than it breaks the connection
+    /// (the server then drops the partial message) rather than going out cut short.
+    async fn bdat(&mut self, body: Body, size: u64) -> Result<Reply, ClientError> {
+        let mut out = format!("BDAT {size} LAST\r\n").into_bytes();
+        let mut file = match body {
+            Body::Whole(bytes) => {
+                out.extend_from_slice(&bytes);
+                self.write("BDAT", &out, self.timeouts.data_block).await?;
+                return self.read_reply("BDAT LAST", self.timeouts.data_done).await;
+            }
+            Body::Stream(reader) => reader,
+        };
+        self.write("BDAT", &out, self.timeouts.data_block).await?;
+        let (mut input, mut sent) = (vec![0u8; CHUNK], 0u64);
+        loop {
+            let n;
+            (file, input, n) = read_block(file, input).await?;
+            if n == 0 {
+                break;
+            }
+            sent += n as u64;
+            self.write("BDAT", &input[..n], self.timeouts.data_block).await?;
+        }
+        if sent != size {
+            return Err(ClientError::Body(format!("the body has {sent} octets, not the {size} announced")));
+        }
+        self.read_reply("BDAT LAST", self.timeouts.data_done).await
     }
 
     async fn finish_empty_data(&mut self) -> Result<(), ClientError> {
@@ -975,6 +1068,22 @@ pub async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Resul
     }
 }
 
+/// The next block of a streamed body, read on a blocking thread: the store's reader blocks (a
+/// file, a journal segment) and must never run on the runtime's workers.
+async fn read_block(
+    mut file: std::io::Take<Box<dyn std::io::Read + Send>>,
+    mut input: Vec<u8>,
+) -> Result<(std::io::Take<Box<dyn std::io::Read + Send>>, Vec<u8>, usize), ClientError> {
+    let read = tokio::task::spawn_blocking(move || {
+        let n = std::io::Read::read(&mut file, &mut input);
+        (file, input, n)
+    })
+    .await;
+    let (file, input, n) = read.map_err(|e| ClientError::Body(e.to_string()))?;
+    let n = n.map_err(|e| ClientError::Body(e.to_string()))?;
+    Ok((file, input, n))
+}
+
 /// Bodies up to this size are read whole, with the open, in one trip to a blocking thread;
 /// larger ones are streamed from the file in `CHUNK`s.
 const WHOLE_BODY: u64 = 1024 * 1024;
@@ -1008,6 +1117,19 @@ impl Body {
             Err(e) => Err(ClientError::Body(format!("{id}: {e}"))),
         }
     }
+}
+
+/// Connects to `addr`, from the source address of its family when one is set.
+async fn connect(addr: std::net::SocketAddr, source: &SourceAddress) -> Result<TcpStream, String> {
+    let Some(local) = source.for_peer(addr.ip()) else {
+        return TcpStream::connect(addr).await.map_err(|e| io_reason(&e));
+    };
+    let socket = if local.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+    let socket = socket.map_err(|e| io_reason(&e))?;
+    socket
+        .bind(std::net::SocketAddr::new(local, 0))
+        .map_err(|e| format!("cannot bind delivery.source_address {local}: {}", io_reason(&e)))?;
+    socket.connect(addr).await.map_err(|e| format!("{} (from {local})", io_reason(&e)))
 }
 
 /// The TLS server name: the MX host name (or the route's IP literal).
@@ -1080,6 +1202,10 @@ mod tests {
         assert!(bare.size_offered && bare.size.is_none() && !bare.pipelining);
         let unlimited = Capabilities::parse(&Reply { code: 250, lines: vec!["hi".into(), "SIZE 0".into()] });
         assert_eq!(unlimited.size, None);
+        assert!(!caps.chunking && !caps.binarymime);
+        let chunking =
+            Capabilities::parse(&Reply { code: 250, lines: vec!["hi".into(), "chunking".into(), "BINARYMIME".into()] });
+        assert!(chunking.chunking && chunking.binarymime);
     }
 
     fn stuff(chunks: &[&[u8]]) -> Vec<u8> {

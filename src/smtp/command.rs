@@ -1,6 +1,6 @@
 //! Parsing one SMTP command line (without its CRLF) into a typed [`Command`] (RFC 5321 4.1), with the
-//! MAIL and RCPT parameters of SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531) and DSN
-//! (RFC 3461: RET, ENVID, NOTIFY, ORCPT).
+//! MAIL and RCPT parameters of SIZE (RFC 1870), BODY (RFC 6152, RFC 3030 BINARYMIME), SMTPUTF8
+//! (RFC 6531) and DSN (RFC 3461: RET, ENVID, NOTIFY, ORCPT), and BDAT (RFC 3030).
 
 use super::reply::Reply;
 use crate::spool::{BodyType, DsnNotify, DsnRet};
@@ -20,6 +20,11 @@ pub enum Command {
     Mail(MailFrom),
     Rcpt(RcptTo),
     Data,
+    /// `BDAT chunk-size [LAST]` (RFC 3030 2): `size` octets of message data follow the line.
+    Bdat {
+        size: u64,
+        last: bool,
+    },
     Rset,
     Noop,
     Quit,
@@ -70,6 +75,13 @@ pub enum CommandError {
     /// A parameter we did not advertise or cannot honour (RFC 5321 4.1.1.11: 555).
     #[error("{0}")]
     Parameter(String),
+    /// A BDAT line with a chunk size but something else wrong: its `size` octets follow all the same
+    /// and must be read (and dropped) before the reply, or they would be taken for commands.
+    #[error("{text}")]
+    BadChunk { size: u64, text: String },
+    /// A BDAT line without a usable chunk size: where its data ends cannot be known.
+    #[error("BDAT without a chunk size")]
+    NoChunkSize,
 }
 
 impl CommandError {
@@ -80,6 +92,14 @@ impl CommandError {
             CommandError::Unknown(verb) => Reply::new(500, "5.5.2", format!("command unrecognized: {verb}")),
             CommandError::Syntax(text) => Reply::new(501, "5.5.4", text.clone()),
             CommandError::Parameter(text) => Reply::new(555, "5.5.4", text.clone()),
+            CommandError::BadChunk { text, .. } => Reply::new(501, "5.5.4", text.clone()),
+            // RFC 5321 3.8: a server closes only with 421. Reading on would take the chunk, whatever
+            // it holds, for commands.
+            CommandError::NoChunkSize => Reply::new(
+                421,
+                "4.5.2",
+                "Syntax: BDAT chunk-size [LAST]; the data after it cannot be told from commands, closing",
+            ),
         }
     }
 }
@@ -92,6 +112,10 @@ fn syntax(text: impl Into<String>) -> CommandError {
 pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
     let verb_end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
     let verb = String::from_utf8_lossy(&line[..verb_end]).to_ascii_uppercase();
+    if verb == "BDAT" {
+        // Before the length and character checks: any refusal must still know the chunk's size.
+        return parse_bdat(&line[verb_end..]);
+    }
     let limit = if verb == "MAIL" || verb == "RCPT" { MAX_PARAMETER_LINE } else { MAX_COMMAND_LINE };
     if line.len() + 2 > limit {
         return Err(CommandError::TooLong);
@@ -116,12 +140,33 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         "VRFY" if arg.is_empty() => Err(syntax("VRFY needs an address")),
         "VRFY" => Ok(Command::Vrfy(arg.to_string())),
         "ETRN" => parse_etrn(arg).map(Command::Etrn),
-        "EXPN" | "TURN" | "ATRN" | "BDAT" | "AUTH" | "SEND" | "SOML" | "SAML" => Ok(Command::NotImplemented(verb)),
+        "EXPN" | "TURN" | "ATRN" | "AUTH" | "SEND" | "SOML" | "SAML" => Ok(Command::NotImplemented(verb)),
         _ => {
             let shown: String = verb.chars().filter(|c| c.is_ascii_graphic()).take(20).collect();
             Err(CommandError::Unknown(shown))
         }
     }
+}
+
+/// `BDAT SP chunk-size [SP "LAST"]` (RFC 3030 2), `chunk-size = 1*DIGIT`; `arg` is what follows
+/// the verb. A usable size makes every other problem a [`CommandError::BadChunk`].
+fn parse_bdat(arg: &[u8]) -> Result<Command, CommandError> {
+    let mut words = arg.split(|&b| b == b' ').filter(|w| !w.is_empty());
+    let size = words
+        .next()
+        .filter(|w| w.iter().all(u8::is_ascii_digit))
+        .and_then(|w| std::str::from_utf8(w).ok()?.parse::<u64>().ok())
+        .ok_or(CommandError::NoChunkSize)?;
+    let bad = |text: &str| CommandError::BadChunk { size, text: text.to_string() };
+    let last = match words.next() {
+        None => false,
+        Some(word) if word.eq_ignore_ascii_case(b"LAST") => true,
+        Some(_) => return Err(bad("Syntax: BDAT chunk-size [LAST]")),
+    };
+    if words.next().is_some() || arg.iter().any(|b| b.is_ascii_control()) {
+        return Err(bad("Syntax: BDAT chunk-size [LAST]"));
+    }
+    Ok(Command::Bdat { size, last })
 }
 
 /// What `ETRN` asks for (RFC 1985 5.1).
@@ -195,7 +240,9 @@ fn parse_mail(arg: &str) -> Result<MailFrom, CommandError> {
             }
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => mail.body = BodyType::SevenBit,
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => mail.body = BodyType::EightBitMime,
-            ("BODY", _) => return Err(CommandError::Parameter("BODY must be 7BIT or 8BITMIME".into())),
+            // RFC 3030 3: binary content, which only BDAT can carry.
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("BINARYMIME") => mail.body = BodyType::BinaryMime,
+            ("BODY", _) => return Err(CommandError::Parameter("BODY must be 7BIT, 8BITMIME or BINARYMIME".into())),
             ("SMTPUTF8", None) => mail.smtputf8 = true,
             ("RET", Some(v)) if v.eq_ignore_ascii_case("FULL") => mail.ret = Some(DsnRet::Full),
             ("RET", Some(v)) if v.eq_ignore_ascii_case("HDRS") => mail.ret = Some(DsnRet::Hdrs),

@@ -6,6 +6,11 @@
 //! end the data early, and a message containing one is refused once the real end is reached (as
 //! Postfix's smtpd_forbid_bare_newline does). Receivers downstream that treat a bare LF as a line end
 //! therefore never see what an attacker hoped to smuggle (SMTP smuggling, CVE-2023-51766 and kin).
+//!
+//! The same reader judges BDAT chunks (RFC 3030), made with [`DataReader::chunked`]: their octets
+//! are counted by the client, so there is no dot-stuffing and no end marker, but the same limits,
+//! the same bare CR/LF rule and the same Received count apply. With BODY=BINARYMIME only the header
+//! section is lines; the body after it is octets, taken as they come.
 
 /// Why a message read to its end is refused; the first problem found wins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,9 +80,20 @@ impl HeaderScan {
     }
 }
 
+/// How the octets of a message arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// After DATA: dot-stuffed lines up to `<CRLF>.<CRLF>`.
+    Dotted,
+    /// In BDAT chunks (RFC 3030 2): taken verbatim; the client says where the message ends.
+    /// `binary`: BODY=BINARYMIME (RFC 3030 3), whose body is not made of lines.
+    Counted { binary: bool },
+}
+
 /// Reads one message's data; feed it bytes until it reports the end.
 #[derive(Debug, Clone)]
 pub struct DataReader {
+    framing: Framing,
     state: State,
     /// Octets of the current line so far, without CRLF.
     line_length: usize,
@@ -95,6 +111,7 @@ impl DataReader {
     /// A reader for one message, with the limits from `[smtp]`.
     pub fn new(max_size: u64, max_line: usize, max_received: usize) -> DataReader {
         DataReader {
+            framing: Framing::Dotted,
             state: State::LineStart,
             line_length: 0,
             size: 0,
@@ -120,6 +137,26 @@ impl DataReader {
         None
     }
 
+    /// A reader for a message sent in BDAT chunks, with the limits from `[smtp]`; `binary` for
+    /// BODY=BINARYMIME. [`DataReader::feed`] never reports an end: call [`DataReader::finish`] after
+    /// the last chunk.
+    pub fn chunked(max_size: u64, max_line: usize, max_received: usize, binary: bool) -> DataReader {
+        DataReader { framing: Framing::Counted { binary }, ..DataReader::new(max_size, max_line, max_received) }
+    }
+
+    /// The last chunk has arrived: a CR at the very end of the message is a bare one (in a text
+    /// part; a binary body may end in anything).
+    pub fn finish(&mut self) {
+        if self.state == State::Cr && !self.in_binary_body() {
+            self.flag(DataProblem::BareNewline);
+        }
+    }
+
+    /// Past the header section of a BINARYMIME message, where octets are not lines.
+    fn in_binary_body(&self) -> bool {
+        self.framing == Framing::Counted { binary: true } && self.headers.done
+    }
+
     /// Bounds the header section to `max` octets (`smtp.max_header_size`).
     pub fn with_max_header(mut self, max: u64) -> DataReader {
         self.max_header = max;
@@ -143,6 +180,10 @@ impl DataReader {
 
     /// Processes one octet; true at the end of data.
     fn step(&mut self, byte: u8, out: &mut Vec<u8>) -> bool {
+        if self.framing != Framing::Dotted {
+            self.step_counted(byte, out);
+            return false;
+        }
         match (self.state, byte) {
             (State::LineStart, b'.') => self.state = State::Dot,
             (State::DotCr, b'\n') => return true,
@@ -176,6 +217,33 @@ impl DataReader {
             }
         }
         false
+    }
+
+    /// One octet of a BDAT chunk: lines end at CRLF only, as after DATA, but a leading dot is text
+    /// and nothing ends the message.
+    fn step_counted(&mut self, byte: u8, out: &mut Vec<u8>) {
+        if self.in_binary_body() {
+            self.state = State::Text;
+            self.emit(&[byte], out);
+            return;
+        }
+        match (self.state, byte) {
+            (State::Cr, b'\n') => self.end_line(out),
+            (State::Cr, _) => {
+                self.flag(DataProblem::BareNewline);
+                self.state = State::Text;
+                self.step_counted(byte, out);
+            }
+            (_, b'\r') => self.state = State::Cr,
+            (_, b'\n') => {
+                self.flag(DataProblem::BareNewline);
+                self.state = State::Text;
+            }
+            _ => {
+                self.state = State::Text;
+                self.text_byte(byte, out);
+            }
+        }
     }
 
     fn text_byte(&mut self, byte: u8, out: &mut Vec<u8>) {

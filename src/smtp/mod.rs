@@ -2,7 +2,8 @@
 //!
 //! - [`command`]: one command line into a typed command with its parameters;
 //! - [`reply`]: replies with enhanced status codes (RFC 2034, RFC 3463);
-//! - [`data`]: the DATA reader (dot-unstuffing, end of data, bare CR/LF, limits);
+//! - [`data`]: the DATA and BDAT reader (dot-unstuffing, end of data, bare CR/LF, limits);
+//! - [`received`]: our Received header (the `with` protocol, the TLS version and cipher);
 //! - [`session`]: the per-connection state machine, one function per verb;
 //! - `space`: free space on the spool, counted for every message being received;
 //! - `pace`: how long a client may take, per read, per command line and per DATA phase;
@@ -14,6 +15,7 @@ pub mod data;
 pub mod limits;
 mod overload;
 mod pace;
+pub mod received;
 pub mod reply;
 mod server;
 pub mod session;

@@ -286,7 +286,7 @@ async fn upgrade(stream: TcpStream, session: &mut Session, shared: &mut Shared, 
         }
         Err(_) => return "tls handshake timeout",
     };
-    session.tls_started();
+    session.tls_started(super::received::TlsInfo::of(tls.get_ref().1));
     timing.progressed(false);
     let reason = match drive(&mut tls, session, &mut shared.shutdown, timing, &[]).await {
         End::Closed(reason) => reason,
@@ -335,7 +335,13 @@ where
                     if session.in_data() {
                         timing.standing.behind_since(timing.pace.behind_since());
                     }
+                    let was_in_data = session.in_data();
                     actions.extend(session.feed(&buffer[..n]));
+                    // A BDAT chunk begins without a reply (RFC 3030 2): from here its octets are
+                    // data, with the DATA timeouts, not a command line that takes too long.
+                    if !was_in_data && session.in_data() && actions.is_empty() {
+                        timing.progressed(true);
+                    }
                 }
                 Ok(Err(_)) => return End::Closed("read error"),
                 Err(_) => {

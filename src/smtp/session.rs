@@ -4,15 +4,21 @@
 //!
 //! Commands may be pipelined (RFC 2920): `feed` answers every complete command it holds, and stops at
 //! an action the server must carry out first (STARTTLS, committing a message, closing).
+//!
+//! A message arrives after DATA, dot-stuffed, or in BDAT chunks (RFC 3030), which may be pipelined
+//! too. A BDAT line is followed by exactly as many octets as it says, whatever they look like, so
+//! they are always read before its reply, even when the BDAT is refused: otherwise what the client
+//! sent as message data would be run as commands.
 
 use super::ServerContext;
 use super::command::{self, Command, CommandError, EtrnNode, MAX_PARAMETER_LINE, MailFrom, RcptTo};
 use super::data::{DataProblem, DataReader};
 use super::limits::Rate;
+use super::received::{self, Stamp, TlsInfo};
 use super::reply::Reply;
 pub use super::space::{Reservation, SpaceMonitor};
 use crate::recipients::Decision;
-use crate::spool::{Envelope, Filter, Incoming, Recipient, SpoolError};
+use crate::spool::{BodyType, Envelope, Filter, Incoming, Recipient, SpoolError};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -102,6 +108,8 @@ enum RcptStep {
 
 /// A message being received.
 struct DataPhase {
+    /// It comes in BDAT chunks (RFC 3030); between them the session reads commands.
+    chunked: bool,
     reader: DataReader,
     message: Box<dyn Incoming>,
     /// The first write error; the data is still read to its end, then 451.
@@ -113,6 +121,20 @@ struct DataPhase {
     scratch: Vec<u8>,
     /// The message kept in memory for the DKIM check, up to [`crate::auth::DKIM_MAX_MESSAGE`].
     copy: Option<Vec<u8>>,
+}
+
+/// A BDAT chunk whose octets are being read (RFC 3030 2).
+struct Chunk {
+    /// Octets still to come.
+    remaining: u64,
+    /// The octets announced, for the reply.
+    size: u64,
+    /// `BDAT n LAST`: the message ends with this chunk.
+    last: bool,
+    /// The BDAT was refused: its octets are read and dropped, then this is the reply ("the
+    /// receiver-SMTP MUST accept and discard the associated message data before sending the
+    /// appropriate 5XX or 4XX code").
+    refusal: Option<Reply>,
 }
 
 /// Counters for the disconnect log line.
@@ -131,10 +153,13 @@ pub struct Session {
     client: IpAddr,
     /// A TLS certificate is configured, so STARTTLS can be offered.
     tls_available: bool,
-    tls_active: bool,
+    /// What the TLS handshake agreed on; None before STARTTLS.
+    tls: Option<TlsInfo>,
     helo: Option<Helo>,
     transaction: Option<Transaction>,
     data: Option<DataPhase>,
+    /// The BDAT chunk being read, if any.
+    chunk: Option<Chunk>,
     /// Received octets not yet processed (a partial command line, or input held back while the
     /// server carries out an action).
     pending: Vec<u8>,
@@ -154,10 +179,11 @@ impl Session {
             space,
             client,
             tls_available,
-            tls_active: false,
+            tls: None,
             helo: None,
             transaction: None,
             data: None,
+            chunk: None,
             pending: Vec::new(),
             discarding: false,
             errors: 0,
@@ -206,9 +232,9 @@ impl Session {
         Reply::new(421, "4.4.2", format!("{} too busy for stalled sessions, closing", self.hostname()))
     }
 
-    /// Is a message being received (so the DATA timeout applies)?
+    /// Is message data arriving (after DATA, or a BDAT chunk), so the DATA timeouts apply?
     pub fn in_data(&self) -> bool {
-        self.data.is_some()
+        self.chunk.is_some() || self.data.as_ref().is_some_and(|d| !d.chunked)
     }
 
     /// Takes bytes from the client (possibly none, to resume after an action) and returns what to do.
@@ -218,8 +244,14 @@ impl Session {
         let mut pos = 0;
         let mut actions = Vec::new();
         while pos < buffer.len() {
-            let (used, action) =
-                if self.data.is_some() { self.feed_data(&buffer[pos..]) } else { self.feed_command(&buffer[pos..]) };
+            let input = &buffer[pos..];
+            let (used, action) = if self.chunk.is_some() {
+                self.feed_chunk(input)
+            } else if self.in_data() {
+                self.feed_data(input)
+            } else {
+                self.feed_command(input)
+            };
             pos += used;
             let Some(action) = action else {
                 if used == 0 {
@@ -257,7 +289,7 @@ impl Session {
         match newline {
             Some(i) => {
                 let line = input[..i].strip_suffix(b"\r").unwrap_or(&input[..i]);
-                (i + 1, Some(self.command(line)))
+                (i + 1, self.command(line))
             }
             None if input.len() >= MAX_PARAMETER_LINE => {
                 self.discarding = true;
@@ -269,7 +301,28 @@ impl Session {
 
     /// Feeds message data; at its end, judges the message.
     fn feed_data(&mut self, input: &[u8]) -> (usize, Option<Action>) {
-        let Some(data) = self.data.as_mut() else { return (0, None) };
+        match self.absorb(input) {
+            Some(used) => (used, Some(self.end_of_data())),
+            None => (input.len(), None),
+        }
+    }
+
+    /// Feeds the octets of a BDAT chunk; once they are all in, answers it.
+    fn feed_chunk(&mut self, input: &[u8]) -> (usize, Option<Action>) {
+        let Some(chunk) = self.chunk.as_mut() else { return (0, None) };
+        let take = usize::try_from(chunk.remaining).map_or(input.len(), |remaining| remaining.min(input.len()));
+        chunk.remaining -= take as u64;
+        let (refused, done) = (chunk.refusal.is_some(), chunk.remaining == 0);
+        if !refused {
+            self.absorb(&input[..take]);
+        }
+        (take, done.then(|| self.chunk_done()))
+    }
+
+    /// Takes message data into the spool file (and the DKIM copy), counting it against the free
+    /// space. Returns where the data ended, after DATA; BDAT data never ends by itself.
+    fn absorb(&mut self, input: &[u8]) -> Option<usize> {
+        let data = self.data.as_mut()?;
         data.scratch.clear();
         let end = data.reader.feed(input, &mut data.scratch);
         if let Some(copy) = data.copy.as_mut() {
@@ -294,10 +347,7 @@ impl Session {
             let wanted = data.message.size().saturating_add(SPACE_STEP);
             data.no_space = !self.space.grow(&mut transaction.space, &self.context, wanted);
         }
-        match end {
-            Some(used) => (used, Some(self.end_of_data())),
-            None => (input.len(), None),
-        }
+        end
     }
 
     /// Counts an error reply; too many end the session.
@@ -310,11 +360,18 @@ impl Session {
         Action::Reply(reply)
     }
 
-    fn command(&mut self, line: &[u8]) -> Action {
+    /// One command line; None only for a BDAT whose octets are still to come.
+    fn command(&mut self, line: &[u8]) -> Option<Action> {
         self.stats.commands += 1;
         let command = match command::parse(line) {
             Ok(command) => command,
-            Err(err) => return self.error(err.reply()),
+            // The octets announced follow all the same: read and drop them, then refuse.
+            Err(err @ CommandError::BadChunk { size, .. }) => return self.bdat(size, false, Some(err.reply())),
+            Err(err @ CommandError::NoChunkSize) => {
+                tracing::warn!(client = %self.client, "BDAT without a chunk size, closing");
+                return Some(Action::Close(err.reply()));
+            }
+            Err(err) => return Some(self.error(err.reply())),
         };
         let reply = match command {
             Command::Ehlo(name) => self.ehlo(name, true),
@@ -322,35 +379,36 @@ impl Session {
             Command::Mail(mail) => self.mail(mail),
             Command::Rcpt(rcpt) => match self.rcpt(rcpt) {
                 RcptStep::Reply(reply) => reply,
-                RcptStep::Verify(recipient) => return Action::Verify(Box::new(recipient)),
+                RcptStep::Verify(recipient) => return Some(Action::Verify(Box::new(recipient))),
             },
-            Command::Data => return self.data(),
+            Command::Data => return Some(self.data()),
+            Command::Bdat { size, last } => return self.bdat(size, last, None),
             Command::Rset => {
-                self.transaction = None;
+                self.reset_transaction();
                 Reply::new(250, "2.0.0", "Ok")
             }
             Command::Noop => Reply::new(250, "2.0.0", "Ok"),
-            Command::Quit => return Action::Close(Reply::new(221, "2.0.0", "Bye")),
+            Command::Quit => return Some(Action::Close(Reply::new(221, "2.0.0", "Bye"))),
             // RFC 5321 3.5.3: 252 when we cannot verify but will accept.
             Command::Vrfy(_) => {
                 Reply::new(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
             }
             Command::Help => {
-                Reply::new(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
+                Reply::new(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS")
             }
-            Command::StartTls => return self.starttls(),
+            Command::StartTls => return Some(self.starttls()),
             Command::Etrn(node) => self.etrn(node),
             Command::NotImplemented(verb) => Reply::new(502, "5.5.1", format!("{verb} not implemented")),
         };
         // 452 (too many recipients, low space) is the server's limit, not the client's error: a client
         // with many recipients must be able to send the rest later (RFC 5321 4.5.3.1.10).
-        if reply.is_positive() || reply.code == 452 { Action::Reply(reply) } else { self.error(reply) }
+        Some(if reply.is_positive() || reply.code == 452 { Action::Reply(reply) } else { self.error(reply) })
     }
 
     /// EHLO/HELO (RFC 5321 4.1.1.1): resets any transaction and lists our extensions.
     fn ehlo(&mut self, name: String, extended: bool) -> Reply {
         tracing::info!(client = %self.client, helo = %name, extended, "helo");
-        self.transaction = None;
+        self.reset_transaction();
         self.helo = Some(Helo { name, extended });
         if !extended {
             return Reply::plain(250, self.hostname().to_string());
@@ -360,11 +418,14 @@ impl Session {
             format!("SIZE {}", self.context.config.smtp.max_message_size),
             "PIPELINING".to_string(),
             "8BITMIME".to_string(),
+            // RFC 3030: BDAT, and binary bodies, which only BDAT can carry.
+            "CHUNKING".to_string(),
+            "BINARYMIME".to_string(),
             "SMTPUTF8".to_string(),
             "ENHANCEDSTATUSCODES".to_string(),
             "DSN".to_string(),
         ];
-        if self.tls_available && !self.tls_active {
+        if self.tls_available && self.tls.is_none() {
             lines.push("STARTTLS".to_string());
         }
         if self.etrn_allowed() {
@@ -419,6 +480,10 @@ impl Session {
         let Some(transaction) = self.transaction.as_ref() else {
             return Err(Reply::new(503, "5.5.1", "need MAIL command"));
         };
+        if self.data.is_some() {
+            // RFC 3030 2: the envelope is complete once the first chunk has arrived.
+            return Err(Reply::new(503, "5.5.1", "RCPT after BDAT"));
+        }
         let smtputf8 = transaction.mail.smtputf8;
         if transaction.recipients.len() >= self.context.config.smtp.max_recipients {
             return Err(self.reject_rcpt(&rcpt.address, Reply::new(452, "4.5.3", "too many recipients")));
@@ -516,6 +581,12 @@ impl Session {
     fn data(&mut self) -> Action {
         let reply = match self.transaction.as_ref() {
             None => Some(Reply::new(503, "5.5.1", "need MAIL command")),
+            // RFC 3030 2: DATA and BDAT cannot be mixed in one transaction.
+            Some(_) if self.data.is_some() => Some(Reply::new(503, "5.5.1", "DATA after BDAT")),
+            // RFC 3030 3: a binary body cannot be sent with DATA; the client must RSET.
+            Some(t) if t.mail.body == BodyType::BinaryMime => {
+                Some(Reply::new(503, "5.5.1", "BODY=BINARYMIME needs BDAT, not DATA"))
+            }
             // RFC 2920 3.1 / RFC 5321 3.3: with no accepted recipient, DATA gets 554.
             Some(t) if t.recipients.is_empty() => Some(Reply::new(554, "5.5.1", "no valid recipients")),
             Some(_) => None,
@@ -523,6 +594,15 @@ impl Session {
         if let Some(reply) = reply {
             return self.error(reply);
         }
+        match self.open_message(false) {
+            Ok(()) => Action::Reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>")),
+            Err(reply) => Action::Reply(reply),
+        }
+    }
+
+    /// Opens the spool file of the transaction's message, writes our Received header first, and
+    /// makes it the message being received (after DATA, or in BDAT chunks when `chunked`).
+    fn open_message(&mut self, chunked: bool) -> Result<(), Reply> {
         let id = self.context.spool.new_id();
         let header = self.received_header(&id, SystemTime::now());
         let opened = Arc::clone(&self.context.spool).incoming(&id).and_then(|mut message| {
@@ -533,43 +613,144 @@ impl Session {
             Ok(message) => message,
             Err(err) => {
                 tracing::error!(client = %self.client, queue_id = %id, error = %err, "cannot create queue file");
-                return Action::Reply(Reply::new(451, "4.3.0", "error: cannot write queue file"));
+                return Err(Reply::new(451, "4.3.0", "error: cannot write queue file"));
             }
         };
         let smtp = &self.context.config.smtp;
+        let (size, line, received) = (smtp.max_message_size, smtp.max_line_length, smtp.max_received_headers);
+        let binary = self.transaction.as_ref().is_some_and(|t| t.mail.body == BodyType::BinaryMime);
+        let reader = if chunked {
+            DataReader::chunked(size, line, received, binary)
+        } else {
+            DataReader::new(size, line, received)
+        };
         self.data = Some(DataPhase {
-            reader: DataReader::new(smtp.max_message_size, smtp.max_line_length, smtp.max_received_headers)
-                .with_max_header(smtp.max_header_size),
+            chunked,
+            reader: reader.with_max_header(smtp.max_header_size),
             message,
             write_error: None,
             no_space: false,
             scratch: Vec::new(),
             copy: self.context.sender_check.as_ref().map(|_| Vec::new()),
         });
-        Action::Reply(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"))
+        Ok(())
+    }
+
+    /// BDAT (RFC 3030 2); `bad_line` is the reply to a line with a size but bad otherwise. Returns
+    /// the reply at once for an empty chunk; otherwise none yet: it comes once the octets are in.
+    fn bdat(&mut self, size: u64, last: bool, bad_line: Option<Reply>) -> Option<Action> {
+        let refusal = match bad_line {
+            Some(reply) => {
+                // A chunk missing from a message begun: it can never be whole.
+                if self.data.is_some() {
+                    self.fail_transaction("bad BDAT line");
+                }
+                Some(reply)
+            }
+            None => self.bdat_refusal(size),
+        };
+        self.chunk = Some(Chunk { remaining: size, size, last, refusal });
+        if size == 0 { Some(self.chunk_done()) } else { None }
+    }
+
+    /// Why a well-formed BDAT of `size` octets cannot add to the message, or None (then the
+    /// message is opened at the first chunk).
+    fn bdat_refusal(&mut self, size: u64) -> Option<Reply> {
+        let Some(helo) = &self.helo else { return Some(Reply::new(503, "5.5.1", "send EHLO or HELO first")) };
+        if !helo.extended {
+            // Extensions exist only after EHLO (RFC 5321 4.1.1.1): CHUNKING was not negotiated.
+            return Some(Reply::new(502, "5.5.1", "BDAT not available after HELO (CHUNKING needs EHLO)"));
+        }
+        let transaction = match &self.transaction {
+            None => return Some(Reply::new(503, "5.5.1", "need MAIL command")),
+            Some(t) if t.recipients.is_empty() => return Some(Reply::new(554, "5.5.1", "no valid recipients")),
+            Some(t) => t,
+        };
+        let max = self.context.config.smtp.max_message_size;
+        let so_far = self.data.as_ref().map_or(0, |d| d.reader.size());
+        if so_far.saturating_add(size) > max {
+            tracing::warn!(client = %self.client, from = %transaction.mail.address, size = so_far.saturating_add(size),
+                "message rejected: BDAT beyond the size limit");
+            self.fail_transaction("BDAT beyond the size limit");
+            return Some(Reply::new(552, "5.3.4", format!("message size exceeds fixed limit of {max} octets")));
+        }
+        if self.data.is_none()
+            && let Err(reply) = self.open_message(true)
+        {
+            self.fail_transaction("cannot create queue file");
+            return Some(reply);
+        }
+        None
+    }
+
+    /// A chunk failed: RFC 3030 2 has the client send no more, and makes the transaction's state
+    /// indeterminate. We end it, so chunks already pipelined get 503 (their octets are dropped).
+    fn fail_transaction(&mut self, why: &str) {
+        if self.transaction.is_some() {
+            self.stats.rejected_messages += 1;
+            self.context.metrics.rejected();
+            tracing::info!(client = %self.client, reason = why, "transaction ended by a failed BDAT");
+        }
+        self.reset_transaction();
+    }
+
+    /// The chunk's octets are all in: its reply, or the message's end (RFC 3030 2: "Once the
+    /// receiver-SMTP receives the specified number of octets, it will return a 250 reply code").
+    fn chunk_done(&mut self) -> Action {
+        let Some(chunk) = self.chunk.take() else {
+            return Action::Reply(Reply::new(451, "4.3.0", "internal error: no chunk"));
+        };
+        if let Some(reply) = chunk.refusal {
+            return self.refused(reply);
+        }
+        let (Some(mut data), Some(transaction)) = (self.data.take(), self.transaction.take()) else {
+            return Action::Reply(Reply::new(451, "4.3.0", "internal error: no transaction"));
+        };
+        if chunk.last {
+            data.reader.finish();
+            return self.end_of_message(data, transaction);
+        }
+        // A problem found in this chunk ends the transaction now rather than after more chunks.
+        if let Some(action) = self.verdict(&data, &transaction, false) {
+            return action;
+        }
+        self.data = Some(data);
+        self.transaction = Some(transaction);
+        Action::Reply(Reply::new(250, "2.0.0", format!("{} octets received", chunk.size)))
+    }
+
+    /// The reply to a refused command: error replies count towards `smtp.max_errors`; 452 and 451
+    /// (our limits, our disk) do not.
+    fn refused(&mut self, reply: Reply) -> Action {
+        if reply.code == 452 || reply.code == 451 { Action::Reply(reply) } else { self.error(reply) }
+    }
+
+    /// Forgets the transaction and any message being received for it (RSET, EHLO, STARTTLS; RFC
+    /// 3030 2: RSET "clears all segments sent during that transaction").
+    fn reset_transaction(&mut self) {
+        self.transaction = None;
+        self.data = None;
     }
 
     /// `Received:` as in RFC 5321 4.4, without a reverse DNS name: `from HELO ([IP])`.
     fn received_header(&self, id: &str, now: SystemTime) -> String {
-        let helo = self.helo.as_ref().map(|h| h.name.as_str()).unwrap_or("unknown");
-        let literal = match self.client {
-            IpAddr::V4(ip) => format!("[{ip}]"),
-            IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
+        let extended = self.helo.as_ref().is_some_and(|h| h.extended);
+        let smtputf8 = self.transaction.as_ref().is_some_and(|t| t.mail.smtputf8);
+        let only_recipient = match self.transaction.as_ref().map(|t| t.recipients.as_slice()) {
+            Some([only]) => Some(only.address.as_str()),
+            _ => None,
         };
-        let protocol = match (self.tls_active, self.helo.as_ref().is_some_and(|h| h.extended)) {
-            (true, _) => "ESMTPS",
-            (false, true) => "ESMTP",
-            (false, false) => "SMTP",
-        };
-        let mut header =
-            format!("Received: from {helo} ({literal})\r\n\tby {} (bartleby) with {protocol} id {id}", self.hostname());
-        if let Some(t) = &self.transaction
-            && let [only] = t.recipients.as_slice()
-        {
-            header.push_str(&format!("\r\n\tfor <{}>", only.address));
+        Stamp {
+            helo: self.helo.as_ref().map(|h| h.name.as_str()).unwrap_or("unknown"),
+            client: self.client,
+            tls: self.tls.as_ref(),
+            protocol: received::protocol(extended, self.tls.is_some(), smtputf8),
+            by: self.hostname(),
+            id,
+            only_recipient,
+            date: now,
         }
-        header.push_str(&format!("; {}\r\n", crate::spool::rfc5322_date(now)));
-        header
+        .header()
     }
 
     /// The final dot arrived: refuse the message or hand it over for commit. Either way the
@@ -578,49 +759,62 @@ impl Session {
         let (Some(data), Some(transaction)) = (self.data.take(), self.transaction.take()) else {
             return Action::Reply(Reply::new(451, "4.3.0", "internal error: no transaction"));
         };
+        self.end_of_message(data, transaction)
+    }
+
+    /// The whole message is in (the final dot, or BDAT LAST): refuse it or hand it over for commit.
+    fn end_of_message(&mut self, data: DataPhase, transaction: Transaction) -> Action {
+        if let Some(action) = self.verdict(&data, &transaction, true) {
+            return action;
+        }
+        let (envelope, space) = self.envelope(transaction);
+        Action::Commit(Box::new(PendingMessage { message: data.message, envelope, copy: data.copy, space }))
+    }
+
+    /// Why the message received so far cannot be queued, as the action that says so; None when it
+    /// can. `last_look` asks the disk afresh, as before a commit.
+    fn verdict(&mut self, data: &DataPhase, transaction: &Transaction, last_look: bool) -> Option<Action> {
         let id = data.message.id().to_string();
-        let smtp = &self.context.config.smtp;
-        let refusal = match data.reader.problem() {
-            Some(DataProblem::BareNewline) => Some(Reply::new(550, "5.5.2", "message contains bare CR or LF")),
-            Some(DataProblem::TooBig) => Some(Reply::new(
-                552,
-                "5.3.4",
-                format!("message size exceeds fixed limit of {} octets", smtp.max_message_size),
-            )),
-            Some(DataProblem::LineTooLong) => Some(Reply::new(
-                554,
-                "5.6.0",
-                format!("message contains a line longer than {} octets", smtp.max_line_length),
-            )),
-            Some(DataProblem::TooManyReceived) => {
-                Some(Reply::new(554, "5.4.6", "too many Received headers: mail loop"))
-            }
-            Some(DataProblem::HeaderTooBig) => Some(Reply::new(
-                552,
-                "5.3.4",
-                format!("message header size exceeds limit of {} octets", smtp.max_header_size),
-            )),
-            None => None,
-        };
-        if let Some(reply) = refusal {
+        if let Some(reply) = self.content_refusal(data.reader.problem()) {
             self.stats.rejected_messages += 1;
             self.context.metrics.rejected();
             tracing::warn!(client = %self.client, queue_id = %id, from = %transaction.mail.address,
                 size = data.reader.size(), reason = %reply.to_string().trim_end(), "message rejected");
-            return self.error(reply);
+            return Some(self.error(reply));
         }
-        if let Some(err) = data.write_error {
+        if let Some(err) = &data.write_error {
             tracing::error!(client = %self.client, queue_id = %id, error = %err, "queue file write error");
-            return Action::Reply(Reply::new(451, "4.3.0", "error: queue file write error"));
+            return Some(Action::Reply(Reply::new(451, "4.3.0", "error: queue file write error")));
         }
         // The last look before the commit: other sessions may have filled the disk meanwhile.
-        if data.no_space || !self.space.confirm(&transaction.space, &self.context, data.message.size()) {
+        if data.no_space || (last_look && !self.space.confirm(&transaction.space, &self.context, data.message.size())) {
             tracing::warn!(client = %self.client, queue_id = %id, from = %transaction.mail.address,
                 size = data.reader.size(), "message refused: spool low on space");
-            return Action::Reply(Reply::new(452, "4.3.1", "insufficient system storage"));
+            return Some(Action::Reply(Reply::new(452, "4.3.1", "insufficient system storage")));
         }
-        let (envelope, space) = self.envelope(transaction);
-        Action::Commit(Box::new(PendingMessage { message: data.message, envelope, copy: data.copy, space }))
+        None
+    }
+
+    /// The reply to a message whose content breaks a rule.
+    fn content_refusal(&self, problem: Option<DataProblem>) -> Option<Reply> {
+        let smtp = &self.context.config.smtp;
+        Some(match problem? {
+            DataProblem::BareNewline => Reply::new(550, "5.5.2", "message contains bare CR or LF"),
+            DataProblem::TooBig => Reply::new(
+                552,
+                "5.3.4",
+                format!("message size exceeds fixed limit of {} octets", smtp.max_message_size),
+            ),
+            DataProblem::LineTooLong => {
+                Reply::new(554, "5.6.0", format!("message contains a line longer than {} octets", smtp.max_line_length))
+            }
+            DataProblem::TooManyReceived => Reply::new(554, "5.4.6", "too many Received headers: mail loop"),
+            DataProblem::HeaderTooBig => Reply::new(
+                552,
+                "5.3.4",
+                format!("message header size exceeds limit of {} octets", smtp.max_header_size),
+            ),
+        })
     }
 
     fn envelope(&self, transaction: Transaction) -> (Envelope, Reservation) {
@@ -718,7 +912,7 @@ impl Session {
     fn starttls(&mut self) -> Action {
         let reply = if !self.tls_available {
             Reply::new(502, "5.5.1", "STARTTLS not available")
-        } else if self.tls_active {
+        } else if self.tls.is_some() {
             Reply::new(503, "5.5.1", "TLS already active")
         } else if self.transaction.is_some() {
             Reply::new(503, "5.5.1", "MAIL transaction in progress")
@@ -728,12 +922,12 @@ impl Session {
         self.error(reply)
     }
 
-    /// The TLS handshake succeeded: RFC 3207 4.2 says to forget everything learnt before it.
-    pub fn tls_started(&mut self) {
-        tracing::info!(client = %self.client, "tls started");
-        self.tls_active = true;
+    /// The TLS handshake succeeded with `tls`: RFC 3207 4.2 says to forget everything learnt before it.
+    pub fn tls_started(&mut self, tls: TlsInfo) {
+        tracing::info!(client = %self.client, version = %tls.version, cipher = %tls.cipher, "tls started");
+        self.tls = Some(tls);
         self.helo = None;
-        self.transaction = None;
+        self.reset_transaction();
         self.pending.clear();
         self.discarding = false;
     }

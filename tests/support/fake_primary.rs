@@ -1,5 +1,7 @@
 //! A scriptable, fault-injecting SMTP server on 127.0.0.1:0 standing in for the primary MX.
-//! It records every command line and every message (raw DATA bytes and the unstuffed body).
+//! It records every command line and every message (raw DATA bytes and the unstuffed body, or
+//! the octets of BDAT chunks, RFC 3030, which it takes whether or not CHUNKING is in the script),
+//! and the address each connection came from.
 //! Dropping the `FakePrimary` stops the listener and every connection it serves.
 
 #![allow(dead_code)]
@@ -84,6 +86,8 @@ pub struct Received {
     pub tls: bool,
     /// The final reply the fake primary gave (None: it dropped or stalled instead).
     pub reply: Option<String>,
+    /// The BDAT command lines that carried the message, in order; empty when it came with DATA.
+    pub bdat: Vec<String>,
 }
 
 /// What the fake primary saw.
@@ -93,6 +97,8 @@ pub struct Recorded {
     pub commands: Vec<(usize, String)>,
     pub messages: Vec<Received>,
     pub connections: usize,
+    /// The client address of each connection, in order.
+    pub peers: Vec<SocketAddr>,
 }
 
 pub struct FakePrimary {
@@ -123,9 +129,10 @@ impl FakePrimary {
         let state = recorded.clone();
         let task = tokio::spawn(async move {
             let mut connections = JoinSet::new();
-            while let Ok((tcp, _)) = listener.accept().await {
+            while let Ok((tcp, peer)) = listener.accept().await {
                 let number = {
                     let mut rec = state.lock().unwrap();
+                    rec.peers.push(peer);
                     rec.connections += 1;
                     rec.connections - 1
                 };
@@ -149,6 +156,11 @@ impl FakePrimary {
     pub fn connections(&self) -> usize {
         self.recorded.lock().unwrap().connections
     }
+
+    /// The address each connection came from, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.recorded.lock().unwrap().peers.clone()
+    }
 }
 
 struct Connection {
@@ -168,6 +180,9 @@ enum Flow {
 struct Transaction {
     mail: Option<String>,
     rcpts: Vec<String>,
+    /// BDAT lines and octets so far (RFC 3030).
+    bdat: Vec<String>,
+    chunks: Vec<u8>,
 }
 
 impl Connection {
@@ -214,7 +229,7 @@ impl Connection {
                     _ => "454 4.7.0 TLS not available".to_string(),
                 },
                 "MAIL" => {
-                    tx = Transaction { mail: Some(line.clone()), rcpts: Vec::new() };
+                    tx = Transaction { mail: Some(line.clone()), ..Transaction::default() };
                     "250 2.1.0 Ok".to_string()
                 }
                 "RCPT" => self.rcpt(&line, &mut tx),
@@ -226,6 +241,10 @@ impl Connection {
                         None => return Ok(Flow::Close),
                     }
                 }
+                "BDAT" => match self.bdat(io, &line, &mut tx).await? {
+                    Some(reply) => reply,
+                    None => return Ok(Flow::Close),
+                },
                 "RSET" => {
                     tx = Transaction::default();
                     "250 2.0.0 Ok".to_string()
@@ -278,6 +297,54 @@ impl Connection {
         }
     }
 
+    /// Reads a BDAT chunk (its octets follow the line); at LAST records the message and answers as
+    /// after DATA. None when the script says to drop the connection.
+    async fn bdat<S: AsyncRead + Unpin>(
+        &self,
+        io: &mut BufReader<S>,
+        line: &str,
+        tx: &mut Transaction,
+    ) -> std::io::Result<Option<String>> {
+        use tokio::io::AsyncReadExt;
+        let mut words = line.split_whitespace().skip(1);
+        let Some(size) = words.next().and_then(|w| w.parse::<usize>().ok()) else {
+            return Ok(Some("501 5.5.4 Syntax: BDAT count [LAST]".into()));
+        };
+        let last = words.next().is_some_and(|w| w.eq_ignore_ascii_case("LAST"));
+        let mut chunk = vec![0u8; size];
+        io.read_exact(&mut chunk).await?;
+        if tx.rcpts.is_empty() {
+            return Ok(Some("554 5.5.1 Error: no valid recipients".into()));
+        }
+        tx.bdat.push(line.to_string());
+        tx.chunks.extend_from_slice(&chunk);
+        if !last {
+            return Ok(Some(format!("250 2.0.0 Ok: {size} bytes")));
+        }
+        let tx = std::mem::take(tx);
+        let script = self.script();
+        let answers = !script.drop_after_data && script.stall != Some(Stall::AfterData);
+        let reply = answers.then(|| {
+            let next = self.script.lock().unwrap().final_replies.pop_front();
+            next.unwrap_or_else(|| "250 2.0.0 Ok: queued".into())
+        });
+        let received = Received {
+            connection: self.number,
+            mail: tx.mail.unwrap_or_default(),
+            rcpts: tx.rcpts,
+            raw: tx.chunks.clone(),
+            body: tx.chunks,
+            tls: self.tls,
+            reply: reply.clone(),
+            bdat: tx.bdat,
+        };
+        self.state.lock().unwrap().messages.push(received);
+        if script.stall == Some(Stall::AfterData) {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Ok(reply)
+    }
+
     /// Reads DATA up to the final dot; None when the script says to drop the connection.
     async fn data<S: AsyncRead + Unpin>(
         &self,
@@ -311,6 +378,7 @@ impl Connection {
             body,
             tls: self.tls,
             reply: reply.clone(),
+            bdat: Vec::new(),
         };
         self.state.lock().unwrap().messages.push(received);
         if script.drop_after_data {

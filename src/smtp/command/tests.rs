@@ -81,7 +81,9 @@ fn bad_mail_parameters() {
     assert!(matches!(err("MAIL FROM:<a@b.test> ENVID=+4"), CommandError::Syntax(_)));
     let long_envid = format!("MAIL FROM:<a@b.test> ENVID={}", "x".repeat(101));
     assert!(matches!(err(&long_envid), CommandError::Syntax(_)));
-    assert_eq!(err("MAIL FROM:<a@b.test> BODY=BINARYMIME").reply().code, 555);
+    assert_eq!(err("MAIL FROM:<a@b.test> BODY=BINARY").reply().code, 555);
+    let Command::Mail(mail) = ok("MAIL FROM:<a@b.test> BODY=binarymime") else { panic!("MAIL") };
+    assert_eq!(mail.body, BodyType::BinaryMime);
     assert_eq!(err("MAIL FROM:<a@b.test> AUTH=<>").reply().code, 555);
     assert_eq!(err("MAIL FROM:<a@b.test> SMTPUTF8=yes").reply().code, 555);
     assert!(matches!(err("MAIL FROM:<a@b.test> =x"), CommandError::Syntax(_)));
@@ -151,4 +153,28 @@ fn mailboxes() {
     for bad in ["postmaster", "@b.test", "a@", "a..b@c.test", ".a@c.test", "a@b..test", "a@-b.test", "a b@c.test"] {
         assert!(check_mailbox(bad, true).is_err(), "{bad}");
     }
+}
+
+#[test]
+fn bdat() {
+    assert_eq!(ok("BDAT 1000"), Command::Bdat { size: 1000, last: false });
+    assert_eq!(ok("bdat 0 last"), Command::Bdat { size: 0, last: true });
+    assert_eq!(ok("BDAT  42  LAST "), Command::Bdat { size: 42, last: true });
+    assert_eq!(ok("BDAT 18446744073709551615"), Command::Bdat { size: u64::MAX, last: false });
+    // With a size, every other problem still says how many octets follow.
+    for line in ["BDAT 5 FIRST", "BDAT 5 LAST x", "BDAT 5 LAST\x01"] {
+        assert_eq!(
+            err(line),
+            CommandError::BadChunk { size: 5, text: "Syntax: BDAT chunk-size [LAST]".into() },
+            "{line}"
+        );
+    }
+    let long = format!("BDAT 7 LAST{}", " ".repeat(600));
+    assert_eq!(ok(&long), Command::Bdat { size: 7, last: true }, "the line length does not hide the size");
+    assert_eq!(err("BDAT 7 \u{e9}").reply().to_string(), "501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n");
+    // Without one, nobody knows where the data ends.
+    for line in ["BDAT", "BDAT LAST", "BDAT -1", "BDAT +5", "BDAT 0x10", "BDAT 18446744073709551616", "BDAT 1e3"] {
+        assert_eq!(err(line), CommandError::NoChunkSize, "{line}");
+    }
+    assert_eq!(err("BDAT").reply().code, 421);
 }

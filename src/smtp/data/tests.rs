@@ -149,3 +149,58 @@ fn header_section_is_bounded() {
     assert!(reader.feed(&input, &mut Vec::new()).is_some());
     assert_eq!(reader.problem(), None);
 }
+
+/// Feeds `chunks` to a BDAT reader, then finishes it; returns the output and the problem.
+fn read_chunks(binary: bool, chunks: &[&[u8]]) -> (Vec<u8>, Option<DataProblem>) {
+    let mut reader = DataReader::chunked(BIG, 1000, 2, binary);
+    let mut out = Vec::new();
+    for chunk in chunks {
+        assert_eq!(reader.feed(chunk, &mut out), None, "BDAT data never ends by itself");
+    }
+    reader.finish();
+    (out, reader.problem())
+}
+
+#[test]
+fn chunks_are_taken_verbatim() {
+    // No dot-unstuffing, and a line of a single dot ends nothing.
+    let (out, problem) = read_chunks(false, &[b"Subject: x\r\n\r\n..two\r\n.\r\n", b"after\r\n"]);
+    assert_eq!((out.as_slice(), problem), (&b"Subject: x\r\n\r\n..two\r\n.\r\nafter\r\n"[..], None));
+    // A CRLF split between chunks is one line ending; a message may end without one.
+    assert_eq!(read_chunks(false, &[b"a\r", b"\nb"]), (b"a\r\nb".to_vec(), None));
+    assert_eq!(read_chunks(false, &[]), (Vec::new(), None));
+}
+
+#[test]
+fn chunks_get_the_bare_newline_and_loop_checks() {
+    for chunks in [&[&b"a\nb\r\n"[..]][..], &[b"a\rb\r\n"], &[b"a\r\n", b"b\r"], &[b"Subject: x\r\n\r\nbody\n"]] {
+        assert_eq!(read_chunks(false, chunks).1, Some(DataProblem::BareNewline), "{chunks:?}");
+    }
+    let loops = read_chunks(false, &[b"Received: 1\r\nReceived: 2\r\n", b"Received: 3\r\n\r\n"]);
+    assert_eq!(loops.1, Some(DataProblem::TooManyReceived));
+    let long = [b'x'; 1001];
+    assert_eq!(read_chunks(false, &[b"A: b\r\n\r\n", &long]).1, Some(DataProblem::LineTooLong));
+}
+
+#[test]
+fn a_binary_body_is_octets_but_its_header_is_lines() {
+    let body: Vec<u8> = (0..=255u8).chain(std::iter::repeat_n(b'y', 2000)).chain([b'\r']).collect();
+    let mut message = b"Content-Transfer-Encoding: binary\r\n\r\n".to_vec();
+    message.extend_from_slice(&body);
+    let (out, problem) = read_chunks(true, &[&message[..10], &message[10..]]);
+    assert_eq!((out, problem), (message, None), "bare CR, LF, NUL and a 2000-octet line pass in a binary body");
+    assert_eq!(read_chunks(true, &[b"Subject: a\nb\r\n\r\n"]).1, Some(DataProblem::BareNewline));
+    let loops = read_chunks(true, &[b"Received: 1\r\nReceived: 2\r\nReceived: 3\r\n\r\nbody"]);
+    assert_eq!(loops.1, Some(DataProblem::TooManyReceived));
+}
+
+#[test]
+fn chunks_count_against_the_size_limit() {
+    let mut reader = DataReader::chunked(10, 1000, 50, true);
+    let mut out = Vec::new();
+    reader.feed(b"A: b\r\n\r\n\x00\x01", &mut out);
+    assert_eq!(reader.problem(), None);
+    reader.feed(b"\x02", &mut out);
+    assert_eq!((reader.problem(), reader.size()), (Some(DataProblem::TooBig), 11));
+    assert_eq!(out.len(), 10, "nothing is produced past a problem");
+}

@@ -119,3 +119,35 @@ async fn a_steady_sender_is_not_cut() {
     assert!(said.contains("250 2.0.0 Ok: queued as "), "{said}");
     assert_eq!(served.await.expect("session").0, "quit");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_bdat_chunk_trickled_at_one_octet_every_2s_gets_the_data_deadline() {
+    let fx = fixture();
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let served = serve_one(&fx, server);
+    client.write_all(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\n").await.expect("setup");
+    let mut said = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !said.ends_with(b"250 2.1.5 Ok\r\n") {
+        let n = client.read(&mut buffer).await.expect("replies");
+        said.extend_from_slice(&buffer[..n]);
+    }
+    let start = Instant::now();
+    // The BDAT line itself trickles too (18 octets, 36 s of command time); no reply follows it,
+    // and from its CRLF on the octets are data: cut at the 10-minute DATA deadline, not at the
+    // 5-minute command deadline that would run from the RCPT's reply.
+    for byte in [b"BDAT 100000 LAST\r\n".to_vec(), b"y".repeat(1000)].concat() {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if client.write_all(&[byte]).await.is_err() {
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut said)).await;
+    let said = String::from_utf8_lossy(&said);
+    let (end, at) = within_an_hour(served).await.expect("session");
+    assert_eq!(end, "timeout");
+    assert!(said.ends_with("250 2.1.5 Ok\r\n421 4.4.2 mx.test timeout, closing\r\n"), "{said}");
+    let took = at - start;
+    assert!(took >= Duration::from_secs(636) && took <= Duration::from_secs(640), "{took:?}");
+    assert!(fx.context.spool.is_empty());
+}

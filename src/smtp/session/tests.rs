@@ -81,6 +81,11 @@ fn talk(session: &mut Session, input: &[u8]) -> (String, Ended) {
     (text, Ended::Open)
 }
 
+/// What a TLS 1.3 handshake with rustls's preferred suite agrees on.
+fn tls13() -> TlsInfo {
+    TlsInfo { version: "TLSv1.3".into(), cipher: "TLS_AES_256_GCM_SHA384".into(), bits: Some(256) }
+}
+
 fn codes(text: &str) -> Vec<&str> {
     text.lines().filter(|l| l.as_bytes().get(3) == Some(&b' ')).map(|l| &l[..3]).collect()
 }
@@ -93,8 +98,8 @@ fn greeting_and_ehlo_keywords() {
     let (text, _) = talk(&mut session, b"EHLO client.test\r\n");
     assert_eq!(
         text,
-        "250-mx.test\r\n250-SIZE 12345\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n\
-         250-ENHANCEDSTATUSCODES\r\n250 DSN\r\n"
+        "250-mx.test\r\n250-SIZE 12345\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-CHUNKING\r\n\
+         250-BINARYMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 DSN\r\n"
     );
     let (text, _) = talk(&mut session, b"HELO client.test\r\n");
     assert_eq!(text, "250 mx.test\r\n");
@@ -111,7 +116,7 @@ fn small_verbs() {
     assert_eq!(
         text,
         "250 2.0.0 Ok\r\n252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n\
-         214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS\r\n\
+         214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS\r\n\
          502 5.5.1 EXPN not implemented\r\n500 5.5.2 command unrecognized: FOO\r\n\
          502 5.5.1 STARTTLS not available\r\n250 2.0.0 Ok\r\n"
     );
@@ -195,7 +200,7 @@ fn recipient_limits_and_checks() {
           RCPT TO:<j\xc3\xb6rg@example.test>\r\nRCPT TO:<y@[127.0.0.1]>\r\nRCPT TO:<y@example.test>\r\nRCPT TO:<z@example.test>\r\n",
     );
     assert_eq!(
-        text.lines().skip(7).collect::<Vec<_>>(),
+        text.lines().skip(9).collect::<Vec<_>>(),
         [
             "250 2.1.0 Ok",
             "250 2.1.5 Ok",
@@ -291,7 +296,7 @@ fn starttls_discards_pipelined_input_and_resets_state() {
     let (text, ended) = talk(&mut session, b"EHLO c.test\r\nSTARTTLS\r\nMAIL FROM:<a@b.test>\r\n");
     assert_eq!(ended, Ended::StartTls);
     assert!(text.ends_with("220 2.0.0 Ready to start TLS\r\n"), "{text}");
-    session.tls_started();
+    session.tls_started(tls13());
     // The injected MAIL was thrown away, and the EHLO before TLS is forgotten.
     let (text, _) = talk(&mut session, b"");
     assert_eq!(text, "");
@@ -489,4 +494,269 @@ fn declared_sizes_and_data_count_against_the_free_space() {
     let (text, _) = talk(&mut session, b"RCPT TO:<x@example.test>\r\nDATA\r\nSubject: s\r\n\r\nhi\r\n.\r\n");
     assert_eq!(codes(&text), ["250", "354", "250"], "{text}");
     assert_eq!(space.reserved(), 0, "given back after the commit");
+}
+
+/// The stored body of the only queued message, and its envelope.
+fn only_message(fx: &Fixture) -> (Envelope, Vec<u8>) {
+    let list = fx.context.spool.list();
+    assert_eq!(list.len(), 1, "one message queued: {list:?}");
+    let body = fx.context.spool.read_body(&list[0].id).expect("body");
+    (list[0].clone(), body)
+}
+
+/// The body below our Received header.
+fn below_received(body: &[u8]) -> &[u8] {
+    let text = body.windows(2).position(|w| w == b"; ").expect("date");
+    let end = body[text..].windows(2).position(|w| w == b"\r\n").expect("CRLF") + text + 2;
+    &body[end..]
+}
+
+const ENVELOPE: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\n";
+
+#[test]
+fn bdat_chunks_make_one_message_verbatim() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let mut input = ENVELOPE.to_vec();
+    // No dot-stuffing: ".." and a lone "." line are message text.
+    input.extend_from_slice(b"BDAT 16\r\nSubject: s\r\n\r\n..BDAT 10 LAST\r\n\r\n.\r\nend\r\nNOOP\r\n");
+    let (text, ended) = talk(&mut session, &input);
+    assert_eq!(ended, Ended::Open);
+    assert_eq!(codes(&text), ["250", "250", "250", "250", "250", "250"], "{text}");
+    assert!(text.contains("250 2.0.0 16 octets received\r\n250 2.0.0 Ok: queued as "), "{text}");
+    let (env, body) = only_message(&fx);
+    assert_eq!(below_received(&body), b"Subject: s\r\n\r\n..\r\n.\r\nend\r\n");
+    assert_eq!((env.body, env.size), (BodyType::SevenBit, body.len() as u64));
+    assert_eq!(fx.queued.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn bdat_split_at_every_octet_and_zero_last() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let mut input = ENVELOPE.to_vec();
+    input.extend_from_slice(b"BDAT 6\r\nA: b\r\nBDAT 3\r\n\r\nxBDAT 0 LAST\r\nNOOP\r\n");
+    let mut text = String::new();
+    for byte in &input {
+        assert!(!session.in_data() || session.chunk.is_some(), "between chunks the session reads commands");
+        text.push_str(&talk(&mut session, std::slice::from_ref(byte)).0);
+    }
+    assert_eq!(codes(&text), ["250", "250", "250", "250", "250", "250", "250"], "{text}");
+    assert_eq!(below_received(&only_message(&fx).1), b"A: b\r\n\r\nx");
+    // BDAT 0 LAST alone is an empty message (below our header).
+    let (text, _) = talk(&mut session, b"MAIL FROM:<>\r\nRCPT TO:<y@example.test>\r\nBDAT 0 LAST\r\n");
+    assert_eq!(codes(&text), ["250", "250", "250"], "{text}");
+    assert_eq!(fx.context.spool.len(), 2);
+}
+
+#[test]
+fn bdat_without_chunking_consumes_its_octets() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    // Before any greeting, and after HELO (no extensions): refused, and the octets announced,
+    // which look like commands, are read and dropped, never run.
+    let (text, ended) = talk(&mut session, b"BDAT 6\r\nQUIT\r\nNOOP\r\n");
+    assert_eq!((text.as_str(), ended), ("503 5.5.1 send EHLO or HELO first\r\n250 2.0.0 Ok\r\n", Ended::Open));
+    let smuggled = b"MAIL FROM:<evil@b.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n";
+    let mut input = b"HELO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\n".to_vec();
+    input.extend_from_slice(format!("BDAT {} LAST\r\n", smuggled.len()).as_bytes());
+    input.extend_from_slice(smuggled);
+    input.extend_from_slice(b"NOOP\r\n");
+    let (text, ended) = talk(&mut session, &input);
+    assert_eq!(ended, Ended::Open);
+    assert_eq!(codes(&text), ["250", "250", "250", "502", "250"], "{text}");
+    assert!(text.contains("502 5.5.1 BDAT not available after HELO (CHUNKING needs EHLO)\r\n"), "{text}");
+    assert!(fx.context.spool.is_empty());
+}
+
+#[test]
+fn bdat_out_of_sequence_is_refused_after_its_octets() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let (text, _) =
+        talk(&mut session, b"EHLO c.test\r\nBDAT 6 LAST\r\nRSET\r\nMAIL FROM:<a@b.test>\r\nBDAT 4\r\nDATANOOP\r\n");
+    assert_eq!(codes(&text), ["250", "503", "250", "554", "250"], "{text}");
+    assert!(
+        text.contains("503 5.5.1 need MAIL command\r\n250 2.1.0 Ok\r\n554 5.5.1 no valid recipients\r\n"),
+        "{text}"
+    );
+    // Within a chunked transaction, DATA, RCPT and MAIL are out of place (RFC 3030 2).
+    let (text, _) = talk(
+        &mut session,
+        b"RCPT TO:<x@example.test>\r\nBDAT 2\r\nA:DATA\r\nRCPT TO:<y@example.test>\r\nMAIL FROM:<a@b.test>\r\nBDAT 4 LAST\r\n b\r\n",
+    );
+    assert_eq!(codes(&text), ["250", "250", "503", "503", "503", "250"], "{text}");
+    assert!(text.contains("503 5.5.1 DATA after BDAT\r\n503 5.5.1 RCPT after BDAT\r\n503 5.5.1 nested MAIL"), "{text}");
+    assert_eq!(below_received(&only_message(&fx).1), b"A: b\r\n");
+}
+
+#[test]
+fn rset_and_ehlo_discard_chunks() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let mut input = ENVELOPE.to_vec();
+    input.extend_from_slice(b"BDAT 5\r\nfirstRSET\r\nBDAT 3 LAST\r\nabc");
+    input.extend_from_slice(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nBDAT 5\r\nfirstEHLO c.test\r\n");
+    input.extend_from_slice(ENVELOPE);
+    input.extend_from_slice(b"BDAT 4 LAST\r\nkept");
+    let (text, _) = talk(&mut session, &input);
+    assert_eq!(text.matches("503 5.5.1 need MAIL command").count(), 1, "{text}");
+    assert_eq!(below_received(&only_message(&fx).1), b"kept");
+}
+
+#[test]
+fn bdat_beyond_the_size_limit_is_read_and_refused() {
+    let fx = fixture(|c| c.smtp.max_message_size = 100);
+    let mut session = fx.session(false);
+    let mut input = ENVELOPE.to_vec();
+    input.extend_from_slice(b"BDAT 101 LAST\r\n");
+    input.extend_from_slice(&[b'Q'; 101]);
+    input.extend_from_slice(b"NOOP\r\n");
+    let (text, _) = talk(&mut session, &input);
+    assert!(text.ends_with("552 5.3.4 message size exceeds fixed limit of 100 octets\r\n250 2.0.0 Ok\r\n"), "{text}");
+    // Over two chunks: the second is refused, and the transaction with it, so a chunk pipelined
+    // behind it is read and gets 503.
+    let mut input = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nBDAT 60\r\n".to_vec();
+    input.extend_from_slice(&[b'x'; 60]);
+    input.extend_from_slice(b"BDAT 60\r\n");
+    input.extend_from_slice(&[b'y'; 60]);
+    input.extend_from_slice(b"BDAT 4 LAST\r\nNOOPNOOP\r\n");
+    let (text, _) = talk(&mut session, &input);
+    assert_eq!(codes(&text), ["250", "250", "250", "552", "503", "250"], "{text}");
+    assert!(fx.context.spool.is_empty());
+}
+
+#[test]
+fn content_checks_apply_to_chunks() {
+    let fx = fixture(|c| c.smtp.max_received_headers = 1);
+    let mut session = fx.session(false);
+    let mut input = ENVELOPE.to_vec();
+    // A bare LF is refused at the chunk that holds it; the transaction ends there.
+    input.extend_from_slice(b"BDAT 8\r\nA: b\nc\r\nBDAT 2 LAST\r\n\r\n");
+    input.extend_from_slice(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\n");
+    input.extend_from_slice(b"BDAT 31 LAST\r\nReceived: 1\r\nReceived: 2\r\n\r\nx\r\n");
+    input.extend_from_slice(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nBDAT 5 LAST\r\nA: b\r");
+    let (text, _) = talk(&mut session, &input);
+    assert_eq!(codes(&text), ["250", "250", "250", "550", "503", "250", "250", "554", "250", "250", "550"], "{text}");
+    assert!(text.contains("550 5.5.2 message contains bare CR or LF\r\n503 5.5.1 need MAIL command\r\n"), "{text}");
+    assert!(text.contains("554 5.4.6 too many Received headers: mail loop\r\n"), "{text}");
+    assert!(fx.context.spool.is_empty());
+}
+
+#[test]
+fn binarymime_needs_bdat_and_keeps_its_octets() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    let (text, _) = talk(
+        &mut session,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<x@example.test>\r\nDATA\r\nRSET\r\n",
+    );
+    assert!(text.ends_with("503 5.5.1 BODY=BINARYMIME needs BDAT, not DATA\r\n250 2.0.0 Ok\r\n"), "{text}");
+    let message: Vec<u8> = b"Content-Transfer-Encoding: binary\r\n\r\n".iter().copied().chain(0..=255u8).collect();
+    let mut input = b"MAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<x@example.test>\r\n".to_vec();
+    input.extend_from_slice(format!("BDAT {} LAST\r\n", message.len()).as_bytes());
+    input.extend_from_slice(&message);
+    let (text, _) = talk(&mut session, &input);
+    assert_eq!(codes(&text), ["250", "250", "250"], "{text}");
+    let (env, body) = only_message(&fx);
+    assert_eq!(env.body, BodyType::BinaryMime);
+    assert_eq!(below_received(&body), message.as_slice());
+}
+
+#[test]
+fn bad_bdat_lines() {
+    let fx = fixture(|_| {});
+    let mut session = fx.session(false);
+    // A size and garbage after it: its octets are still read.
+    let (text, ended) = talk(&mut session, b"EHLO c.test\r\nBDAT 6 FIRST\r\nQUIT\r\nNOOP\r\n");
+    assert_eq!(ended, Ended::Open);
+    assert!(text.ends_with("501 5.5.4 Syntax: BDAT chunk-size [LAST]\r\n250 2.0.0 Ok\r\n"), "{text}");
+    // In a chunked transaction it ends the transaction: a chunk is missing.
+    let mut input = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nBDAT 2\r\nA:".to_vec();
+    input.extend_from_slice(b"BDAT 2 LAST x\r\n bBDAT 2 LAST\r\n\r\n");
+    let (text, _) = talk(&mut session, &input);
+    assert_eq!(codes(&text), ["250", "250", "250", "501", "503"], "{text}");
+    // Without a size nobody knows where the data ends: the session is closed.
+    let (text, ended) = talk(&mut session, b"BDAT LAST\r\nNOOP\r\n");
+    assert_eq!(ended, Ended::Closed);
+    assert!(text.starts_with("421 4.5.2 Syntax: BDAT chunk-size [LAST]"), "{text}");
+    assert!(fx.context.spool.is_empty());
+}
+
+#[test]
+fn refused_chunks_count_as_errors() {
+    let fx = fixture(|c| c.smtp.max_errors = 3);
+    let mut session = fx.session(false);
+    let (text, ended) = talk(&mut session, b"BDAT 1\r\nxBDAT 1\r\nxBDAT 1\r\nxNOOP\r\n");
+    assert_eq!(ended, Ended::Closed);
+    assert!(text.ends_with("421 4.7.0 mx.test too many errors\r\n"), "{text}");
+}
+
+#[test]
+fn a_chunk_beyond_the_free_space_gets_452() {
+    let fx = fixture(|c| c.smtp.max_message_size = u64::MAX);
+    let space = Arc::new(SpaceMonitor::new());
+    let mut session =
+        Session::new(Arc::clone(&fx.context), Arc::clone(&space), "192.0.2.7".parse().expect("ip"), false);
+    let (text, _) = talk(&mut session, ENVELOPE);
+    assert_eq!(codes(&text), ["250", "250", "250"], "{text}");
+    // Another message takes all but a little of the free space (the look at the disk is cached
+    // for a second, so the session sees the same figure).
+    let free = fx.context.spool.space().expect("statvfs").free_bytes;
+    let _other = (1..1000).find_map(|k| space.reserve(&fx.context, free.saturating_sub(k * 4096))).expect("reserve");
+    let mut input = b"BDAT 200000\r\n".to_vec();
+    input.extend(std::iter::repeat_n(b"xxxxxxxx\r\n".as_slice(), 20_000).flatten());
+    input.extend_from_slice(b"BDAT 1 LAST\r\nxNOOP\r\n");
+    let (text, _) = talk(&mut session, &input);
+    assert_eq!(text, "452 4.3.1 insufficient system storage\r\n503 5.5.1 need MAIL command\r\n250 2.0.0 Ok\r\n");
+    assert!(fx.context.spool.is_empty());
+}
+
+#[test]
+fn received_header_plain_tls_and_smtputf8() {
+    let date = |body: &[u8]| {
+        let text = String::from_utf8_lossy(body).into_owned();
+        let at = text.find("; ").expect("date") + 2;
+        text[at..text[at..].find("\r\n").expect("CRLF") + at].to_string()
+    };
+    let fx = fixture(|_| {});
+    let mut plain = fx.session(false);
+    talk(&mut plain, b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\nhi\r\n.\r\n");
+    let (env, body) = only_message(&fx);
+    let header = format!(
+        "Received: from c.test ([192.0.2.7])\r\n\tby mx.test (bartleby) with ESMTP id {}\r\n\tfor <x@example.test>; {}\r\n",
+        env.id,
+        date(&body)
+    );
+    assert!(body.starts_with(header.as_bytes()), "{}", String::from_utf8_lossy(&body));
+
+    let fx = fixture(|_| {});
+    let mut utf8 = fx.session(false);
+    let input = "EHLO c.test\r\nMAIL FROM:<j\u{f6}rg@b.test> SMTPUTF8\r\nRCPT TO:<x@example.test>\r\nRCPT TO:<y@example.test>\r\nBDAT 4 LAST\r\nhi\r\n";
+    talk(&mut utf8, input.as_bytes());
+    let (env, body) = only_message(&fx);
+    let header = format!(
+        "Received: from c.test ([192.0.2.7])\r\n\tby mx.test (bartleby) with UTF8SMTP id {}; {}\r\n",
+        env.id,
+        date(&body)
+    );
+    assert!(body.starts_with(header.as_bytes()), "{}", String::from_utf8_lossy(&body));
+
+    for (smtputf8, protocol) in [("", "ESMTPS"), (" SMTPUTF8", "UTF8SMTPS")] {
+        let fx = fixture(|_| {});
+        let mut tls = fx.session(true);
+        talk(&mut tls, b"EHLO c.test\r\nSTARTTLS\r\n");
+        tls.tls_started(tls13());
+        let input =
+            format!("EHLO c.test\r\nMAIL FROM:<a@b.test>{smtputf8}\r\nRCPT TO:<x@example.test>\r\nDATA\r\nhi\r\n.\r\n");
+        talk(&mut tls, input.as_bytes());
+        let (env, body) = only_message(&fx);
+        let header = format!(
+            "Received: from c.test ([192.0.2.7])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n\
+             \tby mx.test (bartleby) with {protocol} id {}\r\n\tfor <x@example.test>; {}\r\n",
+            env.id,
+            date(&body)
+        );
+        assert!(body.starts_with(header.as_bytes()), "{}", String::from_utf8_lossy(&body));
+    }
 }
