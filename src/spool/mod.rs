@@ -799,12 +799,43 @@ pub struct IncomingMessage {
     size: u64,
 }
 
+/// Chunks a spilled body's writer may fall behind the session before the session waits for it.
+const SPILL_QUEUE: usize = 16;
+
+/// A spilled body's writer thread and the channel that feeds it.
+struct Spill {
+    chunks: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    writer: Option<std::thread::JoinHandle<Result<File, SpoolError>>>,
+}
+
+impl Spill {
+    /// Ends the feed and waits for the writer: the file with every chunk written, or its error.
+    fn finish(&mut self) -> Result<File, SpoolError> {
+        self.chunks = None;
+        let failed = || SpoolError::Io {
+            path: PathBuf::from("(spilled body)"),
+            source: io::Error::other("writer thread failed"),
+        };
+        match self.writer.take() {
+            Some(writer) => writer.join().unwrap_or_else(|_| Err(failed())),
+            None => Err(failed()),
+        }
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        // The writer ends once the feed does; the file is removed after it (IncomingMessage's drop).
+        let _ = self.finish();
+    }
+}
+
 /// Where a body being received lives.
 enum Body {
     /// Small enough for the journal so far.
     Memory(Vec<u8>),
-    /// Spilled to `incoming/ID.msg`.
-    File(BufWriter<File>),
+    /// Spilled to `incoming/ID.msg`, written by a thread of its own.
+    File(Spill),
     /// Committed or failed.
     Gone,
 }
@@ -828,8 +859,13 @@ impl Incoming for IncomingMessage {
             let held = std::mem::take(held);
             self.spill(&held)?;
         }
-        let Body::File(file) = &mut self.body else { return Err(SpoolError::NotFound(self.id.clone())) };
-        file.write_all(data).map_err(io_err(&self.path))?;
+        let Body::File(spill) = &mut self.body else { return Err(SpoolError::NotFound(self.id.clone())) };
+        if spill.chunks.as_ref().is_none_or(|chunks| chunks.send(data.to_vec()).is_err()) {
+            // The writer stopped: it failed, and says why.
+            let failed = spill.finish().err();
+            self.body = Body::Gone;
+            return Err(failed.unwrap_or_else(|| io_err(&self.path)(io::Error::other("the body's writer stopped"))));
+        }
         self.size += data.len() as u64;
         Ok(())
     }
@@ -854,15 +890,28 @@ impl Incoming for IncomingMessage {
 }
 
 impl IncomingMessage {
-    /// Moves a body that outgrew the journal into its own file.
+    /// Moves a body that outgrew the journal into its own file, written from then on by a thread
+    /// of its own: a session's writes never wait for the disk on an async worker thread, unless
+    /// the disk falls [`SPILL_QUEUE`] chunks behind.
     fn spill(&mut self, held: &[u8]) -> Result<(), SpoolError> {
         self.body = Body::Gone;
         let path = self.spool.incoming.join(format!("{}.msg", self.id));
         let file = create_private(&path)?;
-        self.path = path;
-        let mut writer = BufWriter::with_capacity(64 * 1024, file);
-        writer.write_all(held).map_err(io_err(&self.path))?;
-        self.body = Body::File(writer);
+        self.path = path.clone();
+        let (chunks, received) = std::sync::mpsc::sync_channel::<Vec<u8>>(SPILL_QUEUE);
+        let first = held.to_vec();
+        let writer = std::thread::Builder::new()
+            .name("spill-writer".into())
+            .spawn(move || {
+                let mut writer = BufWriter::with_capacity(64 * 1024, file);
+                writer.write_all(&first).map_err(io_err(&path))?;
+                for chunk in received {
+                    writer.write_all(&chunk).map_err(io_err(&path))?;
+                }
+                writer.into_inner().map_err(|e| SpoolError::Io { path: path.clone(), source: e.into_error() })
+            })
+            .map_err(io_err(&self.path))?;
+        self.body = Body::File(Spill { chunks: Some(chunks), writer: Some(writer) });
         Ok(())
     }
 
@@ -878,9 +927,8 @@ impl IncomingMessage {
     }
 
     /// A large message: body and envelope fsync'd, renamed into `messages/`, directory fsync'd.
-    fn commit_file(&mut self, envelope: Envelope, writer: BufWriter<File>) -> Result<Envelope, SpoolError> {
-        let body =
-            writer.into_inner().map_err(|e| SpoolError::Io { path: self.path.clone(), source: e.into_error() })?;
+    fn commit_file(&mut self, envelope: Envelope, mut spill: Spill) -> Result<Envelope, SpoolError> {
+        let body = spill.finish()?;
         let spool = Arc::clone(&self.spool);
         let env_tmp = spool.incoming.join(format!("{}.env", self.id));
         let env_file = write_private_json(&envelope, &env_tmp);
