@@ -116,6 +116,78 @@ fn start_senders(
     (threads, sent)
 }
 
+/// Stops the senders however the test ends.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn wait_for_acks(sent: &Mutex<Sent>, count: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while sent.lock().expect("lock").acked.len() < count {
+        let failed = sent.lock().expect("lock").failed.clone();
+        assert!(failed.is_empty(), "sends failed before the power cut: {failed:?}");
+        assert!(Instant::now() < deadline, "fewer than {count} messages acknowledged in {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// 20 senders; then the power goes at a random moment. Returns what the senders saw.
+fn load_then_cut(
+    size: Size,
+    rng: &mut fastrand::Rng,
+    bartleby: &mut Daemon,
+    fs: &mut LazyFs,
+    watch: &SyncfsWatch,
+) -> Sent {
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_senders_on_panic = StopOnDrop(Arc::clone(&stop));
+    let (senders, sent) = start_senders(size, bartleby.smtp, &stop);
+    let load_started = Instant::now();
+    // However slow the machine: some messages are in the queue before the power goes.
+    wait_for_acks(&sent, 2 * SENDERS, Duration::from_secs(30));
+    // During the small load, a checkpoint writes journaled messages to their own files, makes them
+    // durable with one syncfs, then deletes journal segments; the power goes during or after it.
+    let checkpoint = (size == Size::Small).then(|| {
+        std::thread::sleep(Duration::from_millis(rng.u64(300..1_000)));
+        let config = bartleby.config_path.clone();
+        std::thread::spawn(move || daemon::cli_with_config(&config, &["queue", "sync"]))
+    });
+    std::thread::sleep(Duration::from_millis(rng.u64(300..2_500)));
+    let load = load_started.elapsed();
+    let before_cut = fs.counters();
+
+    // The senders finish the message each is sending (the kill cuts it short) and start no other.
+    stop.store(true, Ordering::SeqCst);
+    bartleby.kill();
+    for sender in senders {
+        sender.join().expect("sender thread");
+    }
+    if let Some(checkpoint) = checkpoint {
+        let out = checkpoint.join().expect("checkpoint thread");
+        let said = [String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)].concat();
+        eprintln!("{size:?}: queue sync during the load: {}", said.trim());
+    }
+    let cut = fs.power_cut(Some(rng));
+    let Sent { acked, all, failed } = std::mem::take(&mut *sent.lock().expect("lock"));
+    assert!(failed.is_empty(), "{} sends failed before the power cut, e.g. {:?}", failed.len(), &failed[..1]);
+    eprintln!(
+        "{size:?}: {} acknowledged of {} sent in {load:?}; the daemon's fsync {}, fdatasync {}, directory fsync {}, \
+         syncfs {}; the power cut dropped {cut:?}",
+        acked.len(),
+        all.len(),
+        before_cut.fsync,
+        before_cut.fdatasync,
+        before_cut.fsyncdir,
+        watch.seen()
+    );
+
+    Sent { acked, all, failed }
+}
+
 fn power_cut_loses_no_acknowledged_message(size: Size) {
     let started = Instant::now();
     let seed = std::env::var("POWER_LOSS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
@@ -141,49 +213,7 @@ fn power_cut_loses_no_acknowledged_message(size: Size) {
     // the kernel's writeback would, so the test is about messages, not about the first start.
     fs.sync_all();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (senders, sent) = start_senders(size, bartleby.smtp, &stop);
-    let load = Duration::from_millis(match size {
-        Size::Small => rng.u64(1_500..3_000),
-        Size::Large => rng.u64(2_000..4_000),
-    });
-    // During the small load, a checkpoint writes journaled messages to their own files and makes
-    // them durable with one syncfs, then deletes journal segments.
-    let checkpoint = (size == Size::Small).then(|| {
-        let config = bartleby.config_path.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(load / 2);
-            daemon::cli_with_config(&config, &["queue", "sync"])
-        })
-    });
-    std::thread::sleep(load);
-    let before_cut = fs.counters();
-
-    // The senders finish the message each is sending (the kill cuts it short) and start no other.
-    stop.store(true, Ordering::SeqCst);
-    bartleby.kill();
-    for sender in senders {
-        sender.join().expect("sender thread");
-    }
-    if let Some(checkpoint) = checkpoint {
-        let out = checkpoint.join().expect("checkpoint thread");
-        let said = [String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)].concat();
-        eprintln!("{size:?}: queue sync during the load: {}", said.trim());
-    }
-    let cut = fs.power_cut(Some(&mut rng));
-    let Sent { acked, all, failed } = std::mem::take(&mut *sent.lock().expect("lock"));
-    assert!(failed.is_empty(), "{} sends failed before the power cut, e.g. {:?}", failed.len(), &failed[..1]);
-    eprintln!(
-        "{size:?}: {} acknowledged of {} sent in {load:?}; the daemon's fsync {}, fdatasync {}, directory fsync {}, \
-         syncfs {}; the power cut dropped {cut:?}",
-        acked.len(),
-        all.len(),
-        before_cut.fsync,
-        before_cut.fdatasync,
-        before_cut.fsyncdir,
-        watch.seen()
-    );
-    assert!(acked.len() >= SENDERS, "too few messages acknowledged before the power cut: {}", acked.len());
+    let Sent { acked, all, .. } = load_then_cut(size, &mut rng, &mut bartleby, &mut fs, &watch);
 
     bartleby.restart();
     check_queued(&bartleby, &acked, &all);
