@@ -11,7 +11,7 @@
 //! - `fsync` of a directory: that directory's entries as they are now (creates, renames and
 //!   unlinks in it), not the contents of the files they name;
 //! - `syncfs` or `sync`: everything. The kernel does not forward either to a FUSE server (it sends
-//!   `FUSE_SYNCFS` only to virtiofs), so the filesystem cannot see them; a test that runs a program
+//!   `FUSE_SYNCFS` only to virtiofs and fuseblk servers), so the filesystem cannot see them; a test that runs a program
 //!   which calls them installs [`super::syncfs_watch`], which stops each call in the program and
 //!   calls [`LazyFs::sync_all`] before letting it go on.
 //!

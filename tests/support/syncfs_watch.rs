@@ -1,6 +1,7 @@
 //! Sees a child process's `syncfs` and `sync` calls, which a FUSE filesystem cannot: Linux sends
-//! `FUSE_SYNCFS` only to virtiofs servers, so on a /dev/fuse mount `syncfs` returns without the
-//! filesystem hearing of it (checked on 6.x kernels: `fc->sync_fs` is set by virtiofs alone).
+//! `FUSE_SYNCFS` only to virtiofs and fuseblk servers (`fc->sync_fs`), so on a plain /dev/fuse mount
+//! `syncfs` returns without the filesystem hearing of it (the kernel only writes back its own dirty
+//! pages, and this filesystem has none: FUSE writes go through).
 //!
 //! The child installs a seccomp filter before it executes (Linux 5.5+ for the "continue" answer)
 //! that stops each such call and hands it to this process, over a seccomp listener it sends back on
