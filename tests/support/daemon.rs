@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_bartleby");
 
+/// Changes the daemon's command before each start (tests/power_loss.rs has its `syncfs` calls watched).
+pub type Prepare = std::sync::Arc<dyn Fn(&mut Command) + Send + Sync>;
+
 /// A free TCP port on `ip` (bound and released; good enough for tests).
 pub fn free_port(ip: &str) -> u16 {
     TcpListener::bind((ip, 0)).and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
@@ -21,19 +24,20 @@ pub struct Daemon {
     pub config_path: PathBuf,
     pub smtp: SocketAddr,
     log_path: PathBuf,
+    prepare: Option<Prepare>,
 }
 
 impl Daemon {
     /// Writes `config` (which must set `smtp.listen = [smtp]` and `queue.dir`) to `dir` and starts.
     pub fn start_with(dir: &Path, config: &str, smtp: SocketAddr) -> Daemon {
-        Daemon::try_start_with(dir, config, smtp).unwrap_or_else(|err| panic!("{err}"))
+        Daemon::try_start_with(dir, config, smtp, None).unwrap_or_else(|err| panic!("{err}"))
     }
 
-    fn try_start_with(dir: &Path, config: &str, smtp: SocketAddr) -> Result<Daemon, String> {
+    fn try_start_with(dir: &Path, config: &str, smtp: SocketAddr, prepare: Option<Prepare>) -> Result<Daemon, String> {
         let config_path = dir.join("bartleby.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut daemon =
-            Daemon { child: None, dir: dir.to_path_buf(), config_path, smtp, log_path: dir.join("bartleby.log") };
+        let log_path = dir.join("bartleby.log");
+        let mut daemon = Daemon { child: None, dir: dir.to_path_buf(), config_path, smtp, log_path, prepare };
         daemon.try_restart()?;
         Ok(daemon)
     }
@@ -61,10 +65,15 @@ impl Daemon {
     /// Starts with the configuration `config` makes for a free SMTP address on 127.0.0.1; a port
     /// taken by a parallel test in the meantime means another try with new ports.
     pub fn start_on_free_port(dir: &Path, config: impl Fn(SocketAddr) -> String) -> Daemon {
+        Daemon::start_prepared(dir, None, config)
+    }
+
+    /// [`Daemon::start_on_free_port`], with `prepare` applied to the command of every start.
+    pub fn start_prepared(dir: &Path, prepare: Option<Prepare>, config: impl Fn(SocketAddr) -> String) -> Daemon {
         let mut last = String::new();
         for _ in 0..5 {
             let smtp: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
-            match Daemon::try_start_with(dir, &config(smtp), smtp) {
+            match Daemon::try_start_with(dir, &config(smtp), smtp, prepare.clone()) {
                 Ok(daemon) => return daemon,
                 Err(err) if err.contains("cannot listen") => last = err,
                 Err(err) => panic!("{err}"),
@@ -86,13 +95,16 @@ impl Daemon {
         let before = announced();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).expect("log file");
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&out_path).expect("stdout file");
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["--config", self.config_path.to_str().expect("utf-8 path"), "serve"])
             .env("RUST_LOG", "info")
             .stdout(out)
-            .stderr(log)
-            .spawn()
-            .expect("start bartleby");
+            .stderr(log);
+        if let Some(prepare) = &self.prepare {
+            prepare(&mut command);
+        }
+        let child = command.spawn().expect("start bartleby");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
