@@ -110,6 +110,11 @@ impl Spool {
                     let created = File::open(dir).map_err(io_err(dir))?;
                     give_to_spool_owner(&created, dir)?;
                 }
+                // The new name must survive power loss before any message is acknowledged in it
+                // (found by the power-loss test, tests/power_loss.rs).
+                if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    sync_dir(parent)?;
+                }
             }
         }
         let lock_path = root.join("lock");
