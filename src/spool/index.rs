@@ -8,13 +8,15 @@
 //! every queued message carries the same "connection refused", once.
 
 use super::{Envelope, Filter, RecipientStatus, for_each_domain};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use super::envelope::{QueueKey as Key, queue_id as id_of, queue_key as key};
 
 const HELD: u8 = 1;
 const BOUNCE_SUPPRESSED: u8 = 2;
+/// A removed message's place, until the next compaction ([`Entries`]).
+const DEAD: u8 = 0x80;
 
 /// What the index keeps of one message.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +62,24 @@ impl Summary {
     pub fn is_noted(&self) -> bool {
         self.noted_at != 0
     }
+
+    fn is_dead(&self) -> bool {
+        self.flags & DEAD != 0
+    }
+
+    const GONE: Summary = Summary {
+        arrived: 0,
+        next_attempt: 0,
+        size: 0,
+        noted_at: 0,
+        more: None,
+        sender: NONE,
+        recipient: NONE,
+        attempts: 0,
+        reason: 0,
+        domain: NONE,
+        flags: DEAD,
+    };
 
     fn domain_ids(&self) -> impl Iterator<Item = u32> + '_ {
         let first = (self.domain != NONE).then_some(self.domain);
@@ -162,10 +182,94 @@ impl<T: std::hash::Hash + Eq> Interned<T> {
     }
 }
 
+/// The summaries in one sorted vector: 72 octets a message, where a B-tree's half-full nodes took
+/// about twice that. IDs are issued in increasing order, so a new message is pushed at the end; a
+/// removed one leaves a dead place behind, and the vector is compacted once half of it is dead.
+#[derive(Debug, Default)]
+struct Entries {
+    items: Vec<(Key, Summary)>,
+    dead: usize,
+}
+
+impl Entries {
+    fn find(&self, key: Key) -> Result<usize, usize> {
+        self.items.binary_search_by_key(&key, |(k, _)| *k)
+    }
+
+    fn len(&self) -> usize {
+        self.items.len() - self.dead
+    }
+
+    fn get(&self, key: &Key) -> Option<&Summary> {
+        let at = self.find(*key).ok()?;
+        self.items.get(at).map(|(_, s)| s).filter(|s| !s.is_dead())
+    }
+
+    fn get_mut(&mut self, key: &Key) -> Option<&mut Summary> {
+        let at = self.find(*key).ok()?;
+        self.items.get_mut(at).map(|(_, s)| s).filter(|s| !s.is_dead())
+    }
+
+    fn contains_key(&self, key: &Key) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn insert(&mut self, key: Key, summary: Summary) -> Option<Summary> {
+        if self.items.last().is_none_or(|(last, _)| *last < key) {
+            self.items.push((key, summary));
+            return None;
+        }
+        match self.find(key) {
+            Ok(at) => {
+                let old = std::mem::replace(&mut self.items[at].1, summary);
+                if old.is_dead() {
+                    self.dead -= 1;
+                    return None;
+                }
+                Some(old)
+            }
+            Err(at) => {
+                self.items.insert(at, (key, summary));
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<Summary> {
+        let at = self.find(*key).ok()?;
+        if self.items[at].1.is_dead() {
+            return None;
+        }
+        let old = std::mem::replace(&mut self.items[at].1, Summary::GONE);
+        self.dead += 1;
+        if self.dead > 1024 && self.dead * 2 > self.items.len() {
+            self.items.retain(|(_, s)| !s.is_dead());
+            self.dead = 0;
+            if self.items.capacity() > 4 * self.items.len().max(1024) {
+                self.items.shrink_to(2 * self.items.len());
+            }
+        }
+        Some(old)
+    }
+
+    fn last_key(&self) -> Option<Key> {
+        self.items.iter().rev().find(|(_, s)| !s.is_dead()).map(|(k, _)| *k)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Key, &Summary)> {
+        self.items.iter().filter(|(_, s)| !s.is_dead()).map(|(k, s)| (k, s))
+    }
+
+    fn after(&self, after: Option<Key>) -> impl Iterator<Item = (Key, &Summary)> {
+        let start = after.map_or(0, |a| self.items.partition_point(|(k, _)| *k <= a));
+        self.items[start..].iter().filter(|(_, s)| !s.is_dead()).map(|(k, s)| (*k, s))
+    }
+}
+
 /// Every queued message's summary, oldest first.
 #[derive(Debug, Default)]
 pub struct Index {
-    entries: BTreeMap<Key, Summary>,
+    entries: Entries,
     domains: Interned<String>,
     addresses: Interned<String>,
     reasons: Interned<Reason>,
@@ -185,7 +289,7 @@ impl Index {
     }
 
     pub fn last_key(&self) -> Option<Key> {
-        self.entries.keys().next_back().copied()
+        self.entries.last_key()
     }
 
     /// Sets the message's summary from its envelope as it is now on disk (no noted bookkeeping).
@@ -301,8 +405,7 @@ impl Index {
 
     /// Every summary, oldest first, from the first key after `after`.
     pub fn iter_after(&self, after: Option<Key>) -> impl Iterator<Item = (Key, &Summary)> {
-        let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
-        self.entries.range((start, std::ops::Bound::Unbounded)).map(|(k, s)| (*k, s))
+        self.entries.after(after)
     }
 
     /// The domains of the summary's pending recipients.
@@ -384,6 +487,29 @@ mod tests {
         assert_eq!(key(a).map(id_of).as_deref(), Some(a));
         assert_eq!(key("not an id"), None);
         assert_eq!(key("0005f1a2b3c4d000"), None, "lower case is not a queue ID");
+    }
+
+    #[test]
+    fn the_sorted_entries_keep_order_through_removals_compaction_and_late_arrivals() {
+        let mut index = Index::default();
+        let e = envelope("0000000000001000", &["x@example.com"]);
+        for key in (10..5000u64).step_by(2) {
+            index.insert(key, &e);
+        }
+        index.insert(3, &e); // an imported, older ID lands in its place
+        for key in (10..4000u64).step_by(2) {
+            index.remove(key);
+        }
+        index.remove(3);
+        index.insert(3, &e); // removed and queued again
+        let keys: Vec<Key> = index.iter_after(None).map(|(k, _)| k).collect();
+        let expected: Vec<Key> = std::iter::once(3).chain((4000..5000).step_by(2)).collect();
+        assert_eq!(keys, expected);
+        assert_eq!(index.len(), expected.len());
+        assert!(index.entries.dead < index.entries.items.len(), "compacted: {}", index.entries.dead);
+        assert_eq!(index.iter_after(Some(4001)).next().map(|(k, _)| k), Some(4002));
+        assert!(!index.contains(10) && index.contains(4998) && index.last_key() == Some(4998));
+        assert_eq!(index.addresses.ids.len(), 2, "one sender and one recipient, interned once");
     }
 
     #[test]

@@ -174,6 +174,51 @@ struct Stored {
     envelope: Range<u64>,
 }
 
+/// [`Stored`] in 24 octets instead of 48, as the journal keeps it for each of a million messages:
+/// segment numbers and offsets fit in 32 bits (a segment is closed at [`SEGMENT_LIMIT`], and a
+/// flush that would take one past 4 GiB fails instead).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Packed {
+    segment: u32,
+    body_start: u32,
+    body_len: u32,
+    envelope_segment: u32,
+    envelope_start: u32,
+    envelope_len: u32,
+}
+
+impl Packed {
+    fn new(stored: &Stored) -> Option<Packed> {
+        let n = |v: u64| u32::try_from(v).ok();
+        Some(Packed {
+            segment: n(stored.segment)?,
+            body_start: n(stored.body.start)?,
+            body_len: n(stored.body.end.checked_sub(stored.body.start)?)?,
+            envelope_segment: n(stored.envelope_segment)?,
+            envelope_start: n(stored.envelope.start)?,
+            envelope_len: n(stored.envelope.end.checked_sub(stored.envelope.start)?)?,
+        })
+    }
+
+    fn unpack(&self) -> Stored {
+        let range = |start: u32, len: u32| u64::from(start)..u64::from(start) + u64::from(len);
+        Stored {
+            segment: u64::from(self.segment),
+            body: range(self.body_start, self.body_len),
+            envelope_segment: u64::from(self.envelope_segment),
+            envelope: range(self.envelope_start, self.envelope_len),
+        }
+    }
+
+    /// A newer envelope of the message; false when its place does not fit (never, see above).
+    fn set_envelope(&mut self, segment: u64, envelope: &Range<u64>) -> bool {
+        let mut stored = self.unpack();
+        stored.envelope_segment = segment;
+        stored.envelope = envelope.clone();
+        Packed::new(&stored).map(|packed| *self = packed).is_some()
+    }
+}
+
 /// A message read back from the journal.
 pub struct JournaledMessage {
     pub id: QueueId,
@@ -187,7 +232,7 @@ pub struct Replay {
     /// Each segment's messages and size.
     segments: BTreeMap<u64, (Vec<Key>, u64)>,
     live: HashMap<Key, u64>,
-    stored: HashMap<Key, Stored>,
+    stored: HashMap<Key, Packed>,
     /// Messages that also had files, whose body was rewritten from the record.
     pub restored: usize,
 }
@@ -207,7 +252,7 @@ pub fn replay<T: Send>(
     found: &mut dyn FnMut(Key, Option<T>),
 ) -> Result<Replay, SpoolError> {
     let mut replay = Replay::default();
-    let mut latest: HashMap<Key, Stored> = HashMap::new();
+    let mut latest: HashMap<Key, Packed> = HashMap::new();
     let mut forgotten: HashSet<Key> = HashSet::new();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
     for group in segments(journal)?.chunks(cores * SEGMENTS_AT_ONCE_PER_CORE) {
@@ -221,7 +266,9 @@ pub fn replay<T: Send>(
                         forgotten.remove(&id);
                         ids.push(id);
                         replay.live.insert(id, number);
-                        latest.insert(id, Stored { segment: number, body, envelope_segment: number, envelope });
+                        let stored = Stored { segment: number, body, envelope_segment: number, envelope };
+                        let Some(packed) = Packed::new(&stored) else { continue };
+                        latest.insert(id, packed);
                         found(id, Some(parsed));
                     }
                     Scanned::Forget { id } => {
@@ -232,9 +279,9 @@ pub fn replay<T: Send>(
                     }
                     // An update of a message whose record is gone had given it files already.
                     Scanned::Envelope { id, envelope, parsed } => {
-                        if let Some(stored) = latest.get_mut(&id) {
-                            stored.envelope_segment = number;
-                            stored.envelope = envelope;
+                        if let Some(stored) = latest.get_mut(&id)
+                            && stored.set_envelope(number, &envelope)
+                        {
                             found(id, Some(parsed));
                         }
                     }
@@ -248,8 +295,9 @@ pub fn replay<T: Send>(
         .filter_map(|e| key(e.ok()?.path().file_stem()?.to_str()?))
         .collect();
     let mut rewritten = false;
-    for (id, stored) in latest {
+    for (id, packed) in latest {
         if with_files.contains(&id) {
+            let stored = packed.unpack();
             let read = |segment: u64, range: &Range<u64>| -> Result<Vec<u8>, SpoolError> {
                 let path = segment_path(journal, segment);
                 let file = File::open(&path).map_err(io_err(&path))?;
@@ -264,7 +312,7 @@ pub fn replay<T: Send>(
             rewritten = true;
             replay.restored += 1;
         } else {
-            replay.stored.insert(id, stored);
+            replay.stored.insert(id, packed);
         }
     }
     for id in forgotten.iter().filter(|id| with_files.contains(*id)).map(|k| id_of(*k)) {
@@ -470,7 +518,7 @@ struct State {
     /// Each message whose record sits in a segment not yet retired, with that segment.
     live: HashMap<Key, u64>,
     /// Messages queued from the journal (no files of their own yet).
-    stored: HashMap<Key, Stored>,
+    stored: HashMap<Key, Packed>,
     /// Checkpoints asked for: materialize and retire everything now, whatever the segments' age.
     checkpoints: usize,
     stop: bool,
@@ -551,7 +599,7 @@ impl Journal {
     /// after the segment is retired.
     pub fn open_body(&self, id: &str) -> Option<Result<SegmentReader, SpoolError>> {
         let state = lock(&self.shared.state);
-        let stored = state.stored.get(&key(id)?)?.clone();
+        let stored = state.stored.get(&key(id)?)?.unpack();
         let path = segment_path(&self.shared.dir, stored.segment);
         // Opened while the lock is held: the segment cannot be retired in between. The handle is
         // the reader's own, closed when it is done, so no descriptor outlives the reading.
@@ -567,7 +615,7 @@ impl Journal {
     /// queued from the journal. Resolved and read under the state lock, like [`Journal::open_body`].
     pub fn read_envelope(&self, id: &str) -> Option<Result<Vec<u8>, SpoolError>> {
         let state = lock(&self.shared.state);
-        let stored = state.stored.get(&key(id)?)?;
+        let stored = state.stored.get(&key(id)?)?.unpack();
         let path = segment_path(&self.shared.dir, stored.envelope_segment);
         let len = usize::try_from(stored.envelope.end - stored.envelope.start).unwrap_or(0);
         let mut json = vec![0; len];
@@ -721,6 +769,16 @@ impl Shared {
         let Some((number, file, size)) = state.current.as_ref().map(|s| (s.number, Arc::clone(&s.file), s.size)) else {
             return state;
         };
+        if number > u64::from(u32::MAX) || size.saturating_add(data.len() as u64) > u64::from(u32::MAX) {
+            // Never with segments closed at 16 MiB; refused rather than recorded where [`Packed`]
+            // could not point.
+            tracing::error!(segment = number, octets = data.len(), "journal group too large for a segment");
+            for pending in records {
+                state.results.insert(pending.ticket, Err(io::ErrorKind::Other));
+            }
+            self.flushed.notify_all();
+            return state;
+        }
         state.busy = true;
         drop(state);
         let written = (&*file).write_all(&data).and_then(|()| rustix::fs::fdatasync(&*file).map_err(io::Error::from));
@@ -745,14 +803,19 @@ impl Shared {
                                     envelope_segment: number,
                                     envelope: at(entry.envelope),
                                 };
+                                let Some(packed) = Packed::new(&stored) else {
+                                    tracing::error!(queue_id = %id_of(entry.id), "journal offset beyond 4 GiB");
+                                    continue;
+                                };
                                 state.live.insert(entry.id, number);
-                                state.stored.insert(entry.id, stored);
+                                state.stored.insert(entry.id, packed);
                                 state.members.entry(number).or_default().ids.push(entry.id);
                             }
                             None => {
-                                if let Some(stored) = state.stored.get_mut(&entry.id) {
-                                    stored.envelope_segment = number;
-                                    stored.envelope = at(entry.envelope);
+                                if let Some(stored) = state.stored.get_mut(&entry.id)
+                                    && !stored.set_envelope(number, &at(entry.envelope))
+                                {
+                                    tracing::error!(queue_id = %id_of(entry.id), "journal offset beyond 4 GiB");
                                 }
                             }
                         }
@@ -915,8 +978,8 @@ const SURVIVORS_AT_ONCE: usize = 64;
 
 impl State {
     /// Where a message is stored, if it is queued from segment `number`.
-    fn stored_in(&self, id: &Key, number: u64) -> Option<&Stored> {
-        self.stored.get(id).filter(|s| s.segment == number)
+    fn stored_in(&self, id: &Key, number: u64) -> Option<Stored> {
+        self.stored.get(id).map(Packed::unpack).filter(|s| s.segment == number)
     }
 }
 
@@ -986,7 +1049,7 @@ impl Shared {
     ) -> Result<Vec<JournaledMessage>, SpoolError> {
         let stored: Vec<(QueueId, Stored)> = {
             let state = lock(&self.state);
-            ids.iter().filter_map(|id| state.stored_in(id, number).map(|s| (id_of(*id), s.clone()))).collect()
+            ids.iter().filter_map(|id| state.stored_in(id, number).map(|s| (id_of(*id), s))).collect()
         };
         stored
             .into_iter()
