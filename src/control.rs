@@ -4,7 +4,7 @@
 //! the spool itself (under its lock) and calls [`execute`] the same way.
 
 use crate::schedule::{self, ScheduleError, SchedulerHandle};
-use crate::spool::{Envelope, Filter, Queue, SpoolError, is_queue_id, rfc3339};
+use crate::spool::{Envelope, Listing, Queue, SpoolError, is_queue_id, rfc3339};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::path::Path;
@@ -80,16 +80,22 @@ pub struct ListedMessage {
 
 impl From<&Envelope> for ListedMessage {
     fn from(envelope: &Envelope) -> Self {
+        ListedMessage::from(Listing::from(envelope))
+    }
+}
+
+impl From<Listing> for ListedMessage {
+    fn from(m: Listing) -> Self {
         ListedMessage {
-            id: envelope.id.clone(),
-            sender: envelope.sender.clone(),
-            recipients: envelope.pending().map(|r| r.address.clone()).collect(),
-            size: envelope.size,
-            arrived: rfc3339(envelope.arrived),
-            attempts: envelope.attempts,
-            next_attempt: rfc3339(envelope.next_attempt),
-            last_error: envelope.last_error().map(str::to_string),
-            held: envelope.held,
+            id: m.id,
+            sender: m.sender,
+            recipients: m.recipients,
+            size: m.size,
+            arrived: rfc3339(m.arrived),
+            attempts: m.attempts,
+            next_attempt: rfc3339(m.next_attempt),
+            last_error: m.last_error,
+            held: m.held,
         }
     }
 }
@@ -146,7 +152,7 @@ pub async fn execute(
             let store = Arc::clone(spool);
             let limit = limit.clamp(1, MAX_PAGE);
             let page = tokio::task::spawn_blocking(move || {
-                store.scan(&Filter::all(), after.as_deref(), limit).iter().map(ListedMessage::from).collect::<Vec<_>>()
+                store.listing(after.as_deref(), limit).into_iter().map(ListedMessage::from).collect::<Vec<_>>()
             })
             .await
             .map_err(|e| e.to_string())?;

@@ -251,8 +251,8 @@ impl Scheduler {
             sweeping: false,
             ops: JoinSet::new(),
         };
-        for (id, at) in scheduler.spool.due() {
-            scheduler.schedule(id, at);
+        for (key, at) in scheduler.spool.due() {
+            scheduler.schedule_key(key, at);
         }
         (scheduler, SchedulerHandle { tx, destinations })
     }

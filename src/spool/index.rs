@@ -34,7 +34,8 @@ pub struct Summary {
     /// The first pending recipient's address, interned; [`NONE`] when none is pending.
     recipient: u32,
     pub attempts: u32,
-    /// The noted deferral's reason, interned (meaningful when `noted_at` is set).
+    /// The last error of a pending recipient (and the host that gave it), interned; [`NONE`] when
+    /// none failed yet. Once noted (`noted_at` set), the deferral that every pending recipient got.
     reason: u32,
     /// The first pending recipient's domain, interned; [`NONE`] when none is pending.
     domain: u32,
@@ -326,7 +327,7 @@ impl Index {
             sender,
             recipient: recipients.first().copied().unwrap_or(NONE),
             attempts: envelope.attempts,
-            reason: 0,
+            reason: self.last_error(envelope),
             domain,
             flags,
         };
@@ -348,18 +349,25 @@ impl Index {
         for id in summary.recipient_ids().chain([summary.sender]) {
             self.addresses.release(id);
         }
-        if summary.is_noted() {
+        if summary.reason != NONE {
             self.reasons.release(summary.reason);
         }
     }
 
-    /// Forgets the noted bookkeeping of a message about to be written durably.
+    /// The interned last error of the envelope's first pending recipient that has one.
+    fn last_error(&mut self, envelope: &Envelope) -> u32 {
+        let failed = envelope.recipients.iter().find(|r| r.status == RecipientStatus::Pending && r.last_error.is_some());
+        match failed {
+            Some(r) => self.reasons.acquire(Reason { error: r.last_error.clone(), remote_mta: r.remote_mta.clone() }),
+            None => NONE,
+        }
+    }
+
+    /// Forgets the noted bookkeeping of a message about to be written durably (its summary is
+    /// set again from what is written).
     pub fn clear_noted(&mut self, key: Key) {
-        let Some(summary) = self.entries.get_mut(&key) else { return };
-        if summary.is_noted() {
+        if let Some(summary) = self.entries.get_mut(&key) {
             summary.noted_at = 0;
-            let reason = summary.reason;
-            self.reasons.release(reason);
         }
     }
 
@@ -376,13 +384,14 @@ impl Index {
         if summary.held() != envelope.held || summary.bounce_suppressed() != envelope.bounce_suppressed {
             return false;
         }
-        self.clear_noted(key);
         let reason = self.reasons.acquire(reason);
-        if let Some(summary) = self.entries.get_mut(&key) {
-            summary.attempts = envelope.attempts;
-            summary.next_attempt = envelope.next_attempt;
-            summary.noted_at = at.max(1);
-            summary.reason = reason;
+        let Some(summary) = self.entries.get_mut(&key) else { return true };
+        let old = std::mem::replace(&mut summary.reason, reason);
+        summary.attempts = envelope.attempts;
+        summary.next_attempt = envelope.next_attempt;
+        summary.noted_at = at.max(1);
+        if old != NONE {
+            self.reasons.release(old);
         }
         true
     }
@@ -396,6 +405,22 @@ impl Index {
             at: summary.noted_at,
             reason: self.reasons.get(summary.reason).cloned(),
         })
+    }
+
+    /// The message as listings show it, from its summary alone.
+    pub fn listing(&self, key: Key, summary: &Summary) -> super::Listing {
+        let address = |id: u32| self.addresses.get(id).cloned().unwrap_or_default();
+        super::Listing {
+            id: id_of(key),
+            sender: address(summary.sender),
+            recipients: summary.recipient_ids().map(address).collect(),
+            size: summary.size,
+            arrived: summary.arrived,
+            attempts: summary.attempts,
+            next_attempt: summary.next_attempt,
+            last_error: self.reasons.get(summary.reason).and_then(|r| r.error.clone()),
+            held: summary.held(),
+        }
     }
 
     /// Keys of the messages with noted bookkeeping.
@@ -547,7 +572,8 @@ mod tests {
         deferred.recipients[1].last_error = Some("greylisted".into());
         assert!(!index.note(1, &deferred, 60));
         index.clear_noted(1);
-        assert!(index.reasons.ids.is_empty());
+        index.insert(1, &on_disk);
+        assert!(index.reasons.ids.is_empty(), "{:?}", index.reasons);
     }
 
     #[test]

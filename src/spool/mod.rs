@@ -523,9 +523,9 @@ impl Queue for Spool {
         lock(&self.index).len()
     }
 
-    fn due(&self) -> Vec<(QueueId, i64)> {
+    fn due(&self) -> Vec<(QueueKey, i64)> {
         let index = lock(&self.index);
-        index.iter_after(None).filter(|(_, s)| !s.held()).map(|(k, s)| (index::id_of(k), s.next_attempt)).collect()
+        index.iter_after(None).filter(|(_, s)| !s.held()).map(|(k, s)| (k, s.next_attempt)).collect()
     }
 
     /// The summaries answer the filter (they keep the addresses, interned): only the page's
@@ -558,6 +558,12 @@ impl Queue for Spool {
             found.len() < limit
         });
         found
+    }
+
+    fn listing(&self, after: Option<&str>, limit: usize) -> Vec<Listing> {
+        let index = lock(&self.index);
+        let after = after.map(|id| index::key(id).unwrap_or(0));
+        index.iter_after(after).take(limit).map(|(k, s)| index.listing(k, s)).collect()
     }
 
     fn ids(&self, filter: &Filter) -> Vec<QueueId> {

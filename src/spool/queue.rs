@@ -10,7 +10,7 @@
 //! The queries have default implementations over [`Queue::visit`], right for a store that keeps an
 //! index of its envelopes in memory; a store that can answer them better (SQL) overrides them.
 
-use super::{Envelope, QueueId, RecipientStatus, SpaceInfo, SpoolError, now_micros};
+use super::{Envelope, QueueId, QueueKey, RecipientStatus, SpaceInfo, SpoolError, now_micros};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -235,6 +235,39 @@ pub struct Claim {
     pub until: i64,
 }
 
+/// A queued message as listings show it (`queue list`, mailq-like): who from, for whom (pending
+/// recipients), how large, since when, how delivery has gone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listing {
+    pub id: QueueId,
+    /// Empty for the null sender.
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub size: u64,
+    /// Microseconds since the epoch.
+    pub arrived: i64,
+    pub attempts: u32,
+    pub next_attempt: i64,
+    pub last_error: Option<String>,
+    pub held: bool,
+}
+
+impl From<&Envelope> for Listing {
+    fn from(envelope: &Envelope) -> Listing {
+        Listing {
+            id: envelope.id.clone(),
+            sender: envelope.sender.clone(),
+            recipients: envelope.pending().map(|r| r.address.clone()).collect(),
+            size: envelope.size,
+            arrived: envelope.arrived,
+            attempts: envelope.attempts,
+            next_attempt: envelope.next_attempt,
+            last_error: envelope.last_error().map(str::to_string),
+            held: envelope.held,
+        }
+    }
+}
+
 /// What the scheduler needs of a message before it reads the envelope: whether it is held, and
 /// the domains of its pending recipients (lower case, distinct).
 #[derive(Debug, Clone, PartialEq)]
@@ -265,12 +298,14 @@ pub trait Queue: Send + Sync {
     /// Calls `f` with every queued envelope, oldest first: the hook of the default queries.
     fn visit(&self, f: &mut dyn FnMut(&Envelope));
 
-    /// Every message not held, with when it is due, oldest first (the scheduler's start).
-    fn due(&self) -> Vec<(QueueId, i64)> {
+    /// Every message not held (by key), with when it is due, oldest first (the scheduler's start).
+    fn due(&self) -> Vec<(QueueKey, i64)> {
         let mut due = Vec::new();
         self.visit(&mut |e| {
-            if !e.held {
-                due.push((e.id.clone(), e.next_attempt));
+            if !e.held
+                && let Some(key) = super::queue_key(&e.id)
+            {
+                due.push((key, e.next_attempt));
             }
         });
         due
@@ -314,6 +349,12 @@ pub trait Queue: Send + Sync {
             }
         });
         found
+    }
+
+    /// Up to `limit` messages as listings show them, oldest first, after the message `after`. A
+    /// store with an index answers from it, without reading an envelope.
+    fn listing(&self, after: Option<&str>, limit: usize) -> Vec<Listing> {
+        self.scan(&Filter::all(), after, limit).iter().map(Listing::from).collect()
     }
 
     /// The IDs of the messages that pass `filter`, oldest first (bulk actions, flushes).
