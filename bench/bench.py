@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark of bartleby, Postfix and smtp-sink (issue 7). Started by bench/run.
+"""Side-by-side benchmark of bartleby, Postfix, Exim, OpenSMTPD and smtp-sink (issues 7 and 12).
+Started by bench/run.
 
-Five figures, each measured for the three systems in the same run, on loopback only:
+Five figures, each measured for the systems in the same run, on loopback only (Exim and OpenSMTPD
+take part in accept, drain and memory; --peers picks the MTAs beside bartleby):
 
   accept   smtp-source, 20 sessions, N messages of 4 KiB; messages/s from start to exit.
-           The primary is DOWN while filling, so both MTAs only queue (and try once, and defer).
+           The primary is DOWN while filling, so the MTAs only queue (and try once, and defer).
   drain    the N messages queued by `accept`; the primary (smtp-sink) comes up, the MTA is
            flushed; messages/s from the flush until smtp-sink has counted all N.
-  memory   peak RSS during accept (bartleby: VmHWM; Postfix: the largest sum of VmRSS over all
+  memory   peak RSS during accept (bartleby: VmHWM; the others: the largest sum of VmRSS over all
            processes of the instance, sampled every 200 ms) and RSS with idle sessions open
            (bartleby: 1,000; Postfix: 100, its default process limit; smtp-sink serves at most 256
            at once, so it has no idle figure).
@@ -43,6 +45,8 @@ WEB = ("127.0.0.11", 8025)
 POSTFIX = ("127.0.0.12", 2525)
 CEILING = ("127.0.0.13", 2525)
 PRIMARY = ("127.0.0.14", 2525)
+BACKUP_EXIM = ("127.0.0.15", 2525)
+BACKUP_OPENSMTPD = ("127.0.0.16", 2525)
 SENDER, RECIPIENT = "a@sender.test", "b@example.test"
 MESSAGE_SIZE = 4096
 
@@ -58,7 +62,7 @@ def addr(pair):
 # --- processes ------------------------------------------------------------------------------
 
 STARTED = []  # Popen objects to stop at exit
-CLEANUPS = []  # callables run at exit (Postfix instances)
+CLEANUPS = []  # callables run at exit (Postfix, Exim and OpenSMTPD instances)
 
 
 def cleanup():
@@ -130,6 +134,17 @@ def greeting_after(pair, timeout=120):
             pass
         time.sleep(0.005)
     raise TimeoutError(f"no SMTP greeting at {addr(pair)} within {timeout}s")
+
+
+def assert_free(pair):
+    """Refuses to start a server on an address something already answers on: its greeting would
+    be taken for ours and the load sent into somebody else's server."""
+    try:
+        with socket.create_connection(pair, timeout=2):
+            pass
+    except OSError:
+        return
+    raise RuntimeError(f"{addr(pair)} is already in use by another process")
 
 
 def smtp_source(pair, messages, sessions, reuse=False):
@@ -459,6 +474,300 @@ queue_run_delay = 1h
         return timed(["postqueue", "-c", self.etc, "-p"])
 
 
+def processes_with(needle):
+    """PIDs whose command line contains `needle` (an instance's own config path)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle.encode() in f.read():
+                    found.append(int(entry))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def kill_if_named(pid, needle):
+    """SIGKILL to pid if its command line still contains needle (so never to a reused PID)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if needle.encode() in f.read():
+                os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+
+
+def with_package_version(version, binary):
+    """A peer's own version string, with the Debian package's that bench/run noted beside the
+    unpacked files (PACKAGE/VERSION, three levels above PACKAGE/usr/sbin/BINARY)."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(binary))), "VERSION")) as f:
+            return f"{version} (Debian {f.read().strip()})"
+    except OSError:
+        return version
+
+
+class Exim:
+    """Exim 4 (Debian's exim4-daemon-light, unpacked by bench/run) as a backup-MX relay for
+    example.test, private to its directory: `-C` names its own configuration, which sets the spool,
+    the logs and the pid file under the work directory. Debian's exim accepts -C from root (and
+    from its own user, though then without root privilege, which a relay does not need).
+    Everything not set below is Exim's default, fsync of the spool files included.
+
+    One cost no option lifts: after QUIT, Exim 4.96 waits up to 200 ms for the client to close
+    first (smtp_in.c, "hoping client will FIN first"), its 221 not yet on the wire meanwhile (the
+    socket is corked and the write comes after the wait), and smtp-source waits for that 221. A session of one message thus takes 200 ms more, which
+    holds 20 sessions near 100 messages/s whatever the CPU; clients that close without waiting
+    for the 221 (Postfix's smtp_skip_quit_response) do not pay it."""
+
+    def __init__(self, work, binary):
+        self.binary, self.dir = binary, os.path.join(work, "exim")
+        self.conf, self.spool = os.path.join(self.dir, "exim.conf"), os.path.join(self.dir, "spool")
+        self.logs = os.path.join(self.dir, "log")
+        self.proc = self.runner = None
+        os.makedirs(self.dir, exist_ok=True)
+        with open(self.conf, "w") as f:
+            f.write(self.config())
+
+    def config(self):
+        host, port = PRIMARY
+        return f"""# bench.py's Exim: a backup MX for example.test, relaying to the primary at {addr(PRIMARY)}.
+primary_hostname = exim.bench.test
+# Deliveries re-execute this binary (it is not at the compiled-in /usr/sbin/exim4).
+exim_path = {self.binary}
+# Debian's build runs as Debian-exim (bench/run creates the user when exim4-base is absent).
+exim_user = Debian-exim
+exim_group = Debian-exim
+spool_directory = {self.spool}
+log_file_path = {self.logs}/%slog
+pid_file_path = {self.spool}/exim.pid
+keep_environment =
+local_interfaces = <; {BACKUP_EXIM[0]}.{BACKUP_EXIM[1]}
+# Default 20, exactly the 20 sessions of accept: a new session arriving before the daemon has
+# reaped the last one's process could be refused with 421. 2000 as for bartleby's max_sessions.
+smtp_accept_max = 2000
+# Default 20: the listen queue as long as Postfix's (its process limit, 100), so that no SYN is
+# dropped while the daemon forks.
+smtp_connect_backlog = 100
+# Left at their defaults, which throttle nothing: queue_only_load, deliver_queue_load_max and
+# smtp_load_reserve are unset (the 2 shared cores run at load 5 to 15), smtp_accept_max_per_host
+# is unset, host_lookup is unset (no reverse DNS) and rfc1413_query_timeout is 0 (no ident).
+acl_smtp_rcpt = acl_rcpt
+
+begin acl
+acl_rcpt:
+  accept domains = example.test
+  deny   message = relaying denied
+
+begin routers
+# Postfix's transport_maps and bartleby's [routes]: the primary by address, no DNS.
+primary:
+  driver = manualroute
+  domains = example.test
+  route_list = * {host}
+  transport = remote_smtp
+
+begin transports
+remote_smtp:
+  driver = smtp
+  port = {port}
+
+begin retry
+# Retries an hour apart, as for Postfix and bartleby, so nothing but the flush delivers.
+*  *  F,1h,1h
+"""
+
+    def exim(self, *args):
+        return [self.binary, "-C", self.conf, *args]
+
+    def version(self):
+        out = subprocess.run(self.exim("-bV"), timeout=30, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        lines = out.stdout.decode(errors="replace").splitlines()
+        return with_package_version(lines[0] if lines else None, self.binary)
+
+    def start(self):
+        """Starts the daemon in the foreground (-bdf); returns seconds until its greeting."""
+        for d in (self.spool, self.logs):
+            os.makedirs(d, exist_ok=True)
+            shutil.chown(d, "Debian-exim", "Debian-exim")
+        assert_free(BACKUP_EXIM)
+        logf = open(os.path.join(self.dir, "exim.stderr"), "ab")
+        t0 = time.monotonic()
+        self.proc = start(self.exim("-bdf"), stdout=logf, stderr=logf)
+        logf.close()
+        if self.stop not in CLEANUPS:
+            CLEANUPS.append(self.stop)
+        greeting_after(BACKUP_EXIM, 120)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"exim exited (exit {self.proc.returncode}), see {self.dir}")
+        return time.monotonic() - t0
+
+    def pids(self):
+        """The daemon, its receiving processes and the delivery processes they start (which
+        leave the daemon's tree): every process run with this configuration."""
+        return processes_with(self.conf)
+
+    def stop(self):
+        stop(self.runner)
+        stop(self.proc)
+        # Delivery processes outlive the daemon; each is ours (it names our configuration).
+        for pid in self.pids():
+            kill_if_named(pid, self.conf)
+        wait_for(lambda: not self.pids(), 30, "Exim's processes to exit", 0.1)
+
+    def wipe(self):
+        self.stop()
+        shutil.rmtree(self.spool, ignore_errors=True)
+        shutil.rmtree(self.logs, ignore_errors=True)
+
+    def rss(self):
+        return sum(proc_status(pid, "VmRSS") for pid in self.pids())
+
+    def settled(self, n):
+        """All n in the queue (a -H file each) and no process but the daemon, so each message has
+        been received and tried once (the first against the closed port, the rest deferred by the
+        host's retry record)."""
+        try:
+            queued = sum(1 for name in os.listdir(os.path.join(self.spool, "input")) if name.endswith("-H"))
+        except FileNotFoundError:
+            return False
+        return queued >= n and set(self.pids()) <= {self.proc.pid}
+
+    def flush(self):
+        """`exim -qff`: one queue runner, forced past the retry times, which sends the messages
+        waiting for the primary down its connection one after another (Exim's own way of
+        flushing a queue for one host). Started in the background, as `postqueue -f` returns at once."""
+        logf = open(os.path.join(self.dir, "exim.stderr"), "ab")
+        self.runner = start(self.exim("-qff"), stdout=logf, stderr=logf)
+        logf.close()
+
+
+class OpenSMTPD:
+    """OpenSMTPD 6.8 (Debian's opensmtpd, unpacked by bench/run) as a backup-MX relay for
+    example.test. Its queue (/var/spool/smtpd), control socket (/var/run/smtpd.sock) and pid file
+    are compiled in, so it runs in a mount namespace of its own (unshare -m) where the work
+    directory is bind-mounted over /var/spool and /run: the queue lives under the work directory
+    and the machine's /var/spool and /run are never touched. smtpctl joins that namespace
+    (nsenter -m). Durability is the default (queue_fs writes and fsyncs envelope and message)."""
+
+    def __init__(self, work, smtpd, smtpctl, shim):
+        self.smtpd, self.smtpctl_bin, self.shim = smtpd, smtpctl, shim
+        self.dir = os.path.join(work, "opensmtpd")
+        self.conf, self.var_spool = os.path.join(self.dir, "smtpd.conf"), os.path.join(self.dir, "var-spool")
+        self.run_dir, self.resolv = os.path.join(self.dir, "run"), os.path.join(self.dir, "resolv.conf")
+        self.proc = None
+        os.makedirs(self.dir, exist_ok=True)
+        # smtpd refuses a configuration that others may write.
+        fd = os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.config())
+        # Its own resolver (libasr) looks a client's address up in /etc/hosts first; a nameserver
+        # on a closed loopback port answers at once should anything reach DNS.
+        with open(self.resolv, "w") as f:
+            f.write("nameserver 127.0.0.1\nlookup file bind\n")
+
+    def config(self):
+        return f"""# bench.py's OpenSMTPD: a backup MX for example.test, relaying to the primary at {addr(PRIMARY)}.
+listen on {BACKUP_OPENSMTPD[0]} port {BACKUP_OPENSMTPD[1]} hostname opensmtpd.bench.test
+# Politeness delays, lifted: by default a second connection to one route waits 5 s
+# (conn-delay-route), one relay 2 s (conn-delay-relay), a reconnection 3 s (reconn-delay-route),
+# and one route carries 5 connections (max-conn-per-route); 10 here, as bartleby's default per
+# destination. Postfix has no such delays.
+mta limit conn-delay-route 0 conn-delay-relay 0 reconn-delay-route 0 max-conn-per-route 10
+# By default the transfer process holds back envelopes past 50 tasks per relay (task-hiwat) and
+# releases 10 at a time; after `smtpctl schedule all` the held ones go back to their retry time
+# (400 s after arrival), so a flush delivers about 50 and stops. Above any queue measured here.
+mta limit task-hiwat 1000000 task-lowat 900000
+action "relay" relay host smtp+notls://{addr(PRIMARY)}
+match from any for domain example.test action "relay"
+"""
+
+    def version(self):
+        out = subprocess.run([self.smtpd, "-h"], timeout=30, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        match = re.search(r"OpenSMTPD \S+", out.stdout.decode(errors="replace"))
+        return with_package_version(match.group(0) if match else None, self.smtpd)
+
+    def start(self):
+        """Starts smtpd in the foreground (-d) in its namespace; returns seconds until its greeting."""
+        for d in (self.var_spool, self.run_dir):
+            os.makedirs(d, exist_ok=True)
+        # OpenSMTPD listens with a backlog of 5 (SMTPD_BACKLOG, compiled in): with 20 clients
+        # connecting at once the kernel drops SYNs and each drop costs a client a 1 s retransmit,
+        # which held accept near 10 messages/s here. The preloaded shim (built by bench/run) makes
+        # listen() ask for 100, Postfix's backlog; nothing else in the process changes.
+        preload = f"LD_PRELOAD={self.shim} " if self.shim else ""
+        script = (f"mount --bind {self.var_spool} /var/spool && mount --bind {self.run_dir} /run && "
+                  f"mount --bind {self.resolv} /etc/resolv.conf && "
+                  f"exec env {preload}{self.smtpd} -d -f {self.conf}")
+        assert_free(BACKUP_OPENSMTPD)
+        logf = open(os.path.join(self.dir, "smtpd.log"), "ab")
+        t0 = time.monotonic()
+        # unshare and sh exec, so the Popen's PID is smtpd's parent process.
+        self.proc = start(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          stdout=logf, stderr=logf)
+        logf.close()
+        if self.stop not in CLEANUPS:
+            CLEANUPS.append(self.stop)
+        greeting_after(BACKUP_OPENSMTPD, 120)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"smtpd exited (exit {self.proc.returncode}), see {self.dir}/smtpd.log")
+        return time.monotonic() - t0
+
+    def smtpctl(self, *args):
+        out = subprocess.run(["nsenter", "-t", str(self.proc.pid), "-m", self.smtpctl_bin, *args],
+                             timeout=120, check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return out.stdout.decode(errors="replace")
+
+    def stats(self):
+        values = {}
+        for line in self.smtpctl("show", "stats").splitlines():
+            key, _, value = line.partition("=")
+            if value.isdigit():
+                values[key] = int(value)
+        return values
+
+    def pids(self):
+        return descendants(self.proc.pid) if self.proc and self.proc.poll() is None else []
+
+    def stop(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        children = self.pids()
+        stop(self.proc)  # SIGTERM: the parent stops its processes and exits
+        for pid in children:
+            kill_if_named(pid, "smtpd")
+
+    def wipe(self):
+        self.stop()
+        shutil.rmtree(self.var_spool, ignore_errors=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def rss(self):
+        return sum(proc_status(pid, "VmRSS") for pid in self.pids())
+
+    def settled(self, n):
+        """All n queued, nothing incoming or in flight, and each envelope tried once: the
+        scheduler counts an envelope in delivery.tempfail when the transfer failed and in
+        envelope.updated when it was held and handed back, so the two add up to n."""
+        s = self.stats()
+        tried = s.get("scheduler.delivery.tempfail", 0) + s.get("scheduler.envelope.updated", 0)
+        return (s.get("scheduler.envelope", 0) >= n and s.get("scheduler.envelope.incoming", 0) == 0
+                and s.get("scheduler.envelope.inflight", 0) == 0 and tried >= n)
+
+    def flush(self):
+        """What an administrator does when the primary is back: resume the route to it, which
+        OpenSMTPD disabled after the refused connections (15 s and longer with each failure;
+        envelopes sent to a disabled route fail again and wait for their next retry, 400 s and
+        more), then `smtpctl schedule all`. (`resume route` wants an ID, from `show routes`.)"""
+        for line in self.smtpctl("show", "routes").splitlines():
+            match = re.match(r"(\d+)\. .* [A-Z-]*D[A-Z-]* nconn=", line)
+            if match:
+                self.smtpctl("resume", "route", match.group(1))
+        self.smtpctl("schedule", "all")
+
+
 # --- figures --------------------------------------------------------------------------------
 
 
@@ -469,7 +778,8 @@ def accept_and_drain(name, mta, args, results):
     mta.start()
     sampler = Sampler(mta.rss)
     seconds = smtp_source(mta_addr(name), args.messages, 20)
-    results["accept_rss_sum" if name == "postfix" else "accept_rss"].append(sampler.finish())
+    # bartleby is one process; the others are many, so theirs is a sum (see the memory figure).
+    results["accept_rss" if name == "bartleby" else "accept_rss_sum"].append(sampler.finish())
     if name == "bartleby":
         results["accept_hwm"].append(mta.hwm())
     results["accept"].append(args.messages / seconds)
@@ -494,7 +804,8 @@ def drain(name, mta, args, results):
 
 
 def mta_addr(name):
-    return {"bartleby": BARTLEBY, "postfix": POSTFIX, "ceiling": CEILING}[name]
+    return {"bartleby": BARTLEBY, "postfix": POSTFIX, "exim": BACKUP_EXIM, "opensmtpd": BACKUP_OPENSMTPD,
+            "ceiling": CEILING}[name]
 
 
 def ceiling_round(args, results):
@@ -553,29 +864,34 @@ def web_first_page():
 
 
 def big_queue(bartleby, postfix, args, results):
+    """Listing and restart with args.big queued; postfix is None when --peers leaves it out."""
     results["fill_rate_bartleby"].append(fill("bartleby", bartleby, args))
-    results["fill_rate_postfix"].append(fill("postfix", postfix, args))
+    if postfix:
+        results["fill_rate_postfix"].append(fill("postfix", postfix, args))
     for _ in range(args.rounds):
         results["list_bartleby"].append(bartleby.list_time())
-        results["list_postfix"].append(postfix.list_time())
+        if postfix:
+            results["list_postfix"].append(postfix.list_time())
         page = web_first_page()
         if page is not None:
             results["web_first_page"].append(page)
         log(f"listing {args.big}: bartleby {results['list_bartleby'][-1]:.3f}s, "
-            f"postfix {results['list_postfix'][-1]:.3f}s, web {page}")
+            f"postfix {median(results['list_postfix'][-1:])}s, web {page}")
     for _ in range(args.rounds):
         bartleby.stop(signal.SIGKILL)
         results["restart_bartleby"].append(bartleby.start())
-        postfix.stop()
-        results["restart_postfix"].append(postfix.start())
+        if postfix:
+            postfix.stop()
+            results["restart_postfix"].append(postfix.start())
         log(f"restart with {args.big}: bartleby {results['restart_bartleby'][-1]:.3f}s, "
-            f"postfix {results['restart_postfix'][-1]:.3f}s")
+            f"postfix {median(results['restart_postfix'][-1:])}s")
     # Just restarted: what holding the big queue costs (bartleby keeps an index of every envelope).
     time.sleep(2)
     results["big_rss_bartleby"].append(bartleby.rss())
-    results["big_rss_postfix"].append(postfix.rss())
     bartleby.wipe()
-    postfix.wipe()
+    if postfix:
+        results["big_rss_postfix"].append(postfix.rss())
+        postfix.wipe()
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -589,25 +905,36 @@ def ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
 
-def figure(name, unit, better, b, p, c, **extra):
-    b, p, c = median(b), median(p), median(c)
-    obj = {"figure": name, "unit": unit, "better": better, "bartleby": b, "postfix": p, "ceiling": c,
-           "bartleby_over_postfix": ratio(b, p), "bartleby_over_ceiling": ratio(b, c)}
+def figure(name, unit, better, b, p, c, e=(), o=(), **extra):
+    """One JSON object: medians of bartleby, Postfix, Exim (e), OpenSMTPD (o) and the ceiling (c),
+    and bartleby's ratio to each (None where a system was not measured)."""
+    b, p, c, e, o = median(b), median(p), median(c), median(e), median(o)
+    obj = {"figure": name, "unit": unit, "better": better, "bartleby": b, "postfix": p, "exim": e,
+           "opensmtpd": o, "ceiling": c, "bartleby_over_postfix": ratio(b, p), "bartleby_over_exim": ratio(b, e),
+           "bartleby_over_opensmtpd": ratio(b, o), "bartleby_over_ceiling": ratio(b, c)}
     obj.update(extra)
     return obj
+
+
+def samples(r, key):
+    return {"bartleby": r["b." + key], "postfix": r["p." + key], "exim": r["e." + key],
+            "opensmtpd": r["o." + key], "ceiling": r["c." + key]}
 
 
 def figures(r, args):
     return [
         figure("accept", "messages/s", "higher", r["b.accept"], r["p.accept"], r["c.accept"],
-               samples={"bartleby": r["b.accept"], "postfix": r["p.accept"], "ceiling": r["c.accept"]},
+               r["e.accept"], r["o.accept"], samples=samples(r, "accept"),
+               exim_note="Exim 4.96 holds its 221 reply to QUIT up to 200 ms waiting for the client to "
+                         "close; smtp-source waits for it, so 20 one-message sessions stay near 100/s",
                goal="bartleby >= 4x postfix and >= 0.5x ceiling"),
         figure("drain", "messages/s", "higher", r["b.drain"], r["p.drain"], r["c.drain"],
-               samples={"bartleby": r["b.drain"], "postfix": r["p.drain"], "ceiling": r["c.drain"]},
+               r["e.drain"], r["o.drain"], samples=samples(r, "drain"),
                ceiling_is="smtp-source -d (connection reuse) into smtp-sink", goal="bartleby >= 4x postfix"),
         figure("memory_accept_peak", "kB", "lower", r["b.accept_hwm"], r["p.accept_rss_sum"], r["c.accept_rss"],
-               note="bartleby VmHWM; postfix: largest sum of VmRSS over its processes (shared pages counted "
-                    "in each); ceiling: smtp-sink VmRSS",
+               r["e.accept_rss_sum"], r["o.accept_rss_sum"],
+               note="bartleby VmHWM; postfix, exim, opensmtpd: largest sum of VmRSS over their processes "
+                    "(shared pages counted in each), sampled every 200 ms; ceiling: smtp-sink VmRSS",
                bartleby_sampled_rss=median(r["b.accept_rss"])),
         figure("memory_idle", "kB", "lower", r[f"b.idle_rss_{args.idle}"], r["p.idle_rss_100"], [],
                note=f"bartleby with {args.idle} idle sessions, postfix with 100 (default process limit; "
@@ -641,16 +968,19 @@ def fmt(value, unit):
 
 
 def print_table(figs):
-    print(f"\n{'figure':<20}{'bartleby':>14}{'postfix':>14}{'ceiling':>14}{'b/postfix':>11}{'b/ceiling':>11}")
+    systems = ["bartleby", "postfix", "exim", "opensmtpd", "ceiling"]
+    others = ["postfix", "exim", "opensmtpd", "ceiling"]
+    print("\n" + f"{'figure':<20}" + "".join(f"{name:>12}" for name in systems)
+          + "".join(f"{'b/' + name:>12}" for name in others))
     for f in figs:
         u = f["unit"]
-        print(f"{f['figure']:<20}{fmt(f['bartleby'], u):>14}{fmt(f['postfix'], u):>14}{fmt(f['ceiling'], u):>14}"
-              f"{f['bartleby_over_postfix'] or 'n/a':>11}{f['bartleby_over_ceiling'] or 'n/a':>11}")
+        print(f"{f['figure']:<20}" + "".join(f"{fmt(f[name], u):>12}" for name in systems)
+              + "".join(f"{f['bartleby_over_' + name] or 'n/a':>12}" for name in others))
         if f["figure"] == "listing":
-            print(f"{'  admin first page':<20}{fmt(f['web_first_page_s'], 's'):>14}")
+            print(f"{'  admin first page':<20}{fmt(f['web_first_page_s'], 's'):>12}")
 
 
-def environment(binary):
+def environment(binary, peers):
     def out(cmd):
         try:
             return subprocess.run(cmd, timeout=30, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -660,6 +990,8 @@ def environment(binary):
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": out(["git", "rev-parse", "HEAD"]),
             "dirty": bool(out(["git", "status", "--porcelain", "--untracked-files=no"])),
             "bartleby": out([binary, "--version"]), "postfix": out(["postconf", "-dh", "mail_version"]),
+            "exim": peers["exim"].version() if "exim" in peers else None,
+            "opensmtpd": peers["opensmtpd"].version() if "opensmtpd" in peers else None,
             "cpus": os.cpu_count(), "kernel": os.uname().release,
             "load_at_start": os.getloadavg()}
 
@@ -678,6 +1010,38 @@ FIGURES = {
 }
 
 
+# The MTAs beside bartleby, in the order they run; --peers picks some.
+PEERS = ["postfix", "exim", "opensmtpd"]
+PEER_DIR = "/var/cache/bartleby-bench/peers"
+
+
+def peer_binary(args, package, path):
+    """A peer's binary as bench/run unpacked it, else the system's (the package installed)."""
+    for candidate in (os.path.join(args.peer_dir, package, path.lstrip("/")), path):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    sys.exit(f"bench: {path} not found (bench/run unpacks {package} into {args.peer_dir}; or leave it out "
+             f"with --peers)")
+
+
+def make_peers(args):
+    peers = {}
+    if "postfix" in args.peers:
+        peers["postfix"] = Postfix(args.workdir)
+    if "exim" in args.peers:
+        peers["exim"] = Exim(args.workdir, peer_binary(args, "exim4-daemon-light", "/usr/sbin/exim4"))
+    if "opensmtpd" in args.peers:
+        shim = os.path.join(args.peer_dir, "listen-backlog.so")
+        peers["opensmtpd"] = OpenSMTPD(args.workdir, peer_binary(args, "opensmtpd", "/usr/sbin/smtpd"),
+                                       peer_binary(args, "opensmtpd", "/usr/sbin/smtpctl"),
+                                       shim if os.path.exists(shim) else None)
+    return peers
+
+
+# Each system's prefix in the results (b.accept, p.accept, ...).
+PREFIX = {"bartleby": "b.", "postfix": "p.", "exim": "e.", "opensmtpd": "o.", "ceiling": "c."}
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--binary", required=True, help="the bartleby binary")
@@ -693,10 +1057,19 @@ def parse_args():
     p.add_argument("--only", default=",".join(FIGURES),
                    help=f"comma list of the figures to measure (default all: {','.join(FIGURES)}); "
                         "drain includes the accept that fills the queue, without reporting it")
+    p.add_argument("--peers", default=",".join(PEERS),
+                   help=f"comma list of the MTAs to measure beside bartleby (default all: {','.join(PEERS)}); "
+                        "Exim and OpenSMTPD take part in accept, drain and memory only")
+    p.add_argument("--peer-dir", default=PEER_DIR,
+                   help=f"where bench/run unpacked exim4-daemon-light and opensmtpd (default {PEER_DIR})")
     args = p.parse_args()
     args.only = {f.strip() for f in args.only.split(",") if f.strip()}
     if not args.only or args.only - set(FIGURES):
         p.error(f"--only takes a comma list of {','.join(FIGURES)}")
+    peers = {f.strip() for f in args.peers.split(",") if f.strip()}
+    if peers - set(PEERS):
+        p.error(f"--peers takes a comma list of {','.join(PEERS)}")
+    args.peers = [name for name in PEERS if name in peers]
     args.binary = os.path.abspath(args.binary)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.messages = args.messages or (2000 if args.quick else 10000)
@@ -717,22 +1090,25 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)
-    env = environment(args.binary)
-    bartleby, postfix = Bartleby(args.binary, args.workdir), Postfix(args.workdir)
+    bartleby, peers = Bartleby(args.binary, args.workdir), make_peers(args)
+    postfix = peers.get("postfix")
+    env = environment(args.binary, peers)
     from collections import defaultdict
     r = defaultdict(list)
-    sub = lambda prefix: _Prefixed(r, prefix)  # noqa: E731
+    sub = lambda name: _Prefixed(r, PREFIX[name])  # noqa: E731
     try:
         for i in range(args.rounds):
             if args.only & {"accept", "drain", "memory"}:
                 log(f"round {i + 1}/{args.rounds}: accept and drain, {args.messages} messages, "
                     f"load average {os.getloadavg()[0]:.2f}")
-                ceiling_round(args, sub("c."))
-                accept_and_drain("postfix", postfix, args, sub("p."))
-                accept_and_drain("bartleby", bartleby, args, sub("b."))
+                ceiling_round(args, sub("ceiling"))
+                for name, mta in peers.items():
+                    accept_and_drain(name, mta, args, sub(name))
+                accept_and_drain("bartleby", bartleby, args, sub("bartleby"))
             if "idle" in args.only:
-                idle_round("postfix", postfix, [100], sub("p."))
-                idle_round("bartleby", bartleby, [100, args.idle], sub("b."))
+                if postfix:
+                    idle_round("postfix", postfix, [100], sub("postfix"))
+                idle_round("bartleby", bartleby, [100, args.idle], sub("bartleby"))
         if not args.skip_big and args.only & {"listing", "restart"}:
             log(f"filling {args.big} messages for listing and restart")
             big_queue(bartleby, postfix, args, r)
@@ -746,7 +1122,8 @@ def main():
     result = {"environment": env, "settings": {"rounds": args.rounds, "messages": args.messages,
                                                "message_size": MESSAGE_SIZE, "accept_sessions": 20,
                                                "big": args.big, "idle": args.idle,
-                                               "only": sorted(args.only)}, "figures": figs}
+                                               "only": sorted(args.only), "peers": args.peers},
+              "figures": figs}
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.binary)), "..", "bench",
                                      f"{time.strftime('%Y%m%dT%H%M%S')}-{(env['commit'] or 'nogit')[:10]}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -756,7 +1133,7 @@ def main():
 
 
 class _Prefixed:
-    """A view of the results dict that prefixes keys (b. p. c.)."""
+    """A view of the results dict that prefixes keys (b. p. e. o. c.)."""
 
     def __init__(self, r, prefix):
         self.r, self.prefix = r, prefix
