@@ -356,7 +356,8 @@ impl Index {
 
     /// The interned last error of the envelope's first pending recipient that has one.
     fn last_error(&mut self, envelope: &Envelope) -> u32 {
-        let failed = envelope.recipients.iter().find(|r| r.status == RecipientStatus::Pending && r.last_error.is_some());
+        let failed =
+            envelope.recipients.iter().find(|r| r.status == RecipientStatus::Pending && r.last_error.is_some());
         match failed {
             Some(r) => self.reasons.acquire(Reason { error: r.last_error.clone(), remote_mta: r.remote_mta.clone() }),
             None => NONE,
