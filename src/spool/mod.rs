@@ -1,6 +1,7 @@
 //! The durable queue, and the one interface every stage uses to reach it ([`Queue`], see
 //! `src/spool/queue.rs`). Two stores implement it: the local store ([`Spool`], this module with [`journal`]:
-//! the only code that touches queue files) and [`MemoryQueue`] (unit tests).
+//! the only code that touches queue files, with its slim in-memory index in `index`) and
+//! [`MemoryQueue`] (unit tests).
 //!
 //! The local store's layout under `queue.dir` (see `docs/spool.md`):
 //! - `incoming/`: files being written; anything here after a crash was never acknowledged.
