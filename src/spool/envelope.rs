@@ -80,6 +80,37 @@ pub struct Envelope {
     pub bounce_suppressed: bool,
 }
 
+/// The part of an envelope the index needs (`src/spool/index.rs`), parsed at a restart without
+/// building the history, the HELO name and the rest: a million envelopes are read then.
+#[derive(Debug, Deserialize)]
+pub struct IndexedEnvelope {
+    id: QueueId,
+    sender: String,
+    recipients: Vec<Recipient>,
+    arrived: i64,
+    size: u64,
+    attempts: u32,
+    next_attempt: i64,
+    #[serde(default)]
+    held: bool,
+    #[serde(default)]
+    bounce_suppressed: bool,
+}
+
+impl IndexedEnvelope {
+    /// An envelope holding what the index needs (the rest empty): for [`super::index`] only.
+    pub fn into_partial(self) -> Envelope {
+        let mut envelope = Envelope::new(self.id, self.sender, self.recipients);
+        envelope.arrived = self.arrived;
+        envelope.size = self.size;
+        envelope.attempts = self.attempts;
+        envelope.next_attempt = self.next_attempt;
+        envelope.held = self.held;
+        envelope.bounce_suppressed = self.bounce_suppressed;
+        envelope
+    }
+}
+
 /// What SPF (RFC 7208) and DKIM (RFC 6376) said about a message's sender when it arrived.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SenderAuth {

@@ -132,7 +132,11 @@ impl Spool {
         // segments at a time: a million envelopes are never in memory at once.
         let mut journaled = index::Index::default();
         let mut unreadable = std::collections::HashMap::new();
-        let parse = |json: &[u8]| serde_json::from_slice::<Envelope>(json).map_err(|e| e.to_string());
+        let parse = |json: &[u8]| {
+            serde_json::from_slice::<IndexedEnvelope>(json)
+                .map(IndexedEnvelope::into_partial)
+                .map_err(|e| e.to_string())
+        };
         let replay = journal::replay(&journal_dir, &messages, &parse, &mut |key, latest| {
             unreadable.remove(&key);
             match latest {
