@@ -89,7 +89,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)
-    env = bench.environment(args.binary)
+    env = bench.environment(args.binary, {})
     r = {}
     try:
         postfix = bench.Postfix(args.workdir)
