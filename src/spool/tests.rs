@@ -642,3 +642,26 @@ fn a_body_spilled_in_many_chunks_is_written_whole_and_in_order_by_its_writer() {
     assert!(!spool.journal.holds(&id), "a 3 MiB body has its own file");
     assert_eq!(spool.read_body(&id).unwrap(), sent);
 }
+
+#[test]
+fn listings_from_the_index_match_the_envelopes_and_page_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(put(&spool, format!("Subject: {i}\r\n\r\nbody\r\n").as_bytes()).id);
+    }
+    let mut deferred = spool.get(&ids[1]).unwrap();
+    deferred.attempts = 2;
+    deferred.recipients[0].last_error = Some("451 4.3.0 try later".into());
+    spool.note(vec![deferred]);
+    let mut held = spool.get(&ids[3]).unwrap();
+    held.held = true;
+    held.recipients[0].last_error = Some("450 greylisted".into());
+    spool.update(&[held]).unwrap();
+    let from_envelopes: Vec<Listing> = ids.iter().map(|id| Listing::from(&spool.get(id).unwrap())).collect();
+    assert_eq!(spool.listing(None, 100), from_envelopes);
+    assert_eq!(spool.listing(Some(&ids[1]), 2), from_envelopes[2..4].to_vec());
+    assert_eq!(from_envelopes[1].last_error.as_deref(), Some("451 4.3.0 try later"));
+    assert!(from_envelopes[3].held);
+}
