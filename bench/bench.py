@@ -310,6 +310,8 @@ retry_interval = "1h"
 "example.test" = "{addr(PRIMARY)}"
 [web]
 listen = "{addr(WEB)}"
+# The page without a login for the timing: loopback, and only this benchmark's own instance.
+trust_allowed_hosts = true
 """)
 
     def cli(self, *args):
