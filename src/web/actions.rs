@@ -2,7 +2,7 @@
 //! owns the queue's state), is logged with who did it and from where (account and client address,
 //! refused ones too), and yields a sentence for the next page.
 
-use super::auth::Session;
+use super::session::Session;
 use super::{WebError, WebState};
 use crate::lock;
 use crate::schedule::ScheduleError;

@@ -2,8 +2,8 @@
 //! (allowlist, login, CSRF token on every POST). Documented in `docs/api.md`.
 
 use super::actions::{self, Action};
-use super::auth::Session;
 use super::queue::{self, QueueFilter};
+use super::session::Session;
 use super::{WebError, WebState};
 use crate::control::ListedMessage;
 use crate::spool::Envelope;

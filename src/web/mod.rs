@@ -22,6 +22,7 @@ pub mod chart;
 pub mod host;
 pub mod page;
 pub mod queue;
+pub mod session;
 pub mod tls;
 
 use crate::config::{Config, WebConfig, cidr_list_contains};

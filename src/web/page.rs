@@ -3,8 +3,8 @@
 //! with a redirect (303) and the result is shown once on the next page.
 
 use super::actions::{self, Action};
-use super::auth::Session;
 use super::queue::{self, QueueEntry, QueueFilter, QueuePage, Status};
+use super::session::Session;
 use super::{WebError, WebState, chart};
 use crate::spool::{Envelope, RecipientStatus, now_micros, rfc3339};
 use axum::extract::{Path, Query, State};
