@@ -304,13 +304,13 @@ fn queue(config: Config, action: QueueCommand) -> ExitCode {
         QueueCommand::Export { file } => export(&config, &file),
         QueueCommand::Import { file } => import(&config, &file),
         QueueCommand::List { json } => return list_queue(&config, json),
-        QueueCommand::Show { id } => return queue_request(&config, Request::Show { id }, false),
-        QueueCommand::Delete { id } => return queue_request(&config, Request::Delete { id }, false),
-        QueueCommand::Hold { id } => return queue_request(&config, Request::Hold { id }, false),
-        QueueCommand::Release { id } => return queue_request(&config, Request::Release { id }, false),
-        QueueCommand::Retry { id } => return queue_request(&config, Request::Retry { id }, false),
-        QueueCommand::Flush { domain } => return queue_request(&config, Request::Flush { domain }, false),
-        QueueCommand::Sync => return queue_request(&config, Request::Sync, false),
+        QueueCommand::Show { id } => return queue_request(&config, Request::Show { id }),
+        QueueCommand::Delete { id } => return queue_request(&config, Request::Delete { id }),
+        QueueCommand::Hold { id } => return queue_request(&config, Request::Hold { id }),
+        QueueCommand::Release { id } => return queue_request(&config, Request::Release { id }),
+        QueueCommand::Retry { id } => return queue_request(&config, Request::Retry { id }),
+        QueueCommand::Flush { domain } => return queue_request(&config, Request::Flush { domain }),
+        QueueCommand::Sync => return queue_request(&config, Request::Sync),
     };
     match result {
         Ok(message) => {
@@ -348,11 +348,11 @@ fn import(config: &Config, file: &Path) -> Result<String, String> {
     Ok(format!("imported {imported} messages ({skipped} already queued)"))
 }
 
-fn queue_request(config: &Config, request: Request, json: bool) -> ExitCode {
+fn queue_request(config: &Config, request: Request) -> ExitCode {
     let result = runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(send(config, request.clone())));
     match result {
         Ok(value) => {
-            print!("{}", render(&request, &value, json));
+            print!("{}", render(&request, &value));
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -377,14 +377,9 @@ async fn send(config: &Config, request: Request) -> Result<Box<RawValue>, String
     control::execute(request, &spool, None).await
 }
 
-fn render(request: &Request, value: &RawValue, json: bool) -> String {
+fn render(request: &Request, value: &RawValue) -> String {
     let raw = value.get();
     match request {
-        Request::List => match serde_json::from_str::<Vec<ListedMessage>>(raw) {
-            Ok(list) if json => format!("{}\n", serde_json::to_string_pretty(&list).unwrap_or_default()),
-            Ok(list) => mailq(&list),
-            Err(err) => format!("bad listing: {err}\n"),
-        },
         Request::Show { .. } => match serde_json::from_str::<MessageDetail>(raw) {
             Ok(detail) => show(&detail),
             Err(err) => format!("bad message: {err}\n"),
@@ -398,22 +393,11 @@ fn render(request: &Request, value: &RawValue, json: bool) -> String {
     }
 }
 
-/// The table `mailq` users know: ID (`!` when held), size, arrival, sender, then each recipient
-/// with the reason it waits.
-pub fn mailq(list: &[ListedMessage]) -> String {
-    if list.is_empty() {
-        return MAILQ_EMPTY.to_string();
-    }
-    let mut out = String::from(MAILQ_HEADER);
-    for m in list {
-        out += &mailq_entry(m);
-    }
-    out + &mailq_footer(list.len(), list.iter().map(|m| m.size).sum())
-}
-
 const MAILQ_EMPTY: &str = "Mail queue is empty\n";
 const MAILQ_HEADER: &str = "-Queue ID-------- --Size-- ----Arrival Time---- -Sender/Recipient-------\n";
 
+/// One message of the table `mailq` users know: ID (`!` when held), size, arrival, sender, then
+/// each recipient with the reason it waits.
 fn mailq_entry(m: &ListedMessage) -> String {
     let mark = if m.held { "!" } else { " " };
     let sender = if m.sender.is_empty() { "MAILER-DAEMON" } else { &m.sender };

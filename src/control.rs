@@ -22,7 +22,6 @@ pub const MAX_PAGE: usize = 10_000;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
-    List,
     /// One page of the listing, oldest first, after the message `after` (keyset paging: `queue
     /// list` prints a million messages a page at a time, its first line at once).
     ListPage {
@@ -134,17 +133,6 @@ pub async fn execute(
     let json = |v: Result<Box<RawValue>, serde_json::Error>| v.map_err(|e| e.to_string());
     let text = |t: String| json(serde_json::value::to_raw_value(&t));
     match request {
-        Request::List => {
-            let store = Arc::clone(spool);
-            let list = tokio::task::spawn_blocking(move || {
-                let mut list: Vec<ListedMessage> = Vec::with_capacity(store.len());
-                store.visit(&mut |e| list.push(ListedMessage::from(e)));
-                list
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            json(serde_json::value::to_raw_value(&list))
-        }
         Request::ListPage { after, limit } => {
             if after.as_deref().is_some_and(|id| !is_queue_id(id)) {
                 return Err(format!("{:?} is not a queue ID", after.unwrap_or_default()));
