@@ -587,21 +587,9 @@ impl Queue for Spool {
         let index = lock(&self.index);
         let mut stats = Stats::default();
         for (_, s) in index.iter_after(None) {
-            stats.messages += 1;
-            stats.bytes += s.size;
-            stats.held += usize::from(s.held());
-            stats.bounce_suppressed += usize::from(s.bounce_suppressed());
-            stats.oldest = Some(stats.oldest.map_or(s.arrived, |o| o.min(s.arrived)));
+            stats.add_message(s.size, s.arrived, s.held(), s.bounce_suppressed());
             for domain in index.domains(s) {
-                if !stats.domains.contains_key(domain) {
-                    let first = DomainStats { oldest: s.arrived, ..DomainStats::default() };
-                    stats.domains.insert(domain.to_string(), first);
-                }
-                if let Some(entry) = stats.domains.get_mut(domain) {
-                    entry.messages += 1;
-                    entry.bytes += s.size;
-                    entry.oldest = entry.oldest.min(s.arrived);
-                }
+                stats.add_domain(domain, s.size, s.arrived);
             }
         }
         stats
@@ -609,16 +597,11 @@ impl Queue for Spool {
 
     fn shape(&self, now: i64) -> BTreeMap<String, [usize; SHAPE_BUCKETS_MINUTES.len()]> {
         let index = lock(&self.index);
-        let mut shape: BTreeMap<String, [usize; SHAPE_BUCKETS_MINUTES.len()]> = BTreeMap::new();
+        let mut shape = BTreeMap::new();
         for (_, s) in index.iter_after(None) {
             let bucket = shape_bucket(now, s.arrived);
             for domain in index.domains(s) {
-                if !shape.contains_key(domain) {
-                    shape.insert(domain.to_string(), Default::default());
-                }
-                if let Some(counts) = shape.get_mut(domain) {
-                    counts[bucket] += 1;
-                }
+                shape_add(&mut shape, domain, bucket);
             }
         }
         shape

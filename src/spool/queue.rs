@@ -175,6 +175,39 @@ pub struct DomainStats {
 /// 80-160 m, 160-320 m, 320-640 m, 640-1280 m, 1280 m and more (about a day).
 pub const SHAPE_BUCKETS_MINUTES: [u64; 10] = [0, 5, 10, 20, 40, 80, 160, 320, 640, 1280];
 
+impl Stats {
+    /// Counts one message in the totals.
+    pub fn add_message(&mut self, size: u64, arrived: i64, held: bool, bounce_suppressed: bool) {
+        self.messages += 1;
+        self.bytes += size;
+        self.held += usize::from(held);
+        self.bounce_suppressed += usize::from(bounce_suppressed);
+        self.oldest = Some(self.oldest.map_or(arrived, |o| o.min(arrived)));
+    }
+
+    /// Counts one message in the share of a domain of its pending recipients.
+    pub fn add_domain(&mut self, domain: &str, size: u64, arrived: i64) {
+        if !self.domains.contains_key(domain) {
+            self.domains.insert(domain.to_string(), DomainStats { oldest: arrived, ..DomainStats::default() });
+        }
+        if let Some(entry) = self.domains.get_mut(domain) {
+            entry.messages += 1;
+            entry.bytes += size;
+            entry.oldest = entry.oldest.min(arrived);
+        }
+    }
+}
+
+/// Counts one message of `domain` in age bucket `bucket` of a [`Queue::shape`].
+pub fn shape_add(shape: &mut BTreeMap<String, [usize; SHAPE_BUCKETS_MINUTES.len()]>, domain: &str, bucket: usize) {
+    if !shape.contains_key(domain) {
+        shape.insert(domain.to_string(), Default::default());
+    }
+    if let Some(counts) = shape.get_mut(domain) {
+        counts[bucket] += 1;
+    }
+}
+
 /// The [`SHAPE_BUCKETS_MINUTES`] bucket of a message that arrived at `arrived`, at `now`.
 pub fn shape_bucket(now: i64, arrived: i64) -> usize {
     let minutes = u64::try_from(now.saturating_sub(arrived).max(0) / 60_000_000).unwrap_or(0);
@@ -390,40 +423,18 @@ pub trait Queue: Send + Sync {
     fn stats(&self) -> Stats {
         let mut stats = Stats::default();
         self.visit(&mut |e| {
-            stats.messages += 1;
-            stats.bytes += e.size;
-            stats.held += usize::from(e.held);
-            stats.bounce_suppressed += usize::from(e.bounce_suppressed);
-            stats.oldest = Some(stats.oldest.map_or(e.arrived, |o| o.min(e.arrived)));
-            for_each_domain(e, |domain| {
-                if !stats.domains.contains_key(domain) {
-                    stats
-                        .domains
-                        .insert(domain.to_string(), DomainStats { oldest: e.arrived, ..DomainStats::default() });
-                }
-                if let Some(entry) = stats.domains.get_mut(domain) {
-                    entry.messages += 1;
-                    entry.bytes += e.size;
-                    entry.oldest = entry.oldest.min(e.arrived);
-                }
-            });
+            stats.add_message(e.size, e.arrived, e.held, e.bounce_suppressed);
+            for_each_domain(e, |domain| stats.add_domain(domain, e.size, e.arrived));
         });
         stats
     }
 
     /// Counts by domain of pending recipients and age bucket ([`SHAPE_BUCKETS_MINUTES`]), at `now`.
     fn shape(&self, now: i64) -> BTreeMap<String, [usize; SHAPE_BUCKETS_MINUTES.len()]> {
-        let mut shape: BTreeMap<String, [usize; SHAPE_BUCKETS_MINUTES.len()]> = BTreeMap::new();
+        let mut shape = BTreeMap::new();
         self.visit(&mut |e| {
             let bucket = shape_bucket(now, e.arrived);
-            for_each_domain(e, |domain| {
-                if !shape.contains_key(domain) {
-                    shape.insert(domain.to_string(), Default::default());
-                }
-                if let Some(counts) = shape.get_mut(domain) {
-                    counts[bucket] += 1;
-                }
-            });
+            for_each_domain(e, |domain| shape_add(&mut shape, domain, bucket));
         });
         shape
     }
