@@ -199,22 +199,7 @@ impl DataReader {
                 self.state = State::Text;
                 self.step(byte, out);
             }
-            (State::Cr, b'\n') => self.end_line(out),
-            (State::Cr, _) => {
-                self.flag(DataProblem::BareNewline);
-                self.state = State::Text;
-                self.step(byte, out);
-            }
-            (_, b'\r') => self.state = State::Cr,
-            (_, b'\n') => {
-                // A bare LF: not a line end, so the next octet does not start a line.
-                self.flag(DataProblem::BareNewline);
-                self.state = State::Text;
-            }
-            _ => {
-                self.state = State::Text;
-                self.text_byte(byte, out);
-            }
+            _ => self.step_line(byte, out),
         }
         false
     }
@@ -227,15 +212,21 @@ impl DataReader {
             self.emit(&[byte], out);
             return;
         }
+        self.step_line(byte, out);
+    }
+
+    /// One octet within lines, after DATA's dot handling or of a chunk: lines end at CRLF only.
+    fn step_line(&mut self, byte: u8, out: &mut Vec<u8>) {
         match (self.state, byte) {
             (State::Cr, b'\n') => self.end_line(out),
             (State::Cr, _) => {
                 self.flag(DataProblem::BareNewline);
                 self.state = State::Text;
-                self.step_counted(byte, out);
+                self.step_line(byte, out);
             }
             (_, b'\r') => self.state = State::Cr,
             (_, b'\n') => {
+                // A bare LF: not a line end, so the next octet does not start a line.
                 self.flag(DataProblem::BareNewline);
                 self.state = State::Text;
             }
