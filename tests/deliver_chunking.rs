@@ -7,23 +7,12 @@ mod delivery;
 mod fake_primary;
 
 use bartleby::config::Config;
-use bartleby::deliver::{Deliverer, Job, JobResult, RcptOutcome};
+use bartleby::deliver::{JobResult, RcptOutcome};
 use bartleby::spool::BodyType;
-use delivery::{config, job};
+use delivery::{config, deliver, job};
 use fake_primary::{FakePrimary, Script};
 use std::sync::Arc;
-use std::time::Duration;
 use tempfile::TempDir;
-
-async fn deliver(config: Arc<Config>, jobs: Vec<Job>) -> Vec<JobResult> {
-    let deliverer = Deliverer::new(config).expect("deliverer");
-    let work = async {
-        let results = deliverer.deliver("example.test", jobs).await;
-        deliverer.close_idle().await;
-        results
-    };
-    tokio::time::timeout(Duration::from_secs(30), work).await.expect("delivery within the time limit")
-}
 
 /// (kind, status) of each recipient.
 fn outcomes(result: &JobResult) -> Vec<(&'static str, String)> {

@@ -6,28 +6,13 @@ mod delivery;
 #[path = "support/fake_primary.rs"]
 mod fake_primary;
 
-use bartleby::config::{Config, DomainConfig, HumanDuration};
-use bartleby::deliver::{Deliverer, Job, JobResult, RcptOutcome};
+use bartleby::config::{DomainConfig, HumanDuration};
+use bartleby::deliver::{Job, JobResult, RcptOutcome};
 use bartleby::spool::{BodyType, DsnNotify, DsnRet};
-use delivery::{config, job};
+use delivery::{config, deliver, job};
 use fake_primary::{FakePrimary, Script, Stall, Starttls};
-use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
-
-const LIMIT: Duration = Duration::from_secs(30);
-
-/// Delivers `jobs`, then closes the connections the deliverer keeps for the next batch (with QUIT,
-/// as the daemon does at shutdown), so each test sees whole sessions.
-async fn deliver(config: Arc<Config>, jobs: Vec<Job>) -> Vec<JobResult> {
-    let deliverer = Deliverer::new(config).expect("deliverer");
-    let work = async {
-        let results = deliverer.deliver("example.test", jobs).await;
-        deliverer.close_idle().await;
-        results
-    };
-    tokio::time::timeout(LIMIT, work).await.expect("delivery within the time limit")
-}
 
 fn kind(outcome: &RcptOutcome) -> &'static str {
     match outcome {

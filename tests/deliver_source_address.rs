@@ -10,8 +10,9 @@ mod delivery;
 mod fake_primary;
 
 use bartleby::config::{Config, SourceAddress};
-use bartleby::deliver::{Deliverer, Job, JobResult, RcptOutcome};
+use bartleby::deliver::{JobResult, RcptOutcome};
 use daemon::{Daemon, cli_with_config, send_raw};
+use delivery::deliver;
 use fake_primary::{FakePrimary, Script};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -19,16 +20,6 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 const SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 9);
-
-async fn deliver(config: Arc<Config>, jobs: Vec<Job>) -> Vec<JobResult> {
-    let deliverer = Deliverer::new(config).expect("deliverer");
-    let work = async {
-        let results = deliverer.deliver("example.test", jobs).await;
-        deliverer.close_idle().await;
-        results
-    };
-    tokio::time::timeout(Duration::from_secs(30), work).await.expect("delivery within the time limit")
-}
 
 fn delivered(results: &[JobResult]) -> bool {
     results.iter().all(|r| r.outcomes.iter().all(|(_, o)| matches!(o, RcptOutcome::Delivered(_))))

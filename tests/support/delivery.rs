@@ -1,8 +1,8 @@
 //! What the SMTP client tests share: a config routing example.test to a primary on loopback with
-//! short timeouts, and jobs whose bodies are files in a temporary directory.
+//! short timeouts, jobs whose bodies are files in a temporary directory, and a delivery of them.
 
 use bartleby::config::{Config, HumanDuration, Route};
-use bartleby::deliver::Job;
+use bartleby::deliver::{Deliverer, Job, JobResult};
 use bartleby::spool::{Envelope, MemoryQueue, Queue, Recipient};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,4 +39,17 @@ pub fn queued_job(id: &str, envelope: Envelope, body: &[u8]) -> Job {
     message.write(body).expect("write");
     let envelope = message.commit(envelope).expect("commit");
     Job { envelope, queue }
+}
+
+/// Delivers `jobs` (at most 30 s), then closes the connections the deliverer keeps for the next
+/// batch (with QUIT, as the daemon does at shutdown), so each test sees whole sessions.
+#[allow(dead_code)] // not every test binary that includes this module delivers through it
+pub async fn deliver(config: Arc<Config>, jobs: Vec<Job>) -> Vec<JobResult> {
+    let deliverer = Deliverer::new(config).expect("deliverer");
+    let work = async {
+        let results = deliverer.deliver("example.test", jobs).await;
+        deliverer.close_idle().await;
+        results
+    };
+    tokio::time::timeout(Duration::from_secs(30), work).await.expect("delivery within the time limit")
 }
