@@ -194,24 +194,14 @@ pub struct Scheduler {
     swept: Option<std::time::Instant>,
     /// A sweep is running.
     sweeping: bool,
-    /// Disk work the loop must not wait for (an operator's hold, release or delete, the sweep), on
+    /// Disk work the loop must not wait for (an operator's delete, the sweep), on
     /// blocking threads: the loop goes on dispatching, and applies each when it is done.
     ops: JoinSet<Operation>,
 }
 
 /// Disk work done off the scheduler's loop, with what the loop does once it is done.
 enum Operation {
-    Held {
-        id: QueueId,
-        held: bool,
-        result: Result<Envelope, ScheduleError>,
-        reply: oneshot::Sender<Result<Envelope, ScheduleError>>,
-    },
-    Deleted {
-        id: QueueId,
-        result: Result<(), ScheduleError>,
-        reply: oneshot::Sender<Result<(), ScheduleError>>,
-    },
+    Deleted { id: QueueId, result: Result<(), ScheduleError>, reply: oneshot::Sender<Result<(), ScheduleError>> },
     Swept,
 }
 
@@ -386,12 +376,19 @@ impl Scheduler {
                 };
                 let _ = reply.send(result);
             }
+            // On the loop, not a blocking thread: a hold must take the message out of the timetable
+            // before anything else is dispatched, and holds and releases apply in the order given
+            // (the API's release, hold, delete), as operators and tests expect.
             Command::Hold { id, held, reply } => {
-                let spool = Arc::clone(&self.spool);
-                self.ops.spawn_blocking(move || {
-                    let result = set_held(spool.as_ref(), &id, held);
-                    Operation::Held { id, held, result, reply }
-                });
+                let result = set_held(self.spool.as_ref(), &id, held);
+                if let Ok(envelope) = &result {
+                    if held {
+                        self.unschedule(&id);
+                    } else if !self.in_flight.contains_key(&id) {
+                        self.schedule(id, envelope.next_attempt);
+                    }
+                }
+                let _ = reply.send(result);
             }
             Command::Reload { config, deliverer } => {
                 self.config = config;
@@ -417,16 +414,6 @@ impl Scheduler {
     /// An operator's change or a sweep is done on its blocking thread: the timetable follows it.
     fn operated(&mut self, done: Operation) {
         match done {
-            Operation::Held { id, held, result, reply } => {
-                if let Ok(envelope) = &result {
-                    if held {
-                        self.unschedule(&id);
-                    } else if !self.in_flight.contains_key(&id) {
-                        self.schedule(id, envelope.next_attempt);
-                    }
-                }
-                let _ = reply.send(result);
-            }
             Operation::Deleted { id, result, reply } => {
                 self.in_flight.remove(&id);
                 if result.is_err() && self.spool.brief(&id).is_some() {
