@@ -28,6 +28,22 @@ use tokio::task::JoinSet;
 /// Most messages handed to one delivery batch; later ones wait for the next batch of the domain.
 const BATCH_LIMIT: usize = 1000;
 
+/// How far ahead the timetable holds the queue (microseconds): messages due later are in the store
+/// only, and are fetched as their time comes near (five minutes: a fetch each two and a half
+/// minutes when nothing else asks for one).
+const WINDOW: i64 = 5 * 60 * 1_000_000;
+
+/// How much later than now the store may have a message due when the timetable has it due now
+/// before the entry counts as stale (the wall clock and the scheduler's clock may drift apart).
+const STALE_GRACE: i64 = 60 * 1_000_000;
+
+/// Messages fetched from the store into the timetable at a time.
+const REFILL: usize = 4096;
+
+/// Due messages kept per domain while its batch is out (two batches' worth); beyond, the lane
+/// overflows and its messages are fetched again from the store as it runs low.
+const LANE_CAP: usize = 2 * BATCH_LIMIT;
+
 /// Errors of queue operations, shown to the operator as they are.
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
@@ -148,15 +164,22 @@ pub struct Scheduler {
     config: Arc<Config>,
     spool: Arc<dyn Queue>,
     deliverer: Arc<dyn Courier>,
-    /// Messages waiting for their time, ordered by due time then arrival (keys, not IDs: with a
-    /// million queued this is the scheduler's largest table).
+    /// The timetable: messages waiting for their time, ordered by due time then arrival. A window
+    /// of the queue, not all of it: the store's due times are the truth ([`Queue::due`]), and
+    /// what is due up to `horizon` is here, in a lane, or in flight (see [`Scheduler::refill`]).
     due: BTreeSet<(i64, QueueKey)>,
     /// The due time of each message in `due`, to find and move its entry.
     due_at: HashMap<QueueKey, i64>,
+    /// How far the timetable has read the store's due messages, in (due time, key) order; None
+    /// before the first read. Every message not held and not in flight that is due up to here
+    /// is in `due`, in its domain's lane, or left in the store by a lane that overflowed.
+    horizon: Option<(i64, QueueKey)>,
     /// Messages that are due but whose domain already has a batch out (or a full batch), by that
     /// domain, oldest first: when the domain's batch returns, the next batch's worth goes back to
     /// `due`, so a backlog of a million costs a batch's work per batch, not a million.
-    blocked: HashMap<String, BTreeSet<QueueKey>>,
+    lanes: HashMap<String, Lane>,
+    /// Every key in a lane, so that a read of the store does not bring one back into `due`.
+    in_lanes: HashSet<QueueKey>,
     /// Number of domain batches carrying each message right now.
     in_flight: HashMap<QueueId, usize>,
     /// Outcomes gathered for a message until its last batch returns.
@@ -199,6 +222,16 @@ pub struct Scheduler {
     ops: JoinSet<Operation>,
 }
 
+/// A domain's due messages waiting for its batch to return.
+#[derive(Debug, Default)]
+struct Lane {
+    /// Oldest first, at most [`LANE_CAP`].
+    keys: BTreeSet<QueueKey>,
+    /// More were due than the lane keeps: they are left in the store, fetched as the lane runs
+    /// low, and the timetable's own reads leave the domain out meanwhile.
+    overflow: bool,
+}
+
 /// Disk work done off the scheduler's loop, with what the loop does once it is done.
 enum Operation {
     Deleted { id: QueueId, result: Result<(), ScheduleError>, reply: oneshot::Sender<Result<(), ScheduleError>> },
@@ -206,7 +239,7 @@ enum Operation {
 }
 
 impl Scheduler {
-    /// Creates the scheduler with every queued message scheduled at its `next_attempt`.
+    /// Creates the scheduler; the queued messages are read from the store as they come due.
     pub fn new(
         config: Arc<Config>,
         spool: Arc<dyn Queue>,
@@ -215,7 +248,7 @@ impl Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
         let destinations = Destinations::default();
-        let mut scheduler = Scheduler {
+        let scheduler = Scheduler {
             destinations: Arc::clone(&destinations),
             metrics: Arc::default(),
             progress_tx,
@@ -228,7 +261,9 @@ impl Scheduler {
             deliverer,
             due: BTreeSet::new(),
             due_at: HashMap::new(),
-            blocked: HashMap::new(),
+            horizon: None,
+            lanes: HashMap::new(),
+            in_lanes: HashSet::new(),
             in_flight: HashMap::new(),
             gathered: HashMap::new(),
             busy_domains: HashSet::new(),
@@ -241,9 +276,6 @@ impl Scheduler {
             sweeping: false,
             ops: JoinSet::new(),
         };
-        for (key, at) in scheduler.spool.due() {
-            scheduler.schedule_key(key, at);
-        }
         (scheduler, SchedulerHandle { tx, destinations })
     }
 
@@ -327,36 +359,122 @@ impl Scheduler {
         self.due.insert((at, key));
     }
 
+    /// The store has the message due at `at` (rescheduled after an attempt, released): it is in
+    /// the timetable when that is within what the timetable has read, else the store keeps it.
+    fn reschedule(&mut self, id: QueueId, at: i64) {
+        let Some(key) = queue_key(&id) else { return };
+        if self.horizon.is_some_and(|h| (at, key) <= h) {
+            self.schedule_key(key, at);
+        } else if let Some(old) = self.due_at.remove(&key) {
+            self.due.remove(&(old, key));
+        }
+    }
+
     fn unschedule(&mut self, id: &str) {
         let Some(key) = queue_key(id) else { return };
         if let Some(old) = self.due_at.remove(&key) {
             self.due.remove(&(old, key));
         }
-        for blocked in self.blocked.values_mut() {
-            blocked.remove(&key);
+        if self.in_lanes.remove(&key) {
+            for lane in self.lanes.values_mut() {
+                lane.keys.remove(&key);
+            }
         }
     }
 
-    /// A due message waits for `domain`'s batch to return.
-    fn block(&mut self, domain: &str, key: QueueKey) {
-        self.blocked.entry(domain.to_string()).or_default().insert(key);
+    /// Reads the store's next due messages into the timetable when it has read less than half a
+    /// window ahead and has room: a bounded batch, earliest first, leaving out the domains whose
+    /// lanes overflow (those fetch their own, [`Scheduler::fetch_lane`]).
+    fn refill(&mut self, now: i64) {
+        let until = now.saturating_add(WINDOW);
+        let behind = self.horizon.is_none_or(|(at, _)| at < now.saturating_add(WINDOW / 2));
+        if !behind || self.due.len() >= REFILL {
+            return;
+        }
+        let except: Vec<String> = self.lanes.iter().filter(|(_, l)| l.overflow).map(|(d, _)| d.clone()).collect();
+        let query = spool::DueQuery { after: self.horizon, until, domain: None, except: &except, limit: REFILL };
+        let found = self.spool.due(&query);
+        let complete = found.len() < REFILL;
+        let last = found.last().copied();
+        for (at, key) in found {
+            if !self.in_lanes.contains(&key) && !self.in_flight.contains_key(&queue_id(key)) {
+                self.schedule_key(key, at);
+            }
+        }
+        self.horizon = if complete { Some((until, QueueKey::MAX)) } else { last };
     }
 
-    /// The next batch's worth of `domain`'s blocked messages is due again, oldest first.
+    /// Forgets the timetable and the lanes (not what is in flight): the next refill reads the
+    /// store from its earliest due message again. After a flush, which changed due times there.
+    fn reread(&mut self) {
+        self.due.clear();
+        self.due_at.clear();
+        self.lanes.clear();
+        self.in_lanes.clear();
+        self.horizon = None;
+    }
+
+    /// A due message waits for `domain`'s batch to return; beyond [`LANE_CAP`] it is left in the
+    /// store and the lane overflows.
+    fn block(&mut self, domain: &str, key: QueueKey) {
+        let lane = self.lanes.entry(domain.to_string()).or_default();
+        if lane.keys.len() < LANE_CAP || lane.keys.contains(&key) {
+            lane.keys.insert(key);
+            self.in_lanes.insert(key);
+        } else {
+            lane.overflow = true;
+        }
+    }
+
+    /// The next batch's worth of `domain`'s waiting messages is due again, oldest first; a lane
+    /// that overflowed and runs low fetches more of the domain's due mail from the store.
     fn unblock(&mut self, domain: &str, now: i64) {
-        let Some(blocked) = self.blocked.get_mut(domain) else { return };
-        let mut next = Vec::with_capacity(BATCH_LIMIT.min(blocked.len()));
+        let Some(lane) = self.lanes.get_mut(domain) else { return };
+        let mut next = Vec::with_capacity(BATCH_LIMIT.min(lane.keys.len()));
         while next.len() < BATCH_LIMIT
-            && let Some(key) = blocked.pop_first()
+            && let Some(key) = lane.keys.pop_first()
         {
+            self.in_lanes.remove(&key);
             next.push(key);
         }
-        if blocked.is_empty() {
-            self.blocked.remove(domain);
-        }
+        let fetch = lane.overflow && lane.keys.len() < BATCH_LIMIT;
+        let empty = lane.keys.is_empty() && !lane.overflow;
         for key in next {
             self.schedule_key(key, now);
         }
+        if fetch {
+            self.fetch_lane(domain, now);
+        }
+        if empty && self.lanes.get(domain).is_some_and(|l| l.keys.is_empty() && !l.overflow) {
+            self.lanes.remove(domain);
+        }
+    }
+
+    /// Fetches an overflowing lane's messages from the store: those due now go into the lane,
+    /// those due later (up to the horizon) into the timetable. Once the store has no more than the
+    /// fetch took, the lane no longer overflows.
+    fn fetch_lane(&mut self, domain: &str, now: i64) {
+        let Some(horizon) = self.horizon else { return };
+        let limit = LANE_CAP + 2 * BATCH_LIMIT;
+        let query = spool::DueQuery { after: None, until: horizon.0, domain: Some(domain), except: &[], limit };
+        let found = self.spool.due(&query);
+        let complete = found.len() < limit;
+        let mut lane = self.lanes.remove(domain).unwrap_or_default();
+        for (at, key) in found {
+            let known = self.due_at.contains_key(&key) || self.in_lanes.contains(&key);
+            if known || (at, key) > horizon || self.in_flight.contains_key(&queue_id(key)) {
+                continue;
+            }
+            if at > now {
+                self.schedule_key(key, at);
+            } else if lane.keys.len() < LANE_CAP {
+                lane.keys.insert(key);
+                self.in_lanes.insert(key);
+            }
+        }
+        // Still overflowing while the fetch came back full, or kept less than it found.
+        lane.overflow = !complete || lane.keys.len() >= LANE_CAP;
+        self.lanes.insert(domain.to_string(), lane);
     }
 
     fn handle(&mut self, command: Command) {
@@ -370,7 +488,9 @@ impl Scheduler {
                     None => Err(SpoolError::NotFound(id).into()),
                     Some(_) if self.in_flight.contains_key(&id) => Err(ScheduleError::InFlight(id)),
                     Some(_) => {
-                        self.schedule(id, now());
+                        let now = now();
+                        self.spool.expedite_id(&id, now);
+                        self.schedule(id, now);
                         Ok(())
                     }
                 };
@@ -385,7 +505,7 @@ impl Scheduler {
                     if held {
                         self.unschedule(&id);
                     } else if !self.in_flight.contains_key(&id) {
-                        self.schedule(id, envelope.next_attempt);
+                        self.reschedule(id, envelope.next_attempt);
                     }
                 }
                 let _ = reply.send(result);
@@ -425,17 +545,20 @@ impl Scheduler {
         }
     }
 
-    /// Marks deferred messages due now. Returns how many were scheduled.
+    /// Makes deferred messages due now, in the store (a flush of a million is one pass over its
+    /// index), and reads the timetable again from there. Returns how many were made due, not
+    /// counting messages being delivered right now.
     fn flush(&mut self, domain: Option<&str>) -> usize {
         let now = now();
         let filter =
             spool::Filter { held: Some(false), domain: domain.map(str::to_string), ..spool::Filter::default() };
-        let chosen: Vec<QueueId> =
-            self.spool.ids(&filter).into_iter().filter(|id| !self.in_flight.contains_key(id)).collect();
-        let count = chosen.len();
-        for id in chosen {
-            self.schedule(id, now);
-        }
+        let made_due = self.spool.expedite(&filter, now);
+        let wanted = |brief: &spool::Brief| {
+            !brief.held && domain.is_none_or(|d| brief.domains.iter().any(|b| b.eq_ignore_ascii_case(d)))
+        };
+        let busy = self.in_flight.keys().filter(|id| self.spool.brief(id).is_some_and(|b| wanted(&b))).count();
+        let count = made_due.saturating_sub(busy);
+        self.reread();
         tracing::info!(domain = domain.unwrap_or("*"), messages = count, "flush");
         count
     }
@@ -457,6 +580,7 @@ impl Scheduler {
         if self.settler.backlog() >= BATCH_LIMIT {
             return;
         }
+        self.refill(now);
         let mut batches: BTreeMap<String, Vec<Job>> = BTreeMap::new();
         while let Some((at, key)) = self.due.first().copied() {
             if at > now {
@@ -469,6 +593,12 @@ impl Scheduler {
             // envelope from disk.
             let Some(brief) = self.spool.brief(&id) else { continue };
             if brief.held || self.in_flight.contains_key(&id) {
+                continue;
+            }
+            // Rescheduled since this entry was made (the store's time is the truth): not yet. With
+            // a minute's grace: arrival times come from the wall clock, this clock is monotonic.
+            if brief.next_attempt > now.saturating_add(STALE_GRACE) {
+                self.reschedule(id, brief.next_attempt);
                 continue;
             }
             let domains: BTreeSet<String> = brief.domains.into_iter().collect();
@@ -488,7 +618,7 @@ impl Scheduler {
         // A domain whose blocked messages have no batch out to release them (its batch was
         // parked for arrival order) gets them back now.
         let idle: Vec<String> = self
-            .blocked
+            .lanes
             .keys()
             .filter(|d| !self.busy_domains.contains(*d) && !batches.contains_key(*d))
             .cloned()
@@ -628,7 +758,7 @@ impl Scheduler {
             }
         }
         for (id, at) in next {
-            self.schedule(id, at);
+            self.reschedule(id, at);
         }
         self.start_settling();
         let finished = self.settler.finished;

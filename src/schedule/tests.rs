@@ -305,7 +305,7 @@ mod runs {
 
     /// How the scripted destination answers a recipient.
     #[derive(Clone, Copy, PartialEq, Debug)]
-    enum Answer {
+    pub(super) enum Answer {
         Accept,
         /// A 4xx for this recipient while the session works (a greylist, a full mailbox).
         DeferRecipient,
@@ -317,21 +317,35 @@ mod runs {
     type Script = Box<dyn FnMut(&str) -> Answer + Send>;
 
     /// A courier that answers from a script and logs every attempt, in order.
-    struct ScriptedCourier {
+    pub(super) struct ScriptedCourier {
         script: std::sync::Mutex<Script>,
         attempts: std::sync::Mutex<Vec<(QueueId, String)>>,
+        /// A domain whose batches take this long (virtual time) before the first answer.
+        slow: Option<(String, Duration)>,
     }
 
     impl ScriptedCourier {
-        fn new(script: impl FnMut(&str) -> Answer + Send + 'static) -> Arc<ScriptedCourier> {
-            Arc::new(ScriptedCourier { script: std::sync::Mutex::new(Box::new(script)), attempts: Default::default() })
+        pub(super) fn new(script: impl FnMut(&str) -> Answer + Send + 'static) -> Arc<ScriptedCourier> {
+            Arc::new(ScriptedCourier {
+                script: std::sync::Mutex::new(Box::new(script)),
+                attempts: Default::default(),
+                slow: None,
+            })
         }
 
-        fn tries_of(&self, id: &str) -> usize {
+        pub(super) fn slow_for(domain: &str, delay: Duration) -> Arc<ScriptedCourier> {
+            Arc::new(ScriptedCourier {
+                script: std::sync::Mutex::new(Box::new(|_| Answer::Accept)),
+                attempts: Default::default(),
+                slow: Some((domain.to_string(), delay)),
+            })
+        }
+
+        pub(super) fn tries_of(&self, id: &str) -> usize {
             lock(&self.attempts).iter().filter(|(i, _)| i == id).count()
         }
 
-        fn order(&self) -> Vec<QueueId> {
+        pub(super) fn order(&self) -> Vec<QueueId> {
             lock(&self.attempts).iter().map(|(id, _)| id.clone()).collect()
         }
     }
@@ -344,6 +358,11 @@ mod runs {
             progress: mpsc::UnboundedSender<(String, JobResult)>,
         ) -> Pin<Box<dyn Future<Output = Vec<JobResult>> + Send + 'a>> {
             Box::pin(async move {
+                if let Some((slow, delay)) = &self.slow
+                    && slow == domain
+                {
+                    tokio::time::sleep(*delay).await;
+                }
                 for job in jobs {
                     let mut outcomes = Vec::new();
                     for rcpt in job.envelope.pending().filter(|r| r.domain() == domain) {
@@ -378,7 +397,7 @@ mod runs {
         }
     }
 
-    fn config(strict_order: bool) -> Arc<Config> {
+    pub(super) fn config(strict_order: bool) -> Arc<Config> {
         let mut config = Config::demo();
         config.relay.domains = vec!["example.test".into()];
         config.queue.first_retry = crate::config::HumanDuration(Duration::from_secs(60));
@@ -397,7 +416,7 @@ mod runs {
     }
 
     /// Starts the scheduler; returns its handle and the sender that stops it.
-    fn start(
+    pub(super) fn start(
         config: Arc<Config>,
         queue: &Arc<MemoryQueue>,
         courier: &Arc<ScriptedCourier>,
@@ -409,7 +428,7 @@ mod runs {
     }
 
     /// Lets virtual time pass in small steps until `done` holds (at most `limit` of virtual time).
-    async fn until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    pub(super) async fn until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         while tokio::time::Instant::now() < deadline {
             if done() {
@@ -610,6 +629,97 @@ mod runs {
         deleting.await.expect("join").expect("deleted");
         assert!(queue.went_on.load(std::sync::atomic::Ordering::SeqCst), "delivery stopped while the delete ran");
         assert!(inner.get(&slow).is_none());
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
+}
+
+/// The timetable is a window of the queue (issue 12, section 3): the scheduler reads due mail
+/// from the store a bounded batch at a time, and a busy domain's lane keeps two batches' worth.
+mod window {
+    use super::runs::{Answer, ScriptedCourier, config, start, until};
+    use super::*;
+    use crate::spool::MemoryQueue;
+
+    fn submit_to(queue: &Arc<MemoryQueue>, rcpt: &str, next_attempt: Option<i64>) -> QueueId {
+        let id = queue.new_id();
+        let mut message = Arc::clone(queue).incoming(&id).expect("incoming");
+        message.write(b"Subject: test\r\n\r\nbody\r\n").expect("write");
+        let mut envelope = envelope("a@sender.test", &[rcpt]);
+        if let Some(at) = next_attempt {
+            envelope.next_attempt = at;
+        }
+        message.commit(envelope).expect("commit");
+        id
+    }
+
+    /// More than the timetable reads at once and than a lane keeps: every message is delivered
+    /// once, in arrival order.
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_larger_than_the_window_goes_once_each_in_arrival_order() {
+        let queue = MemoryQueue::new();
+        let courier = ScriptedCourier::new(|_| Answer::Accept);
+        let ids: Vec<QueueId> =
+            (0..REFILL + LANE_CAP + 7).map(|_| submit_to(&queue, "bob@example.test", None)).collect();
+        let (_handle, stop, task) = start(config(false), &queue, &courier);
+        assert!(until(Duration::from_secs(120), || queue.is_empty()).await, "{} left", queue.len());
+        assert_eq!(courier.order(), ids, "each once, oldest first");
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
+
+    /// A flush after an outage: messages deferred beyond the window are made due in the store and
+    /// read back a batch at a time, oldest first, each tried once more.
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_brings_back_mail_deferred_beyond_the_window() {
+        let queue = MemoryQueue::new();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let courier = ScriptedCourier::new({
+            let up = Arc::clone(&up);
+            move |_| if up.load(std::sync::atomic::Ordering::SeqCst) { Answer::Accept } else { Answer::Refuse }
+        });
+        let n = REFILL + 100;
+        let ids: Vec<QueueId> = (0..n).map(|_| submit_to(&queue, "bob@example.test", None)).collect();
+        let (handle, stop, task) = start(config(false), &queue, &courier);
+        assert!(until(Duration::from_secs(60), || courier.order().len() == n).await, "all tried once");
+        up.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(courier.order().len(), n, "deferred by the first retry, not tried again");
+        assert_eq!(handle.flush(None).await.expect("flush"), n);
+        assert!(until(Duration::from_secs(60), || queue.is_empty()).await, "{} left", queue.len());
+        assert_eq!(courier.order()[n..], ids[..], "after the flush, oldest first, each once");
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
+
+    /// Mail due long after the window's end stays in the store and is tried when its time comes.
+    #[tokio::test(start_paused = true)]
+    async fn mail_due_beyond_the_window_is_tried_at_its_time() {
+        let queue = MemoryQueue::new();
+        let courier = ScriptedCourier::new(|_| Answer::Accept);
+        let later = submit_to(&queue, "bob@example.test", Some(now() + 20 * 60_000_000));
+        let (_handle, stop, task) = start(config(false), &queue, &courier);
+        assert!(!until(Duration::from_secs(19 * 60), || courier.tries_of(&later) > 0).await, "tried early");
+        assert!(until(Duration::from_secs(3 * 60), || courier.tries_of(&later) == 1).await, "not tried in time");
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
+
+    /// A slow destination with a backlog larger than its lane does not hold back another
+    /// domain's mail that arrived after all of it.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_domains_backlog_does_not_hold_back_another_domain() {
+        let queue = MemoryQueue::new();
+        let courier = ScriptedCourier::slow_for("example.test", Duration::from_secs(30));
+        for _ in 0..REFILL * 2 {
+            submit_to(&queue, "bob@example.test", None);
+        }
+        let other = submit_to(&queue, "carol@other.test", None);
+        let mut config = (*config(false)).clone();
+        config.relay.domains.push("other.test".into());
+        let (_handle, stop, task) = start(Arc::new(config), &queue, &courier);
+        assert!(until(Duration::from_secs(5), || courier.tries_of(&other) == 1).await, "held back by the backlog");
+        assert!(queue.len() > REFILL, "the slow domain's backlog is still there");
         let _ = stop.send(true);
         let _ = task.await;
     }

@@ -84,31 +84,27 @@ pub struct Envelope {
 /// building the history, the HELO name and the rest: a million envelopes are read then.
 #[derive(Debug, Deserialize)]
 pub struct IndexedEnvelope {
-    id: QueueId,
-    sender: String,
-    recipients: Vec<Recipient>,
-    arrived: i64,
-    size: u64,
-    attempts: u32,
-    next_attempt: i64,
+    pub(super) sender: String,
+    pub(super) recipients: Vec<IndexedRecipient>,
+    pub(super) arrived: i64,
+    pub(super) size: u64,
+    pub(super) attempts: u32,
+    pub(super) next_attempt: i64,
     #[serde(default)]
-    held: bool,
+    pub(super) held: bool,
     #[serde(default)]
-    bounce_suppressed: bool,
+    pub(super) bounce_suppressed: bool,
 }
 
-impl IndexedEnvelope {
-    /// An envelope holding what the index needs (the rest empty): for [`super::index`] only.
-    pub fn into_partial(self) -> Envelope {
-        let mut envelope = Envelope::new(self.id, self.sender, self.recipients);
-        envelope.arrived = self.arrived;
-        envelope.size = self.size;
-        envelope.attempts = self.attempts;
-        envelope.next_attempt = self.next_attempt;
-        envelope.held = self.held;
-        envelope.bounce_suppressed = self.bounce_suppressed;
-        envelope
-    }
+/// The part of a recipient the index needs.
+#[derive(Debug, Deserialize)]
+pub struct IndexedRecipient {
+    pub(super) address: String,
+    pub(super) status: RecipientStatus,
+    #[serde(default)]
+    pub(super) last_error: Option<String>,
+    #[serde(default)]
+    pub(super) remote_mta: Option<String>,
 }
 
 /// What SPF (RFC 7208) and DKIM (RFC 6376) said about a message's sender when it arrived.

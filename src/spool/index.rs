@@ -7,7 +7,10 @@
 //! deferral) is kept here too, in the summary, with the deferral's text interned: during an outage
 //! every queued message carries the same "connection refused", once.
 
-use super::{Envelope, Filter, RecipientStatus, for_each_domain};
+use super::envelope::IndexedEnvelope;
+use super::keyed::{Keyed, Slot};
+use super::queue::lower_domain;
+use super::{DueQuery, Envelope, Filter, RecipientStatus};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -15,7 +18,9 @@ pub use super::envelope::{QueueKey as Key, queue_id as id_of, queue_key as key};
 
 const HELD: u8 = 1;
 const BOUNCE_SUPPRESSED: u8 = 2;
-/// A removed message's place, until the next compaction ([`Entries`]).
+/// Made due earlier (a flush, a retry) in memory only: `next_attempt` is not the envelope's.
+const EXPEDITED: u8 = 4;
+/// A removed message's place, until the next compaction ([`Keyed`]).
 const DEAD: u8 = 0x80;
 
 /// What the index keeps of one message.
@@ -40,6 +45,14 @@ pub struct Summary {
     /// The first pending recipient's domain, interned; [`NONE`] when none is pending.
     domain: u32,
     flags: u8,
+}
+
+impl Slot for Summary {
+    const VACANT: Summary = Summary::GONE;
+
+    fn is_vacant(&self) -> bool {
+        self.is_dead()
+    }
 }
 
 /// The rest of a message with more than one pending recipient (or domain).
@@ -127,28 +140,46 @@ impl Noted {
 }
 
 /// Strings kept once however many summaries name them, counted so that unused ones are freed.
+/// Looked up by reference: a restart interns a million addresses without copying each first.
 #[derive(Debug)]
-struct Interned<T> {
+struct Interned<T: ?Sized> {
     ids: HashMap<Arc<T>, u32>,
     values: Vec<Option<(Arc<T>, u32)>>,
     free: Vec<u32>,
 }
 
-impl<T> Default for Interned<T> {
+impl<T: ?Sized> Default for Interned<T> {
     fn default() -> Self {
         Interned { ids: HashMap::new(), values: Vec::new(), free: Vec::new() }
     }
 }
 
-impl<T: std::hash::Hash + Eq> Interned<T> {
-    fn acquire(&mut self, value: T) -> u32 {
-        if let Some(&id) = self.ids.get(&value) {
+/// A value an [`Interned`] pool can keep a shared copy of.
+trait Share: std::hash::Hash + Eq {
+    fn share(&self) -> Arc<Self>;
+}
+
+impl Share for str {
+    fn share(&self) -> Arc<str> {
+        Arc::from(self)
+    }
+}
+
+impl Share for Reason {
+    fn share(&self) -> Arc<Reason> {
+        Arc::new(self.clone())
+    }
+}
+
+impl<T: Share + ?Sized> Interned<T> {
+    fn acquire(&mut self, value: &T) -> u32 {
+        if let Some(&id) = self.ids.get(value) {
             if let Some(Some((_, count))) = self.values.get_mut(id as usize) {
                 *count += 1;
             }
             return id;
         }
-        let value = Arc::new(value);
+        let value = value.share();
         let id = match self.free.pop() {
             Some(id) => {
                 self.values[id as usize] = Some((Arc::clone(&value), 1));
@@ -183,96 +214,57 @@ impl<T: std::hash::Hash + Eq> Interned<T> {
     }
 }
 
-/// The summaries in one sorted vector: 72 octets a message, where a B-tree's half-full nodes took
-/// about twice that. IDs are issued in increasing order, so a new message is pushed at the end; a
-/// removed one leaves a dead place behind, and the vector is compacted once half of it is dead.
-#[derive(Debug, Default)]
-struct Entries {
-    items: Vec<(Key, Summary)>,
-    dead: usize,
+/// Called with each pending recipient: its address, last error and the host that gave it.
+pub type EachPending<'f> = dyn FnMut(&str, Option<&String>, Option<&String>) + 'f;
+
+/// What the index takes of a message: a whole envelope, or the part of one a restart parses
+/// ([`IndexedEnvelope`]).
+pub trait Indexable {
+    fn sender(&self) -> &str;
+    fn each_pending(&self, f: &mut EachPending<'_>);
+    /// Arrival, next attempt, size, attempts, held, bounce suppressed.
+    fn state(&self) -> (i64, i64, u64, u32, bool, bool);
 }
 
-impl Entries {
-    fn find(&self, key: Key) -> Result<usize, usize> {
-        self.items.binary_search_by_key(&key, |(k, _)| *k)
+impl Indexable for Envelope {
+    fn sender(&self) -> &str {
+        &self.sender
     }
 
-    fn len(&self) -> usize {
-        self.items.len() - self.dead
-    }
-
-    fn get(&self, key: &Key) -> Option<&Summary> {
-        let at = self.find(*key).ok()?;
-        self.items.get(at).map(|(_, s)| s).filter(|s| !s.is_dead())
-    }
-
-    fn get_mut(&mut self, key: &Key) -> Option<&mut Summary> {
-        let at = self.find(*key).ok()?;
-        self.items.get_mut(at).map(|(_, s)| s).filter(|s| !s.is_dead())
-    }
-
-    fn contains_key(&self, key: &Key) -> bool {
-        self.get(key).is_some()
-    }
-
-    fn insert(&mut self, key: Key, summary: Summary) -> Option<Summary> {
-        if self.items.last().is_none_or(|(last, _)| *last < key) {
-            self.items.push((key, summary));
-            return None;
-        }
-        match self.find(key) {
-            Ok(at) => {
-                let old = std::mem::replace(&mut self.items[at].1, summary);
-                if old.is_dead() {
-                    self.dead -= 1;
-                    return None;
-                }
-                Some(old)
-            }
-            Err(at) => {
-                self.items.insert(at, (key, summary));
-                None
-            }
+    fn each_pending(&self, f: &mut EachPending<'_>) {
+        for r in self.pending() {
+            f(&r.address, r.last_error.as_ref(), r.remote_mta.as_ref());
         }
     }
 
-    fn remove(&mut self, key: &Key) -> Option<Summary> {
-        let at = self.find(*key).ok()?;
-        if self.items[at].1.is_dead() {
-            return None;
+    fn state(&self) -> (i64, i64, u64, u32, bool, bool) {
+        (self.arrived, self.next_attempt, self.size, self.attempts, self.held, self.bounce_suppressed)
+    }
+}
+
+impl Indexable for IndexedEnvelope {
+    fn sender(&self) -> &str {
+        &self.sender
+    }
+
+    fn each_pending(&self, f: &mut EachPending<'_>) {
+        for r in self.recipients.iter().filter(|r| r.status == RecipientStatus::Pending) {
+            f(&r.address, r.last_error.as_ref(), r.remote_mta.as_ref());
         }
-        let old = std::mem::replace(&mut self.items[at].1, Summary::GONE);
-        self.dead += 1;
-        if self.dead > 1024 && self.dead * 2 > self.items.len() {
-            self.items.retain(|(_, s)| !s.is_dead());
-            self.dead = 0;
-            if self.items.capacity() > 4 * self.items.len().max(1024) {
-                self.items.shrink_to(2 * self.items.len());
-            }
-        }
-        Some(old)
     }
 
-    fn last_key(&self) -> Option<Key> {
-        self.items.iter().rev().find(|(_, s)| !s.is_dead()).map(|(k, _)| *k)
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&Key, &Summary)> {
-        self.items.iter().filter(|(_, s)| !s.is_dead()).map(|(k, s)| (k, s))
-    }
-
-    fn after(&self, after: Option<Key>) -> impl Iterator<Item = (Key, &Summary)> {
-        let start = after.map_or(0, |a| self.items.partition_point(|(k, _)| *k <= a));
-        self.items[start..].iter().filter(|(_, s)| !s.is_dead()).map(|(k, s)| (*k, s))
+    fn state(&self) -> (i64, i64, u64, u32, bool, bool) {
+        (self.arrived, self.next_attempt, self.size, self.attempts, self.held, self.bounce_suppressed)
     }
 }
 
 /// Every queued message's summary, oldest first.
 #[derive(Debug, Default)]
 pub struct Index {
-    entries: Entries,
-    domains: Interned<String>,
-    addresses: Interned<String>,
+    /// The summaries by key: 72 octets a message (see [`Keyed`]).
+    entries: Keyed<Summary>,
+    domains: Interned<str>,
+    addresses: Interned<str>,
     reasons: Interned<Reason>,
 }
 
@@ -294,23 +286,31 @@ impl Index {
     }
 
     /// Sets the message's summary from its envelope as it is now on disk (no noted bookkeeping).
-    pub fn insert(&mut self, key: Key, envelope: &Envelope) {
-        let mut domains = Vec::new();
-        for_each_domain(envelope, |d| domains.push(self.domains.acquire(d.to_string())));
+    pub fn insert(&mut self, key: Key, envelope: &impl Indexable) {
+        let (arrived, next_attempt, size, attempts, held, bounce_suppressed) = envelope.state();
         let mut flags = 0;
-        if envelope.held {
+        if held {
             flags |= HELD;
         }
-        if envelope.bounce_suppressed {
+        if bounce_suppressed {
             flags |= BOUNCE_SUPPRESSED;
         }
-        let recipients: Vec<u32> = envelope
-            .recipients
-            .iter()
-            .filter(|r| r.status == RecipientStatus::Pending)
-            .map(|r| self.addresses.acquire(r.address.clone()))
-            .collect();
-        let sender = self.addresses.acquire(envelope.sender.clone());
+        // Distinct domains in the order first seen; the common single recipient allocates none.
+        let (mut domains, mut recipients, mut reason) = (Vec::new(), Vec::new(), NONE);
+        envelope.each_pending(&mut |address, error, remote_mta| {
+            let domain = self.domains.acquire(&lower_domain(address));
+            if domains.contains(&domain) {
+                self.domains.release(domain);
+            } else {
+                domains.push(domain);
+            }
+            recipients.push(self.addresses.acquire(address));
+            // The last error of the first pending recipient that has one.
+            if reason == NONE && error.is_some() {
+                reason = self.reasons.acquire(&Reason { error: error.cloned(), remote_mta: remote_mta.cloned() });
+            }
+        });
+        let sender = self.addresses.acquire(envelope.sender());
         let domain = domains.first().copied().unwrap_or(NONE);
         let more = (domains.len() > 1 || recipients.len() > 1).then(|| {
             Box::new(More {
@@ -319,15 +319,15 @@ impl Index {
             })
         });
         let summary = Summary {
-            arrived: envelope.arrived,
-            next_attempt: envelope.next_attempt,
-            size: envelope.size,
+            arrived,
+            next_attempt,
+            size,
             noted_at: 0,
             more,
             sender,
             recipient: recipients.first().copied().unwrap_or(NONE),
-            attempts: envelope.attempts,
-            reason: self.last_error(envelope),
+            attempts,
+            reason,
             domain,
             flags,
         };
@@ -354,16 +354,6 @@ impl Index {
         }
     }
 
-    /// The interned last error of the envelope's first pending recipient that has one.
-    fn last_error(&mut self, envelope: &Envelope) -> u32 {
-        let failed =
-            envelope.recipients.iter().find(|r| r.status == RecipientStatus::Pending && r.last_error.is_some());
-        match failed {
-            Some(r) => self.reasons.acquire(Reason { error: r.last_error.clone(), remote_mta: r.remote_mta.clone() }),
-            None => NONE,
-        }
-    }
-
     /// Forgets the noted bookkeeping of a message about to be written durably (its summary is
     /// set again from what is written).
     pub fn clear_noted(&mut self, key: Key) {
@@ -385,12 +375,13 @@ impl Index {
         if summary.held() != envelope.held || summary.bounce_suppressed() != envelope.bounce_suppressed {
             return false;
         }
-        let reason = self.reasons.acquire(reason);
+        let reason = self.reasons.acquire(&reason);
         let Some(summary) = self.entries.get_mut(&key) else { return true };
         let old = std::mem::replace(&mut summary.reason, reason);
         summary.attempts = envelope.attempts;
         summary.next_attempt = envelope.next_attempt;
         summary.noted_at = at.max(1);
+        summary.flags &= !EXPEDITED;
         if old != NONE {
             self.reasons.release(old);
         }
@@ -399,18 +390,64 @@ impl Index {
 
     /// The message's noted bookkeeping, to apply to its envelope as read from disk.
     pub fn noted_of(&self, key: Key) -> Option<Noted> {
-        let summary = self.entries.get(&key).filter(|s| s.is_noted())?;
+        let summary = self.entries.get(&key).filter(|s| s.is_noted() || s.flags & EXPEDITED != 0)?;
         Some(Noted {
             attempts: summary.attempts,
             next_attempt: summary.next_attempt,
             at: summary.noted_at,
-            reason: self.reasons.get(summary.reason).cloned(),
+            // Only expedited: the next attempt is the one change.
+            reason: if summary.is_noted() { self.reasons.get(summary.reason).cloned() } else { None },
         })
+    }
+
+    /// Makes the message due at `at` in memory (a flush, a retry), unless it is held; returns
+    /// whether it was.
+    pub fn expedite(&mut self, key: Key, at: i64) -> bool {
+        let Some(summary) = self.entries.get_mut(&key).filter(|s| !s.held()) else { return false };
+        summary.next_attempt = at;
+        if !summary.is_noted() {
+            summary.flags |= EXPEDITED;
+        }
+        true
+    }
+
+    /// The messages a [`DueQuery`] asks for, earliest first: one pass over the summaries, keeping
+    /// the `limit` earliest in a heap.
+    pub fn due(&self, query: &DueQuery<'_>) -> Vec<(i64, Key)> {
+        let interned = |d: &str| self.domains.find(&d.trim_end_matches('.').to_ascii_lowercase());
+        let domain = match query.domain {
+            Some(d) => match interned(d) {
+                Some(id) => Some(id),
+                None => return Vec::new(),
+            },
+            None => None,
+        };
+        let except: Vec<u32> = query.except.iter().filter_map(|d| interned(d)).collect();
+        let limit = query.limit;
+        let mut earliest: std::collections::BinaryHeap<(i64, Key)> = std::collections::BinaryHeap::new();
+        for (key, summary) in self.entries.iter() {
+            let at = (summary.next_attempt, key);
+            if !query.wants(at.0, key) || summary.held() {
+                continue;
+            }
+            if domain.is_some_and(|d| !summary.domain_ids().any(|id| id == d))
+                || summary.domain_ids().any(|id| except.contains(&id))
+            {
+                continue;
+            }
+            if earliest.len() < limit {
+                earliest.push(at);
+            } else if earliest.peek().is_some_and(|latest| at < *latest) {
+                earliest.pop();
+                earliest.push(at);
+            }
+        }
+        earliest.into_sorted_vec()
     }
 
     /// The message as listings show it, from its summary alone.
     pub fn listing(&self, key: Key, summary: &Summary) -> super::Listing {
-        let address = |id: u32| self.addresses.get(id).cloned().unwrap_or_default();
+        let address = |id: u32| self.addresses.get(id).map(str::to_string).unwrap_or_default();
         super::Listing {
             id: id_of(key),
             sender: address(summary.sender),
@@ -426,7 +463,7 @@ impl Index {
 
     /// Keys of the messages with noted bookkeeping.
     pub fn noted(&self) -> Vec<Key> {
-        self.entries.iter().filter(|(_, s)| s.is_noted()).map(|(k, _)| *k).collect()
+        self.entries.iter().filter(|(_, s)| s.is_noted()).map(|(k, _)| k).collect()
     }
 
     /// Every summary, oldest first, from the first key after `after`.
@@ -436,7 +473,7 @@ impl Index {
 
     /// The domains of the summary's pending recipients.
     pub fn domains<'a>(&'a self, summary: &'a Summary) -> impl Iterator<Item = &'a str> + 'a {
-        summary.domain_ids().filter_map(|id| self.domains.get(id).map(String::as_str))
+        summary.domain_ids().filter_map(|id| self.domains.get(id))
     }
 
     /// Whether a message passes the filter, told by its summary alone. Text is matched once per
@@ -532,7 +569,7 @@ mod tests {
         let expected: Vec<Key> = std::iter::once(3).chain((4000..5000).step_by(2)).collect();
         assert_eq!(keys, expected);
         assert_eq!(index.len(), expected.len());
-        assert!(index.entries.dead < index.entries.items.len(), "compacted: {}", index.entries.dead);
+        assert!(index.entries.vacant() < index.entries.slots(), "compacted: {}", index.entries.vacant());
         assert_eq!(index.iter_after(Some(4001)).next().map(|(k, _)| k), Some(4002));
         assert!(!index.contains(10) && index.contains(4998) && index.last_key() == Some(4998));
         assert_eq!(index.addresses.ids.len(), 2, "one sender and one recipient, interned once");

@@ -25,6 +25,7 @@
 //! write torn by a crash is always the last thing in its segment.
 
 use super::index::{Key, id_of, key};
+use super::keyed::{Keyed, Slot};
 use super::{QueueId, SpoolError, io_err, lock, sync_dir};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -187,11 +188,26 @@ struct Packed {
     envelope_len: u32,
 }
 
+impl Slot for Packed {
+    const VACANT: Packed = Packed {
+        segment: u32::MAX,
+        body_start: 0,
+        body_len: 0,
+        envelope_segment: 0,
+        envelope_start: 0,
+        envelope_len: 0,
+    };
+
+    fn is_vacant(&self) -> bool {
+        self.segment == u32::MAX
+    }
+}
+
 impl Packed {
     fn new(stored: &Stored) -> Option<Packed> {
         let n = |v: u64| u32::try_from(v).ok();
         Some(Packed {
-            segment: n(stored.segment)?,
+            segment: n(stored.segment).filter(|s| *s != u32::MAX)?,
             body_start: n(stored.body.start)?,
             body_len: n(stored.body.end.checked_sub(stored.body.start)?)?,
             envelope_segment: n(stored.envelope_segment)?,
@@ -231,8 +247,8 @@ pub struct JournaledMessage {
 pub struct Replay {
     /// Each segment's messages and size.
     segments: BTreeMap<u64, (Vec<Key>, u64)>,
-    live: HashMap<Key, u64>,
-    stored: HashMap<Key, Packed>,
+    with_files: HashMap<Key, u64>,
+    stored: Keyed<Packed>,
     /// Messages that also had files, whose body was rewritten from the record.
     pub restored: usize,
 }
@@ -265,7 +281,6 @@ pub fn replay<T: Send>(
                     Scanned::Message { id, envelope, parsed, body } => {
                         forgotten.remove(&id);
                         ids.push(id);
-                        replay.live.insert(id, number);
                         let stored = Stored { segment: number, body, envelope_segment: number, envelope };
                         let Some(packed) = Packed::new(&stored) else { continue };
                         latest.insert(id, packed);
@@ -295,6 +310,7 @@ pub fn replay<T: Send>(
         .filter_map(|e| key(e.ok()?.path().file_stem()?.to_str()?))
         .collect();
     let mut rewritten = false;
+    let mut queued = Vec::with_capacity(latest.len());
     for (id, packed) in latest {
         if with_files.contains(&id) {
             let stored = packed.unpack();
@@ -311,10 +327,12 @@ pub fn replay<T: Send>(
             found(id, None);
             rewritten = true;
             replay.restored += 1;
+            replay.with_files.insert(id, stored.segment);
         } else {
-            replay.stored.insert(id, packed);
+            queued.push((id, packed));
         }
     }
+    replay.stored = Keyed::from_unsorted(queued);
     for id in forgotten.iter().filter(|id| with_files.contains(*id)).map(|k| id_of(*k)) {
         for ext in ["env", "msg"] {
             let path = messages.join(format!("{id}.{ext}"));
@@ -515,10 +533,14 @@ struct State {
     current: Option<Segment>,
     /// Segments not yet retired, oldest first (the current one included).
     members: BTreeMap<u64, Members>,
-    /// Each message whose record sits in a segment not yet retired, with that segment.
-    live: HashMap<Key, u64>,
-    /// Messages queued from the journal (no files of their own yet).
-    stored: HashMap<Key, Packed>,
+    /// Messages with files of their own whose last record still sits in a segment not yet retired,
+    /// with that segment: removing one needs a forget record, as removing a queued one does.
+    /// Few: those a checkpoint wrote out until their segment is deleted, and those a replay found
+    /// with files.
+    with_files: HashMap<Key, u64>,
+    /// Messages queued from the journal (no files of their own yet), with where their latest
+    /// record is: 32 octets each, as a million may be queued so.
+    stored: Keyed<Packed>,
     /// Checkpoints asked for: materialize and retire everything now, whatever the segments' age.
     checkpoints: usize,
     stop: bool,
@@ -546,7 +568,7 @@ impl Journal {
                 results: HashMap::new(),
                 current: Some(segment),
                 members,
-                live: replay.live,
+                with_files: replay.with_files,
                 stored: replay.stored,
                 checkpoints: 0,
                 stop: false,
@@ -640,7 +662,8 @@ impl Journal {
         let mut records = Vec::new();
         {
             let state = lock(&self.shared.state);
-            for id in ids.iter().filter(|id| key(id).is_some_and(|k| state.live.contains_key(&k))) {
+            let recorded = |k: Key| state.stored.contains_key(&k) || state.with_files.contains_key(&k);
+            for id in ids.iter().filter(|id| key(id).is_some_and(recorded)) {
                 encode(&mut records, KIND_FORGET, id, &[], &[]);
             }
         }
@@ -807,7 +830,7 @@ impl Shared {
                                     tracing::error!(queue_id = %id_of(entry.id), "journal offset beyond 4 GiB");
                                     continue;
                                 };
-                                state.live.insert(entry.id, number);
+                                state.with_files.remove(&entry.id);
                                 state.stored.insert(entry.id, packed);
                                 state.members.entry(number).or_default().ids.push(entry.id);
                             }
@@ -887,8 +910,8 @@ impl Shared {
                     Ok(()) => {
                         state.members.remove(&number);
                         for id in &ids {
-                            if state.live.get(id) == Some(&number) {
-                                state.live.remove(id);
+                            if state.with_files.get(id) == Some(&number) {
+                                state.with_files.remove(id);
                             }
                         }
                         self.flushed.notify_all();
@@ -1033,7 +1056,9 @@ impl Shared {
             syncfs(&self.messages)?;
             let mut state = lock(&self.state);
             for message in survivors.iter().filter_map(|m| key(&m.id)) {
+                // Until the segment is deleted its record would bring the message back.
                 state.stored.remove(&message);
+                state.with_files.insert(message, number);
             }
         }
         Ok(())

@@ -19,6 +19,7 @@
 pub mod envelope;
 mod index;
 pub mod journal;
+mod keyed;
 mod memory;
 mod queue;
 
@@ -132,15 +133,12 @@ impl Spool {
         // segments at a time: a million envelopes are never in memory at once.
         let mut journaled = index::Index::default();
         let mut unreadable = std::collections::HashMap::new();
-        let parse = |json: &[u8]| {
-            serde_json::from_slice::<IndexedEnvelope>(json)
-                .map(IndexedEnvelope::into_partial)
-                .map_err(|e| e.to_string())
-        };
+        let parse =
+            |json: &[u8]| serde_json::from_slice::<IndexedEnvelope>(json).map(Box::new).map_err(|e| e.to_string());
         let replay = journal::replay(&journal_dir, &messages, &parse, &mut |key, latest| {
             unreadable.remove(&key);
             match latest {
-                Some(Ok(envelope)) => journaled.insert(key, &envelope),
+                Some(Ok(envelope)) => journaled.insert(key, &*envelope),
                 Some(Err(err)) => {
                     journaled.remove(key);
                     unreadable.insert(key, err);
@@ -513,7 +511,11 @@ impl Queue for Spool {
     fn brief(&self, id: &str) -> Option<Brief> {
         let index = lock(&self.index);
         let summary = index.summary(index::key(id)?)?;
-        Some(Brief { held: summary.held(), domains: index.domains(summary).map(str::to_string).collect() })
+        Some(Brief {
+            held: summary.held(),
+            domains: index.domains(summary).map(str::to_string).collect(),
+            next_attempt: summary.next_attempt,
+        })
     }
 
     /// Reads every envelope from disk, a page at a time: for small queues and exports only.
@@ -528,9 +530,25 @@ impl Queue for Spool {
         lock(&self.index).len()
     }
 
-    fn due(&self) -> Vec<(QueueKey, i64)> {
-        let index = lock(&self.index);
-        index.iter_after(None).filter(|(_, s)| !s.held()).map(|(k, s)| (k, s.next_attempt)).collect()
+    /// From the summaries: one pass over the index, no envelope read.
+    fn due(&self, query: &DueQuery<'_>) -> Vec<(i64, QueueKey)> {
+        lock(&self.index).due(query)
+    }
+
+    /// In memory only, in the summaries (a flush of a million writes nothing): after a restart the
+    /// next attempts last written hold, and a flush is asked for again.
+    fn expedite(&self, filter: &Filter, at: i64) -> usize {
+        let filter = Filter { held: Some(false), ..filter.clone() };
+        let mut index = lock(&self.index);
+        let chosen: Vec<QueueKey> = {
+            let passes = index.prefilter(&filter, now_micros());
+            index.iter_after(None).filter(|(_, s)| passes(s)).map(|(k, _)| k).collect()
+        };
+        chosen.into_iter().filter(|k| index.expedite(*k, at)).count()
+    }
+
+    fn expedite_id(&self, id: &str, at: i64) -> bool {
+        index::key(id).is_some_and(|key| lock(&self.index).expedite(key, at))
     }
 
     /// The summaries answer the filter (they keep the addresses, interned): only the page's

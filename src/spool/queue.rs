@@ -98,7 +98,7 @@ fn domain_eq(address: &str, domain: &str) -> bool {
 }
 
 /// The domain of an address, lower-cased, allocating only when it is not already in lower case.
-fn lower_domain(address: &str) -> Cow<'_, str> {
+pub(super) fn lower_domain(address: &str) -> Cow<'_, str> {
     let raw = address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.')).unwrap_or_default();
     if raw.bytes().any(|b| b.is_ascii_uppercase()) { Cow::Owned(raw.to_ascii_lowercase()) } else { Cow::Borrowed(raw) }
 }
@@ -301,12 +301,40 @@ impl From<&Envelope> for Listing {
     }
 }
 
+/// Which due messages [`Queue::due`] returns: those not held, due by `until` (microseconds since
+/// the epoch), after `after` in (due time, key) order; with `domain`, only those with a pending
+/// recipient there; none with a pending recipient in a domain of `except`. At most `limit`.
+#[derive(Debug, Clone, Copy)]
+pub struct DueQuery<'a> {
+    pub after: Option<(i64, QueueKey)>,
+    pub until: i64,
+    pub domain: Option<&'a str>,
+    pub except: &'a [String],
+    pub limit: usize,
+}
+
+impl DueQuery<'_> {
+    /// Does a message due at `at` pass the time bounds?
+    pub fn wants(&self, at: i64, key: QueueKey) -> bool {
+        at <= self.until && self.after.is_none_or(|a| (at, key) > a)
+    }
+
+    /// Do a message's pending domains (lower case) pass `domain` and `except`?
+    pub fn wants_domains<'d>(&self, domains: impl Iterator<Item = &'d str> + Clone) -> bool {
+        let is = |a: &str, b: &str| a.eq_ignore_ascii_case(b.trim_end_matches('.'));
+        self.domain.is_none_or(|want| domains.clone().any(|d| is(d, want)))
+            && !domains.clone().any(|d| self.except.iter().any(|e| is(d, e)))
+    }
+}
+
 /// What the scheduler needs of a message before it reads the envelope: whether it is held, and
 /// the domains of its pending recipients (lower case, distinct).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Brief {
     pub held: bool,
     pub domains: Vec<String>,
+    /// When it is due, as the store has it (a flush or retry included).
+    pub next_attempt: i64,
 }
 
 /// The queue: the one interface between the stages and a store. See the module doc.
@@ -325,23 +353,50 @@ pub trait Queue: Send + Sync {
         let envelope = self.get(id)?;
         let mut domains = Vec::new();
         for_each_domain(&envelope, |d| domains.push(d.to_string()));
-        Some(Brief { held: envelope.held, domains })
+        Some(Brief { held: envelope.held, domains, next_attempt: envelope.next_attempt })
     }
 
     /// Calls `f` with every queued envelope, oldest first: the hook of the default queries.
     fn visit(&self, f: &mut dyn FnMut(&Envelope));
 
-    /// Every message not held (by key), with when it is due, oldest first (the scheduler's start).
-    fn due(&self) -> Vec<(QueueKey, i64)> {
+    /// The messages a [`DueQuery`] asks for, earliest first. The scheduler keeps a window of the
+    /// queue from this, not all of it: the store's due times are the truth.
+    fn due(&self, query: &DueQuery<'_>) -> Vec<(i64, QueueKey)> {
         let mut due = Vec::new();
         self.visit(&mut |e| {
-            if !e.held
-                && let Some(key) = super::queue_key(&e.id)
+            if let Some(key) = super::queue_key(&e.id)
+                && !e.held
+                && query.wants(e.next_attempt, key)
             {
-                due.push((key, e.next_attempt));
+                let mut domains = Vec::new();
+                for_each_domain(e, |d| domains.push(d.to_string()));
+                if query.wants_domains(domains.iter().map(String::as_str)) {
+                    due.push((e.next_attempt, key));
+                }
             }
         });
+        due.sort_unstable();
+        due.truncate(query.limit);
         due
+    }
+
+    /// Makes the messages that pass `filter` and are not held due at `at` (a flush); returns how
+    /// many. A store may keep this in memory only: after a restart the times last written hold.
+    fn expedite(&self, filter: &Filter, at: i64) -> usize {
+        let mut chosen = Vec::new();
+        self.visit(&mut |e| {
+            if !e.held && filter.matches(e, now_micros()) {
+                chosen.push(e.id.clone());
+            }
+        });
+        chosen.iter().filter(|id| self.expedite_id(id, at)).count()
+    }
+
+    /// Makes one message due at `at` (a retry), unless it is held or gone; returns whether it was.
+    fn expedite_id(&self, id: &str, at: i64) -> bool {
+        let Some(mut envelope) = self.get(id).filter(|e| !e.held) else { return false };
+        envelope.next_attempt = at;
+        self.update(std::slice::from_ref(&envelope)).is_ok()
     }
 
     /// Claims messages for delivery, oldest first: those of `ids` still queued, not held and not

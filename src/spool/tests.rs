@@ -583,11 +583,12 @@ fn the_memory_store_and_the_local_store_answer_queries_alike() {
         assert_eq!(stats.domains["example.test"].messages, 2);
         let shape = queue.shape(now_micros());
         assert_eq!(shape["other.test"][0], 2, "both arrived in the last 5 minutes");
-        assert_eq!(queue.due().len(), 2, "held mail is not due");
+        let all = DueQuery { after: None, until: i64::MAX, domain: None, except: &[], limit: 10 };
+        assert_eq!(queue.due(&all).len(), 2, "held mail is not due");
         let first = page.envelopes[0].id.clone();
         assert_eq!(queue.read_headers(&first, 1024).unwrap(), b"Subject: hi\r\n");
         assert!(queue.set_held(&first, true).unwrap().held);
-        assert_eq!(queue.due().len(), 1);
+        assert_eq!(queue.due(&all).len(), 1);
         queue.delete(&first).unwrap();
         assert!(matches!(queue.delete(&first), Err(SpoolError::NotFound(_))));
         assert!(matches!(queue.open_body(&first), Err(SpoolError::NotFound(_))));
@@ -664,4 +665,55 @@ fn listings_from_the_index_match_the_envelopes_and_page_by_key() {
     assert_eq!(spool.listing(Some(&ids[1]), 2), from_envelopes[2..4].to_vec());
     assert_eq!(from_envelopes[1].last_error.as_deref(), Some("451 4.3.0 try later"));
     assert!(from_envelopes[3].held);
+}
+
+/// The scheduler's window of the queue: both stores answer the due query alike (bounds, order,
+/// domain, exceptions, limit), and a flush (expedite) changes what is due without a write.
+#[test]
+fn both_stores_answer_due_queries_and_expedite_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let (local, _) = Spool::open(dir.path()).unwrap();
+    let local: Arc<dyn Queue> = Arc::new(local);
+    let memory: Arc<dyn Queue> = MemoryQueue::new();
+    let mut answers = Vec::new();
+    for queue in [&local, &memory] {
+        let mut keys = Vec::new();
+        // Due at 500, 100, 300, 100 (held), 200: the order is by due time, then arrival.
+        for (at, rcpt, held) in [
+            (500, "a@one.test", false),
+            (100, "b@two.test", false),
+            (300, "c@one.test", false),
+            (100, "d@one.test", true),
+            (200, "e@ONE.test", false),
+        ] {
+            let id = queue.new_id();
+            let mut message = Arc::clone(queue).incoming(&id).unwrap();
+            message.write(b"Subject: hi\r\n\r\nbody\r\n").unwrap();
+            let mut envelope = Envelope::new(id.clone(), "s@x.test".into(), vec![Recipient::new(rcpt.to_string())]);
+            envelope.next_attempt = at;
+            envelope.held = held;
+            message.commit(envelope).unwrap();
+            keys.push(crate::spool::queue_key(&id).unwrap());
+        }
+        let ask = |after, until, domain, except: &[String], limit| {
+            queue.due(&DueQuery { after, until, domain, except, limit })
+        };
+        assert_eq!(ask(None, 1000, None, &[], 10), [(100, keys[1]), (200, keys[4]), (300, keys[2]), (500, keys[0])]);
+        assert_eq!(ask(None, 250, None, &[], 10), [(100, keys[1]), (200, keys[4])], "due by 250");
+        assert_eq!(ask(Some((100, keys[1])), 1000, None, &[], 2), [(200, keys[4]), (300, keys[2])], "after, limit");
+        assert_eq!(ask(None, 1000, Some("ONE.test"), &[], 10), [(200, keys[4]), (300, keys[2]), (500, keys[0])]);
+        assert_eq!(ask(None, 1000, None, &["one.test".to_string()], 10), [(100, keys[1])], "except one.test");
+        assert_eq!(ask(None, 1000, Some("nowhere.test"), &[], 10), []);
+        // A flush of one.test: due at 50 now, in arrival order; the held one stays held.
+        assert_eq!(queue.expedite(&Filter::domain("one.test"), 50), 3);
+        assert_eq!(ask(None, 1000, None, &[], 10), [(50, keys[0]), (50, keys[2]), (50, keys[4]), (100, keys[1])]);
+        let expedited = queue.get(&crate::spool::queue_id(keys[2])).unwrap();
+        assert_eq!(expedited.next_attempt, 50, "the envelope read shows the new time");
+        assert_eq!(queue.brief(&crate::spool::queue_id(keys[2])).unwrap().next_attempt, 50);
+        assert!(!queue.expedite_id(&crate::spool::queue_id(keys[3]), 10), "held: not made due");
+        assert!(queue.expedite_id(&crate::spool::queue_id(keys[1]), 10));
+        assert_eq!(ask(None, 20, None, &[], 10), [(10, keys[1])]);
+        answers.push(ask(None, i64::MAX, None, &[], 10).into_iter().map(|(at, _)| at).collect::<Vec<_>>());
+    }
+    assert_eq!(answers[0], answers[1]);
 }
