@@ -41,8 +41,8 @@ pub enum Command {
     },
     /// Read a password on stdin and print its argon2 hash for `[web] users`.
     HashPassword,
-    /// The recipient cache: callout answers, addresses learned from deliveries, your own entries
-    /// (works while the daemon runs; it picks up changes within a second).
+    /// The recipient cache: callout and directory answers, addresses learned from deliveries, your
+    /// own entries (works while the daemon runs; it picks up changes within a second).
     Recipients {
         #[command(subcommand)]
         action: RecipientsCommand,

@@ -1,8 +1,8 @@
 //! The configuration file: TOML, validated at start.
 //!
 //! The key names under `hostname`, `[smtp]`, `[relay]`, `[dns]`, `[queue]`, `[routes]`, `[domain."..."]`
-//! and `[web]`, and `delivery.source_address`, are a public contract: tools outside the project write
-//! them. New settings go beside them.
+//! (with `recipients_ldap`, config/ldap.rs) and `[web]`, and `delivery.source_address`, are a public
+//! contract: tools outside the project write them. New settings go beside them.
 //! Every problem is reported as one line naming the file, the key and what is wrong.
 
 use serde::{Deserialize, Serialize};

@@ -143,7 +143,7 @@ impl Directory {
     }
 
     /// Connects (TLS from the start for ldaps://, the StartTLS extended operation first for
-    /// `starttls`, RFC 4513 3.1.5 name check either way) and binds.
+    /// `starttls`, RFC 4511 4.14; the server identity check of RFC 4513 3.1.3 either way) and binds.
     async fn connect(&self) -> Result<Ldap, DirectoryError> {
         let (driver, mut ldap) = LdapConnAsync::with_settings(self.settings.clone(), &self.url)
             .await
