@@ -41,8 +41,8 @@ pub enum Command {
     },
     /// Read a password on stdin and print its argon2 hash for `[web] users`.
     HashPassword,
-    /// The recipient cache: callout answers, addresses learned from deliveries, your own entries
-    /// (works while the daemon runs; it picks up changes within a second).
+    /// The recipient cache: callout and directory answers, addresses learned from deliveries, your
+    /// own entries (works while the daemon runs; it picks up changes within a second).
     Recipients {
         #[command(subcommand)]
         action: RecipientsCommand,
@@ -66,6 +66,9 @@ pub enum RecipientsCommand {
     },
     /// Forget addresses (the next RCPT asks the list, a callout or the policy again).
     Forget { addresses: Vec<String> },
+    /// Ask each address's directory (`recipients_ldap`) now, to try a filter or a bind; the
+    /// cache is not changed (exit 1 if a directory cannot answer).
+    Check { addresses: Vec<String> },
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,8 +180,42 @@ fn recipients(config: &Config, action: RecipientsCommand) -> ExitCode {
             println!("{address}: {}", if found { "forgotten" } else { "not in the cache" });
             Ok(())
         }),
+        RecipientsCommand::Check { addresses } => return check_recipients(config, &addresses),
     };
     exit_status(result)
+}
+
+/// `bartleby recipients check`: one line per address with what its directory says.
+fn check_recipients(config: &Config, addresses: &[String]) -> ExitCode {
+    use crate::recipients::ldap::Directory;
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = false;
+    for address in addresses {
+        let domain = crate::spool::domain_of(address);
+        let Some(source) = config.domain_policy(&domain).recipients_ldap else {
+            println!("{address}: domain {domain:?} has no recipients_ldap");
+            continue;
+        };
+        let answer = match Directory::new(&source) {
+            Ok(directory) => rt.block_on(directory.exists(address)).map_err(|e| e.to_string()),
+            Err(err) => Err(err),
+        };
+        match answer {
+            Ok(true) => println!("{address}: in the directory ({})", source.url),
+            Ok(false) => println!("{address}: not in the directory ({}): 550 5.1.1", source.url),
+            Err(err) => {
+                failed = true;
+                println!("{address}: {} cannot answer: {err}", source.url);
+            }
+        }
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
 fn print_recipients(entries: &[(String, crate::recipients::cache::Entry)], json: bool) {
@@ -199,6 +236,7 @@ fn print_recipients(entries: &[(String, crate::recipients::cache::Entry)], json:
             crate::recipients::cache::Source::Callout => "callout",
             crate::recipients::cache::Source::Delivery => "delivery",
             crate::recipients::cache::Source::Operator => "operator",
+            crate::recipients::cache::Source::Directory => "directory",
         };
         let expires = e.expires.map(rfc3339).unwrap_or_else(|| "never".into());
         println!("{address:<40} {:<8} {source:<9} {expires}", if e.valid { "yes" } else { "no" });

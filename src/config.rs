@@ -1,8 +1,8 @@
 //! The configuration file: TOML, validated at start.
 //!
 //! The key names under `hostname`, `[smtp]`, `[relay]`, `[dns]`, `[queue]`, `[routes]`, `[domain."..."]`
-//! and `[web]`, and `delivery.source_address`, are a public contract: tools outside the project write
-//! them. New settings go beside them.
+//! (with `recipients_ldap`, config/ldap.rs) and `[web]`, and `delivery.source_address`, are a public
+//! contract: tools outside the project write them. New settings go beside them.
 //! Every problem is reported as one line naming the file, the key and what is wrong.
 
 use serde::{Deserialize, Serialize};
@@ -12,6 +12,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
+
+mod ldap;
+pub use ldap::{LdapSource, LdapUrl, read_ca_file, read_password};
 
 /// The whole, validated configuration of one bartleby instance.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -200,16 +203,21 @@ pub struct DomainConfig {
     pub recipients_file: Option<PathBuf>,
     /// Ask the primary about unknown recipients (`MAIL FROM:<>`, `RCPT TO`, `RSET`) and cache its answers.
     pub callout: bool,
-    /// What unknown recipients get while the primary cannot answer: `tempfail` (451 4.4.3, the
-    /// default), `accept` or `hold`. Applies only when `recipients_file` or `callout` is set.
+    /// Ask the site's directory (LDAP, e.g. Active Directory) about every recipient not in the
+    /// list, and cache its answers for when it cannot be reached (issue 15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients_ldap: Option<LdapSource>,
+    /// What unknown recipients get while neither the directory nor the primary can answer:
+    /// `tempfail` (451 4.4.3, the default), `accept` or `hold`. Applies only when
+    /// `recipients_file`, `recipients_ldap` or `callout` is set.
     pub unknown_recipient: UnknownPolicy,
 }
 
 impl DomainConfig {
-    /// Does bartleby check recipients of this domain at all? Without a list or callouts every
-    /// address of a relay domain is accepted, as before.
+    /// Does bartleby check recipients of this domain at all? Without a list, a directory or
+    /// callouts every address of a relay domain is accepted, as before.
     pub fn verifies_recipients(&self) -> bool {
-        self.recipients_file.is_some() || self.callout
+        self.recipients_file.is_some() || self.recipients_ldap.is_some() || self.callout
     }
 }
 
@@ -710,6 +718,9 @@ impl Config {
                 && let Err(err) = std::fs::metadata(path)
             {
                 return bad(&format!("domain.{domain}.recipients_file"), format!("{}: {err}", path.display()));
+            }
+            if let Some(source) = &policy.recipients_ldap {
+                source.validate(&format!("domain.{domain}.recipients_ldap"))?;
             }
         }
         Ok(())

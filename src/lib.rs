@@ -7,8 +7,9 @@
 //! - [`deliver`]: where a message goes (routes, MX and the backup-MX rule) and the SMTP client;
 //! - [`dsn`]: delivery status notifications (RFC 3464 bounces and delay notices).
 //!
-//! Guarding the door (issue 6): [`recipients`] (which addresses are real: lists, callouts, what
-//! deliveries taught) and [`auth`] (SPF/DKIM verdicts that decide whether a bounce may be sent).
+//! Guarding the door (issue 6): [`recipients`] (which addresses are real: lists, the site's LDAP
+//! directory, callouts, what deliveries taught) and [`auth`] (SPF/DKIM verdicts that decide whether
+//! a bounce may be sent).
 //!
 //! Beside them: [`config`] (the TOML file), [`control`] (the daemon's control socket, used by
 //! [`cli`]), [`monitor`] (probes of the primaries, auto-flush, alert rules and channels, checks of

@@ -1,5 +1,5 @@
-//! The durable recipient cache: `recipients.json` in the spool directory, holding callout answers,
-//! addresses learned from deliveries and the operator's entries.
+//! The durable recipient cache: `recipients.json` in the spool directory, holding callout and
+//! directory answers, addresses learned from deliveries and the operator's entries.
 //!
 //! The daemon and `bartleby recipients` both change it, so every change is read-modify-write under
 //! an exclusive `flock` on `recipients.lock`, and the file is replaced atomically (tmp, fsync, rename,
@@ -25,6 +25,8 @@ pub enum Source {
     Delivery,
     /// `bartleby recipients add`.
     Operator,
+    /// The site's directory answered (`recipients_ldap`).
+    Directory,
 }
 
 /// What is known about one address.

@@ -1,16 +1,21 @@
 //! Recipient knowledge: which addresses of a relayed domain are real, so that a backup MX can refuse
 //! the others at RCPT time instead of accepting them and bouncing later (backscatter).
 //!
-//! Three sources, in any mix per `[domain."..."]`:
+//! Four sources, in any mix per `[domain."..."]`:
 //! - a static list ([`list`]), reloaded when its file changes;
+//! - the site's directory over LDAP ([`ldap`], `recipients_ldap`), asked at every RCPT the list
+//!   does not settle; its answers are cached durably like callouts', and the cache answers while
+//!   the directory cannot;
 //! - callouts to the primary (`MAIL FROM:<>`, `RCPT TO`, `RSET`), answers cached durably
 //!   ([`cache`]; positive 30 days, negative 1 hour by default) and bounded per minute;
 //! - addresses learned from deliveries (the primary's 250 is proof).
 //!
-//! An address known to be invalid gets 550 5.1.1. One nobody can vouch for (the primary is down,
-//! the callout budget is spent) gets the domain's `unknown_recipient` policy: never a 550.
+//! An address known to be invalid gets 550 5.1.1. One nobody can vouch for (the directory and the
+//! primary are down, the callout budget is spent) gets the domain's `unknown_recipient` policy:
+//! never a 550.
 
 pub mod cache;
+pub mod ldap;
 pub mod list;
 
 use crate::config::{Config, UnknownPolicy};
@@ -18,6 +23,7 @@ use crate::deliver::{ClientSettings, Router, Session, TlsMode};
 use crate::lock;
 use crate::spool::{domain_of, now_micros};
 use cache::{CacheFile, Entry, Source};
+use ldap::Directory;
 use list::StaticList;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -51,7 +57,7 @@ pub enum Decision {
     Reject,
     /// Unknown under the `tempfail` policy: 451 4.4.3.
     TempFail,
-    /// Not known yet: ask the primary ([`Recipients::callout`]).
+    /// Not settled yet: ask the directory or the primary ([`Recipients::callout`]).
     Callout,
 }
 
@@ -73,6 +79,8 @@ pub struct Recipients {
     callouts: Mutex<VecDeque<Instant>>,
     router: Router,
     settings: ClientSettings,
+    /// The `recipients_ldap` directories, by domain.
+    directories: HashMap<String, Directory>,
 }
 
 impl Recipients {
@@ -92,6 +100,7 @@ impl Recipients {
         delivery.greeting_timeout = config.smtp.callout_timeout;
         delivery.command_timeout = config.smtp.callout_timeout;
         let settings = ClientSettings::new(config.hostname.clone(), &delivery).map_err(RecipientsError::Setup)?;
+        let directories = open_directories(&config)?;
         let state = State { cache, stamp: None, checked: None, lists };
         Ok(Recipients {
             config,
@@ -100,6 +109,7 @@ impl Recipients {
             callouts: Mutex::new(VecDeque::new()),
             router,
             settings,
+            directories,
         })
     }
 
@@ -116,7 +126,14 @@ impl Recipients {
         if state.lists.get_mut(&domain).is_some_and(|list| list.contains(&key)) {
             return Decision::Accept;
         }
-        match state.cache.entries.get(&key).filter(|e| e.fresh(now_micros())) {
+        let cached = state.cache.entries.get(&key).filter(|e| e.fresh(now_micros()));
+        // The directory is the site's own truth and cheap to ask, so it is asked every time: a
+        // user removed there is refused at once, not when a cached yes expires. The cache answers
+        // only while it cannot be reached. The operator's own entries still come first.
+        if policy.recipients_ldap.is_some() && cached.is_none_or(|entry| entry.source != Source::Operator) {
+            return Decision::Callout;
+        }
+        match cached {
             Some(entry) if entry.valid => Decision::Accept,
             Some(_) => Decision::Reject,
             None if policy.callout => Decision::Callout,
@@ -124,16 +141,74 @@ impl Recipients {
         }
     }
 
-    /// Asks the primary about `address` (a callout), caches the answer, and decides. Beyond the
-    /// callout budget, or when the primary cannot answer, the domain's policy decides.
+    /// Asks the domain's directory about `address`, or the primary (a callout), caches the answer,
+    /// and decides. A directory that cannot answer leaves it to the cache, then to a callout if
+    /// the domain has them. Beyond the callout budget, or when the primary cannot answer, the
+    /// domain's policy decides.
     pub async fn callout(&self, address: &str) -> Decision {
         let domain = domain_of(address);
-        let policy = self.config.domain_policy(&domain).unknown_recipient;
+        if let Some(directory) = self.directories.get(&domain) {
+            if let Some(decision) = self.ask_directory(directory, address).await {
+                return decision;
+            }
+            if !self.config.domain_policy(&domain).callout {
+                return unknown(self.config.domain_policy(&domain).unknown_recipient);
+            }
+        }
+        self.ask_primary(&domain, address).await
+    }
+
+    /// The directory's answer, or failing that the cache's; None when neither knows.
+    async fn ask_directory(&self, directory: &Directory, address: &str) -> Option<Decision> {
+        let valid = match directory.exists(address).await {
+            Ok(valid) => valid,
+            Err(err) => {
+                let cached = self.cached(address);
+                let answer = match cached {
+                    Some(true) => "cached valid: 250",
+                    Some(false) => "cached invalid: 550",
+                    None => "not cached: unknown_recipient policy",
+                };
+                tracing::warn!(rcpt = %address, url = directory.url(), error = %err, answer, "directory lookup failed");
+                return cached.map(|valid| if valid { Decision::Accept } else { Decision::Reject });
+            }
+        };
+        let smtp = &self.config.smtp;
+        let ttl = if valid { smtp.callout_positive_ttl.0 } else { smtp.callout_negative_ttl.0 };
+        if self.cached_lately(address, valid, ttl) {
+            tracing::debug!(rcpt = %address, valid, "directory lookup");
+        } else {
+            self.remember(&[address.to_string()], valid, Source::Directory, Some(ttl));
+            tracing::info!(rcpt = %address, valid, url = directory.url(), "directory lookup");
+        }
+        Some(if valid { Decision::Accept } else { Decision::Reject })
+    }
+
+    /// What a fresh cache entry says about `address`, if there is one.
+    fn cached(&self, address: &str) -> Option<bool> {
+        let state = lock(&self.state);
+        state.cache.entries.get(&address.to_ascii_lowercase()).filter(|e| e.fresh(now_micros())).map(|e| e.valid)
+    }
+
+    /// Does the cache hold this directory answer from less than a quarter of its lifetime ago?
+    /// Then it need not be written again: the directory is asked at every RCPT, and an fsync per
+    /// RCPT would only move the expiry a little.
+    fn cached_lately(&self, address: &str, valid: bool, ttl: Duration) -> bool {
+        let quarter = i64::try_from(ttl.as_micros() / 4).unwrap_or(i64::MAX);
+        let state = lock(&self.state);
+        state.cache.entries.get(&address.to_ascii_lowercase()).is_some_and(|e| {
+            e.valid == valid && e.source == Source::Directory && now_micros().saturating_sub(e.at) < quarter
+        })
+    }
+
+    /// A callout: asks the primary about `address`, caches the answer, and decides.
+    async fn ask_primary(&self, domain: &str, address: &str) -> Decision {
+        let policy = self.config.domain_policy(domain).unknown_recipient;
         if !self.take_callout_budget() {
             tracing::warn!(rcpt = %address, "callout limit reached (smtp.callouts_per_minute)");
             return unknown(policy);
         }
-        let answer = tokio::time::timeout(self.config.smtp.callout_timeout.0, self.ask(&domain, address)).await;
+        let answer = tokio::time::timeout(self.config.smtp.callout_timeout.0, self.ask(domain, address)).await;
         let valid = match answer {
             Ok(Ok(valid)) => valid,
             Ok(Err(why)) => {
@@ -241,6 +316,19 @@ impl Recipients {
             }
         }
     }
+}
+
+/// A [`Directory`] for every domain with `recipients_ldap`; errors name the key.
+fn open_directories(config: &Config) -> Result<HashMap<String, Directory>, RecipientsError> {
+    let mut directories = HashMap::new();
+    for (domain, policy) in &config.domain {
+        if let Some(source) = &policy.recipients_ldap {
+            let directory = Directory::new(source)
+                .map_err(|e| RecipientsError::Setup(format!("domain.{domain}.recipients_ldap: {e}")))?;
+            directories.insert(domain.clone(), directory);
+        }
+    }
+    Ok(directories)
 }
 
 fn unknown(policy: UnknownPolicy) -> Decision {

@@ -66,3 +66,26 @@ fn callout_budget_is_bounded() {
     assert!(recipients.take_callout_budget());
     assert!(!recipients.take_callout_budget());
 }
+
+#[tokio::test]
+async fn a_directory_that_cannot_answer_leaves_it_to_the_cache_then_the_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A closed port: the directory is down.
+    let source: crate::config::LdapSource =
+        toml::from_str("url = \"ldap://127.0.0.1:9\"\nbase = \"dc=example,dc=test\"\ntimeout = \"5s\"\n")
+            .expect("source");
+    let policy = DomainConfig { recipients_ldap: Some(source), ..DomainConfig::default() };
+    let recipients = Recipients::open(config(dir.path(), policy), dir.path()).expect("open");
+    assert_eq!(recipients.lookup("x@example.test"), Decision::Callout, "the directory is asked first");
+    let bounded = |address: &'static str| tokio::time::timeout(Duration::from_secs(20), recipients.callout(address));
+    assert_eq!(bounded("x@example.test").await.expect("bounded"), Decision::TempFail, "unknown: the policy");
+    let ttl = Some(Duration::from_secs(3600));
+    add(dir.path(), &["known@example.test".into()], true, Source::Directory, ttl).expect("add");
+    add(dir.path(), &["gone@example.test".into()], false, Source::Directory, ttl).expect("add");
+    add(dir.path(), &["vip@example.test".into()], true, Source::Operator, None).expect("add");
+    std::thread::sleep(REFRESH);
+    assert_eq!(recipients.lookup("known@example.test"), Decision::Callout, "a cached answer is not the directory's");
+    assert_eq!(recipients.lookup("vip@example.test"), Decision::Accept, "the operator's entries come first");
+    assert_eq!(bounded("known@example.test").await.expect("bounded"), Decision::Accept);
+    assert_eq!(bounded("gone@example.test").await.expect("bounded"), Decision::Reject);
+}
