@@ -3,9 +3,11 @@
 //!
 //! [`parse`] is a pure function over the octets received so far: it says whether they hold a whole
 //! header (and how long it is, so what follows stays with the SMTP stream), need more, or cannot be
-//! one. The socket side (reading with a deadline, refusing) is in `server`.
+//! one. [`read_header`] reads from a stream until it has one; the deadline, and what happens to a
+//! connection without a valid header, are the server's.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Longest version 1 header, CRLF included (proxy-protocol.txt 2.1: "107 characters").
 pub const V1_MAX_LEN: usize = 107;
@@ -57,6 +59,35 @@ pub enum ProxyError {
     V2ShortAddress(usize),
     #[error("version 2 header of {0} octets is longer than the {V2_MAX_LEN} taken")]
     V2TooLong(usize),
+}
+
+/// Why [`read_header`] found no header.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("connection closed before a whole PROXY protocol header")]
+    Closed,
+    #[error("read error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Invalid(#[from] ProxyError),
+}
+
+/// Reads until `reader` has sent a whole header, however it is split across reads. Returns it with
+/// the octets that came after it in the same reads: they are the client's, and belong to the SMTP
+/// stream. What is kept stays bounded: [`parse`] fails once a header would pass its length limit.
+pub async fn read_header<R: AsyncRead + Unpin>(reader: &mut R) -> Result<(ProxyHeader, Vec<u8>), ReadError> {
+    let mut received = Vec::with_capacity(V1_MAX_LEN);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = reader.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(ReadError::Closed);
+        }
+        received.extend_from_slice(&chunk[..n]);
+        if let Parsed::Complete { header, length } = parse(&received)? {
+            return Ok((header, received.split_off(length)));
+        }
+    }
 }
 
 /// Reads a PROXY header of either version from the start of `input`.

@@ -178,3 +178,40 @@ fn no_input_never_panics() {
         }
     }
 }
+
+/// A header split across reads is put together; what follows it is handed on, not lost.
+#[tokio::test]
+async fn read_header_across_reads() {
+    let (mut client, mut server) = tokio::io::duplex(64);
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        for piece in [&b"PROX"[..], b"Y TCP4 192.0.2.77 198.51.1", b"00.3 56324 25\r", b"\nEHLO x\r\n"] {
+            client.write_all(piece).await.expect("write");
+            client.flush().await.expect("flush");
+            tokio::task::yield_now().await;
+        }
+        client
+    });
+    let (header, after) = read_header(&mut server).await.expect("header");
+    assert_eq!(header, ProxyHeader::Proxied { client: addr("192.0.2.77:56324"), server: addr("198.51.100.3:25") });
+    let _client = writer.await.expect("writer");
+    let mut rest = after;
+    while rest.len() < b"EHLO x\r\n".len() {
+        let mut more = [0u8; 16];
+        let n = server.read(&mut more).await.expect("read");
+        rest.extend_from_slice(&more[..n]);
+    }
+    assert_eq!(rest, b"EHLO x\r\n");
+}
+
+#[tokio::test]
+async fn read_header_failures() {
+    let mut closed: &[u8] = b"PROXY TCP4 192.0.2.77";
+    assert!(matches!(read_header(&mut closed).await, Err(ReadError::Closed)));
+    let mut smtp: &[u8] = b"EHLO client.test\r\n";
+    let err = read_header(&mut smtp).await.expect_err("not a header");
+    assert!(matches!(err, ReadError::Invalid(ProxyError::NotProxy)), "{err}");
+    let endless = [b"PROXY UNKNOWN ".as_slice(), &[b'x'; 10 * V2_MAX_LEN]].concat();
+    let mut reader: &[u8] = &endless;
+    assert!(matches!(read_header(&mut reader).await, Err(ReadError::Invalid(ProxyError::V1TooLong))));
+}
