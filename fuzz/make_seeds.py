@@ -120,3 +120,22 @@ replies = {
  'invalid-utf8': b'451 4.3.0 \xff\xfe temporary\r\n',
 }
 for k, v in replies.items(): put('reply_parser', k, v)
+
+# proxy_header: what a load balancer in smtp.proxy_from sends first (HAProxy's proxy-protocol.txt).
+V2_SIG = b'\r\n\r\n\x00\r\nQUIT\n'
+def v2(command, family, block): return V2_SIG + bytes([0x20 | command, family]) + struct.pack('>H', len(block)) + block
+inet = bytes([192, 0, 2, 77, 198, 51, 100, 3]) + struct.pack('>HH', 56324, 25)
+inet6 = bytes.fromhex('20010db8000000000000000000000077' '20010db8000000000000000000000003') + struct.pack('>HH', 4000, 25)
+headers = {
+ 'v1-tcp4': b'PROXY TCP4 192.0.2.77 198.51.100.3 56324 25\r\nEHLO client.test\r\n',
+ 'v1-tcp6': b'PROXY TCP6 2001:db8::77 2001:db8::3 4000 25\r\n',
+ 'v1-unknown': b'PROXY UNKNOWN\r\n',
+ 'v1-bare-lf': b'PROXY TCP4 192.0.2.77 198.51.100.3 56324 25\n',
+ 'v2-inet': v2(1, 0x11, inet),
+ 'v2-inet6-tlvs': v2(1, 0x21, inet6 + b'\x02\x00\x07mx.test' + b'\x04\x00\x00') + b'EHLO x\r\n',
+ 'v2-local': v2(0, 0x00, b''),
+ 'v2-unix': v2(1, 0x31, bytes(216)),
+ 'v2-short': v2(1, 0x11, inet[:8]),
+ 'smtp': b'EHLO client.test\r\n',
+}
+for k, v in headers.items(): put('proxy_header', k, v)

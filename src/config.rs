@@ -93,6 +93,11 @@ pub struct SmtpConfig {
     pub pregreet_action: PregreetAction,
     /// Clients (CIDR) allowed to start a queue run with ETRN (RFC 1985); empty: nobody.
     pub etrn_allow: Vec<Cidr>,
+    /// Load balancers (CIDR) in front of this node: a connection from one of them must start with a
+    /// PROXY protocol header (v1 or v2, HAProxy's proxy-protocol.txt), and the client it names is
+    /// the session's client for limits, SPF, the Received header and the logs. A header from any
+    /// other address is never trusted. Empty (the default): no PROXY protocol.
+    pub proxy_from: Vec<Cidr>,
     /// Concurrent SMTP sessions from one client IP address; beyond it new connections get 421 4.7.0.
     pub max_sessions_per_ip: usize,
     /// Messages (MAIL commands) one client IP may start per minute; beyond it MAIL gets 452 4.7.0.
@@ -375,6 +380,7 @@ impl Default for SmtpConfig {
             pregreet_delay: HumanDuration::seconds(0),
             pregreet_action: PregreetAction::Reject,
             etrn_allow: Vec::new(),
+            proxy_from: Vec::new(),
             max_sessions_per_ip: 20,
             max_messages_per_ip_per_minute: 120,
             max_recipients_per_ip_per_minute: 600,
@@ -1321,6 +1327,18 @@ allow = ["127.0.0.1/32", "::1/128"]
         assert!(err.to_string().contains("smtp.pregreet_action"), "{err}");
         let err = Config::parse("[smtp]\ncommand_deadline = \"0s\"\n", "s.toml").unwrap_err();
         assert!(err.to_string().contains("smtp.command_deadline"), "{err}");
+    }
+
+    #[test]
+    fn proxy_from() {
+        let text = "[smtp]\nproxy_from = [\"10.0.0.0/8\", \"127.0.0.9/32\", \"::1/128\"]\n";
+        let smtp = Config::parse(text, "p.toml").unwrap().smtp;
+        assert_eq!(smtp.proxy_from.len(), 3);
+        assert!(cidr_list_contains(&smtp.proxy_from, "10.1.2.3".parse().unwrap()));
+        assert!(!cidr_list_contains(&smtp.proxy_from, "127.0.0.1".parse().unwrap()));
+        assert!(SmtpConfig::default().proxy_from.is_empty(), "off unless configured");
+        let err = Config::parse("[smtp]\nproxy_from = [\"10.0.0.0/33\"]\n", "p.toml").unwrap_err().to_string();
+        assert!(err.contains("smtp.proxy_from") && err.contains("10.0.0.0/33"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`data`]: the DATA and BDAT reader (dot-unstuffing, end of data, bare CR/LF, limits);
 //! - [`received`]: our Received header (the `with` protocol, the TLS version and cipher);
 //! - [`session`]: the per-connection state machine, one function per verb;
+//! - [`proxy`]: the PROXY protocol header a load balancer in `smtp.proxy_from` sends first;
 //! - `space`: free space on the spool, counted for every message being received;
 //! - `pace`: how long a client may take, per read, per command line and per DATA phase;
 //! - `overload`: which session makes room when `smtp.max_sessions` is reached;
@@ -15,6 +16,7 @@ pub mod data;
 pub mod limits;
 mod overload;
 mod pace;
+pub mod proxy;
 pub mod received;
 pub mod reply;
 mod server;

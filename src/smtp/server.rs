@@ -1,13 +1,15 @@
 //! The socket side of SMTP: accept loops, the session cap, one task per session moving bytes between
-//! the socket and its [`Session`], the pregreet test, the STARTTLS upgrade, timeouts and shutdown.
+//! the socket and its [`Session`], the PROXY header from a load balancer, the pregreet test, the
+//! STARTTLS upgrade, timeouts and shutdown.
 
 use super::limits::SessionSlot;
 use super::overload::{Overload, Registered};
 use super::pace::{Pace, PaceLimits};
+use super::proxy::{self, ProxyHeader};
 use super::reply::Reply;
 use super::session::{Action, PendingMessage, Session, SpaceMonitor};
 use super::{ServerContext, Serving};
-use crate::config::PregreetAction;
+use crate::config::{PregreetAction, cidr_list_contains};
 use crate::recipients::Decision;
 use crate::spool::{Envelope, SpoolError};
 use std::collections::VecDeque;
@@ -30,6 +32,9 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
 const EVICTION_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 /// A new client waits this long for the place of the session closed for it.
 const EVICTION_WAIT: Duration = Duration::from_secs(3);
+/// A load balancer in `smtp.proxy_from` sends its PROXY header at once, before any client octet;
+/// this is Postfix's default `postscreen_upstream_proxy_timeout`.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything a session task needs besides its socket.
 #[derive(Clone)]
@@ -109,18 +114,71 @@ async fn accept_loop(listener: TcpListener, sender: mpsc::Sender<(TcpStream, Soc
     }
 }
 
+/// Where a session's client is, as far as every check and log line is concerned.
+struct Origin {
+    /// The TCP peer's address, or the client a PROXY header from `smtp.proxy_from` named.
+    client: IpAddr,
+    /// What the client sent right behind the PROXY header, before its greeting.
+    early: Vec<u8>,
+}
+
 /// Gives a new client its places under `smtp.max_sessions_per_ip` and `smtp.max_sessions` (making
-/// room if it can) and runs its session, or refuses it.
+/// room if it can) and runs its session, or refuses it. A connection from `smtp.proxy_from` is
+/// a load balancer's and takes the other way, [`admit_proxied`].
 async fn admit(shared: Shared, limit: Arc<Semaphore>, stream: TcpStream, peer: SocketAddr) {
-    let Some(slot) = enter(&shared, peer) else { return refuse_ip(stream, peer).await };
-    let permit = match Arc::clone(&limit).try_acquire_owned() {
-        Ok(permit) => permit,
-        Err(_) => match make_room(&shared, limit).await {
-            Some(permit) => permit,
-            None => return refuse(stream, peer).await,
-        },
+    if cidr_list_contains(&shared.context.config.smtp.proxy_from, peer.ip()) {
+        return admit_proxied(shared, limit, stream, peer).await;
+    }
+    let Some(slot) = enter(&shared, peer.ip()) else { return refuse_ip(stream, peer.ip()).await };
+    let Some(permit) = session_permit(&shared, limit).await else { return refuse(stream, peer.ip()).await };
+    run_session(shared, stream, Origin { client: peer.ip(), early: Vec::new() }, (permit, slot)).await;
+}
+
+/// A load balancer's connection: its place under `smtp.max_sessions` is taken first, since that cap
+/// counts TCP connections; the place under `smtp.max_sessions_per_ip` is the real client's, known
+/// once the PROXY header is read, so that each client behind the balancer has its own limit.
+async fn admit_proxied(shared: Shared, limit: Arc<Semaphore>, mut stream: TcpStream, peer: SocketAddr) {
+    let Some(permit) = session_permit(&shared, limit).await else { return refuse(stream, peer.ip()).await };
+    let Some(origin) = receive_proxy_header(&mut stream, &shared.context, peer).await else { return };
+    let Some(slot) = enter(&shared, origin.client) else { return refuse_ip(stream, origin.client).await };
+    run_session(shared, stream, origin, (permit, slot)).await;
+}
+
+/// The session's place under `smtp.max_sessions`, making room when every place is taken; None
+/// when no room could be made.
+async fn session_permit(shared: &Shared, limit: Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    match Arc::clone(&limit).try_acquire_owned() {
+        Ok(permit) => Some(permit),
+        Err(_) => make_room(shared, limit).await,
+    }
+}
+
+/// Reads the PROXY header a connection from `smtp.proxy_from` must begin with and returns the client
+/// it names: the load balancer's own address for a v2 LOCAL command (its health checks) or a v1
+/// UNKNOWN, as proxy-protocol.txt asks. Without a valid header in time the connection gets 421
+/// 4.3.0 and is closed, as Postfix's smtpd does with `smtpd_upstream_proxy_protocol = haproxy`
+/// ("Server local error"): a balancer that sends none is misconfigured, and the client behind it
+/// should try again later, not be refused for good.
+async fn receive_proxy_header(stream: &mut TcpStream, context: &ServerContext, peer: SocketAddr) -> Option<Origin> {
+    let failure = match tokio::time::timeout(PROXY_HEADER_TIMEOUT, proxy::read_header(stream)).await {
+        Ok(Ok((header, early))) => {
+            let client = match header {
+                ProxyHeader::Proxied { client, .. } => client.ip().to_canonical(),
+                ProxyHeader::Local => peer.ip(),
+            };
+            let local = header == ProxyHeader::Local;
+            tracing::info!(client = %client, proxy = %peer, local, "proxy header received");
+            return Some(Origin { client, early });
+        }
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => format!("no PROXY protocol header within {PROXY_HEADER_TIMEOUT:?}"),
     };
-    run_session(shared, stream, peer, (permit, slot)).await;
+    tracing::warn!(proxy = %peer, reason = %failure,
+        "connection from smtp.proxy_from without a valid PROXY protocol header, closed");
+    let text = format!("{} Server local error: no valid PROXY protocol header", context.config.hostname);
+    let _ = send(stream, &Reply::new(421, "4.3.0", text).to_bytes(), REFUSAL_TIMEOUT).await;
+    discard_rest(stream).await;
+    None
 }
 
 /// Every session is taken: closes the one behind longest (see [`super::overload`]) and waits for its
@@ -134,8 +192,8 @@ async fn make_room(shared: &Shared, limit: Arc<Semaphore>) -> Option<OwnedSemaph
 }
 
 /// Beyond `smtp.max_sessions`: greet with 421 and close (RFC 5321 3.1).
-async fn refuse(stream: TcpStream, peer: SocketAddr) {
-    tracing::warn!(client = %peer.ip(), "too many connections, refused");
+async fn refuse(stream: TcpStream, client: IpAddr) {
+    tracing::warn!(client = %client, "too many connections, refused");
     greet_and_close(stream, Reply::new(421, "4.3.2", "too many connections, try again later")).await;
 }
 
@@ -148,14 +206,14 @@ async fn greet_and_close(mut stream: TcpStream, reply: Reply) {
     .await;
 }
 
-/// A place among the sessions of `peer`'s address, or None when it has `smtp.max_sessions_per_ip`.
-fn enter(shared: &Shared, peer: SocketAddr) -> Option<SessionSlot> {
-    shared.context.limits.enter(peer.ip().to_canonical(), shared.context.config.smtp.max_sessions_per_ip)
+/// A place among the sessions of `client`, or None when it has `smtp.max_sessions_per_ip`.
+fn enter(shared: &Shared, client: IpAddr) -> Option<SessionSlot> {
+    shared.context.limits.enter(client.to_canonical(), shared.context.config.smtp.max_sessions_per_ip)
 }
 
 /// Beyond `smtp.max_sessions_per_ip`: 421 4.7.0 and close, like Postfix's connection count limit.
-async fn refuse_ip(stream: TcpStream, peer: SocketAddr) {
-    tracing::warn!(client = %peer.ip(), "too many connections from this address, refused");
+async fn refuse_ip(stream: TcpStream, client: IpAddr) {
+    tracing::warn!(client = %client.to_canonical(), "too many connections from this address, refused");
     greet_and_close(stream, Reply::new(421, "4.7.0", "too many connections from your address, try again later")).await;
 }
 
@@ -182,13 +240,14 @@ impl Timing {
     }
 }
 
-async fn run_session(mut shared: Shared, mut stream: TcpStream, peer: SocketAddr, _permits: Permits) {
+async fn run_session(mut shared: Shared, mut stream: TcpStream, origin: Origin, _permits: Permits) {
     let metrics = Arc::clone(&shared.context.metrics);
     let _open = metrics.session_started();
     let standing = shared.overload.register();
     let tls_available = shared.acceptor.is_some();
-    let mut session = Session::new(Arc::clone(&shared.context), Arc::clone(&shared.space), peer.ip(), tls_available);
-    let early = match pregreet(&mut stream, &shared.context, session.client()).await {
+    let mut session =
+        Session::new(Arc::clone(&shared.context), Arc::clone(&shared.space), origin.client, tls_available);
+    let early = match pregreet(&mut stream, &shared.context, session.client(), origin.early).await {
         Ok(early) => early,
         Err(reason) => {
             let _ = stream.shutdown().await;
@@ -226,20 +285,29 @@ async fn run_session(mut shared: Shared, mut stream: TcpStream, peer: SocketAddr
 /// With `"log"` what it sent is kept and read as its first commands once it is greeted.
 ///
 /// Returns the octets the client sent early (none when it waited), or why the session is over.
-/// It takes the context and the client's address rather than the session, which is not `Sync`.
-async fn pregreet(stream: &mut TcpStream, context: &ServerContext, client: IpAddr) -> Result<Vec<u8>, &'static str> {
+/// `already` is what it sent behind a PROXY header: sent early too. It takes the context and the
+/// client's address rather than the session, which is not `Sync`.
+async fn pregreet(
+    stream: &mut TcpStream,
+    context: &ServerContext,
+    client: IpAddr,
+    already: Vec<u8>,
+) -> Result<Vec<u8>, &'static str> {
     let smtp = &context.config.smtp;
     let delay = smtp.pregreet_delay.0;
     if delay.is_zero() {
-        return Ok(Vec::new());
+        // Without the test, what came behind a PROXY header is read as the first commands.
+        return Ok(already);
     }
-    let mut early = vec![0u8; READ_CHUNK];
-    let n = match tokio::time::timeout(delay, stream.read(&mut early)).await {
-        Err(_) => return Ok(Vec::new()),
-        Ok(Ok(0)) | Ok(Err(_)) => return Err("lost connection before the greeting"),
-        Ok(Ok(n)) => n,
+    let early = if already.is_empty() {
+        match read_within(stream, delay).await? {
+            Some(early) => early,
+            None => return Ok(Vec::new()),
+        }
+    } else {
+        already
     };
-    early.truncate(n);
+    let n = early.len();
     let sample = String::from_utf8_lossy(&early[..n.min(64)]).escape_debug().to_string();
     tracing::warn!(client = %client, octets = n, sample = %sample, action = ?smtp.pregreet_action,
         "pregreet: client talked before the greeting");
@@ -254,6 +322,19 @@ async fn pregreet(stream: &mut TcpStream, context: &ServerContext, client: IpAdd
             let _ = send(stream, &reply.to_bytes(), REFUSAL_TIMEOUT).await;
             discard_rest(stream).await;
             Err("pregreet")
+        }
+    }
+}
+
+/// What the client sends within `delay`: None when it sends nothing, an error when it goes away.
+async fn read_within(stream: &mut TcpStream, delay: Duration) -> Result<Option<Vec<u8>>, &'static str> {
+    let mut early = vec![0u8; READ_CHUNK];
+    match tokio::time::timeout(delay, stream.read(&mut early)).await {
+        Err(_) => Ok(None),
+        Ok(Ok(0)) | Ok(Err(_)) => Err("lost connection before the greeting"),
+        Ok(Ok(n)) => {
+            early.truncate(n);
+            Ok(Some(early))
         }
     }
 }
