@@ -196,26 +196,58 @@ impl Deliverer {
             }
         };
         let policy = self.config.domain_policy(&domain);
-        let connections = if policy.strict_order { 1 } else { self.config.delivery.max_connections_per_destination };
         let tls = if policy.require_tls { TlsMode::Required } else { TlsMode::Opportunistic };
+        // RFC 8689 4.2.1: messages sent with REQUIRETLS go on sessions of their own, verified and
+        // to next hops that offer REQUIRETLS; the others keep the domain's policy.
+        let order: Vec<QueueId> = jobs.iter().map(|job| job.envelope.id.clone()).collect();
+        let (strict, normal): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|job| job.envelope.requiretls);
+        let plain_group = self.run_group(&domain, &hops, tls, normal, progress.clone());
+        let strict_group = self.run_group(&domain, &hops, TlsMode::RequireTls, strict, progress);
+        // `strict_order` means one connection at a time: the REQUIRETLS messages go after the
+        // others of the batch, on their own connection.
+        let (mut results, strict_results) = if policy.strict_order {
+            let results = plain_group.await;
+            (results, strict_group.await)
+        } else {
+            tokio::join!(plain_group, strict_group)
+        };
+        results.extend(strict_results);
+        results.sort_by_key(|result| order.iter().position(|id| *id == result.id));
+        results
+    }
+
+    /// Delivers `jobs` over sessions of one TLS mode, spread over the destination's connections.
+    async fn run_group(
+        &self,
+        domain: &str,
+        hops: &[NextHop],
+        tls: TlsMode,
+        jobs: Vec<Job>,
+        progress: Option<mpsc::UnboundedSender<(String, JobResult)>>,
+    ) -> Vec<JobResult> {
+        if jobs.is_empty() {
+            return Vec::new();
+        }
+        let policy = self.config.domain_policy(domain);
+        let connections = if policy.strict_order { 1 } else { self.config.delivery.max_connections_per_destination };
         let run = Arc::new(Run {
             cache: Arc::clone(&self.cache),
-            key: CacheKey { domain: domain.clone(), tls },
+            key: CacheKey { domain: domain.to_string(), tls },
             max_idle: connections,
-            targets: jobs.iter().map(|job| targets(job, &domain)).collect(),
+            targets: jobs.iter().map(|job| targets(job, domain)).collect(),
             jobs,
-            hops,
+            hops: hops.to_vec(),
             queue: Mutex::new(VecDeque::new()),
             results: Mutex::new(HashMap::new()),
             reported: Mutex::new(std::collections::HashSet::new()),
             tls,
             settings: self.settings.clone(),
             last_error: Mutex::new(None),
-            progress: progress.map(|sender| (domain.clone(), sender)),
+            progress: progress.map(|sender| (domain.to_string(), sender)),
         });
         run.fill_queue();
         let workers = connections.min(run.queue_len()).max(1);
-        let limit = self.limit_for(&domain);
+        let limit = self.limit_for(domain);
         let mut set = JoinSet::new();
         for _ in 0..workers {
             let (run, limit) = (run.clone(), limit.clone());
