@@ -327,6 +327,9 @@ pub struct ClientSettings {
     pub opportunistic: TlsConnector,
     /// TLS for `require_tls` domains: Web PKI roots plus the configured extra CA file.
     pub verified: TlsConnector,
+    /// The same roots as a verifier, to tell after an opportunistic handshake whether the
+    /// certificate would have passed (MTA-STS testing mode reports when it would not).
+    pub webpki: Arc<rustls::client::WebPkiServerVerifier>,
     /// `delivery.source_address`: what connections are made from.
     pub source: SourceAddress,
 }
@@ -342,6 +345,10 @@ impl ClientSettings {
                 roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
             }
         }
+        let roots = Arc::new(roots);
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| format!("TLS: {e}"))?;
         let verified = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?
@@ -359,6 +366,7 @@ impl ClientSettings {
             timeouts: Timeouts::from_config(delivery),
             opportunistic: TlsConnector::from(Arc::new(opportunistic)),
             verified: TlsConnector::from(Arc::new(verified)),
+            webpki,
             source: delivery.source_address,
         })
     }
@@ -624,9 +632,9 @@ impl Session {
             Ok(Err(e)) => return Err(tls_error(&self.peer, format!("TLS handshake failed: {e}"))),
             Err(_) => return Err(tls_error(&self.peer, "TLS handshake timed out".into())),
         };
+        self.verified = required || would_verify(&settings.webpki, &tls, &hop.host);
         self.io = BufReader::with_capacity(64 * 1024, Stream::Tls(Box::new(tls)));
         self.tls = true;
-        self.verified = required;
         self.hello(&settings.helo_name).await?;
         // RFC 8689 4.2.1: a next hop that does not offer REQUIRETLS must not get the message; the
         // next MX may (5.7.30, "REQUIRETLS support required", when none does).
@@ -1194,6 +1202,15 @@ async fn connect(addr: std::net::SocketAddr, source: &SourceAddress) -> Result<T
         .bind(std::net::SocketAddr::new(local, 0))
         .map_err(|e| format!("cannot bind delivery.source_address {local}: {}", io_reason(&e)))?;
     socket.connect(addr).await.map_err(|e| format!("{} (from {local})", io_reason(&e)))
+}
+
+/// Would the certificate of an opportunistic session have passed verification for `host`?
+fn would_verify(verifier: &rustls::client::WebPkiServerVerifier, tls: &TlsStream<TcpStream>, host: &str) -> bool {
+    let Some((end_entity, intermediates)) = tls.get_ref().1.peer_certificates().and_then(|c| c.split_first()) else {
+        return false;
+    };
+    let Ok(name) = server_name(host) else { return false };
+    verifier.verify_server_cert(end_entity, intermediates, &name, &[], UnixTime::now()).is_ok()
 }
 
 /// The TLS server name: the MX host name (or the route's IP literal).
