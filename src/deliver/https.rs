@@ -31,6 +31,17 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
+    /// A fetcher with the verified TLS configuration of `settings`.
+    pub fn new(settings: &super::ClientSettings, delivery: &crate::config::DeliveryConfig) -> Fetcher {
+        Fetcher {
+            connector: settings.verified.clone(),
+            port: delivery.mta_sts_port,
+            // RFC 8461 3.3 leaves the timeout to the sender; a minute, or less when SMTP commands
+            // themselves may take less.
+            timeout: delivery.command_timeout.0.min(Duration::from_secs(60)),
+        }
+    }
+
     /// GETs `path` from `host`, trying its addresses in turn; returns the body.
     pub async fn get(&self, host: &str, addrs: &[IpAddr], path: &str) -> Result<Vec<u8>, FetchError> {
         let mut last = FetchError(format!("{host} has no address"));

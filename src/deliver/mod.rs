@@ -18,6 +18,7 @@ pub mod https;
 pub mod mta_sts;
 pub mod mx;
 pub mod route;
+pub mod tlsa;
 
 use cache::{CacheKey, ConnectionCache};
 pub use client::{ClientError, ClientSettings, Session, TlsMode};
@@ -148,13 +149,7 @@ impl Deliverer {
     pub fn new(config: Arc<Config>) -> Result<Deliverer, String> {
         let router = Router::new(&config)?;
         let settings = Arc::new(ClientSettings::new(config.hostname.clone(), &config.delivery)?);
-        let fetcher = https::Fetcher {
-            connector: settings.verified.clone(),
-            port: config.delivery.mta_sts_port,
-            // RFC 8461 3.3 leaves the timeout to the sender; a minute, or less when SMTP commands
-            // themselves may take less.
-            timeout: config.delivery.command_timeout.0.min(std::time::Duration::from_secs(60)),
-        };
+        let fetcher = https::Fetcher::new(&settings, &config.delivery);
         let sts = mta_sts::StsPolicies::open(Some(&config.queue.dir));
         Ok(Deliverer {
             config,

@@ -202,14 +202,8 @@ impl StsPolicies {
     pub async fn policy(&self, domain: &str, router: &Router, fetcher: &https::Fetcher) -> Option<Policy> {
         let now = unix_now();
         let cached = lock(&self.cache).get(domain).cloned().filter(|c| c.fresh(now));
-        let id = match router.txt(&format!("_mta-sts.{domain}")).await {
-            Ok(records) => match parse_record(&records) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    tracing::debug!(domain, error = %e, "no MTA-STS record");
-                    None
-                }
-            },
+        let id = match current_id(domain, router).await {
+            Ok(id) => id,
             Err(e) => {
                 tracing::info!(domain, error = %e, "MTA-STS TXT lookup failed");
                 None
@@ -220,7 +214,7 @@ impl StsPolicies {
         if let Some(cached) = cached.as_ref().filter(|c| c.id == id) {
             return Some(cached.policy.clone());
         }
-        match self.fetch(domain, router, fetcher).await {
+        match fetch_policy(domain, router, fetcher).await {
             Ok(policy) => {
                 tracing::info!(domain, id = %id, mode = ?policy.mode, mx = ?policy.mx, max_age = policy.max_age, "MTA-STS policy fetched");
                 self.store(domain, Cached { id, policy: policy.clone(), fetched: now }).await;
@@ -231,15 +225,6 @@ impl StsPolicies {
                 cached.map(|c| c.policy)
             }
         }
-    }
-
-    /// Fetches and parses `https://mta-sts.DOMAIN/.well-known/mta-sts.txt` (section 3.3).
-    async fn fetch(&self, domain: &str, router: &Router, fetcher: &https::Fetcher) -> Result<Policy, FetchError> {
-        let host = format!("mta-sts.{domain}");
-        let addrs = router.host_addresses(&host).await.map_err(|e| FetchError(e.to_string()))?;
-        let body = fetcher.get(&host, &addrs, "/.well-known/mta-sts.txt").await?;
-        let text = String::from_utf8(body).map_err(|_| FetchError("the policy is not UTF-8".into()))?;
-        parse_policy(&text).map_err(|e| FetchError(e.to_string()))
     }
 
     /// Keeps `cached` for `domain`, in memory and on disk (atomically, off the runtime's workers).
@@ -261,6 +246,29 @@ impl StsPolicies {
             Err(e) => tracing::warn!(error = %e, "cannot write the MTA-STS cache"),
         }
     }
+}
+
+/// The `id` of the domain's `_mta-sts` TXT record; None when it has no valid one (section 3.1).
+pub async fn current_id(domain: &str, router: &Router) -> Result<Option<String>, super::RouteError> {
+    let records = router.txt(&format!("_mta-sts.{domain}")).await?;
+    match parse_record(&records) {
+        Ok(id) => Ok(Some(id)),
+        Err(e) => {
+            if !records.is_empty() {
+                tracing::debug!(domain, error = %e, "no usable MTA-STS record");
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Fetches and parses `https://mta-sts.DOMAIN/.well-known/mta-sts.txt` (section 3.3).
+pub async fn fetch_policy(domain: &str, router: &Router, fetcher: &https::Fetcher) -> Result<Policy, FetchError> {
+    let host = format!("mta-sts.{domain}");
+    let addrs = router.host_addresses(&host).await.map_err(|e| FetchError(e.to_string()))?;
+    let body = fetcher.get(&host, &addrs, "/.well-known/mta-sts.txt").await?;
+    let text = String::from_utf8(body).map_err(|_| FetchError("the policy is not UTF-8".into()))?;
+    parse_policy(&text).map_err(|e| FetchError(e.to_string()))
 }
 
 fn unix_now() -> u64 {

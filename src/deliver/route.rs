@@ -161,6 +161,29 @@ impl Router {
             .collect())
     }
 
+    /// The TLSA records of `name` (e.g. `_25._tcp.mx.example.test`, RFC 7672 2.2); empty when none.
+    /// Whether the answer was DNSSEC-validated is not known here.
+    pub async fn tlsa(&self, name: &str) -> Result<Vec<super::tlsa::Tlsa>, RouteError> {
+        let lookup = match self.resolver.tlsa_lookup(fqdn(name)).await {
+            Ok(lookup) => lookup,
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => return Ok(Vec::new()),
+            Err(e) => return Err(temporary(name, "TLSA", &e)),
+        };
+        Ok(lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::TLSA(tlsa) => Some(super::tlsa::Tlsa {
+                    usage: tlsa.cert_usage.into(),
+                    selector: tlsa.selector.into(),
+                    matching: tlsa.matching.into(),
+                    data: tlsa.cert_data.clone(),
+                }),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// The A and AAAA addresses of a host name (none: an error), e.g. an MTA-STS policy server.
     pub async fn host_addresses(&self, name: &str) -> Result<Vec<IpAddr>, RouteError> {
         let ips = self.addresses(name).await?;
