@@ -5,6 +5,8 @@
 //! about; the daemon runs the same check at start and logs what is wrong.
 
 use crate::config::{Config, HumanDuration};
+use crate::deliver::https::Fetcher;
+use crate::deliver::mta_sts::{self, Mode};
 use crate::deliver::mx::MxHost;
 use crate::deliver::{ClientSettings, NextHop, RouteError, Router};
 use crate::monitor::probe;
@@ -97,6 +99,8 @@ async fn check_domain(config: &Config, router: &Router, settings: &ClientSetting
         return report;
     };
     identity_findings(&mut report, router, &ours);
+    mta_sts_findings(&mut report, router, &Fetcher::new(settings, &config.delivery), domain, &ours).await;
+    tlsa_findings(&mut report, router, config, &ours).await;
     let primaries: Vec<&MxHost> = hosts.iter().filter(|h| h.preference < best_ours && !router.is_me(h)).collect();
     for tie in hosts.iter().filter(|h| h.preference == best_ours && !router.is_me(h)) {
         report.add(Level::Warning, format!(
@@ -161,6 +165,88 @@ fn identity_findings(report: &mut Report, router: &Router, ours: &[&MxHost]) {
             addrs.join(", ")
         ));
     }
+}
+
+/// RFC 8461 4.1: a sender that enforces the domain's MTA-STS policy delivers only to MX hosts its
+/// `mx:` lines list, so a backup left out never gets mail while the primary is down.
+async fn mta_sts_findings(report: &mut Report, router: &Router, fetcher: &Fetcher, domain: &str, ours: &[&MxHost]) {
+    match mta_sts::current_id(domain, router).await {
+        Ok(None) => return report.add(Level::Ok, format!("{domain} publishes no MTA-STS policy")),
+        Ok(Some(_)) => {}
+        Err(e) => return report.add(Level::Warning, format!("cannot look up the MTA-STS record of {domain}: {e}")),
+    }
+    let policy = match mta_sts::fetch_policy(domain, router, fetcher).await {
+        Ok(policy) => policy,
+        Err(e) => {
+            return report.add(Level::Warning, format!(
+                "{domain} has an MTA-STS record, but its policy cannot be fetched: {e} (senders that cached it keep enforcing it)"
+            ));
+        }
+    };
+    let mode = format!("{:?}", policy.mode).to_ascii_lowercase();
+    let listed: Vec<&str> = ours.iter().filter(|h| policy.matches(&h.name)).map(|h| h.name.as_str()).collect();
+    if let Some(name) = listed.first() {
+        return report
+            .add(Level::Ok, format!("the MTA-STS policy of {domain} (mode {mode}) lists bartleby's MX {name}"));
+    }
+    let names: Vec<&str> = ours.iter().map(|h| h.name.as_str()).collect();
+    let consequence = match policy.mode {
+        Mode::Enforce => "senders that enforce it will not fall back to bartleby while the primary is down",
+        Mode::Testing => "senders report it now and will not fall back to bartleby once the mode is enforce",
+        Mode::None => "harmless while the mode is none",
+    };
+    report.add(Level::Warning, format!(
+        "the MTA-STS policy of {domain} (mode {mode}, mx {}) does not list bartleby's MX {}: {consequence}; add `mx: {}` to the policy",
+        policy.mx.join(", "),
+        names.join(", "),
+        names.first().copied().unwrap_or("<this host>")
+    ));
+}
+
+/// RFC 7672: senders that use DANE check the backup's certificate against the TLSA records of its
+/// name; records that match no certificate it serves make them refuse it.
+async fn tlsa_findings(report: &mut Report, router: &Router, config: &Config, ours: &[&MxHost]) {
+    for host in ours {
+        let name = format!("_25._tcp.{}", host.name);
+        let records = match router.tlsa(&name).await {
+            Ok(records) if records.is_empty() => {
+                report.add(Level::Ok, format!("{name} has no TLSA records (DANE not published for bartleby)"));
+                continue;
+            }
+            Ok(records) => records,
+            Err(e) => {
+                report.add(Level::Warning, format!("cannot look up the TLSA records of {name}: {e}"));
+                continue;
+            }
+        };
+        let usable: Vec<_> = records.iter().filter(|r| r.usable()).collect();
+        if usable.is_empty() {
+            report.add(Level::Warning, format!(
+                "{name} has TLSA records, but none usable for SMTP (RFC 7672 3.1.3 wants usage 2 or 3, selector 0 or 1, matching 0 to 2)"
+            ));
+            continue;
+        }
+        let Some(chain) = served_chain(config) else {
+            report.add(Level::Problem, format!(
+                "{name} has TLSA records, but bartleby has no readable certificate (smtp.tls_cert): DANE senders will not deliver to it"
+            ));
+            continue;
+        };
+        match usable.iter().find(|r| r.matches(&chain)) {
+            Some(record) => report.add(Level::Ok, format!("{name} TLSA {record} matches smtp.tls_cert")),
+            None => report.add(Level::Problem, format!(
+                "no TLSA record of {name} matches the certificate in smtp.tls_cert: DANE senders will refuse to deliver to bartleby (publish one for the current key, e.g. `3 1 1 <SHA-256 of its SubjectPublicKeyInfo>`)"
+            )),
+        }
+    }
+}
+
+/// The certificate chain bartleby serves, end entity first; None without a readable one.
+fn served_chain(config: &Config) -> Option<Vec<rustls_pki_types::CertificateDer<'static>>> {
+    use rustls_pki_types::pem::PemObject;
+    let path = config.smtp.tls_cert.as_ref()?;
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(path).ok()?.filter_map(Result::ok).collect();
+    (!chain.is_empty()).then_some(chain)
 }
 
 /// Greeting, EHLO and QUIT with every address of the primaries.

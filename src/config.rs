@@ -216,6 +216,18 @@ pub struct DomainConfig {
     /// `tempfail` (451 4.4.3, the default), `accept` or `hold`. Applies only when
     /// `recipients_file`, `recipients_ldap` or `callout` is set.
     pub unknown_recipient: UnknownPolicy,
+    /// MTA-STS (RFC 8461) toward this domain's MX hosts; unset: `delivery.mta_sts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mta_sts: Option<Switch>,
+}
+
+/// A TLS policy mechanism turned `"off"` or `"on"`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    #[default]
+    Off,
+    On,
 }
 
 impl DomainConfig {
@@ -240,8 +252,14 @@ pub struct DeliveryConfig {
     pub data_init_timeout: HumanDuration,
     pub data_block_timeout: HumanDuration,
     pub data_done_timeout: HumanDuration,
-    /// Extra trust anchors (PEM) besides the Web PKI roots, for domains with `require_tls`.
+    /// Extra trust anchors (PEM) besides the Web PKI roots, for verified outbound TLS: domains with
+    /// `require_tls`, REQUIRETLS messages, MTA-STS (the policy's HTTPS server and the MX hosts).
     pub tls_ca_file: Option<PathBuf>,
+    /// MTA-STS (RFC 8461) for every domain delivered through MX records, unless its `[domain]`
+    /// section says otherwise: `"on"` fetches and honours the policies that domains publish.
+    pub mta_sts: Switch,
+    /// The port policies are fetched from (RFC 8461 3.3 says HTTPS, 443); another only for tests.
+    pub mta_sts_port: u16,
     /// How long to wait for one DNS answer before asking again (two tries, then a temporary failure).
     pub dns_timeout: HumanDuration,
     /// The local addresses outbound connections are made from, at most one IPv4 and one IPv6 (like
@@ -421,6 +439,8 @@ impl Default for DeliveryConfig {
             data_block_timeout: HumanDuration::minutes(3),
             data_done_timeout: HumanDuration::minutes(10),
             tls_ca_file: None,
+            mta_sts: Switch::Off,
+            mta_sts_port: 443,
             dns_timeout: HumanDuration::seconds(5),
             source_address: SourceAddress::default(),
         }
@@ -674,6 +694,11 @@ impl Config {
     pub fn is_destination(&self, domain: &str) -> bool {
         let domain = domain.trim_end_matches('.');
         self.is_relay_domain(domain) || self.routes.keys().any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// Is MTA-STS on for `domain` (its own setting, or `delivery.mta_sts`)?
+    pub fn mta_sts(&self, domain: &str) -> bool {
+        self.domain_policy(domain).mta_sts.unwrap_or(self.delivery.mta_sts) == Switch::On
     }
 
     /// The per-domain policy, or the defaults.

@@ -418,6 +418,8 @@ fn returned_part(n: &Notice<'_>, original: &[u8]) -> Returned {
     let full = n.kind == DsnKind::Failure
         && n.envelope.ret == Some(DsnRet::Full)
         && n.envelope.body != BodyType::BinaryMime
+        // RFC 8689 5: the notice need not travel with REQUIRETLS, so it returns no content.
+        && !n.envelope.requiretls
         && original.len() > headers.len()
         && original.len() <= RETURN_FULL_LIMIT;
     let (content, description, ctype) = if full {

@@ -25,6 +25,16 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+/// Starts the text of every failure that RFC 8689's REQUIRETLS caused, so that a message that
+/// expires after such failures is returned with 5.7.10 rather than 4.4.7 ([`requiretls_expiry_status`]).
+pub const REQUIRETLS_MARK: &str = "REQUIRETLS";
+
+/// RFC 8689 5: the status of a REQUIRETLS message whose lifetime ended, from its recipient's last
+/// error: 5.7.10 ("encryption needed") when the requirement is what kept it, else None.
+pub fn requiretls_expiry_status(requiretls: bool, last_error: &str) -> Option<&'static str> {
+    (requiretls && last_error.contains(REQUIRETLS_MARK)).then_some("5.7.10")
+}
+
 /// Longest reply line we accept; RFC 5321 4.5.3.1.5 says 512 octets, servers send more.
 const MAX_REPLY_LINE: u64 = 16 * 1024;
 /// Lines of one multiline reply we keep (more are read and dropped).
@@ -44,9 +54,10 @@ pub enum ClientError {
     /// The server's reply ended the session or the transaction.
     #[error("{stage} to {peer}: {reply}")]
     Reply { stage: String, peer: String, reply: Reply },
-    /// TLS was required and could not be had, or the handshake failed.
+    /// TLS was required and could not be had, or the handshake failed. `status` is the RFC 3463
+    /// code recipients get (4.7.5 by default; RFC 8689's 4.7.10 and 4.7.30 for REQUIRETLS).
     #[error("{stage} to {peer}: {reason}")]
-    Tls { stage: String, peer: String, reason: String, required: bool },
+    Tls { stage: String, peer: String, reason: String, required: bool, status: &'static str },
     /// The body file could not be read.
     #[error("cannot read message body: {0}")]
     Body(String),
@@ -59,7 +70,7 @@ impl ClientError {
             ClientError::Connect { .. } => ("4.4.1".to_string(), None),
             ClientError::Network { .. } => ("4.4.2".to_string(), None),
             ClientError::Reply { reply, .. } => (temporary_status(&reply.status()), Some(reply.to_string())),
-            ClientError::Tls { .. } => ("4.7.5".to_string(), None),
+            ClientError::Tls { status, .. } => (status.to_string(), None),
             ClientError::Body(_) => ("4.3.0".to_string(), None),
         };
         let remote_mta = match self {
@@ -193,6 +204,8 @@ pub struct Capabilities {
     pub chunking: bool,
     /// RFC 3030 3: BODY=BINARYMIME (only with CHUNKING).
     pub binarymime: bool,
+    /// RFC 8689 2: the server takes `MAIL FROM:<..> REQUIRETLS` (offered only over TLS).
+    pub requiretls: bool,
 }
 
 impl Capabilities {
@@ -210,6 +223,7 @@ impl Capabilities {
                 "DSN" => caps.dsn = true,
                 "CHUNKING" => caps.chunking = true,
                 "BINARYMIME" => caps.binarymime = true,
+                "REQUIRETLS" => caps.requiretls = true,
                 "SIZE" => {
                     caps.size_offered = true;
                     caps.size = words.next().and_then(|n| n.parse::<u64>().ok()).filter(|&n| n > 0);
@@ -313,6 +327,9 @@ pub struct ClientSettings {
     pub opportunistic: TlsConnector,
     /// TLS for `require_tls` domains: Web PKI roots plus the configured extra CA file.
     pub verified: TlsConnector,
+    /// The same roots as a verifier, to tell after an opportunistic handshake whether the
+    /// certificate would have passed (MTA-STS testing mode reports when it would not).
+    pub webpki: Arc<rustls::client::WebPkiServerVerifier>,
     /// `delivery.source_address`: what connections are made from.
     pub source: SourceAddress,
 }
@@ -328,6 +345,10 @@ impl ClientSettings {
                 roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
             }
         }
+        let roots = Arc::new(roots);
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| format!("TLS: {e}"))?;
         let verified = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?
@@ -345,6 +366,7 @@ impl ClientSettings {
             timeouts: Timeouts::from_config(delivery),
             opportunistic: TlsConnector::from(Arc::new(opportunistic)),
             verified: TlsConnector::from(Arc::new(verified)),
+            webpki,
             source: delivery.source_address,
         })
     }
@@ -445,6 +467,16 @@ pub enum TlsMode {
     Disabled,
     /// Insist on it with a verified chain and name.
     Required,
+    /// RFC 8689 4.2.1, for messages sent with REQUIRETLS: as `Required`, and the server must
+    /// offer REQUIRETLS in its EHLO reply after STARTTLS, or the next MX is tried.
+    RequireTls,
+}
+
+impl TlsMode {
+    /// Does this mode refuse plain text and unverified certificates?
+    pub fn is_required(self) -> bool {
+        matches!(self, TlsMode::Required | TlsMode::RequireTls)
+    }
 }
 
 /// The per-recipient results of one transaction, and whether the connection can carry another.
@@ -468,6 +500,10 @@ pub struct Session {
     caps: Capabilities,
     /// Is the connection encrypted?
     pub tls: bool,
+    /// Was the server's certificate verified (a chain to a trust anchor, valid for the host name)?
+    /// Opportunistic TLS accepts any certificate, and only a verified session may carry a
+    /// REQUIRETLS message (RFC 8689 4.2.1).
+    pub verified: bool,
     /// A transaction ran on this connection: RSET before the next one.
     used: bool,
     timeouts: Timeouts,
@@ -497,6 +533,7 @@ impl Session {
             host: hop.host.clone(),
             caps: Capabilities::default(),
             tls: false,
+            verified: false,
             used: false,
             timeouts,
             addr: hop.addr,
@@ -553,12 +590,17 @@ impl Session {
 
     /// RFC 3207: STARTTLS, then EHLO again, since the capabilities may differ under TLS.
     async fn starttls(&mut self, hop: &NextHop, settings: &ClientSettings, mode: TlsMode) -> Result<(), ClientError> {
-        let required = mode == TlsMode::Required;
+        let required = mode.is_required();
+        // RFC 8689 4.2.1: a REQUIRETLS message that cannot get verified TLS is deferred (and in the
+        // end returned) with 5.7.10, "encryption needed".
+        let status = if mode == TlsMode::RequireTls { "4.7.10" } else { "4.7.5" };
+        let requiretls = mode == TlsMode::RequireTls;
         let tls_error = |peer: &str, reason: String| ClientError::Tls {
             stage: "STARTTLS".into(),
             peer: peer.into(),
-            reason,
+            reason: if requiretls { format!("{REQUIRETLS_MARK}: {reason}") } else { reason },
             required,
+            status,
         };
         if mode == TlsMode::Disabled || (!self.caps.starttls && !required) {
             return Ok(());
@@ -590,9 +632,24 @@ impl Session {
             Ok(Err(e)) => return Err(tls_error(&self.peer, format!("TLS handshake failed: {e}"))),
             Err(_) => return Err(tls_error(&self.peer, "TLS handshake timed out".into())),
         };
+        self.verified = required || would_verify(&settings.webpki, &tls, &hop.host);
         self.io = BufReader::with_capacity(64 * 1024, Stream::Tls(Box::new(tls)));
         self.tls = true;
-        self.hello(&settings.helo_name).await
+        self.hello(&settings.helo_name).await?;
+        // RFC 8689 4.2.1: a next hop that does not offer REQUIRETLS must not get the message; the
+        // next MX may (5.7.30, "REQUIRETLS support required", when none does).
+        if mode == TlsMode::RequireTls && !self.caps.requiretls {
+            // Leave politely: the next hop did nothing wrong, it merely lacks the extension.
+            let _ = self.command("QUIT\r\n", "QUIT", self.timeouts.command).await;
+            return Err(ClientError::Tls {
+                stage: "EHLO".into(),
+                peer: self.peer.clone(),
+                reason: format!("{REQUIRETLS_MARK}: the server does not offer REQUIRETLS"),
+                required,
+                status: "4.7.30",
+            });
+        }
+        Ok(())
     }
 
     /// Runs one mail transaction for `rcpts` of `envelope`, whose body is opened through `queue`,
@@ -735,6 +792,17 @@ impl Session {
         if envelope.smtputf8 && !self.caps.smtputf8 {
             return refuse("5.6.7", format!("internationalised address, but {} does not offer SMTPUTF8", self.peer));
         }
+        // A REQUIRETLS message on a session that cannot carry it (one opened for other mail): never
+        // sent, deferred. The deliverer opens REQUIRETLS sessions for such messages; this guards it.
+        if envelope.requiretls && !(self.verified && self.caps.requiretls) {
+            return Some(RcptOutcome::TempFail(Detail {
+                status: "4.7.10".into(),
+                text: format!("{REQUIRETLS_MARK}: {} was not reached over verified TLS offering REQUIRETLS", self.peer),
+                remote_mta: Some(self.host.clone()),
+                diagnostic: None,
+                session: false,
+            }));
+        }
         None
     }
 
@@ -750,6 +818,10 @@ impl Session {
         }
         if envelope.smtputf8 {
             cmd.push_str(" SMTPUTF8");
+        }
+        // RFC 8689 4.2.1: the requirement travels on with the message.
+        if envelope.requiretls {
+            cmd.push_str(" REQUIRETLS");
         }
         if self.caps.dsn {
             match envelope.ret {
@@ -1132,6 +1204,15 @@ async fn connect(addr: std::net::SocketAddr, source: &SourceAddress) -> Result<T
     socket.connect(addr).await.map_err(|e| format!("{} (from {local})", io_reason(&e)))
 }
 
+/// Would the certificate of an opportunistic session have passed verification for `host`?
+fn would_verify(verifier: &rustls::client::WebPkiServerVerifier, tls: &TlsStream<TcpStream>, host: &str) -> bool {
+    let Some((end_entity, intermediates)) = tls.get_ref().1.peer_certificates().and_then(|c| c.split_first()) else {
+        return false;
+    };
+    let Ok(name) = server_name(host) else { return false };
+    verifier.verify_server_cert(end_entity, intermediates, &name, &[], UnixTime::now()).is_ok()
+}
+
 /// The TLS server name: the MX host name (or the route's IP literal).
 fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_string()).map_err(|e| format!("{host:?} is not a TLS server name: {e}"))
@@ -1206,6 +1287,18 @@ mod tests {
         let chunking =
             Capabilities::parse(&Reply { code: 250, lines: vec!["hi".into(), "chunking".into(), "BINARYMIME".into()] });
         assert!(chunking.chunking && chunking.binarymime);
+    }
+
+    #[test]
+    fn requiretls_keyword_and_expiry_status() {
+        let caps = Capabilities::parse(&Reply { code: 250, lines: vec!["hi".into(), "requiretls".into()] });
+        assert!(caps.requiretls);
+        assert!(!Capabilities::parse(&Reply { code: 250, lines: vec!["hi".into()] }).requiretls);
+        let text = format!("EHLO to mx[192.0.2.1]: {REQUIRETLS_MARK}: the server does not offer REQUIRETLS");
+        assert_eq!(requiretls_expiry_status(true, &text), Some("5.7.10"));
+        // A message without the parameter, or kept back by something else, expires as usual.
+        assert_eq!(requiretls_expiry_status(false, &text), None);
+        assert_eq!(requiretls_expiry_status(true, "connect to 192.0.2.1:25: Connection refused"), None);
     }
 
     fn stuff(chunks: &[&[u8]]) -> Vec<u8> {

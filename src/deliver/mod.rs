@@ -14,8 +14,11 @@
 pub mod cache;
 pub mod client;
 pub mod destination;
+pub mod https;
+pub mod mta_sts;
 pub mod mx;
 pub mod route;
+pub mod tlsa;
 
 use cache::{CacheKey, ConnectionCache};
 pub use client::{ClientError, ClientSettings, Session, TlsMode};
@@ -135,6 +138,10 @@ pub struct Deliverer {
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Connections left open by finished batches, for the next ones.
     cache: Arc<ConnectionCache>,
+    /// MTA-STS policies (RFC 8461) by domain, cached in the spool directory.
+    sts: mta_sts::StsPolicies,
+    /// Fetches the policies over verified HTTPS.
+    fetcher: https::Fetcher,
 }
 
 impl Deliverer {
@@ -142,7 +149,17 @@ impl Deliverer {
     pub fn new(config: Arc<Config>) -> Result<Deliverer, String> {
         let router = Router::new(&config)?;
         let settings = Arc::new(ClientSettings::new(config.hostname.clone(), &config.delivery)?);
-        Ok(Deliverer { config, router, settings, limits: Mutex::new(HashMap::new()), cache: Arc::default() })
+        let fetcher = https::Fetcher::new(&settings, &config.delivery);
+        let sts = mta_sts::StsPolicies::open(Some(&config.queue.dir));
+        Ok(Deliverer {
+            config,
+            router,
+            settings,
+            limits: Mutex::new(HashMap::new()),
+            cache: Arc::default(),
+            sts,
+            fetcher,
+        })
     }
 
     /// The addresses delivery to `domain` would try, best first (static route or MX list after the
@@ -196,26 +213,114 @@ impl Deliverer {
             }
         };
         let policy = self.config.domain_policy(&domain);
+        let mut tls = if policy.require_tls { TlsMode::Required } else { TlsMode::Opportunistic };
+        let (hops, sts_testing) = match self.apply_mta_sts(&domain, hops).await {
+            Ok(StsOutcome { hops, enforce, testing }) => {
+                if enforce {
+                    tls = TlsMode::Required;
+                }
+                (hops, testing)
+            }
+            Err(outcome) => return jobs.iter().map(|job| uniform_result(job, &domain, &outcome)).collect(),
+        };
+        // RFC 8689 4.2.1: messages sent with REQUIRETLS go on sessions of their own, verified and
+        // to next hops that offer REQUIRETLS; the others keep the domain's policy.
+        let order: Vec<QueueId> = jobs.iter().map(|job| job.envelope.id.clone()).collect();
+        let (strict, normal): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|job| job.envelope.requiretls);
+        let plain_group = self.run_group(&domain, &hops, (tls, sts_testing), normal, progress.clone());
+        let strict_group = self.run_group(&domain, &hops, (TlsMode::RequireTls, false), strict, progress);
+        // `strict_order` means one connection at a time: the REQUIRETLS messages go after the
+        // others of the batch, on their own connection.
+        let (mut results, strict_results) = if policy.strict_order {
+            let results = plain_group.await;
+            (results, strict_group.await)
+        } else {
+            tokio::join!(plain_group, strict_group)
+        };
+        results.extend(strict_results);
+        results.sort_by_key(|result| order.iter().position(|id| *id == result.id));
+        results
+    }
+
+    /// MTA-STS (RFC 8461 5): with a policy in `enforce` mode only the MX hosts it lists are
+    /// tried, over verified TLS (section 4.2); none listed defers every recipient. In `testing`
+    /// mode the hosts it does not list and certificates that would fail are logged, and delivery
+    /// goes on as usual. Static routes are the operator's choice and not checked.
+    async fn apply_mta_sts(&self, domain: &str, hops: Vec<NextHop>) -> Result<StsOutcome, RcptOutcome> {
+        let from_mx = hops.first().is_some_and(|hop| hop.preference.is_some());
+        let unchanged = |hops| Ok(StsOutcome { hops, enforce: false, testing: false });
+        if !from_mx || !self.config.mta_sts(domain) {
+            return unchanged(hops);
+        }
+        let Some(policy) = self.sts.policy(domain, &self.router, &self.fetcher).await else {
+            return unchanged(hops);
+        };
+        let (listed, unlisted): (Vec<NextHop>, Vec<NextHop>) = hops.into_iter().partition(|h| policy.matches(&h.host));
+        match policy.mode {
+            mta_sts::Mode::Enforce if listed.is_empty() => {
+                let names: Vec<&str> = unlisted.iter().map(|h| h.host.as_str()).collect();
+                tracing::warn!(domain, mx = ?names, policy = ?policy.mx, "MTA-STS: no MX host matches the policy; not delivered");
+                Err(RcptOutcome::TempFail(Detail {
+                    status: "4.7.5".into(),
+                    text: format!(
+                        "MTA-STS policy of {domain} (enforce) lists none of its MX hosts {}: mx {}",
+                        names.join(", "),
+                        policy.mx.join(", ")
+                    ),
+                    session: true,
+                    ..Detail::default()
+                }))
+            }
+            mta_sts::Mode::Enforce => {
+                for hop in unlisted {
+                    tracing::info!(domain, mx = %hop.host, "MTA-STS: skipping an MX host the policy does not list");
+                }
+                Ok(StsOutcome { hops: listed, enforce: true, testing: false })
+            }
+            mta_sts::Mode::Testing => {
+                for hop in &unlisted {
+                    tracing::warn!(domain, mx = %hop.host, "MTA-STS testing: the policy does not list this MX host (delivered anyway)");
+                }
+                Ok(StsOutcome { hops: listed.into_iter().chain(unlisted).collect(), enforce: false, testing: true })
+            }
+            mta_sts::Mode::None => unchanged(listed.into_iter().chain(unlisted).collect()),
+        }
+    }
+
+    /// Delivers `jobs` over sessions of one TLS mode (and whether MTA-STS testing mode reports on
+    /// them), spread over the destination's connections.
+    async fn run_group(
+        &self,
+        domain: &str,
+        hops: &[NextHop],
+        (tls, sts_testing): (TlsMode, bool),
+        jobs: Vec<Job>,
+        progress: Option<mpsc::UnboundedSender<(String, JobResult)>>,
+    ) -> Vec<JobResult> {
+        if jobs.is_empty() {
+            return Vec::new();
+        }
+        let policy = self.config.domain_policy(domain);
         let connections = if policy.strict_order { 1 } else { self.config.delivery.max_connections_per_destination };
-        let tls = if policy.require_tls { TlsMode::Required } else { TlsMode::Opportunistic };
         let run = Arc::new(Run {
             cache: Arc::clone(&self.cache),
-            key: CacheKey { domain: domain.clone(), tls },
+            key: CacheKey { domain: domain.to_string(), tls },
             max_idle: connections,
-            targets: jobs.iter().map(|job| targets(job, &domain)).collect(),
+            targets: jobs.iter().map(|job| targets(job, domain)).collect(),
             jobs,
-            hops,
+            hops: hops.to_vec(),
             queue: Mutex::new(VecDeque::new()),
             results: Mutex::new(HashMap::new()),
             reported: Mutex::new(std::collections::HashSet::new()),
             tls,
+            sts_testing,
             settings: self.settings.clone(),
             last_error: Mutex::new(None),
-            progress: progress.map(|sender| (domain.clone(), sender)),
+            progress: progress.map(|sender| (domain.to_string(), sender)),
         });
         run.fill_queue();
         let workers = connections.min(run.queue_len()).max(1);
-        let limit = self.limit_for(&domain);
+        let limit = self.limit_for(domain);
         let mut set = JoinSet::new();
         for _ in 0..workers {
             let (run, limit) = (run.clone(), limit.clone());
@@ -237,6 +342,15 @@ impl Deliverer {
     }
 }
 
+/// What an MTA-STS policy leaves of a domain's next hops.
+struct StsOutcome {
+    hops: Vec<NextHop>,
+    /// Enforce mode: verified TLS to every hop.
+    enforce: bool,
+    /// Testing mode: report what enforcing would refuse.
+    testing: bool,
+}
+
 /// The shared state of one `deliver` call: the work queue and the results.
 struct Run {
     jobs: Vec<Job>,
@@ -249,6 +363,8 @@ struct Run {
     /// Jobs whose result went out on `progress`.
     reported: Mutex<std::collections::HashSet<usize>>,
     tls: TlsMode,
+    /// The domain's MTA-STS policy is in testing mode: log sessions it would have refused.
+    sts_testing: bool,
     settings: Arc<ClientSettings>,
     /// Why the last connection attempt failed, for jobs no connection could take.
     last_error: Mutex<Option<Detail>>,
@@ -379,7 +495,14 @@ async fn open_any(run: &Run) -> Result<Session, Detail> {
     let mut last = None;
     for hop in &run.hops {
         match Session::open(hop, &run.settings, run.tls).await {
-            Ok(session) => return Ok(session),
+            Ok(session) => {
+                if run.sts_testing && !session.verified {
+                    // RFC 8461 5: in testing mode a failure is reported, and delivery goes on.
+                    tracing::warn!(mx = %hop.host, addr = %hop.addr, tls = session.tls,
+                        "MTA-STS testing: no verified TLS to this MX host (delivered anyway)");
+                }
+                return Ok(session);
+            }
             Err(ClientError::Tls { required: false, .. }) => {
                 // A failed opportunistic handshake: Postfix-style, try the same host in plain text.
                 match Session::open(hop, &run.settings, TlsMode::Disabled).await {

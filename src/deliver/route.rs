@@ -143,6 +143,53 @@ impl Router {
         self.mx_hosts(&domain.trim_end_matches('.').to_ascii_lowercase()).await
     }
 
+    /// The TXT records of `name`, each one's strings joined (RFC 7208 3.3 and RFC 8461 3.1 read
+    /// them so); empty when there are none.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, RouteError> {
+        let lookup = match self.resolver.txt_lookup(fqdn(name)).await {
+            Ok(lookup) => lookup,
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => return Ok(Vec::new()),
+            Err(e) => return Err(temporary(name, "TXT", &e)),
+        };
+        Ok(lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::TXT(txt) => Some(txt.txt_data.iter().map(|s| String::from_utf8_lossy(s)).collect()),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The TLSA records of `name` (e.g. `_25._tcp.mx.example.test`, RFC 7672 2.2); empty when none.
+    /// Whether the answer was DNSSEC-validated is not known here.
+    pub async fn tlsa(&self, name: &str) -> Result<Vec<super::tlsa::Tlsa>, RouteError> {
+        let lookup = match self.resolver.tlsa_lookup(fqdn(name)).await {
+            Ok(lookup) => lookup,
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => return Ok(Vec::new()),
+            Err(e) => return Err(temporary(name, "TLSA", &e)),
+        };
+        Ok(lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::TLSA(tlsa) => Some(super::tlsa::Tlsa {
+                    usage: tlsa.cert_usage.into(),
+                    selector: tlsa.selector.into(),
+                    matching: tlsa.matching.into(),
+                    data: tlsa.cert_data.clone(),
+                }),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The A and AAAA addresses of a host name (none: an error), e.g. an MTA-STS policy server.
+    pub async fn host_addresses(&self, name: &str) -> Result<Vec<IpAddr>, RouteError> {
+        let ips = self.addresses(name).await?;
+        if ips.is_empty() { Err(RouteError::NoAddress(name.to_string())) } else { Ok(ips) }
+    }
+
     /// Is `host` this bartleby, by name or by an address on the MX port?
     pub fn is_me(&self, host: &MxHost) -> bool {
         self.me.is_me(host, self.mx_port)

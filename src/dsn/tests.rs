@@ -186,6 +186,18 @@ fn ret_full_returns_the_whole_message() {
 }
 
 #[test]
+fn requiretls_messages_return_headers_only_even_with_ret_full() {
+    // RFC 8689 5: the notice may travel without TLS, so the content stays behind.
+    let mut env = envelope("alice@sender.test", &["bob@example.test"]);
+    env.ret = Some(DsnRet::Full);
+    env.requiretls = true;
+    let raw = build_failure(&env, &[failed("bob@example.test")]);
+    let msg = parse(&raw);
+    assert_eq!(ctype(report_parts(&msg, "delivery-status")[2]), "text/rfc822-headers");
+    assert!(!String::from_utf8_lossy(&raw).contains("the numbers are in"));
+}
+
+#[test]
 fn ret_hdrs_and_headers_only_input_return_headers() {
     let mut env = envelope("alice@sender.test", &["bob@example.test"]);
     env.ret = Some(DsnRet::Hdrs);

@@ -84,8 +84,10 @@ pub(super) fn expire(config: &Config, envelope: &mut Envelope, now: i64, verdict
     let lifetime = crate::config::HumanDuration(config.queue.max_lifetime.0);
     for rcpt in envelope.recipients.iter_mut().filter(|r| r.status == RecipientStatus::Pending) {
         let last = rcpt.last_error.clone().unwrap_or_else(|| "no attempt succeeded".into());
+        // RFC 8689 5: a REQUIRETLS message kept back by its requirement is returned with 5.7.10.
+        let status = crate::deliver::client::requiretls_expiry_status(envelope.requiretls, &last).unwrap_or("4.4.7");
         let detail = Detail {
-            status: "4.4.7".into(),
+            status: status.into(),
             text: format!("message expired after {lifetime} in the queue; last error: {last}"),
             remote_mta: rcpt.remote_mta.clone(),
             diagnostic: None,

@@ -51,6 +51,8 @@ pub struct MailFrom {
     pub ret: Option<DsnRet>,
     /// RFC 3461 ENVID, xtext-decoded.
     pub envid: Option<String>,
+    /// RFC 8689 REQUIRETLS: the message must travel over verified TLS all the way.
+    pub requiretls: bool,
 }
 
 /// `RCPT TO:<forward-path> [parameters]`.
@@ -244,6 +246,9 @@ fn parse_mail(arg: &str) -> Result<MailFrom, CommandError> {
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("BINARYMIME") => mail.body = BodyType::BinaryMime,
             ("BODY", _) => return Err(CommandError::Parameter("BODY must be 7BIT, 8BITMIME or BINARYMIME".into())),
             ("SMTPUTF8", None) => mail.smtputf8 = true,
+            // RFC 8689 2: a keyword without a value; whether the session may use it (TLS) is the
+            // session's check.
+            ("REQUIRETLS", None) => mail.requiretls = true,
             ("RET", Some(v)) if v.eq_ignore_ascii_case("FULL") => mail.ret = Some(DsnRet::Full),
             ("RET", Some(v)) if v.eq_ignore_ascii_case("HDRS") => mail.ret = Some(DsnRet::Hdrs),
             ("RET", _) => return Err(syntax("RET must be FULL or HDRS")),

@@ -428,6 +428,11 @@ impl Session {
         if self.tls_available && self.tls.is_none() {
             lines.push("STARTTLS".to_string());
         }
+        // RFC 8689 2: REQUIRETLS is offered only in a TLS session; outbound, such a message goes
+        // only over verified TLS to next hops that offer it in turn (`deliver::client`).
+        if self.tls.is_some() {
+            lines.push("REQUIRETLS".to_string());
+        }
         if self.etrn_allowed() {
             lines.push("ETRN".to_string());
         }
@@ -441,6 +446,11 @@ impl Session {
         }
         if self.transaction.is_some() {
             return Reply::new(503, "5.5.1", "nested MAIL command");
+        }
+        // RFC 8689 4.1 and 5: REQUIRETLS on a session without TLS was never offered and cannot be
+        // honoured from its first hop on.
+        if mail.requiretls && self.tls.is_none() {
+            return Reply::new(530, "5.7.10", "REQUIRETLS needs a TLS session (STARTTLS first)");
         }
         if !mail.address.is_empty() {
             if !mail.smtputf8 && !mail.address.is_ascii() {
@@ -824,6 +834,7 @@ impl Session {
         envelope.envid = mail.envid;
         envelope.body = mail.body;
         envelope.smtputf8 = mail.smtputf8;
+        envelope.requiretls = mail.requiretls;
         envelope.client_ip = Some(self.client);
         envelope.helo = self.helo.as_ref().map(|h| h.name.clone()).unwrap_or_default();
         envelope.record(format!("received from {} [{}]", envelope.helo, self.client));

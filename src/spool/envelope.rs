@@ -46,6 +46,11 @@ pub struct Envelope {
     /// The SMTPUTF8 parameter was given at MAIL (RFC 6531).
     #[serde(default)]
     pub smtputf8: bool,
+    /// The REQUIRETLS parameter was given at MAIL (RFC 8689 4.1): every next hop must be reached
+    /// over TLS with a verified certificate and offer REQUIRETLS itself. Written only when set, so
+    /// envelopes without it look as before and older ones read as without it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requiretls: bool,
     /// Who handed us the message; None for messages bartleby made itself (DSNs).
     #[serde(default)]
     pub client_ip: Option<IpAddr>,
@@ -211,6 +216,7 @@ impl Envelope {
             envid: None,
             body: BodyType::SevenBit,
             smtputf8: false,
+            requiretls: false,
             client_ip: None,
             helo: String::new(),
             arrived: now,

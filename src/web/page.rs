@@ -357,7 +357,7 @@ fn envelope_table(e: &Envelope, subject: Option<&str>) -> Markup {
             tr { th { "Size" } td { (human_bytes(e.size)) " (" (e.size) " bytes)" } }
             tr { th { "Attempts" } td { (e.attempts) } }
             tr { th { "Next attempt" } td { (rfc3339(e.next_attempt)) } }
-            tr { th { "Body" } td { (format!("{:?}", e.body)) @if e.smtputf8 { ", SMTPUTF8" } } }
+            tr { th { "Body" } td { (format!("{:?}", e.body)) @if e.smtputf8 { ", SMTPUTF8" } @if e.requiretls { ", REQUIRETLS" } } }
             @if let Some(envid) = &e.envid { tr { th { "ENVID" } td { (envid) } } }
         } }
     }

@@ -26,6 +26,7 @@ pub fn config(port: u16, tweak: impl FnOnce(&mut Config)) -> Arc<Config> {
 }
 
 /// Queues `body` for `rcpts` under `id` in a queue of its own (in memory) and makes a job of it.
+#[allow(dead_code)] // not every test binary that includes this module makes its jobs this way
 pub fn job(_dir: &TempDir, id: &str, rcpts: &[&str], body: &[u8]) -> Job {
     let recipients = rcpts.iter().map(|r| Recipient::new(r.to_string())).collect();
     queued_job(id, Envelope::new(id.to_string(), "sender@origin.test".into(), recipients), body)

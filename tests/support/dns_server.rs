@@ -69,6 +69,13 @@ impl Zone {
         self.add(name, RecordType::TXT, RData::TXT(hickory_server::proto::rr::rdata::TXT::new(vec![text.to_string()])))
     }
 
+    /// A TLSA record (RFC 6698): `usage selector matching data`.
+    pub fn tlsa(self, name: &str, usage: u8, selector: u8, matching: u8, data: &[u8]) -> Zone {
+        use hickory_server::proto::rr::rdata::TLSA;
+        let tlsa = TLSA::new(usage.into(), selector.into(), matching.into(), data.to_vec());
+        self.add(name, RecordType::TLSA, RData::TLSA(tlsa))
+    }
+
     pub fn servfail(mut self, name: &str) -> Zone {
         self.servfail.insert(key(name));
         self

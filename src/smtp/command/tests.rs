@@ -60,6 +60,9 @@ fn mail_parameters() {
     assert!(mail.smtputf8);
     assert_eq!(mail.ret, Some(DsnRet::Hdrs));
     assert_eq!(mail.envid.as_deref(), Some("QQ+x"));
+    assert!(!mail.requiretls);
+    let Command::Mail(mail) = ok("MAIL FROM:<a@b.test> requiretls") else { panic!("not MAIL") };
+    assert!(mail.requiretls);
     let Command::Mail(mail) = ok("MAIL FROM: <> body=7bit ret=full") else { panic!("not MAIL") };
     assert_eq!((mail.address.as_str(), mail.body, mail.ret), ("", BodyType::SevenBit, Some(DsnRet::Full)));
     // Source routes are ignored (RFC 5321 4.1.1.3); bare addresses are accepted leniently.
@@ -86,6 +89,9 @@ fn bad_mail_parameters() {
     assert_eq!(mail.body, BodyType::BinaryMime);
     assert_eq!(err("MAIL FROM:<a@b.test> AUTH=<>").reply().code, 555);
     assert_eq!(err("MAIL FROM:<a@b.test> SMTPUTF8=yes").reply().code, 555);
+    // RFC 8689 2: REQUIRETLS takes no value.
+    assert_eq!(err("MAIL FROM:<a@b.test> REQUIRETLS=yes").reply().code, 555);
+    assert!(matches!(err("MAIL FROM:<a@b.test> REQUIRETLS REQUIRETLS"), CommandError::Syntax(_)));
     assert!(matches!(err("MAIL FROM:<a@b.test> =x"), CommandError::Syntax(_)));
 }
 

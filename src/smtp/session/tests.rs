@@ -312,6 +312,30 @@ fn starttls_discards_pipelined_input_and_resets_state() {
 }
 
 #[test]
+fn requiretls_is_offered_and_accepted_only_over_tls() {
+    let fx = fixture(|_| {});
+    let mut plain = fx.session(true);
+    let (text, _) = talk(&mut plain, b"EHLO c.test\r\n");
+    assert!(!text.contains("REQUIRETLS"), "{text}");
+    // RFC 8689: without TLS the parameter is refused, and the session goes on.
+    let (text, _) = talk(&mut plain, b"MAIL FROM:<a@b.test> REQUIRETLS\r\nMAIL FROM:<a@b.test>\r\n");
+    assert!(text.starts_with("530 5.7.10 "), "{text}");
+    assert!(text.ends_with("250 2.1.0 Ok\r\n"), "{text}");
+
+    let fx = fixture(|_| {});
+    let mut session = fx.session(true);
+    talk(&mut session, b"EHLO c.test\r\nSTARTTLS\r\n");
+    session.tls_started(tls13());
+    let (text, _) = talk(&mut session, b"EHLO c.test\r\n");
+    assert!(text.contains("250-REQUIRETLS\r\n") || text.ends_with("250 REQUIRETLS\r\n"), "{text}");
+    let (text, _) =
+        talk(&mut session, b"MAIL FROM:<a@b.test> REQUIRETLS\r\nRCPT TO:<x@example.test>\r\nDATA\r\nhi\r\n.\r\n");
+    assert_eq!(codes(&text), ["250", "250", "354", "250"], "{text}");
+    let (envelope, _) = only_message(&fx);
+    assert!(envelope.requiretls);
+}
+
+#[test]
 fn starttls_inside_a_transaction_is_refused() {
     let fx = fixture(|_| {});
     let mut session = fx.session(true);
