@@ -7,6 +7,46 @@
 
 use super::envelope::QueueKey as Key;
 
+/// Hashing for maps by queue key (a restart fills maps of a million keys): SplitMix64's
+/// finalizer, a bijection that spreads every bit of the key over the hash, where SipHash's
+/// protection against chosen keys buys nothing (the keys are the store's own). A bare
+/// multiplication would not do: a key's low bits are an ID counter, mostly zero, and the table
+/// picks buckets by the hash's low bits.
+#[derive(Default, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl KeyHasher {
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = Self::mix(self.0 ^ u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        self.0 = Self::mix(self.0 ^ key);
+    }
+}
+
+/// A hash map by queue key with [`KeyHasher`].
+pub type KeyMap<V> = std::collections::HashMap<Key, V, std::hash::BuildHasherDefault<KeyHasher>>;
+/// A hash set of queue keys with [`KeyHasher`].
+pub type KeySet = std::collections::HashSet<Key, std::hash::BuildHasherDefault<KeyHasher>>;
+
 /// A value that can mark its slot vacant (a removed entry, until the next compaction).
 pub trait Slot {
     const VACANT: Self;
@@ -180,6 +220,15 @@ mod tests {
         assert!(table.vacant() < table.slots(), "compacted: {} of {}", table.vacant(), table.slots());
         assert_eq!(table.last_key(), Some(4095));
         assert_eq!(table.iter().next().map(|(k, _)| k), Some(3000));
+    }
+
+    /// Keys whose low bits are all zero (an ID counter at 0) still spread over the buckets.
+    #[test]
+    fn key_hashes_spread_keys_with_zero_low_bits() {
+        use std::hash::BuildHasher;
+        let build = std::hash::BuildHasherDefault::<KeyHasher>::default();
+        let buckets: std::collections::HashSet<u64> = (0..4096u64).map(|k| build.hash_one(k << 12) & 4095).collect();
+        assert!(buckets.len() > 2048, "{} of 4096 buckets used", buckets.len());
     }
 
     #[test]

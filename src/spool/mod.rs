@@ -132,7 +132,7 @@ impl Spool {
         // The journal's messages go straight into the index as their segments are read, a few
         // segments at a time: a million envelopes are never in memory at once.
         let mut journaled = index::Index::default();
-        let mut unreadable = std::collections::HashMap::new();
+        let mut unreadable = keyed::KeyMap::default();
         let parse =
             |json: &[u8]| serde_json::from_slice::<IndexedEnvelope>(json).map(Box::new).map_err(|e| e.to_string());
         let replay = journal::replay(&journal_dir, &messages, &parse, &mut |key, latest| {
@@ -176,11 +176,7 @@ impl Spool {
     /// Completes the index (`journaled`: the messages queued in the journal, found by
     /// [`journal::replay`]) with the messages in `messages/`, and quarantines journaled messages
     /// whose envelope does not parse (`unreadable`).
-    fn recover(
-        &self,
-        mut index: index::Index,
-        unreadable: std::collections::HashMap<index::Key, String>,
-    ) -> Result<Recovery, SpoolError> {
+    fn recover(&self, mut index: index::Index, unreadable: keyed::KeyMap<String>) -> Result<Recovery, SpoolError> {
         let mut recovery = Recovery { replayed: index.len(), ..Recovery::default() };
         for entry in fs::read_dir(&self.incoming).map_err(io_err(&self.incoming))? {
             let path = entry.map_err(io_err(&self.incoming))?.path();
