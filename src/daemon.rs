@@ -103,7 +103,10 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     let (scheduler, handle) =
         Scheduler::new(Arc::clone(&config), Arc::clone(&spool), Arc::clone(&deliverer) as Arc<dyn Courier>);
     let metrics = Arc::new(Metrics::default());
-    let scheduler = scheduler.learning_into(Arc::clone(&guards.recipients)).counting_into(Arc::clone(&metrics));
+    let scheduler = scheduler
+        .learning_into(Arc::clone(&guards.recipients))
+        .counting_into(Arc::clone(&metrics))
+        .pausing_in(&config.queue.dir);
     let monitor = Monitor::new(Arc::clone(&config), Arc::clone(&spool), handle.clone(), deliverer)
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (shutdown_tx, shutdown) = watch::channel(false);
