@@ -566,10 +566,8 @@ fn bulk(config: &Config, action: BulkAction, targets: &Targets) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let request = Request::Bulk { action, selection };
-    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(send(config, request)));
-    let outcomes = result
-        .and_then(|raw| serde_json::from_str::<Vec<BulkOutcome>>(raw.get()).map_err(|e| format!("bad response: {e}")));
+    let outcomes =
+        runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(send_bulk(config, action, selection)));
     match outcomes {
         Ok(outcomes) => {
             for o in outcomes.iter().filter(|o| !o.ok) {
@@ -583,6 +581,26 @@ fn bulk(config: &Config, action: BulkAction, targets: &Targets) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Queue IDs per bulk request: a control request is at most 64 KiB, and a list piped in may
+/// hold a million.
+const IDS_PER_REQUEST: usize = 1000;
+
+/// Sends a bulk action, a slice of the IDs at a time when it names IDs; the outcomes in order.
+async fn send_bulk(config: &Config, action: BulkAction, selection: Selection) -> Result<Vec<BulkOutcome>, String> {
+    let parse = |raw: Box<RawValue>| {
+        serde_json::from_str::<Vec<BulkOutcome>>(raw.get()).map_err(|e| format!("bad response: {e}"))
+    };
+    if selection.ids.is_empty() {
+        return parse(send(config, Request::Bulk { action, selection }).await?);
+    }
+    let mut outcomes = Vec::with_capacity(selection.ids.len());
+    for ids in selection.ids.chunks(IDS_PER_REQUEST) {
+        let slice = Selection { ids: ids.to_vec(), ..Selection::default() };
+        outcomes.extend(parse(send(config, Request::Bulk { action, selection: slice }).await?)?);
+    }
+    Ok(outcomes)
 }
 
 /// The lines of the messages done and the summary: "-- 3 messages held, 1 failed".

@@ -252,6 +252,14 @@ fn bulk_commands_by_id_stdin_all_and_selection_with_honest_replies() {
     assert!(text.contains(&format!("{a}: released")) && text.contains(&format!("{d}: released")), "{text}");
     assert!(text.ends_with("-- 2 messages released, 2 failed\n"), "{text}");
 
+    // More IDs than one control request carries (64 KiB): sent in slices, answered in order.
+    let many: String = (1..=3000).map(|n| format!("{n:016X}\n")).collect::<String>() + &a;
+    let out = cli_with_stdin(&bartleby, &["queue", "hold", "-"], &many);
+    fails_with(&out, "0000000000000BB8: no message");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with(&format!("{a}: held\n-- 1 message held, 3000 failed\n")), "{text}");
+    stdout(&bartleby.cli(&["queue", "release", &a]));
+
     // ALL: the one still held is released, the others are not held, which is said.
     let out = bartleby.cli(&["queue", "release", "ALL"]);
     fails_with(&out, &format!("{a}: message {a} is not held"));
