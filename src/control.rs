@@ -424,8 +424,9 @@ async fn one(
 
 const DELETED: &str = "deleted (no bounce sent)";
 
-/// bartleby keeps no routing decision per message (MX answers are looked up per domain at each
-/// attempt), so a requeue makes the message due now; the next attempt routes it afresh.
+/// bartleby keeps no routing decision per message: each attempt looks the domain's next hops up
+/// again (the resolver keeps answers for their DNS TTL; the connection cache holds per-domain
+/// sessions for seconds), so a requeue makes the message due now and the attempt routes it afresh.
 const REQUEUED: &str = "requeued: due now, routed afresh at its next attempt";
 
 /// A requeue while the daemon is stopped: the message is due now in the store, and the daemon
