@@ -180,8 +180,13 @@ fn etrn_flusher(handle: SchedulerHandle) -> smtp::EtrnFlush {
         let (handle, domain) = (handle.clone(), domain.to_string());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(err) = handle.flush(Some(domain.clone())).await {
-                    tracing::error!(domain = %domain, error = %err, "ETRN flush failed");
+                // A paused domain's mail waits for `queue resume`: the operator's word wins.
+                match handle.flush(Some(domain.clone())).await {
+                    Ok(_) => {}
+                    Err(err @ crate::schedule::ScheduleError::Paused(_)) => {
+                        tracing::info!(domain = %domain, reason = %err, "ETRN: not flushed");
+                    }
+                    Err(err) => tracing::error!(domain = %domain, error = %err, "ETRN flush failed"),
                 }
             });
         }
