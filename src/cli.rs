@@ -2,8 +2,10 @@
 //! commands (mailq-style), `recipients` (the recipient cache) and `hash-password`.
 //! Exit status: 0 success, 1 failure, 2 bad configuration.
 
-use crate::config::{Config, ConfigError};
-use crate::control::{self, ControlError, ListedMessage, MessageDetail, Request};
+use crate::config::{Config, ConfigError, HumanDuration};
+use crate::control::{
+    self, BulkAction, BulkOutcome, ControlError, ListedMessage, MessageDetail, Request, Selection, ShapeReport,
+};
 use crate::spool::{Queue, Spool, SpoolError, rfc3339};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
@@ -80,15 +82,55 @@ pub enum QueueCommand {
         json: bool,
     },
     /// Show one message: envelope, recipients, history and headers.
-    Show { id: String },
-    /// Delete a message without sending a bounce.
-    Delete { id: String },
-    /// Hold a message: it is not tried or flushed until released.
-    Hold { id: String },
-    /// Release a held message and try it now.
-    Release { id: String },
-    /// Try a message now.
-    Retry { id: String },
+    Show {
+        id: String,
+        /// Also print the body (like postcat -b).
+        #[arg(long)]
+        body: bool,
+    },
+    /// Delete messages without sending a bounce (like postsuper -d).
+    Delete {
+        #[command(flatten)]
+        targets: Targets,
+    },
+    /// Hold messages: they are not tried or flushed until released (like postsuper -h).
+    Hold {
+        #[command(flatten)]
+        targets: Targets,
+    },
+    /// Release held messages and try them now (like postsuper -H); one not held is an error.
+    Release {
+        #[command(flatten)]
+        targets: Targets,
+    },
+    /// Try messages now; a held one is an error (release it first).
+    Retry {
+        #[command(flatten)]
+        targets: Targets,
+    },
+    /// Route messages again and try them now (like postsuper -r); works while the daemon is
+    /// stopped too (they are tried when it starts).
+    Requeue {
+        #[command(flatten)]
+        targets: Targets,
+    },
+    /// Return messages to their senders now (like exim -Mg): every pending recipient fails with
+    /// 5.0.0 "returned by the operator", a failure notice goes to the sender, the message leaves.
+    Bounce {
+        #[command(flatten)]
+        targets: Targets,
+    },
+    /// Stop deliveries to a relayed domain (like smtpctl pause); its mail stays queued. Kept
+    /// across reloads and restarts.
+    Pause { domain: String },
+    /// Deliver to a paused domain again; its due messages are tried at once.
+    Resume { domain: String },
+    /// Counts by domain and age, like qshape (buckets of 5, 10, 20, ... 1280 minutes and more).
+    Shape {
+        /// The counts as JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write every queued message to FILE (`-` for stdout), oldest first, to move a queue to
     /// another host. Safe while the daemon runs.
     Export { file: PathBuf },
@@ -103,6 +145,101 @@ pub enum QueueCommand {
     /// Give every message waiting in the journal its own files in messages/ and retire the
     /// journal, e.g. before a file-level backup of the spool (docs/spool.md).
     Sync,
+}
+
+/// The messages a bulk command acts on: queue IDs, `-` (IDs on standard input, as `queue list`
+/// or `exiqgrep -i` print them), `ALL`, or a selection by the flags (not both IDs and flags).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Targets {
+    /// Queue IDs, `-` to read them from standard input, or `ALL`.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+    /// Messages whose sender contains this text (`<>`: the null sender).
+    #[arg(long)]
+    pub sender: Option<String>,
+    /// Messages with a pending recipient containing this text.
+    #[arg(long)]
+    pub recipient: Option<String>,
+    /// Messages with a pending recipient in this domain.
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// Messages that arrived at least this long ago (90s, 30m, 2h, 5d).
+    #[arg(long, value_name = "AGE")]
+    pub older_than: Option<HumanDuration>,
+    /// Only held messages.
+    #[arg(long, conflicts_with = "not_held")]
+    pub held: bool,
+    /// Only messages not held.
+    #[arg(long)]
+    pub not_held: bool,
+}
+
+impl Targets {
+    /// The selection to send, reading standard input for `-` from `stdin`.
+    pub fn selection(&self, stdin: impl std::io::Read) -> Result<Selection, String> {
+        if self.ids.iter().filter(|a| *a == "-").count() > 1 {
+            return Err("`-` may be given once".into());
+        }
+        let mut stdin = Some(stdin);
+        let mut ids = Vec::new();
+        let mut all = false;
+        for arg in &self.ids {
+            match arg.as_str() {
+                // Standard input is read once; a second `-` was refused above.
+                "-" => {
+                    if let Some(input) = stdin.take() {
+                        ids.extend(ids_from(&stdin_text(input)?)?);
+                    }
+                }
+                "ALL" => all = true,
+                id => ids.push(id.to_string()),
+            }
+        }
+        if all && !ids.is_empty() {
+            return Err("give queue IDs or ALL, not both".into());
+        }
+        let held = match (self.held, self.not_held) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        };
+        let selection = Selection {
+            ids,
+            all,
+            sender: self.sender.clone(),
+            recipient: self.recipient.clone(),
+            domain: self.domain.clone(),
+            older_than_seconds: self.older_than.map(|d| d.0.as_secs()),
+            held,
+        };
+        match selection.problem() {
+            Some(problem) => Err(problem.to_string()),
+            None => Ok(selection),
+        }
+    }
+}
+
+fn stdin_text(mut stdin: impl std::io::Read) -> Result<String, String> {
+    let mut text = String::new();
+    stdin.read_to_string(&mut text).map_err(|e| format!("standard input: {e}"))?;
+    Ok(text)
+}
+
+/// The queue IDs in text: the first word of each line (so `queue list` and `mailq` output can be
+/// piped in, its `!` held mark dropped); lines whose first word is no queue ID (headers,
+/// recipients, the footer) are skipped. No ID at all is an error.
+pub fn ids_from(text: &str) -> Result<Vec<String>, String> {
+    let ids: Vec<String> = text
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(|word| word.trim_end_matches(['!', '*']))
+        .filter(|word| crate::spool::is_queue_id(word))
+        .map(str::to_string)
+        .collect();
+    if ids.is_empty() {
+        return Err("no queue IDs on standard input".into());
+    }
+    Ok(ids)
 }
 
 /// Entry point of the binary.
@@ -342,11 +479,16 @@ fn queue(config: Config, action: QueueCommand) -> ExitCode {
         QueueCommand::Export { file } => export(&config, &file),
         QueueCommand::Import { file } => import(&config, &file),
         QueueCommand::List { json } => return list_queue(&config, json),
-        QueueCommand::Show { id } => return queue_request(&config, Request::Show { id }),
-        QueueCommand::Delete { id } => return queue_request(&config, Request::Delete { id }),
-        QueueCommand::Hold { id } => return queue_request(&config, Request::Hold { id }),
-        QueueCommand::Release { id } => return queue_request(&config, Request::Release { id }),
-        QueueCommand::Retry { id } => return queue_request(&config, Request::Retry { id }),
+        QueueCommand::Show { id, body } => return queue_request(&config, Request::Show { id, body }),
+        QueueCommand::Delete { targets } => return bulk(&config, BulkAction::Delete, &targets),
+        QueueCommand::Hold { targets } => return bulk(&config, BulkAction::Hold, &targets),
+        QueueCommand::Release { targets } => return bulk(&config, BulkAction::Release, &targets),
+        QueueCommand::Retry { targets } => return bulk(&config, BulkAction::Retry, &targets),
+        QueueCommand::Requeue { targets } => return bulk(&config, BulkAction::Requeue, &targets),
+        QueueCommand::Bounce { targets } => return bulk(&config, BulkAction::Bounce, &targets),
+        QueueCommand::Pause { domain } => return queue_request(&config, Request::Pause { domain, paused: true }),
+        QueueCommand::Resume { domain } => return queue_request(&config, Request::Pause { domain, paused: false }),
+        QueueCommand::Shape { json } => return shape(&config, json),
         QueueCommand::Flush { domain } => return queue_request(&config, Request::Flush { domain }),
         QueueCommand::Sync => return queue_request(&config, Request::Sync),
     };
@@ -413,6 +555,139 @@ async fn send(config: &Config, request: Request) -> Result<Box<RawValue>, String
     let (spool, _) = Spool::open(&config.queue.dir).map_err(|e| e.to_string())?;
     let spool: std::sync::Arc<dyn Queue> = std::sync::Arc::new(spool);
     control::execute(request, &spool, None).await
+}
+
+/// A bulk command: one line per message (failures on stderr), then a summary; exit 1 if one failed.
+fn bulk(config: &Config, action: BulkAction, targets: &Targets) -> ExitCode {
+    let selection = match targets.selection(std::io::stdin().lock()) {
+        Ok(selection) => selection,
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcomes =
+        runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(send_bulk(config, action, selection)));
+    match outcomes {
+        Ok(outcomes) => {
+            for o in outcomes.iter().filter(|o| !o.ok) {
+                eprintln!("bartleby: {}: {}", o.id, o.text);
+            }
+            print!("{}", render_bulk(action, &outcomes));
+            if outcomes.iter().all(|o| o.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Queue IDs per bulk request: a control request is at most 64 KiB, and a list piped in may
+/// hold a million.
+const IDS_PER_REQUEST: usize = 1000;
+
+/// Sends a bulk action, a slice of the IDs at a time when it names IDs; the outcomes in order.
+async fn send_bulk(config: &Config, action: BulkAction, selection: Selection) -> Result<Vec<BulkOutcome>, String> {
+    let parse = |raw: Box<RawValue>| {
+        serde_json::from_str::<Vec<BulkOutcome>>(raw.get()).map_err(|e| format!("bad response: {e}"))
+    };
+    if selection.ids.is_empty() {
+        return parse(send(config, Request::Bulk { action, selection }).await?);
+    }
+    let mut outcomes = Vec::with_capacity(selection.ids.len());
+    for ids in selection.ids.chunks(IDS_PER_REQUEST) {
+        let slice = Selection { ids: ids.to_vec(), ..Selection::default() };
+        outcomes.extend(parse(send(config, Request::Bulk { action, selection: slice }).await?)?);
+    }
+    Ok(outcomes)
+}
+
+/// The lines of the messages done and the summary: "-- 3 messages held, 1 failed".
+pub fn render_bulk(action: BulkAction, outcomes: &[BulkOutcome]) -> String {
+    let mut out = String::new();
+    for o in outcomes.iter().filter(|o| o.ok) {
+        out += &format!("{}: {}\n", o.id, o.text);
+    }
+    let done = outcomes.iter().filter(|o| o.ok).count();
+    let failed = outcomes.len() - done;
+    let verb = match action {
+        BulkAction::Hold => "held",
+        BulkAction::Release => "released",
+        BulkAction::Delete => "deleted",
+        BulkAction::Retry => "scheduled for delivery now",
+        BulkAction::Requeue => "requeued",
+        BulkAction::Bounce => "returned",
+    };
+    let s = if done == 1 { "" } else { "s" };
+    out += &match (outcomes.len(), failed) {
+        (0, _) => "-- no message matched\n".to_string(),
+        (_, 0) => format!("-- {done} message{s} {verb}\n"),
+        _ => format!("-- {done} message{s} {verb}, {failed} failed\n"),
+    };
+    out
+}
+
+/// `queue shape`: the qshape table, or its JSON.
+fn shape(config: &Config, json: bool) -> ExitCode {
+    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| rt.block_on(send(config, Request::Shape)));
+    let report =
+        result.and_then(|raw| serde_json::from_str::<ShapeReport>(raw.get()).map_err(|e| format!("bad response: {e}")));
+    match report {
+        Ok(report) if json => {
+            let totals = report.totals();
+            let value = serde_json::json!({
+                "buckets_minutes": report.buckets_minutes, "domains": report.domains, "total": totals,
+            });
+            println!("{value}");
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{}", render_shape(&report));
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The shape as qshape prints it: a column T (the domain's total) and one per age bucket headed
+/// by its upper bound in minutes (the last, "1280+", by its lower), a TOTAL row first, then the
+/// domains, most messages first.
+pub fn render_shape(report: &ShapeReport) -> String {
+    let bounds = &report.buckets_minutes;
+    let mut header = vec!["T".to_string()];
+    header.extend(bounds.iter().skip(1).map(u64::to_string));
+    if let Some(last) = bounds.last() {
+        header.push(format!("{last}+"));
+    }
+    let row = |counts: &[usize]| {
+        let mut cells = vec![counts.iter().sum::<usize>().to_string()];
+        cells.extend(counts.iter().map(usize::to_string));
+        cells
+    };
+    let mut rows = vec![("TOTAL".to_string(), row(&report.totals()))];
+    let mut domains: Vec<(&String, &Vec<usize>)> = report.domains.iter().collect();
+    domains.sort_by_key(|(d, counts)| (std::cmp::Reverse(counts.iter().sum::<usize>()), (*d).clone()));
+    rows.extend(domains.into_iter().map(|(d, counts)| (d.clone(), row(counts))));
+    let name_width = rows.iter().map(|(d, _)| d.len()).max().unwrap_or(5);
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|(_, c)| c.get(i).map_or(0, String::len)).chain([header[i].len()]).max().unwrap_or(1))
+        .collect();
+    let line = |name: &str, cells: &[String]| {
+        let mut out = format!("{name:>name_width$}");
+        for (cell, width) in cells.iter().zip(&widths) {
+            out += &format!(" {cell:>width$}");
+        }
+        out + "\n"
+    };
+    let mut out = line("", &header);
+    for (name, cells) in &rows {
+        out += &line(name, cells);
+    }
+    out
 }
 
 fn render(request: &Request, value: &RawValue) -> String {
@@ -509,12 +784,21 @@ async fn list_pages(config: &Config, json: bool) -> Result<(), String> {
         }
         out.flush().map_err(write_err)?;
     }
-    let end = match (json, count) {
+    let mut end = match (json, count) {
         (true, 0) => "[]\n".to_string(),
         (true, _) => "\n]\n".to_string(),
         (false, 0) => MAILQ_EMPTY.to_string(),
         (false, _) => mailq_footer(count, bytes),
     };
+    // Paused domains are the running scheduler's; the table says which, as a last line.
+    if !json
+        && offline.is_none()
+        && let Ok(raw) = control::request(&socket, &Request::Paused).await
+        && let Ok(paused) = serde_json::from_str::<Vec<String>>(raw.get())
+        && !paused.is_empty()
+    {
+        end += &format!("-- Deliveries paused for: {}\n", paused.join(", "));
+    }
     out.write_all(end.as_bytes()).and_then(|()| out.flush()).map_err(write_err)
 }
 
@@ -547,6 +831,10 @@ fn show(detail: &MessageDetail) -> String {
     }
     out += "Headers:\n";
     out += &detail.headers.replace("\r\n", "\n");
+    if let Some(body) = &detail.body {
+        out += "Body:\n";
+        out += &body.replace("\r\n", "\n");
+    }
     out
 }
 
@@ -611,5 +899,79 @@ fn exit_status(result: Result<(), impl std::fmt::Display>) -> ExitCode {
             eprintln!("bartleby: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn targets(ids: &[&str]) -> Targets {
+        Targets {
+            ids: ids.iter().map(|s| s.to_string()).collect(),
+            sender: None,
+            recipient: None,
+            domain: None,
+            older_than: None,
+            held: false,
+            not_held: false,
+        }
+    }
+
+    #[test]
+    fn ids_come_from_arguments_standard_input_or_all() {
+        let id = "0A1B2C3D4E5F6789".to_string();
+        let picked = targets(&[&id]).selection(std::io::empty()).expect("one ID");
+        assert_eq!((picked.ids, picked.all), (vec![id.clone()], false));
+        let listing = format!(
+            "-Queue ID- --Size--\n{id}!    1234 2026-12-01  a@b.test\n   c@d.test\n-- 2 Kbytes in 1 Request.\n"
+        );
+        let piped = targets(&["-"]).selection(listing.as_bytes()).expect("from stdin");
+        assert_eq!(piped.ids, vec![id.clone()], "the held mark and the other lines are dropped");
+        let err = targets(&["-"]).selection(&b""[..]).expect_err("empty stdin");
+        assert!(err.contains("no queue IDs on standard input"), "{err}");
+        assert!(targets(&["ALL"]).selection(std::io::empty()).expect("ALL").all);
+        let err = targets(&["ALL", &id]).selection(std::io::empty()).expect_err("both");
+        assert!(err.contains("not both"), "{err}");
+        let err = targets(&[]).selection(std::io::empty()).expect_err("nothing named");
+        assert!(err.contains("name the messages"), "{err}");
+        let mut by_age = targets(&[]);
+        by_age.older_than = Some(HumanDuration::hours(2));
+        by_age.not_held = true;
+        let selection = by_age.selection(std::io::empty()).expect("a selection");
+        let filter = selection.filter().expect("a filter");
+        assert_eq!((filter.older_than, filter.held), (Some(std::time::Duration::from_secs(7200)), Some(false)));
+        let mut mixed = by_age.clone();
+        mixed.ids = vec![id];
+        assert!(mixed.selection(std::io::empty()).is_err(), "IDs and a selection");
+    }
+
+    #[test]
+    fn bulk_output_is_a_line_per_message_and_a_summary() {
+        let outcome = |id: &str, ok: bool, text: &str| BulkOutcome { id: id.into(), ok, text: text.into() };
+        let out = render_bulk(BulkAction::Hold, &[outcome("A", true, "held"), outcome("B", false, "no message B")]);
+        assert_eq!(out, "A: held\n-- 1 message held, 1 failed\n", "failures go to stderr");
+        assert_eq!(render_bulk(BulkAction::Delete, &[]), "-- no message matched\n");
+        let out = render_bulk(BulkAction::Bounce, &[outcome("A", true, "returned"), outcome("B", true, "returned")]);
+        assert!(out.ends_with("-- 2 messages returned\n"), "{out}");
+    }
+
+    #[test]
+    fn shape_reads_like_qshape() {
+        let mut domains = BTreeMap::new();
+        domains.insert("small.test".to_string(), vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        domains.insert("example.test".to_string(), vec![2, 0, 0, 0, 0, 0, 0, 0, 0, 13]);
+        let report = ShapeReport { buckets_minutes: crate::spool::SHAPE_BUCKETS_MINUTES.to_vec(), domains };
+        let table = render_shape(&report);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(
+            lines[0].split_whitespace().eq(["T", "5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+"])
+        );
+        assert!(lines[1].split_whitespace().eq(["TOTAL", "16", "3", "0", "0", "0", "0", "0", "0", "0", "0", "13"]));
+        assert!(lines[2].trim_start().starts_with("example.test 15"), "most messages first: {table}");
+        assert!(lines[3].trim_start().starts_with("small.test  1"), "{table}");
+        assert_eq!(lines.iter().map(|l| l.len()).collect::<BTreeSet<_>>().len(), 1, "aligned: {table}");
     }
 }

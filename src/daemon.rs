@@ -103,7 +103,10 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     let (scheduler, handle) =
         Scheduler::new(Arc::clone(&config), Arc::clone(&spool), Arc::clone(&deliverer) as Arc<dyn Courier>);
     let metrics = Arc::new(Metrics::default());
-    let scheduler = scheduler.learning_into(Arc::clone(&guards.recipients)).counting_into(Arc::clone(&metrics));
+    let scheduler = scheduler
+        .learning_into(Arc::clone(&guards.recipients))
+        .counting_into(Arc::clone(&metrics))
+        .pausing_in(&config.queue.dir);
     let monitor = Monitor::new(Arc::clone(&config), Arc::clone(&spool), handle.clone(), deliverer)
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -177,8 +180,13 @@ fn etrn_flusher(handle: SchedulerHandle) -> smtp::EtrnFlush {
         let (handle, domain) = (handle.clone(), domain.to_string());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(err) = handle.flush(Some(domain.clone())).await {
-                    tracing::error!(domain = %domain, error = %err, "ETRN flush failed");
+                // A paused domain's mail waits for `queue resume`: the operator's word wins.
+                match handle.flush(Some(domain.clone())).await {
+                    Ok(_) => {}
+                    Err(err @ crate::schedule::ScheduleError::Paused(_)) => {
+                        tracing::info!(domain = %domain, reason = %err, "ETRN: not flushed");
+                    }
+                    Err(err) => tracing::error!(domain = %domain, error = %err, "ETRN flush failed"),
                 }
             });
         }

@@ -627,3 +627,51 @@ async fn actions_are_logged_with_account_and_client_address() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_shape_in_the_api_the_page_and_metrics_and_paused_domains_on_the_page() {
+    bounded(async {
+        let web = TestWeb::start(TRUSTED).await;
+        web.queue("alice@sender.test", &["bob@example.test"], "one");
+        web.queue("alice@sender.test", &["bob@example.test", "carol@other.test"], "two");
+        // A notice to a sender's domain: counted in the shape, but no relayed domain's series.
+        web.queue("", &["alice@sender.test"], "notice");
+        let mut client = web.client();
+
+        let shape = client.get("/api/queue/shape").await;
+        assert_eq!(shape.status, 200, "{}", shape.body);
+        let shape = shape.json();
+        assert_eq!(shape["buckets_minutes"], serde_json::json!([0, 5, 10, 20, 40, 80, 160, 320, 640, 1280]));
+        assert_eq!(shape["domains"]["example.test"][0], 2);
+        assert_eq!(shape["domains"]["other.test"][0], 1);
+        assert_eq!(shape["total"][0], 4, "a message with two domains counts in both");
+
+        let index = client.get("/").await.body;
+        assert!(
+            index.contains("Queue shape") && index.contains("0\u{2013}5 m") && index.contains("1280+ m"),
+            "{index}"
+        );
+        assert!(index.contains("heat-1"), "cells coloured by count: {index}");
+
+        let metrics = client.get("/metrics").await.body;
+        assert!(metrics.contains("bartleby_queue_oldest_age_seconds{domain=\"example.test\"} 0"), "{metrics}");
+        assert!(metrics.contains("bartleby_queue_oldest_age_seconds{domain=\"other.test\"}"), "{metrics}");
+        assert!(!metrics.contains("oldest_age_seconds{domain=\"sender.test\"}"), "relayed domains only: {metrics}");
+        assert!(metrics.contains("bartleby_queue_oldest_message_age_seconds 0"), "{metrics}");
+
+        assert!(web.state.scheduler.pause("other.test", true).await.expect("pause"));
+        let index = client.get("/").await.body;
+        assert_eq!(index.matches("badge paused").count(), 1, "{index}");
+        assert!(
+            client.get("/api/status").await.json()["domains"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["domain"] == "other.test" && d["paused"] == true))
+        );
+        let flush = client.get("/").await.csrf();
+        let refused = client.request("POST", "/api/flush?domain=other.test", &[("X-CSRF-Token", &flush)], "").await;
+        assert_eq!(refused.status, 409, "{}", refused.body);
+        assert!(refused.body.contains("paused"), "{}", refused.body);
+        web.stop().await;
+    })
+    .await;
+}

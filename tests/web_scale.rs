@@ -54,7 +54,7 @@ async fn first_page_is_fast_with_100k_messages() {
         let mut client = web.client();
         client.get("/healthz").await;
 
-        for path in ["/", "/api/queue", "/api/status"] {
+        for path in ["/", "/api/queue", "/api/status", "/api/queue/shape"] {
             let started = Instant::now();
             let reply = client.get(path).await;
             let took = started.elapsed();

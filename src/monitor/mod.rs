@@ -208,6 +208,10 @@ impl Monitor {
                 Ok(count) => {
                     tracing::info!(domain, messages = count, "probe found the destination back: flushing its queue")
                 }
+                // The operator paused it: its mail waits for `queue resume`, which flushes then.
+                Err(err @ crate::schedule::ScheduleError::Paused(_)) => {
+                    tracing::info!(domain, reason = %err, "probe found the destination back; not flushed")
+                }
                 Err(err) => tracing::error!(domain, error = %err, "cannot flush"),
             }
         }

@@ -53,6 +53,16 @@ pub enum ScheduleError {
     InFlight(QueueId),
     #[error("bartleby is not running (no scheduler to deliver with)")]
     NotRunning,
+    #[error("message {0} is held; release it first (bartleby queue release {0})")]
+    Held(QueueId),
+    #[error("message {0} is not held")]
+    NotHeld(QueueId),
+    #[error("{0} is not a relayed domain (neither in relay.domains nor in [routes])")]
+    NotRelayed(String),
+    #[error("deliveries to {0} are not paused")]
+    NotPaused(String),
+    #[error("deliveries to {0} are paused; resume them first (bartleby queue resume {0})")]
+    Paused(String),
 }
 
 /// The delay before the next attempt after `attempts` failed ones: `first`, doubling, at most `max`
@@ -64,10 +74,12 @@ pub fn backoff(attempts: u32, first: Duration, max: Duration) -> Duration {
 
 enum Command {
     Queued(QueueId),
-    Flush { domain: Option<String>, reply: oneshot::Sender<usize> },
+    Flush { domain: Option<String>, reply: oneshot::Sender<Result<usize, ScheduleError>> },
     Retry { id: QueueId, reply: oneshot::Sender<Result<(), ScheduleError>> },
     Hold { id: QueueId, held: bool, reply: oneshot::Sender<Result<Envelope, ScheduleError>> },
     Delete { id: QueueId, reply: oneshot::Sender<Result<(), ScheduleError>> },
+    Bounce { id: QueueId, reply: oneshot::Sender<Result<String, ScheduleError>> },
+    Pause { domain: String, paused: bool, reply: oneshot::Sender<Result<bool, ScheduleError>> },
     Reload { config: Arc<Config>, deliverer: Arc<dyn Courier> },
 }
 
@@ -88,6 +100,8 @@ pub fn now() -> i64 {
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Command>,
     destinations: Destinations,
+    /// The domains paused by the operator, as the scheduler last changed them.
+    paused: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 impl SchedulerHandle {
@@ -101,6 +115,27 @@ impl SchedulerHandle {
         Arc::clone(&self.destinations)
     }
 
+    /// The domains whose deliveries are paused.
+    pub fn paused(&self) -> BTreeSet<String> {
+        lock(&self.paused).clone()
+    }
+
+    /// Pauses (`true`) or resumes deliveries to a relayed domain; returns whether that changed
+    /// anything (pausing a paused domain does not; resuming one that is not paused is an error).
+    pub async fn pause(&self, domain: &str, paused: bool) -> Result<bool, ScheduleError> {
+        let (reply, rx) = oneshot::channel();
+        let command = Command::Pause { domain: domain.to_string(), paused, reply };
+        self.tx.send(command).map_err(|_| ScheduleError::NotRunning)?;
+        rx.await.map_err(|_| ScheduleError::NotRunning)?
+    }
+
+    /// Returns a message to its sender now (a failure notice, then removal); says what happened.
+    pub async fn bounce(&self, id: &str) -> Result<String, ScheduleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Bounce { id: id.to_string(), reply }).map_err(|_| ScheduleError::NotRunning)?;
+        rx.await.map_err(|_| ScheduleError::NotRunning)?
+    }
+
     /// A message was just queued: consider it now.
     pub fn queued(&self, id: &str) {
         let _ = self.tx.send(Command::Queued(id.to_string()));
@@ -111,7 +146,7 @@ impl SchedulerHandle {
     pub async fn flush(&self, domain: Option<String>) -> Result<usize, ScheduleError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Flush { domain, reply }).map_err(|_| ScheduleError::NotRunning)?;
-        rx.await.map_err(|_| ScheduleError::NotRunning)
+        rx.await.map_err(|_| ScheduleError::NotRunning)?
     }
 
     /// Tries one message now.
@@ -143,8 +178,12 @@ impl SchedulerHandle {
 }
 
 /// Holds or releases a message in the spool; used by the scheduler and by the offline CLI.
+/// Releasing a message that is not held is an error, so that the operator hears of it.
 pub fn set_held(spool: &dyn Queue, id: &str, held: bool) -> Result<Envelope, ScheduleError> {
     let was_held = spool.get(id).ok_or_else(|| SpoolError::NotFound(id.to_string()))?.held;
+    if !held && !was_held {
+        return Err(ScheduleError::NotHeld(id.to_string()));
+    }
     let envelope = spool.set_held(id, held)?;
     if was_held != held {
         tracing::info!(queue_id = %id, held, "{}", if held { "held" } else { "released" });
@@ -220,6 +259,8 @@ pub struct Scheduler {
     /// Disk work the loop must not wait for (an operator's delete, the sweep), on
     /// blocking threads: the loop goes on dispatching, and applies each when it is done.
     ops: JoinSet<Operation>,
+    /// Domains the operator paused: their messages stay in the store until resumed.
+    paused: Paused,
 }
 
 /// A domain's due messages waiting for its batch to return.
@@ -234,7 +275,16 @@ struct Lane {
 
 /// Disk work done off the scheduler's loop, with what the loop does once it is done.
 enum Operation {
-    Deleted { id: QueueId, result: Result<(), ScheduleError>, reply: oneshot::Sender<Result<(), ScheduleError>> },
+    Deleted {
+        id: QueueId,
+        result: Result<(), ScheduleError>,
+        reply: oneshot::Sender<Result<(), ScheduleError>>,
+    },
+    Bounced {
+        id: QueueId,
+        result: Result<(Option<QueueId>, String), ScheduleError>,
+        reply: oneshot::Sender<Result<String, ScheduleError>>,
+    },
     Swept,
 }
 
@@ -248,7 +298,11 @@ impl Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
         let destinations = Destinations::default();
+        let paused = Paused::default();
+        let handle =
+            SchedulerHandle { tx, destinations: Arc::clone(&destinations), paused: Arc::clone(&paused.shared) };
         let scheduler = Scheduler {
+            paused,
             destinations: Arc::clone(&destinations),
             metrics: Arc::default(),
             progress_tx,
@@ -276,7 +330,7 @@ impl Scheduler {
             sweeping: false,
             ops: JoinSet::new(),
         };
-        (scheduler, SchedulerHandle { tx, destinations })
+        (scheduler, handle)
     }
 
     /// Counts deliveries, deferrals and bounces in `metrics`.
@@ -391,7 +445,8 @@ impl Scheduler {
         if !behind || self.due.len() >= REFILL {
             return;
         }
-        let except: Vec<String> = self.lanes.iter().filter(|(_, l)| l.overflow).map(|(d, _)| d.clone()).collect();
+        let mut except: Vec<String> = self.lanes.iter().filter(|(_, l)| l.overflow).map(|(d, _)| d.clone()).collect();
+        except.extend(self.paused.domains.iter().cloned());
         let query = spool::DueQuery { after: self.horizon, until, domain: None, except: &except, limit: REFILL };
         let found = self.spool.due(&query);
         let complete = found.len() < REFILL;
@@ -481,11 +536,21 @@ impl Scheduler {
         match command {
             Command::Queued(id) => self.schedule(id, now()),
             Command::Flush { domain, reply } => {
-                let _ = reply.send(self.flush(domain.as_deref()));
+                let result = match domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase()) {
+                    Some(d) if !self.config.is_destination(&d) => Err(ScheduleError::NotRelayed(d)),
+                    Some(d) if self.paused.domains.contains(&d) => Err(ScheduleError::Paused(d)),
+                    domain => Ok(self.flush(domain.as_deref())),
+                };
+                let _ = reply.send(result);
             }
+            Command::Pause { domain, paused, reply } => {
+                let _ = reply.send(self.pause(&domain, paused));
+            }
+            Command::Bounce { id, reply } => self.bounce(id, reply),
             Command::Retry { id, reply } => {
-                let result = match self.spool.get(&id) {
+                let result = match self.spool.brief(&id) {
                     None => Err(SpoolError::NotFound(id).into()),
+                    Some(brief) if brief.held => Err(ScheduleError::Held(id)),
                     Some(_) if self.in_flight.contains_key(&id) => Err(ScheduleError::InFlight(id)),
                     Some(_) => {
                         let now = now();
@@ -541,8 +606,42 @@ impl Scheduler {
                 }
                 let _ = reply.send(result);
             }
+            Operation::Bounced { id, result, reply } => {
+                self.in_flight.remove(&id);
+                let result = match result {
+                    Ok((notice, text)) => {
+                        if let Some(notice) = notice {
+                            self.schedule(notice, now());
+                        }
+                        Ok(text)
+                    }
+                    Err(err) => {
+                        if self.spool.brief(&id).is_some_and(|b| !b.held) {
+                            self.schedule(id, now());
+                        }
+                        Err(err)
+                    }
+                };
+                let _ = reply.send(result);
+            }
             Operation::Swept => self.sweeping = false,
         }
+    }
+
+    /// `queue bounce`: like a delete, off the loop and kept from dispatch meanwhile, but with a
+    /// failure notice to the sender ([`return_to_sender`]).
+    fn bounce(&mut self, id: QueueId, reply: oneshot::Sender<Result<String, ScheduleError>>) {
+        if self.in_flight.contains_key(&id) {
+            let _ = reply.send(Err(ScheduleError::InFlight(id)));
+            return;
+        }
+        self.unschedule(&id);
+        self.in_flight.insert(id.clone(), 1);
+        let (config, spool, metrics) = (Arc::clone(&self.config), Arc::clone(&self.spool), Arc::clone(&self.metrics));
+        self.ops.spawn_blocking(move || {
+            let result = return_to_sender(&config, &spool, &metrics, &id);
+            Operation::Bounced { id, result, reply }
+        });
     }
 
     /// Makes deferred messages due now, in the store (a flush of a million is one pass over its
@@ -592,7 +691,8 @@ impl Scheduler {
             // The brief first: a message whose domain is busy is set aside without reading its
             // envelope from disk.
             let Some(brief) = self.spool.brief(&id) else { continue };
-            if brief.held || self.in_flight.contains_key(&id) {
+            // A paused domain's messages are left in the store, due; a resume reads them again.
+            if brief.held || self.in_flight.contains_key(&id) || self.paused.blocks(&brief.domains) {
                 continue;
             }
             // Rescheduled since this entry was made (the store's time is the truth): not yet. With
@@ -787,12 +887,16 @@ mod destinations;
 mod loops;
 mod order;
 mod outcome;
+mod pause;
 mod settle;
 mod sweep;
 
 use destinations::*;
 use loops::*;
+use outcome::record_outcome;
 pub use outcome::{Verdict, apply_outcomes, suppress_backscatter};
+use pause::Paused;
+pub use pause::{load_paused, parse_paused};
 use settle::*;
 pub use sweep::{suppressed_bounces, sweep_suppressed};
 

@@ -196,3 +196,58 @@ pub(super) fn queue_dsn(
     tracing::info!(queue_id = %id, original = %envelope.id, to = %envelope.sender, kind = kind_name(kind), "DSN queued");
     Ok(id)
 }
+
+/// The status and text of an operator's return (`bartleby queue bounce`, like `exim -Mg`).
+pub(super) const RETURNED_STATUS: &str = "5.0.0";
+pub(super) const RETURNED_TEXT: &str = "returned by the operator";
+
+/// Returns a message to its sender now: every pending recipient fails with 5.0.0 "returned by
+/// the operator", a failure notice goes to the sender through the same path as an expiry's
+/// (honouring NOTIFY, never to the null sender or for a notice of ours, and not to a sender that
+/// may be forged: no backscatter), and the message leaves the queue. Returns the notice's queue
+/// ID, if one was queued, and what happened in words.
+pub(super) fn return_to_sender(
+    config: &Config,
+    spool: &Arc<dyn Queue>,
+    metrics: &Metrics,
+    id: &str,
+) -> Result<(Option<QueueId>, String), ScheduleError> {
+    let mut envelope = spool.get(id).ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
+    let detail = Detail {
+        status: RETURNED_STATUS.into(),
+        text: RETURNED_TEXT.into(),
+        remote_mta: None,
+        diagnostic: None,
+        session: false,
+    };
+    let mut verdict = Verdict::default();
+    let pending: Vec<String> = envelope.pending().map(|r| r.address.clone()).collect();
+    for rcpt in envelope.recipients.iter_mut().filter(|r| r.status == RecipientStatus::Pending) {
+        record_outcome(rcpt, &RcptOutcome::PermFail(detail.clone()), &mut verdict);
+    }
+    envelope.record(format!("returned by the operator ({} recipients)", pending.len()));
+    let refused = if envelope.sender.is_empty() || envelope.generated {
+        Some("no notice: the sender is the null sender or the message is a notice of ours")
+    } else if !crate::auth::may_bounce(envelope.sender_auth.as_ref(), config.smtp.bounce_unverified) {
+        Some("no notice: the sender is not authenticated (no backscatter)")
+    } else if verdict.bounce.is_empty() {
+        Some("no notice: the recipients asked for none (NOTIFY)")
+    } else {
+        None
+    };
+    // The notice first, as settling does: a crash between the two sends the notice again rather
+    // than dropping the message without one.
+    let notice = match refused {
+        Some(_) => None,
+        None => Some(queue_dsn(config, spool, &envelope, DsnKind::Failure, &verdict.bounce)?),
+    };
+    spool.remove(&[id.to_string()])?;
+    metrics.bounced();
+    tracing::info!(queue_id = %id, to = %envelope.sender, notice = notice.as_deref().unwrap_or(""),
+        recipients = pending.len(), "returned by the operator");
+    let text = match (&notice, refused) {
+        (Some(dsn), _) => format!("returned to <{}>: failure notice {dsn} queued", envelope.sender),
+        (None, reason) => format!("removed; {}", reason.unwrap_or("no notice")),
+    };
+    Ok((notice, text))
+}

@@ -723,4 +723,49 @@ mod window {
         let _ = stop.send(true);
         let _ = task.await;
     }
+
+    /// A paused domain's mail stays in the store, untried, whatever asks for it (its arrival, a
+    /// retry, a flush of everything), while another domain's goes on; a resume sends it at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_domain_is_not_tried_until_resumed() {
+        let queue = MemoryQueue::new();
+        let courier = ScriptedCourier::new(|_| Answer::Accept);
+        let mut config = (*config(false)).clone();
+        config.relay.domains.push("other.test".into());
+        let (handle, stop, task) = start(Arc::new(config), &queue, &courier);
+        assert!(handle.pause("Example.test.", true).await.expect("pause"));
+        assert!(!handle.pause("example.test", true).await.expect("pause again"), "already paused");
+        assert_eq!(handle.paused().into_iter().collect::<Vec<_>>(), ["example.test"]);
+        let paused = submit_to(&queue, "bob@example.test", None);
+        let other = submit_to(&queue, "carol@other.test", None);
+        handle.queued(&paused);
+        handle.queued(&other);
+        assert!(until(Duration::from_secs(5), || courier.tries_of(&other) == 1).await, "other domains go on");
+        handle.retry(&paused).await.expect("a retry is accepted");
+        handle.flush(None).await.expect("flush");
+        assert!(!until(Duration::from_secs(10 * 60), || courier.tries_of(&paused) > 0).await, "tried while paused");
+        assert!(matches!(handle.flush(Some("example.test".into())).await, Err(ScheduleError::Paused(_))));
+        assert!(matches!(handle.pause("nowhere.test", true).await, Err(ScheduleError::NotRelayed(_))));
+        assert!(handle.pause("example.test", false).await.expect("resume"));
+        assert!(until(Duration::from_secs(5), || courier.tries_of(&paused) == 1).await, "not sent at the resume");
+        assert!(matches!(handle.pause("example.test", false).await, Err(ScheduleError::NotPaused(_))));
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
+
+    /// A retry of a held message says it is held, and a release of one that is not says so.
+    #[tokio::test(start_paused = true)]
+    async fn retry_of_a_held_message_and_release_of_one_not_held_are_refused() {
+        let queue = MemoryQueue::new();
+        let courier = ScriptedCourier::new(|_| Answer::Accept);
+        let id = submit_to(&queue, "bob@example.test", Some(now() + HOUR_MICROS));
+        let (handle, stop, task) = start(config(false), &queue, &courier);
+        assert!(matches!(handle.hold(&id, false).await, Err(ScheduleError::NotHeld(_))));
+        handle.hold(&id, true).await.expect("hold");
+        assert!(matches!(handle.retry(&id).await, Err(ScheduleError::Held(_))));
+        handle.hold(&id, false).await.expect("release");
+        assert!(until(Duration::from_secs(5), || queue.is_empty()).await, "a release tries it now");
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
 }

@@ -173,6 +173,11 @@ impl Spool {
         root.join("control.sock")
     }
 
+    /// Where the scheduler keeps the domains an operator paused (`queue pause`), one per line.
+    pub fn paused_domains_path(root: &Path) -> PathBuf {
+        root.join("paused-domains")
+    }
+
     /// Completes the index (`journaled`: the messages queued in the journal, found by
     /// [`journal::replay`]) with the messages in `messages/`, and quarantines journaled messages
     /// whose envelope does not parse (`unreadable`).

@@ -60,6 +60,10 @@ fn schedule_error(err: ScheduleError) -> WebError {
         ScheduleError::Spool(SpoolError::NotFound(id)) => WebError::NotFound(format!("no message {id} in the queue")),
         ScheduleError::InFlight(_) => WebError::Conflict(err.to_string()),
         ScheduleError::NotRunning => WebError::Unavailable(err.to_string()),
+        ScheduleError::Held(_) | ScheduleError::NotHeld(_) | ScheduleError::Paused(_) | ScheduleError::NotPaused(_) => {
+            WebError::Conflict(err.to_string())
+        }
+        ScheduleError::NotRelayed(_) => WebError::BadRequest(err.to_string()),
         ScheduleError::Spool(_) => WebError::Internal(err.to_string()),
     }
 }

@@ -5,7 +5,7 @@ use super::actions::{self, Action};
 use super::queue::{self, QueueFilter};
 use super::session::Session;
 use super::{WebError, WebState};
-use crate::control::ListedMessage;
+use crate::control::{ListedMessage, ShapeReport};
 use crate::spool::Envelope;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -20,6 +20,7 @@ pub fn router() -> Router<WebState> {
     Router::new()
         .route("/status", get(status))
         .route("/queue", get(list))
+        .route("/queue/shape", get(shape))
         .route("/queue/{id}", get(show))
         .route("/queue/{id}/{action}", post(act))
         .route("/flush", post(flush))
@@ -128,6 +129,17 @@ async fn flush(
     };
     let domain = query.domain.or(from_body.domain);
     Ok(done(actions::perform(&state, Action::Flush(domain), &session).await?))
+}
+
+/// `/api/queue/shape`: counts by domain and age bucket, as `bartleby queue shape --json` prints.
+async fn shape(State(state): State<WebState>) -> Result<Response, ApiError> {
+    let spool = std::sync::Arc::clone(&state.spool);
+    let report = tokio::task::spawn_blocking(move || ShapeReport::of(spool.as_ref(), crate::spool::now_micros()))
+        .await
+        .map_err(|e| WebError::Internal(e.to_string()))?;
+    let total = report.totals();
+    Ok(Json(json!({ "buckets_minutes": report.buckets_minutes, "domains": report.domains, "total": total }))
+        .into_response())
 }
 
 async fn chart(State(state): State<WebState>) -> Response {

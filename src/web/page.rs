@@ -6,6 +6,7 @@ use super::actions::{self, Action};
 use super::queue::{self, QueueEntry, QueueFilter, QueuePage, Status};
 use super::session::Session;
 use super::{WebError, WebState, chart};
+use crate::control::ShapeReport;
 use crate::spool::{Envelope, RecipientStatus, now_micros, rfc3339};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
@@ -141,12 +142,19 @@ pub async fn index(
 ) -> Result<Response, PageError> {
     let page = queue::queue_page(&state, &filter).await?;
     let status = queue::status(&state);
+    let shape = if status.messages == 0 {
+        None
+    } else {
+        let spool = std::sync::Arc::clone(&state.spool);
+        tokio::task::spawn_blocking(move || ShapeReport::of(spool.as_ref(), now_micros())).await.ok()
+    };
     let flash = state.sessions.take_flash(&session.id);
     let chart = chart::svg(&state.samples.snapshot(), now_micros());
     let back = page_url(&page.filter, page.page);
     let body = html! {
         @if let Some(text) = flash { p.flash role="status" { (text) } }
         (status_section(&status, &session, &back))
+        @if let Some(shape) = &shape { (shape_section(shape)) }
         section { h2 { "Queue size, last 24 hours" } (chart) }
         (queue_section(&page))
     };
@@ -188,7 +196,10 @@ fn domain_row(d: &queue::DomainStatus, session: &Session, back: &str) -> Markup 
     html! {
         tr {
             td { (d.domain) }
-            td { span class=(format!("badge {}", d.primary)) { (d.primary) } }
+            td {
+                span class=(format!("badge {}", d.primary)) { (d.primary) }
+                @if d.paused { " " span.badge.paused title="bartleby queue resume DOMAIN" { "paused" } }
+            }
             td { (since.unwrap_or_default()) }
             td.error { (d.last_error.clone().unwrap_or_default()) }
             td.num { a href=(page_url(&QueueFilter { domain: Some(d.domain.clone()), ..Default::default() }, 1)) { (d.queued) } }
@@ -203,6 +214,45 @@ fn domain_row(d: &queue::DomainStatus, session: &Session, back: &str) -> Markup 
                 }
             }
         }
+    }
+}
+
+/// The queue's shape (like qshape): messages by domain and age, each cell coloured by its count
+/// on a log scale (classes, not inline styles: the CSP forbids those).
+fn shape_section(shape: &ShapeReport) -> Markup {
+    let bounds = &shape.buckets_minutes;
+    let label = |i: usize| match (bounds.get(i), bounds.get(i + 1)) {
+        (Some(from), Some(to)) => format!("{from}\u{2013}{to} m"),
+        (Some(from), None) => format!("{from}+ m"),
+        _ => String::new(),
+    };
+    let cells = |counts: &[usize]| {
+        html! {
+            td.num { strong { (counts.iter().sum::<usize>()) } }
+            @for n in counts { td class=(format!("num heat-{}", heat(*n))) { (n) } }
+        }
+    };
+    html! {
+        section {
+            h2 { "Queue shape" }
+            div.scroll {
+                table.shape {
+                    thead { tr { th { "Domain" } th { "Total" } @for i in 0..bounds.len() { th { (label(i)) } } } }
+                    tbody {
+                        tr.total { td { "TOTAL" } (cells(&shape.totals())) }
+                        @for (domain, counts) in &shape.domains { tr { td { (domain) } (cells(counts)) } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A count's colour level: 0 for none, then one level per power of ten (1-9, 10-99, ...), at most 4.
+fn heat(count: usize) -> usize {
+    match count {
+        0 => 0,
+        n => (n.ilog10() as usize + 1).min(4),
     }
 }
 
@@ -459,6 +509,12 @@ pub async fn style() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heat_is_one_level_per_power_of_ten() {
+        let levels: Vec<usize> = [0, 1, 9, 10, 99, 100, 1000, 1_000_000].into_iter().map(heat).collect();
+        assert_eq!(levels, [0, 1, 1, 2, 2, 3, 4, 4]);
+    }
 
     #[test]
     fn sizes_and_ages() {

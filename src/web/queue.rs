@@ -156,6 +156,8 @@ pub struct DomainStatus {
     pub last_error: Option<String>,
     /// Messages with recipients pending in the domain.
     pub queued: usize,
+    /// Deliveries paused by the operator (`bartleby queue pause`).
+    pub paused: bool,
 }
 
 /// How full the spool's filesystem is, against `[web] disk_warn_percent` and `disk_critical_percent`.
@@ -190,6 +192,7 @@ pub fn status(state: &WebState) -> Status {
     let t = state.spool.stats();
     let now = now_micros();
     let destinations = state.scheduler.destinations();
+    let paused = state.scheduler.paused();
     // Rows for our destinations only: relayed domains and routes, not the senders' domains that
     // our bounces go to.
     let config = state.config();
@@ -198,7 +201,11 @@ pub fn status(state: &WebState) -> Status {
     names.extend(destinations.keys().filter(|d| config.is_destination(d)).cloned());
     let domains = names
         .into_iter()
-        .map(|d| domain_status(&d, destinations.get(&d), t.domains.get(&d).map_or(0, |s| s.messages)))
+        .map(|d| {
+            let mut row = domain_status(&d, destinations.get(&d), t.domains.get(&d).map_or(0, |s| s.messages));
+            row.paused = paused.contains(&d);
+            row
+        })
         .collect();
     Status {
         hostname: state.config().hostname.clone(),
@@ -229,6 +236,7 @@ fn domain_status(domain: &str, state: Option<&DestinationState>, queued: usize) 
         last_attempt: s.last_attempt.map(rfc3339),
         last_error: s.last_error,
         queued,
+        paused: false,
     }
 }
 
