@@ -165,11 +165,11 @@ fn register_queue(registry: &mut Registry, config: &Config, spool: &dyn Queue) {
     registry.register("queue_bytes", "Bytes of queued messages with recipients pending in the domain", bytes);
     registry.register("queue_messages_total", "Queued messages", total);
     registry.register(
-        "queue_oldest_age_seconds",
+        "queue_domain_oldest_age_seconds",
         "Age of the oldest message with a recipient pending in the relayed domain",
         oldest_by_domain,
     );
-    registry.register("queue_oldest_message_age_seconds", "Age of the oldest queued message", oldest);
+    registry.register("queue_oldest_age_seconds", "Age of the oldest queued message", oldest);
     registry.register(
         "bounces_suppressed",
         "Failed messages kept held instead of bounced to a sender that failed SPF/DKIM (no backscatter)",

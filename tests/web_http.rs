@@ -654,10 +654,10 @@ async fn queue_shape_in_the_api_the_page_and_metrics_and_paused_domains_on_the_p
         assert!(index.contains("heat-1"), "cells coloured by count: {index}");
 
         let metrics = client.get("/metrics").await.body;
-        assert!(metrics.contains("bartleby_queue_oldest_age_seconds{domain=\"example.test\"} 0"), "{metrics}");
-        assert!(metrics.contains("bartleby_queue_oldest_age_seconds{domain=\"other.test\"}"), "{metrics}");
+        assert!(metrics.contains("bartleby_queue_domain_oldest_age_seconds{domain=\"example.test\"} 0"), "{metrics}");
+        assert!(metrics.contains("bartleby_queue_domain_oldest_age_seconds{domain=\"other.test\"}"), "{metrics}");
         assert!(!metrics.contains("oldest_age_seconds{domain=\"sender.test\"}"), "relayed domains only: {metrics}");
-        assert!(metrics.contains("bartleby_queue_oldest_message_age_seconds 0"), "{metrics}");
+        assert!(metrics.contains("bartleby_queue_oldest_age_seconds 0"), "{metrics}");
 
         assert!(web.state.scheduler.pause("other.test", true).await.expect("pause"));
         let index = client.get("/").await.body;
