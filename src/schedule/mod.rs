@@ -221,6 +221,9 @@ pub struct Scheduler {
     in_lanes: HashSet<QueueKey>,
     /// Number of domain batches carrying each message right now.
     in_flight: HashMap<QueueId, usize>,
+    /// The envelope of each message in flight as it was sent, until settled; dropped when the
+    /// operator changes the message meanwhile (then the settle reads it again).
+    dispatched: HashMap<QueueId, Envelope>,
     /// Outcomes gathered for a message until its last batch returns.
     gathered: HashMap<QueueId, Vec<(String, RcptOutcome)>>,
     /// Domains with a batch out: one batch per domain at a time keeps arrival order and the
@@ -320,6 +323,7 @@ impl Scheduler {
             in_lanes: HashSet::new(),
             in_flight: HashMap::new(),
             gathered: HashMap::new(),
+            dispatched: HashMap::new(),
             busy_domains: HashSet::new(),
             down_domains: HashSet::new(),
             own_backoff: HashSet::new(),
@@ -566,6 +570,7 @@ impl Scheduler {
             // (the API's release, hold, delete), as operators and tests expect.
             Command::Hold { id, held, reply } => {
                 let result = set_held(self.spool.as_ref(), &id, held);
+                self.dispatched.remove(&id);
                 if let Ok(envelope) = &result {
                     if held {
                         self.unschedule(&id);
@@ -711,6 +716,7 @@ impl Scheduler {
             }
             let Some(envelope) = self.spool.get(&id) else { continue };
             self.in_flight.insert(id.clone(), domains.len());
+            self.dispatched.insert(id.clone(), envelope.clone());
             for domain in domains {
                 batches.entry(domain).or_default().push(self.job(envelope.clone()));
             }
@@ -759,6 +765,7 @@ impl Scheduler {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.in_flight.remove(id);
+                self.dispatched.remove(id);
             }
         }
     }
@@ -830,7 +837,8 @@ impl Scheduler {
             });
             if left == Some(0) {
                 let outcomes = self.gathered.remove(&result.id).unwrap_or_default();
-                self.settler.waiting.push((result.id, outcomes));
+                let sent = self.dispatched.remove(&result.id);
+                self.settler.waiting.push((result.id, outcomes, sent));
             }
         }
         self.start_settling();

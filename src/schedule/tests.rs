@@ -268,15 +268,15 @@ async fn settler_groups_what_arrives_while_one_runs() {
                 let _ = gate.recv();
             }
             lock(&seen).push(batch.len());
-            batch.into_iter().map(|(id, _)| (id, 7)).collect()
+            batch.into_iter().map(|(id, _, _)| (id, 7)).collect()
         }
     };
-    settler.waiting.push(("a".into(), Vec::new()));
+    settler.waiting.push(("a".into(), Vec::new(), None));
     settler.start(work(seen.clone(), Some(gate_rx)));
     assert_eq!((settler.started, settler.finished, settler.backlog()), (1, 0, 1));
     // While the first runs, two more arrive; starting again does nothing.
-    settler.waiting.push(("b".into(), Vec::new()));
-    settler.waiting.push(("c".into(), Vec::new()));
+    settler.waiting.push(("b".into(), Vec::new(), None));
+    settler.waiting.push(("c".into(), Vec::new(), None));
     settler.start(work(seen.clone(), None));
     assert_eq!(settler.started, 1);
     assert_eq!(settler.covering(), 2, "b and c are covered by the next settle");
@@ -334,8 +334,16 @@ mod runs {
         }
 
         pub(super) fn slow_for(domain: &str, delay: Duration) -> Arc<ScriptedCourier> {
+            Self::slow_with(domain, delay, |_| Answer::Accept)
+        }
+
+        pub(super) fn slow_with(
+            domain: &str,
+            delay: Duration,
+            script: impl FnMut(&str) -> Answer + Send + 'static,
+        ) -> Arc<ScriptedCourier> {
             Arc::new(ScriptedCourier {
-                script: std::sync::Mutex::new(Box::new(|_| Answer::Accept)),
+                script: std::sync::Mutex::new(Box::new(script)),
                 attempts: Default::default(),
                 slow: Some((domain.to_string(), delay)),
             })
@@ -765,6 +773,23 @@ mod window {
         assert!(matches!(handle.retry(&id).await, Err(ScheduleError::Held(_))));
         handle.hold(&id, false).await.expect("release");
         assert!(until(Duration::from_secs(5), || queue.is_empty()).await, "a release tries it now");
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
+
+    /// The settle uses the envelope as it was sent, unless the operator changed the message while
+    /// it was out: a hold given during the attempt survives the deferral that follows.
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_during_the_attempt_survives_its_deferral() {
+        let queue = MemoryQueue::new();
+        let courier = ScriptedCourier::slow_with("example.test", Duration::from_secs(10), |_| Answer::Refuse);
+        let id = submit_to(&queue, "bob@example.test", None);
+        let (handle, stop, task) = start(config(false), &queue, &courier);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(handle.hold(&id, true).await.expect("hold").held);
+        assert!(until(Duration::from_secs(20), || courier.tries_of(&id) == 1).await);
+        assert!(until(Duration::from_secs(5), || queue.get(&id).is_some_and(|e| e.attempts == 1)).await);
+        assert!(queue.get(&id).expect("queued").held, "the deferral's settle undid the hold");
         let _ = stop.send(true);
         let _ = task.await;
     }
