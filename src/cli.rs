@@ -409,6 +409,7 @@ pub fn init_logging() {
 }
 
 fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
+    crate::daemon::limit_malloc_arenas();
     init_logging();
     // Bind first (port 25), drop privileges, and only then start the runtime's threads.
     let result = crate::daemon::bind(&config).and_then(|bound| {

@@ -19,7 +19,7 @@ use crate::spool::{
     self, DsnNotify, DsnRet, Envelope, Queue, QueueId, QueueKey, Recipient, RecipientStatus, SpoolError, domain_of,
     from_micros, now_micros, queue_id, queue_key,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -81,6 +81,19 @@ enum Command {
     Bounce { id: QueueId, reply: oneshot::Sender<Result<String, ScheduleError>> },
     Pause { domain: String, paused: bool, reply: oneshot::Sender<Result<bool, ScheduleError>> },
     Reload { config: Arc<Config>, deliverer: Arc<dyn Courier> },
+}
+
+impl Command {
+    /// The message an operator's command concerns.
+    fn message(&self) -> Option<&str> {
+        match self {
+            Command::Retry { id, .. }
+            | Command::Hold { id, .. }
+            | Command::Delete { id, .. }
+            | Command::Bounce { id, .. } => Some(id),
+            _ => None,
+        }
+    }
 }
 
 pub use crate::deliver::destination::{DestinationState, Destinations};
@@ -264,6 +277,9 @@ pub struct Scheduler {
     ops: JoinSet<Operation>,
     /// Domains the operator paused: their messages stay in the store until resumed.
     paused: Paused,
+    /// Messages with an operator's change running on a blocking thread, each with the commands
+    /// given for it meanwhile, in order.
+    changing: HashMap<QueueId, VecDeque<Command>>,
 }
 
 /// A domain's due messages waiting for its batch to return.
@@ -278,6 +294,11 @@ struct Lane {
 
 /// Disk work done off the scheduler's loop, with what the loop does once it is done.
 enum Operation {
+    Held {
+        id: QueueId,
+        result: Result<Envelope, ScheduleError>,
+        reply: oneshot::Sender<Result<Envelope, ScheduleError>>,
+    },
     Deleted {
         id: QueueId,
         result: Result<(), ScheduleError>,
@@ -306,6 +327,7 @@ impl Scheduler {
             SchedulerHandle { tx, destinations: Arc::clone(&destinations), paused: Arc::clone(&paused.shared) };
         let scheduler = Scheduler {
             paused,
+            changing: HashMap::new(),
             destinations: Arc::clone(&destinations),
             metrics: Arc::default(),
             progress_tx,
@@ -537,6 +559,14 @@ impl Scheduler {
     }
 
     fn handle(&mut self, command: Command) {
+        // An operator's change of a message runs on a blocking thread; the next one for the same
+        // message waits its turn, so changes apply in the order given (release, hold, delete).
+        if let Some(id) = command.message()
+            && let Some(waiting) = self.changing.get_mut(id)
+        {
+            waiting.push_back(command);
+            return;
+        }
         match command {
             Command::Queued(id) => self.schedule(id, now()),
             Command::Flush { domain, reply } => {
@@ -565,20 +595,18 @@ impl Scheduler {
                 };
                 let _ = reply.send(result);
             }
-            // On the loop, not a blocking thread: a hold must take the message out of the timetable
-            // before anything else is dispatched, and holds and releases apply in the order given
-            // (the API's release, hold, delete), as operators and tests expect.
+            // The envelope is written on a blocking thread. Meanwhile the message is out of the
+            // timetable and dispatch passes it by (`changing`); once written, it is scheduled
+            // again by what the store says, unless held.
             Command::Hold { id, held, reply } => {
-                let result = set_held(self.spool.as_ref(), &id, held);
+                self.unschedule(&id);
                 self.dispatched.remove(&id);
-                if let Ok(envelope) = &result {
-                    if held {
-                        self.unschedule(&id);
-                    } else if !self.in_flight.contains_key(&id) {
-                        self.reschedule(id, envelope.next_attempt);
-                    }
-                }
-                let _ = reply.send(result);
+                self.changing.insert(id.clone(), VecDeque::new());
+                let spool = Arc::clone(&self.spool);
+                self.ops.spawn_blocking(move || {
+                    let result = set_held(spool.as_ref(), &id, held);
+                    Operation::Held { id, result, reply }
+                });
             }
             Command::Reload { config, deliverer } => {
                 self.config = config;
@@ -592,6 +620,7 @@ impl Scheduler {
                 self.unschedule(&id);
                 // Kept from dispatch, flushes and retries until the removal is done.
                 self.in_flight.insert(id.clone(), 1);
+                self.changing.insert(id.clone(), VecDeque::new());
                 let spool = Arc::clone(&self.spool);
                 self.ops.spawn_blocking(move || {
                     let result = delete(spool.as_ref(), &id);
@@ -603,7 +632,23 @@ impl Scheduler {
 
     /// An operator's change or a sweep is done on its blocking thread: the timetable follows it.
     fn operated(&mut self, done: Operation) {
+        let changed = match &done {
+            Operation::Held { id, .. } | Operation::Deleted { id, .. } | Operation::Bounced { id, .. } => {
+                Some(id.clone())
+            }
+            Operation::Swept => None,
+        };
         match done {
+            Operation::Held { id, result, reply } => {
+                self.dispatched.remove(&id);
+                if let Some(brief) = self.spool.brief(&id)
+                    && !brief.held
+                    && !self.in_flight.contains_key(&id)
+                {
+                    self.reschedule(id, brief.next_attempt);
+                }
+                let _ = reply.send(result);
+            }
             Operation::Deleted { id, result, reply } => {
                 self.in_flight.remove(&id);
                 if result.is_err() && self.spool.brief(&id).is_some() {
@@ -631,6 +676,22 @@ impl Scheduler {
             }
             Operation::Swept => self.sweeping = false,
         }
+        if let Some(id) = changed {
+            self.next_change(&id);
+        }
+    }
+
+    /// A change of the message is done: the next one given for it meanwhile starts (those that
+    /// finish at once, one after another, until one runs on a blocking thread again).
+    fn next_change(&mut self, id: &str) {
+        let Some(mut waiting) = self.changing.remove(id) else { return };
+        while let Some(command) = waiting.pop_front() {
+            self.handle(command);
+            if let Some(started) = self.changing.get_mut(id) {
+                started.extend(waiting);
+                return;
+            }
+        }
     }
 
     /// `queue bounce`: like a delete, off the loop and kept from dispatch meanwhile, but with a
@@ -642,6 +703,7 @@ impl Scheduler {
         }
         self.unschedule(&id);
         self.in_flight.insert(id.clone(), 1);
+        self.changing.insert(id.clone(), VecDeque::new());
         let (config, spool, metrics) = (Arc::clone(&self.config), Arc::clone(&self.spool), Arc::clone(&self.metrics));
         self.ops.spawn_blocking(move || {
             let result = return_to_sender(&config, &spool, &metrics, &id);
@@ -697,7 +759,11 @@ impl Scheduler {
             // envelope from disk.
             let Some(brief) = self.spool.brief(&id) else { continue };
             // A paused domain's messages are left in the store, due; a resume reads them again.
-            if brief.held || self.in_flight.contains_key(&id) || self.paused.blocks(&brief.domains) {
+            if brief.held
+                || self.in_flight.contains_key(&id)
+                || self.changing.contains_key(&id)
+                || self.paused.blocks(&brief.domains)
+            {
                 continue;
             }
             // Rescheduled since this entry was made (the store's time is the truth): not yet. With

@@ -793,4 +793,29 @@ mod window {
         let _ = stop.send(true);
         let _ = task.await;
     }
+
+    /// An operator's release, hold and delete given at once apply in that order, each after the
+    /// one before is written, and the message is never sent in between.
+    #[tokio::test(start_paused = true)]
+    async fn changes_given_at_once_apply_in_order() {
+        let queue = MemoryQueue::new();
+        let courier = ScriptedCourier::new(|_| Answer::Accept);
+        let id = queue.new_id();
+        let mut message = Arc::clone(&queue).incoming(&id).expect("incoming");
+        message.write(b"Subject: held\r\n\r\nbody\r\n").expect("write");
+        let mut held = envelope("a@sender.test", &["bob@example.test"]);
+        held.held = true;
+        message.commit(held).expect("commit");
+        let (handle, stop, task) = start(config(false), &queue, &courier);
+        let (released, held, deleted) =
+            tokio::join!(handle.hold(&id, false), handle.hold(&id, true), handle.delete(&id));
+        assert!(!released.expect("released").held);
+        assert!(held.expect("held").held);
+        deleted.expect("deleted while held, not in flight");
+        assert!(queue.get(&id).is_none());
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(courier.tries_of(&id), 0, "sent between the release and the hold");
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
 }
