@@ -24,7 +24,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon (the default when no command is given).
-    Serve,
+    Serve {
+        /// Log lines as text (`key=value` fields, quoted for logfmt) or JSON (one object a line).
+        #[arg(long, value_enum, default_value_t)]
+        log_format: crate::logging::LogFormat,
+    },
     /// Validate the configuration and print the effective settings.
     CheckConfig,
     /// Say whether each relayed domain's MX records are right for a backup MX (exit 1 if not).
@@ -119,8 +123,8 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(config, cli.config),
+    match cli.command.unwrap_or(Command::Serve { log_format: crate::logging::LogFormat::Text }) {
+        Command::Serve { log_format } => serve(config, cli.config, log_format),
         Command::CheckConfig => {
             println!(
                 "# {}: valid; effective settings:",
@@ -255,24 +259,13 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()
 }
 
-/// Logs go to stderr, one line per event; journald adds its own timestamps.
+/// Logs go to stderr, one line per event (see [`crate::logging`]).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().with_ansi(false).init();
-    } else {
-        builder.init();
-    }
+    crate::logging::init(crate::logging::LogFormat::Text);
 }
 
-fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
-    init_logging();
+fn serve(config: Config, path: Option<PathBuf>, log_format: crate::logging::LogFormat) -> ExitCode {
+    crate::logging::init(log_format);
     // Bind first (port 25), drop privileges, and only then start the runtime's threads.
     let result = crate::daemon::bind(&config).and_then(|bound| {
         crate::privilege::drop_to(config.user.as_deref(), config.group.as_deref(), &config.queue.dir)

@@ -25,6 +25,7 @@ pub mod control;
 pub mod daemon;
 pub mod deliver;
 pub mod dsn;
+pub mod logging;
 pub mod metrics;
 pub mod monitor;
 pub mod privilege;
