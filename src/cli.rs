@@ -29,8 +29,14 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         log_format: crate::logging::LogFormat,
     },
-    /// Validate the configuration and print the effective settings.
-    CheckConfig,
+    /// Validate the configuration and print the effective settings; exit 2 on what `serve` would
+    /// reject (including TLS keys that do not parse and files the service user cannot read).
+    CheckConfig {
+        /// The user the files must be readable by, when run as root (default: `user` of the
+        /// configuration; under systemd, the unit's `User=`, e.g. `bartleby`).
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// Say whether each relayed domain's MX records are right for a backup MX (exit 1 if not).
     CheckDns {
         /// Only these domains (default: every relay domain).
@@ -125,14 +131,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve { log_format: crate::logging::LogFormat::Text }) {
         Command::Serve { log_format } => serve(config, cli.config, log_format),
-        Command::CheckConfig => {
-            println!(
-                "# {}: valid; effective settings:",
-                cli.config.map(|p| p.display().to_string()).unwrap_or("built-in defaults".into())
-            );
-            print!("{}", config.to_toml());
-            ExitCode::SUCCESS
-        }
+        Command::CheckConfig { user } => check_config(&config, cli.config.as_ref(), user.as_deref()),
         Command::Queue { action } => queue(config, action),
         Command::CheckDns { domains } => check_dns(config, &domains),
         Command::AlertTest => alert_test(config),
@@ -264,8 +263,30 @@ pub fn init_logging() {
     crate::logging::init(crate::logging::LogFormat::Text);
 }
 
+fn check_config(config: &Config, path: Option<&PathBuf>, user: Option<&str>) -> ExitCode {
+    let findings = crate::check_config::check(config, user);
+    for warning in &findings.warnings {
+        eprintln!("bartleby: warning: {warning}");
+    }
+    for error in &findings.errors {
+        eprintln!("bartleby: {error}");
+    }
+    if !findings.errors.is_empty() {
+        return ExitCode::from(2);
+    }
+    println!(
+        "# {}: valid; effective settings:",
+        path.map(|p| p.display().to_string()).unwrap_or("built-in defaults".into())
+    );
+    print!("{}", config.to_toml());
+    ExitCode::SUCCESS
+}
+
 fn serve(config: Config, path: Option<PathBuf>, log_format: crate::logging::LogFormat) -> ExitCode {
     crate::logging::init(log_format);
+    for warning in crate::check_config::warnings(&config) {
+        tracing::warn!(problem = %warning, "configuration");
+    }
     // Bind first (port 25), drop privileges, and only then start the runtime's threads.
     let result = crate::daemon::bind(&config).and_then(|bound| {
         crate::privilege::drop_to(config.user.as_deref(), config.group.as_deref(), &config.queue.dir)
@@ -277,7 +298,9 @@ fn serve(config: Config, path: Option<PathBuf>, log_format: crate::logging::LogF
         Err(err) => {
             eprintln!("bartleby: {err}");
             tracing::error!(error = %err, "cannot run");
-            ExitCode::FAILURE
+            // 2 is the unit's RestartPreventExitStatus: a problem the operator must fix (a port in
+            // use, a bad key, a spool it cannot open) is not retried every few seconds forever.
+            if err.needs_operator() { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }

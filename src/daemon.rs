@@ -35,6 +35,14 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
 }
 
+impl DaemonError {
+    /// A start-up problem that only the operator can fix (exit status 2). An I/O error of the
+    /// runtime itself (threads, epoll) may pass, so systemd may restart on it.
+    pub fn needs_operator(&self) -> bool {
+        !matches!(self, DaemonError::Io(_))
+    }
+}
+
 /// Sockets bound before privileges are dropped (port 25 needs root or CAP_NET_BIND_SERVICE).
 pub struct Listeners {
     pub smtp: Vec<std::net::TcpListener>,

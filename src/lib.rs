@@ -18,6 +18,7 @@
 //! the parts together for `bartleby serve`.
 
 pub mod auth;
+pub mod check_config;
 pub mod check_dns;
 pub mod cli;
 pub mod config;
