@@ -26,9 +26,19 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon (the default when no command is given).
-    Serve,
-    /// Validate the configuration and print the effective settings.
-    CheckConfig,
+    Serve {
+        /// Log lines as text (`key=value` fields, quoted for logfmt) or JSON (one object a line).
+        #[arg(long, value_enum, default_value_t)]
+        log_format: crate::logging::LogFormat,
+    },
+    /// Validate the configuration and print the effective settings; exit 2 on what `serve` would
+    /// reject (including TLS keys that do not parse and files the service user cannot read).
+    CheckConfig {
+        /// The user the files must be readable by, when run as root (default: `user` of the
+        /// configuration; under systemd, the unit's `User=`, e.g. `bartleby`).
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// Say whether each relayed domain's MX records are right for a backup MX (exit 1 if not).
     CheckDns {
         /// Only these domains (default: every relay domain).
@@ -256,16 +266,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(config, cli.config),
-        Command::CheckConfig => {
-            println!(
-                "# {}: valid; effective settings:",
-                cli.config.map(|p| p.display().to_string()).unwrap_or("built-in defaults".into())
-            );
-            print!("{}", config.to_toml());
-            ExitCode::SUCCESS
-        }
+    match cli.command.unwrap_or(Command::Serve { log_format: crate::logging::LogFormat::Text }) {
+        Command::Serve { log_format } => serve(config, cli.config, log_format),
+        Command::CheckConfig { user } => check_config(&config, cli.config.as_ref(), user.as_deref()),
         Command::Queue { action } => queue(config, action),
         Command::CheckDns { domains } => check_dns(config, &domains),
         Command::AlertTest => alert_test(config),
@@ -392,25 +395,36 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()
 }
 
-/// Logs go to stderr, one line per event; journald adds its own timestamps.
+/// Logs go to stderr, one line per event (see [`crate::logging`]).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().with_ansi(false).init();
-    } else {
-        builder.init();
-    }
+    crate::logging::init(crate::logging::LogFormat::Text);
 }
 
-fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
+fn check_config(config: &Config, path: Option<&PathBuf>, user: Option<&str>) -> ExitCode {
+    let findings = crate::check_config::check(config, user);
+    for warning in &findings.warnings {
+        eprintln!("bartleby: warning: {warning}");
+    }
+    for error in &findings.errors {
+        eprintln!("bartleby: {error}");
+    }
+    if !findings.errors.is_empty() {
+        return ExitCode::from(2);
+    }
+    println!(
+        "# {}: valid; effective settings:",
+        path.map(|p| p.display().to_string()).unwrap_or("built-in defaults".into())
+    );
+    print!("{}", config.to_toml());
+    ExitCode::SUCCESS
+}
+
+fn serve(config: Config, path: Option<PathBuf>, log_format: crate::logging::LogFormat) -> ExitCode {
     crate::daemon::limit_malloc_arenas();
-    init_logging();
+    crate::logging::init(log_format);
+    for warning in crate::check_config::warnings(&config) {
+        tracing::warn!(problem = %warning, "configuration");
+    }
     // Bind first (port 25), drop privileges, and only then start the runtime's threads.
     let result = crate::daemon::bind(&config).and_then(|bound| {
         crate::privilege::drop_to(config.user.as_deref(), config.group.as_deref(), &config.queue.dir)
@@ -422,7 +436,9 @@ fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
         Err(err) => {
             eprintln!("bartleby: {err}");
             tracing::error!(error = %err, "cannot run");
-            ExitCode::FAILURE
+            // 2 is the unit's RestartPreventExitStatus: a problem the operator must fix (a port in
+            // use, a bad key, a spool it cannot open) is not retried every few seconds forever.
+            if err.needs_operator() { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }

@@ -575,9 +575,40 @@ impl Config {
             let line = inner.span().map(|span| line_of(text, span.start)).unwrap_or(1);
             ConfigError::Parse { file: file.to_string(), line, key, problem: inner.message().to_string() }
         })?;
+        config.case_duplicates().map_err(|(key, problem)| ConfigError::Invalid {
+            file: file.to_string(),
+            key,
+            problem,
+        })?;
         config.normalise();
         config.validate().map_err(|(key, problem)| ConfigError::Invalid { file: file.to_string(), key, problem })?;
         Ok(config)
+    }
+
+    /// Relayed domains, routes and `[domain]` tables that differ only in case (or a trailing dot)
+    /// name one domain twice (RFC 5321 2.4): an error, since [`Config::normalise`] would keep one
+    /// of two routes or policies silently.
+    fn case_duplicates(&self) -> Result<(), (String, String)> {
+        let lists: [(&str, Vec<&String>); 3] = [
+            ("relay.domains", self.relay.domains.iter().collect()),
+            ("routes", self.routes.keys().collect()),
+            ("domain", self.domain.keys().collect()),
+        ];
+        for (key, names) in lists {
+            let mut seen = std::collections::BTreeMap::new();
+            for name in names {
+                let folded = name.trim_end_matches('.').to_ascii_lowercase();
+                if let Some(first) = seen.insert(folded, name)
+                    && first != name
+                {
+                    return Err((
+                        key.to_string(),
+                        format!("{first:?} and {name:?} are the same domain (names compare without regard to case)"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Domain names compare case-insensitively (RFC 5321 2.4); store them in lower case once.

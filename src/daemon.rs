@@ -35,6 +35,14 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
 }
 
+impl DaemonError {
+    /// A start-up problem that only the operator can fix (exit status 2). An I/O error of the
+    /// runtime itself (threads, epoll) may pass, so systemd may restart on it.
+    pub fn needs_operator(&self) -> bool {
+        !matches!(self, DaemonError::Io(_))
+    }
+}
+
 /// Sockets bound before privileges are dropped (port 25 needs root or CAP_NET_BIND_SERVICE).
 pub struct Listeners {
     pub smtp: Vec<std::net::TcpListener>,
@@ -143,7 +151,9 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let (serving_tx, serving_rx) = watch::channel(serving);
     let smtp_task = tokio::spawn(smtp::serve_reloadable(serving_rx, listeners, shutdown.clone()));
-    let monitor_task = tokio::spawn(monitor.run(shutdown.clone()));
+    let monitor_state = monitor.state();
+    let (monitor_stop, monitor_stopping) = monitor_stop(&shutdown);
+    let monitor_task = tokio::spawn(monitor.run(monitor_stopping));
     tokio::spawn(crate::check_dns::log_at_start(Arc::clone(&config)));
     announce(&config);
     let watchdog = notify_systemd_ready();
@@ -155,6 +165,8 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
         scheduler: handle,
         serving: serving_tx,
         monitor: monitor_task,
+        monitor_state,
+        monitor_stop,
         shutdown: shutdown.clone(),
         web: web_state,
     };
@@ -256,6 +268,10 @@ struct Live {
     serving: watch::Sender<Serving>,
     /// The monitor runs with the configuration it was started with; a reload starts a new one.
     monitor: tokio::task::JoinHandle<()>,
+    /// Its alert states and status table, which each new monitor takes over.
+    monitor_state: crate::monitor::MonitorState,
+    /// Stops the current monitor (at a reload; the daemon's shutdown stops it too).
+    monitor_stop: watch::Sender<bool>,
     shutdown: watch::Receiver<bool>,
     /// The admin page takes the new settings (allowlist, accounts) in place.
     web: web::WebState,
@@ -366,18 +382,40 @@ impl Live {
         .map_err(|e| ReloadError::Setup(e.to_string()))?;
         let monitor =
             Monitor::new(Arc::clone(&config), Arc::clone(&self.spool), self.scheduler.clone(), Arc::clone(&deliverer))
-                .map_err(|e| ReloadError::Setup(e.to_string()))?;
+                .map_err(|e| ReloadError::Setup(e.to_string()))?
+                .with_state(self.monitor_state.clone());
         self.scheduler
             .reload(Arc::clone(&config), deliverer as Arc<dyn Courier>)
             .map_err(|e| ReloadError::Setup(e.to_string()))?;
         let _ = self.serving.send(serving);
         self.web.set_config(Arc::clone(&config));
-        // Alert rules and checks come with the new monitor (an alert still firing is sent again).
-        self.monitor.abort();
-        self.monitor = tokio::spawn(monitor.run(self.shutdown.clone()));
+        // Alert rules and checks come with the new monitor, which continues the old one's alert
+        // states. The old one is stopped, not aborted: an alert it is sending (a recovery seen just
+        // before the reload) gets its few seconds to go out.
+        let _ = self.monitor_stop.send(true);
+        let (stop, stopping) = monitor_stop(&self.shutdown);
+        self.monitor_stop = stop;
+        self.monitor = tokio::spawn(monitor.run(stopping));
         self.config = config;
         Ok(())
     }
+}
+
+/// A stop signal for one monitor: set by a reload, or when the daemon shuts down.
+fn monitor_stop(shutdown: &watch::Receiver<bool>) -> (watch::Sender<bool>, watch::Receiver<bool>) {
+    let (stop, stopping) = watch::channel(false);
+    let forward = stop.clone();
+    let mut shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.wait_for(|stopping| *stopping) => {
+                let _ = forward.send(true);
+            }
+            // The monitor ended (stopped by a reload): nothing left to forward to.
+            _ = forward.closed() => {}
+        }
+    });
+    (stop, stopping)
 }
 
 /// Waits for SIGTERM or SIGINT; reloads on SIGHUP.

@@ -18,6 +18,7 @@
 //! the parts together for `bartleby serve`.
 
 pub mod auth;
+pub mod check_config;
 pub mod check_dns;
 pub mod cli;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod control;
 pub mod daemon;
 pub mod deliver;
 pub mod dsn;
+pub mod logging;
 pub mod metrics;
 pub mod monitor;
 pub mod privilege;

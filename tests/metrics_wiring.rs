@@ -1,4 +1,5 @@
-//! The daemon's events reach `/metrics`: messages received, rejected, delivered.
+//! The daemon's events reach `/metrics`: messages received, rejected, delivered; and what it
+//! serves passes `promtool check metrics` (Debian's prometheus package; scripts/test installs it).
 
 #[path = "support/daemon.rs"]
 mod daemon;
@@ -52,4 +53,44 @@ async fn received_rejected_and_delivered_are_counted() {
     assert_eq!(value(&text, "bartleby_messages_rejected_total"), 1, "{text}");
     assert_eq!(value(&text, "bartleby_messages_bounced_total"), 0, "{text}");
     assert_eq!(value(&text, "bartleby_bounces_suppressed"), 0, "{text}");
+    assert_eq!(value(&text, "bartleby_delivery_latency_seconds_count"), 1, "{text}");
+    assert_eq!(value(&text, "bartleby_messages_deferred_total"), 0, "{text}");
+    assert_eq!(value(&text, "bartleby_delivery_attempts_deferred_total"), 0, "{text}");
+    let version = format!("bartleby_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    assert!(text.lines().any(|l| l == version), "{text}");
+    for name in ["process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"] {
+        let line =
+            text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}: {text}"));
+        let number: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number");
+        assert!(number > 0.0, "{line}");
+    }
+    assert!(text.contains("\n# HELP bartleby_messages_received_total "), "{text}");
+    assert!(text.contains("\n# TYPE process_cpu_seconds_total counter\n"), "{text}");
+    assert!(!text.contains("# EOF"), "{text}");
+    promtool_check(&text);
+}
+
+/// `promtool check metrics` on the body: the text format parses and the naming lints pass.
+fn promtool_check(response: &str) {
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
+    let mut child = match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(err) => panic!("promtool is needed (apt-get install prometheus, as scripts/test does): {err}"),
+    };
+    child.stdin.take().expect("stdin").write_all(body.as_bytes()).expect("write to promtool");
+    let output = child.wait_with_output().expect("promtool");
+    assert!(
+        output.status.success() && output.stdout.is_empty() && output.stderr.is_empty(),
+        "promtool check metrics: {}\n{}\n{}\n{body}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -73,6 +73,18 @@ pub struct MonitorStatus {
 /// The status shared with the admin page and `/metrics`.
 pub type SharedStatus = Arc<Mutex<MonitorStatus>>;
 
+/// One rule state per (rule, subject).
+type RuleStates = HashMap<(&'static str, String), Rule>;
+
+/// What a monitor knows that must outlive it: a reload (SIGHUP) replaces the monitor, and the
+/// new one takes this over, so an alert that is firing stays firing (no second notice, its start
+/// time kept) and its recovery, whenever it comes, is announced.
+#[derive(Debug, Clone, Default)]
+pub struct MonitorState {
+    status: SharedStatus,
+    rules: Arc<Mutex<RuleStates>>,
+}
+
 /// The monitor task's state.
 pub struct Monitor {
     config: Arc<Config>,
@@ -83,8 +95,8 @@ pub struct Monitor {
     settings: Arc<ClientSettings>,
     alerter: Arc<Alerter>,
     status: SharedStatus,
-    /// One rule state per (rule, subject).
-    rules: HashMap<(&'static str, String), Rule>,
+    /// One rule state per (rule, subject); shared with the monitor a reload replaces it with.
+    rules: Arc<Mutex<RuleStates>>,
     /// Alerts being sent; a slow channel never delays a probe.
     sending: JoinSet<()>,
 }
@@ -114,9 +126,21 @@ impl Monitor {
             deliverer,
             settings: Arc::new(settings),
             status: SharedStatus::default(),
-            rules: HashMap::new(),
+            rules: Arc::default(),
             sending: JoinSet::new(),
         })
+    }
+
+    /// This monitor continues from `state`, the [`Monitor::state`] of the one it replaces.
+    pub fn with_state(mut self, state: MonitorState) -> Monitor {
+        self.status = state.status;
+        self.rules = state.rules;
+        self
+    }
+
+    /// The state to hand to the next monitor at a reload.
+    pub fn state(&self) -> MonitorState {
+        MonitorState { status: Arc::clone(&self.status), rules: Arc::clone(&self.rules) }
     }
 
     /// The status table, for the admin page.
@@ -331,10 +355,15 @@ impl Monitor {
         summary: impl FnOnce(Event, Option<SystemTime>) -> String,
     ) {
         let reminder = self.config.monitor.reminder_interval.0;
-        let state = self.rules.entry((rule, subject.to_string())).or_default();
-        let since = state.bad_since();
-        let Some(event) = state.observe(bad, SystemTime::now(), hold, reminder) else { return };
-        let since = if event == Event::Recovered { since } else { state.bad_since() };
+        let (event, since) = {
+            // Held while the state changes only: the monitor being replaced may still be finishing
+            // an observation when the new one starts, and only one of them may see it as news.
+            let mut rules = lock(&self.rules);
+            let state = rules.entry((rule, subject.to_string())).or_default();
+            let since = state.bad_since();
+            let Some(event) = state.observe(bad, SystemTime::now(), hold, reminder) else { return };
+            (event, if event == Event::Recovered { since } else { state.bad_since() })
+        };
         let state_name = match event {
             Event::Firing => "firing",
             Event::Reminder => "reminder",

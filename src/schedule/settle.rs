@@ -90,7 +90,7 @@ pub(super) fn settle(
         let before = envelope.clone();
         let mut verdict = apply_outcomes(config, &mut envelope, &outcomes, now);
         suppress_backscatter(config, &mut envelope, &mut verdict);
-        count(metrics, &outcomes, &verdict);
+        count(metrics, &envelope, &outcomes, &verdict, now);
         for (kind, rcpts) in [(DsnKind::Failure, &verdict.bounce), (DsnKind::Delay, &verdict.delay)] {
             if rcpts.is_empty() {
                 continue;
@@ -138,14 +138,22 @@ pub(super) fn changes_state(before: &Envelope, after: &Envelope) -> bool {
         || before.bounce_suppressed != after.bounce_suppressed
 }
 
-/// One attempt of one message in the counters: delivered if any recipient was, deferred if one
-/// is still pending, bounced if a failure notice goes out.
-pub(super) fn count(metrics: &Metrics, outcomes: &[(String, RcptOutcome)], verdict: &Verdict) {
+/// One attempt of one message in the counters: delivered if any recipient was (with the time
+/// since arrival), deferred if one is still pending (a first deferral when this was the message's
+/// first attempt: recipients only leave the pending state, so a message pending after a later
+/// attempt was pending after its first), bounced if a failure notice goes out.
+pub(super) fn count(
+    metrics: &Metrics,
+    envelope: &Envelope,
+    outcomes: &[(String, RcptOutcome)],
+    verdict: &Verdict,
+    now: i64,
+) {
     if outcomes.iter().any(|(_, o)| matches!(o, RcptOutcome::Delivered(_))) {
-        metrics.delivered();
+        metrics.delivered(now.saturating_sub(envelope.arrived) as f64 / 1e6);
     }
     if !verdict.done {
-        metrics.deferred();
+        metrics.deferred(envelope.attempts == 1);
     }
     if !verdict.bounce.is_empty() {
         metrics.bounced();

@@ -52,14 +52,27 @@ struct HeaderScan {
     received: usize,
     /// Octets of the header section so far, with CRLFs.
     size: u64,
+    /// The current header line, up to [`MAX_MESSAGE_ID`] octets, while it may be (or continue)
+    /// the first Message-ID field.
+    line: Vec<u8>,
+    /// The first Message-ID field's value so far (RFC 5322 3.6.4), for the log's accept line.
+    message_id: Option<Vec<u8>>,
+    /// The line before this one was the Message-ID field, so a folded line continues it.
+    in_message_id: bool,
 }
 
 const RECEIVED: &[u8] = b"received:";
+const MESSAGE_ID: &[u8] = b"message-id:";
+/// Longer Message-IDs are cut: the log line must stay bounded whatever a sender writes.
+const MAX_MESSAGE_ID: usize = 256;
 
 impl HeaderScan {
     fn text(&mut self, byte: u8) {
         if !self.done {
             self.size += 1;
+        }
+        if !self.done && self.line.len() < MAX_MESSAGE_ID + MESSAGE_ID.len() {
+            self.line.push(byte);
         }
         if !self.done && self.prefix.len() < RECEIVED.len() {
             self.prefix.push(byte.to_ascii_lowercase());
@@ -76,7 +89,30 @@ impl HeaderScan {
         if self.prefix.is_empty() {
             self.done = true;
         }
+        self.message_id_line();
         self.prefix.clear();
+        self.line.clear();
+    }
+
+    /// Takes the first Message-ID field, with its folded continuation lines.
+    fn message_id_line(&mut self) {
+        let folded = matches!(self.line.first(), Some(b' ' | b'\t'));
+        if self.in_message_id && folded {
+            if let Some(id) = self.message_id.as_mut() {
+                id.extend_from_slice(&self.line);
+                id.truncate(MAX_MESSAGE_ID);
+            }
+            return;
+        }
+        self.in_message_id = false;
+        let is_field =
+            self.line.len() >= MESSAGE_ID.len() && self.line[..MESSAGE_ID.len()].eq_ignore_ascii_case(MESSAGE_ID);
+        if !self.done && self.message_id.is_none() && is_field {
+            let mut id = self.line[MESSAGE_ID.len()..].to_vec();
+            id.truncate(MAX_MESSAGE_ID);
+            self.message_id = Some(id);
+            self.in_message_id = true;
+        }
     }
 }
 
@@ -176,6 +212,12 @@ impl DataReader {
     /// Received headers counted in the header section.
     pub fn received_headers(&self) -> usize {
         self.headers.received
+    }
+
+    /// The first Message-ID field's value, trimmed (lossy UTF-8; at most 256 octets).
+    pub fn message_id(&self) -> Option<String> {
+        let id = self.headers.message_id.as_ref()?;
+        Some(String::from_utf8_lossy(id).trim().to_string())
     }
 
     /// Processes one octet; true at the end of data.

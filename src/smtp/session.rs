@@ -167,6 +167,8 @@ pub struct Session {
     discarding: bool,
     errors: usize,
     stats: Stats,
+    /// The Message-ID of the message being committed, for the accept line of the log.
+    message_id: Option<String>,
 }
 
 impl Session {
@@ -188,6 +190,7 @@ impl Session {
             discarding: false,
             errors: 0,
             stats: Stats::default(),
+            message_id: None,
         }
     }
 
@@ -778,6 +781,7 @@ impl Session {
             return action;
         }
         let (envelope, space) = self.envelope(transaction);
+        self.message_id = data.reader.message_id();
         Action::Commit(Box::new(PendingMessage { message: data.message, envelope, copy: data.copy, space }))
     }
 
@@ -853,8 +857,9 @@ impl Session {
                 (self.context.on_queued)(&envelope);
                 self.stats.queued += 1;
                 self.context.metrics.received();
+                let message_id = self.message_id.take().unwrap_or_default();
                 tracing::info!(client = %self.client, queue_id = %envelope.id, from = %envelope.sender,
-                    nrcpt = envelope.recipients.len(), size = envelope.size, "queued");
+                    nrcpt = envelope.recipients.len(), size = envelope.size, message_id = %message_id, "queued");
                 Reply::new(250, "2.0.0", format!("Ok: queued as {}", envelope.id))
             }
             Err(err) => {

@@ -204,3 +204,22 @@ fn chunks_count_against_the_size_limit() {
     assert_eq!((reader.problem(), reader.size()), (Some(DataProblem::TooBig), 11));
     assert_eq!(out.len(), 10, "nothing is produced past a problem");
 }
+
+#[test]
+fn the_first_message_id_is_kept_with_its_folding() {
+    let message = |input: &[u8]| {
+        let mut reader = DataReader::new(BIG, 1000, 50);
+        let mut out = Vec::new();
+        assert!(reader.feed(input, &mut out).is_some());
+        reader.message_id()
+    };
+    assert_eq!(message(b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nbody\r\n.\r\n"), Some("<a@b>".into()));
+    assert_eq!(
+        message(b"message-id:\r\n <a@b>\r\nMessage-ID: <c@d>\r\n\r\n.\r\n"),
+        Some("<a@b>".into()),
+        "folded, and only the first"
+    );
+    assert_eq!(message(b"Subject: x\r\n\r\nMessage-ID: <in@body>\r\n.\r\n"), None, "not in the body");
+    let long = format!("Message-ID: <{}@b>\r\n\r\n.\r\n", "x".repeat(5000));
+    assert!(message(long.as_bytes()).is_some_and(|id| id.len() <= 256));
+}
