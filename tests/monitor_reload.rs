@@ -35,7 +35,7 @@ async fn a_firing_alert_survives_sighup_and_its_recovery_is_announced() {
         let primary_addr: std::net::SocketAddr =
             format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
         let extra = format!(
-            "[routes]\n\"example.test\" = \"{primary_addr}\"\n[monitor]\nprobe_interval = \"1s\"\nprobe_timeout = \"1s\"\nprimary_down_after = \"1s\"\nreminder_interval = \"1d\"\n[[monitor.webhook]]\nurl = \"{}\"\n",
+            "[routes]\n\"example.test\" = \"{primary_addr}\"\n[monitor]\nspool_min_free_percent = 0\nprobe_interval = \"1s\"\nprobe_timeout = \"1s\"\nprimary_down_after = \"1s\"\nreminder_interval = \"1d\"\n[[monitor.webhook]]\nurl = \"{}\"\n",
             hook.url("/")
         );
         let bartleby = Daemon::start(dir.path(), "", &extra);
