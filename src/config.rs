@@ -219,6 +219,9 @@ pub struct DomainConfig {
     /// MTA-STS (RFC 8461) toward this domain's MX hosts; unset: `delivery.mta_sts`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mta_sts: Option<Switch>,
+    /// DANE (RFC 7672) toward this domain's MX hosts; unset: `delivery.dane`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dane: Option<Switch>,
 }
 
 /// A TLS policy mechanism turned `"off"` or `"on"`.
@@ -260,6 +263,13 @@ pub struct DeliveryConfig {
     pub mta_sts: Switch,
     /// The port policies are fetched from (RFC 8461 3.3 says HTTPS, 443); another only for tests.
     pub mta_sts_port: u16,
+    /// DANE (RFC 7672) for every domain delivered through MX records, unless its `[domain]` section
+    /// says otherwise: `"on"` looks up DNSSEC-validated TLSA records of the MX hosts and insists on
+    /// a certificate that matches them.
+    pub dane: Switch,
+    /// DNSKEY records (zone file syntax) that DNSSEC validation for DANE starts from; unset: the
+    /// IANA root keys built into hickory (RFC 7672 2.1 needs a validating resolver).
+    pub dnssec_trust_anchor: Option<PathBuf>,
     /// How long to wait for one DNS answer before asking again (two tries, then a temporary failure).
     pub dns_timeout: HumanDuration,
     /// The local addresses outbound connections are made from, at most one IPv4 and one IPv6 (like
@@ -441,6 +451,8 @@ impl Default for DeliveryConfig {
             tls_ca_file: None,
             mta_sts: Switch::Off,
             mta_sts_port: 443,
+            dane: Switch::Off,
+            dnssec_trust_anchor: None,
             dns_timeout: HumanDuration::seconds(5),
             source_address: SourceAddress::default(),
         }
@@ -691,6 +703,11 @@ impl Config {
         {
             return bad("delivery.tls_ca_file", format!("{}: {err}", path.display()));
         }
+        if let Some(path) = &self.delivery.dnssec_trust_anchor
+            && let Err(err) = std::fs::metadata(path)
+        {
+            return bad("delivery.dnssec_trust_anchor", format!("{}: {err}", path.display()));
+        }
         if self.delivery.dns_timeout.0.is_zero() {
             return bad("delivery.dns_timeout", "must be longer than 0".into());
         }
@@ -730,6 +747,11 @@ impl Config {
     /// Is MTA-STS on for `domain` (its own setting, or `delivery.mta_sts`)?
     pub fn mta_sts(&self, domain: &str) -> bool {
         self.domain_policy(domain).mta_sts.unwrap_or(self.delivery.mta_sts) == Switch::On
+    }
+
+    /// Is DANE on for `domain` (its own setting, or `delivery.dane`)?
+    pub fn dane(&self, domain: &str) -> bool {
+        self.domain_policy(domain).dane.unwrap_or(self.delivery.dane) == Switch::On
     }
 
     /// The per-domain policy, or the defaults.

@@ -71,7 +71,7 @@ async fn json_lines_with_per_recipient_delivery_fields() {
     assert_eq!(field(delivered, "from"), "a@sender.test", "{delivered}");
     assert!(field(delivered, "relay").as_str().is_some_and(|r| r.contains("127.0.0.1")), "{delivered}");
     assert_eq!(field(delivered, "dsn"), "2.0.0", "{delivered}");
-    assert_eq!(field(delivered, "tls"), false, "{delivered}");
+    assert_eq!(field(delivered, "tls"), "none", "{delivered}");
     assert_eq!(field(delivered, "attempt"), 1, "{delivered}");
     assert!(field(delivered, "size").as_u64().is_some_and(|s| s >= MESSAGE.len() as u64), "{delivered}");
     assert!(field(delivered, "reply").as_str().is_some_and(|r| r.starts_with("250")), "{delivered}");

@@ -29,6 +29,8 @@ pub const REUSE_TIME_LIMIT: Duration = Duration::from_secs(300);
 pub struct CacheKey {
     pub domain: String,
     pub tls: TlsMode,
+    /// Opened under DANE (RFC 7672): hosts with TLSA records were matched against them.
+    pub dane: bool,
 }
 
 /// One idle connection.

@@ -5,6 +5,7 @@
 //! The body goes with `BDAT size LAST` when the next hop offers CHUNKING (RFC 3030): sent as
 //! stored, without dot-stuffing, and the only way a BINARYMIME message may go.
 
+use super::dane::DaneVerifier;
 use super::route::NextHop;
 use super::{Detail, RcptOutcome};
 use crate::config::{DeliveryConfig, SourceAddress};
@@ -332,6 +333,8 @@ pub struct ClientSettings {
     pub webpki: Arc<rustls::client::WebPkiServerVerifier>,
     /// `delivery.source_address`: what connections are made from.
     pub source: SourceAddress,
+    /// The crypto provider, for the per-host DANE configurations (RFC 7672 3).
+    pub provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
 impl ClientSettings {
@@ -355,7 +358,7 @@ impl ClientSettings {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let any = AcceptAnyCertificate(provider.signature_verification_algorithms);
-        let opportunistic = ClientConfig::builder_with_provider(provider)
+        let opportunistic = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?
             .dangerous()
@@ -368,7 +371,19 @@ impl ClientSettings {
             verified: TlsConnector::from(Arc::new(verified)),
             webpki,
             source: delivery.source_address,
+            provider,
         })
+    }
+
+    /// A connector whose only check of the certificate is `dane`'s (RFC 7672 3).
+    fn dane_connector(&self, dane: &Arc<DaneVerifier>) -> Result<TlsConnector, String> {
+        let config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(dane.clone())
+            .with_no_client_auth();
+        Ok(TlsConnector::from(Arc::new(config)))
     }
 }
 
@@ -504,6 +519,8 @@ pub struct Session {
     /// Opportunistic TLS accepts any certificate, and only a verified session may carry a
     /// REQUIRETLS message (RFC 8689 4.2.1).
     pub verified: bool,
+    /// Was the certificate matched by a DNSSEC-validated TLSA record (RFC 7672 3)?
+    pub dane: bool,
     /// A transaction ran on this connection: RSET before the next one.
     used: bool,
     timeouts: Timeouts,
@@ -520,6 +537,17 @@ pub struct Session {
 impl Session {
     /// Connects to `hop`, reads the greeting, sends EHLO (HELO after a 5xx) and STARTTLS as `mode` says.
     pub async fn open(hop: &NextHop, settings: &ClientSettings, mode: TlsMode) -> Result<Session, ClientError> {
+        Session::open_with(hop, settings, mode, None).await
+    }
+
+    /// Like [`Session::open`]; with `dane` (the host has usable TLSA records) STARTTLS is mandatory
+    /// and the certificate must match a record (RFC 7672 2.2 and 3), whatever `mode` says of TLS.
+    pub async fn open_with(
+        hop: &NextHop,
+        settings: &ClientSettings,
+        mode: TlsMode,
+        dane: Option<Arc<DaneVerifier>>,
+    ) -> Result<Session, ClientError> {
         let timeouts = settings.timeouts;
         let tcp = match tokio::time::timeout(timeouts.connect, connect(hop.addr, &settings.source)).await {
             Ok(Ok(tcp)) => tcp,
@@ -534,6 +562,7 @@ impl Session {
             caps: Capabilities::default(),
             tls: false,
             verified: false,
+            dane: false,
             used: false,
             timeouts,
             addr: hop.addr,
@@ -546,8 +575,19 @@ impl Session {
             return Err(session.reply_error("greeting", greeting));
         }
         session.hello(&settings.helo_name).await?;
-        session.starttls(hop, settings, mode).await?;
+        session.starttls(hop, settings, mode, dane).await?;
         Ok(session)
+    }
+
+    /// How the session is protected, for the delivery log: `dane-verified`, `verified` (PKIX),
+    /// `unverified` (opportunistic TLS) or `none`.
+    pub fn tls_label(&self) -> &'static str {
+        match (self.tls, self.dane, self.verified) {
+            (false, _, _) => "none",
+            (true, true, _) => "dane-verified",
+            (true, false, true) => "verified",
+            (true, false, false) => "unverified",
+        }
     }
 
     /// The host name this session talks to.
@@ -589,8 +629,16 @@ impl Session {
     }
 
     /// RFC 3207: STARTTLS, then EHLO again, since the capabilities may differ under TLS.
-    async fn starttls(&mut self, hop: &NextHop, settings: &ClientSettings, mode: TlsMode) -> Result<(), ClientError> {
-        let required = mode.is_required();
+    async fn starttls(
+        &mut self,
+        hop: &NextHop,
+        settings: &ClientSettings,
+        mode: TlsMode,
+        dane: Option<Arc<DaneVerifier>>,
+    ) -> Result<(), ClientError> {
+        // RFC 7672 2.2: usable TLSA records make STARTTLS mandatory.
+        let required = mode.is_required() || dane.is_some();
+        let dane_mark = if dane.is_some() { "DANE: " } else { "" };
         // RFC 8689 4.2.1: a REQUIRETLS message that cannot get verified TLS is deferred (and in the
         // end returned) with 5.7.10, "encryption needed".
         let status = if mode == TlsMode::RequireTls { "4.7.10" } else { "4.7.5" };
@@ -598,7 +646,11 @@ impl Session {
         let tls_error = |peer: &str, reason: String| ClientError::Tls {
             stage: "STARTTLS".into(),
             peer: peer.into(),
-            reason: if requiretls { format!("{REQUIRETLS_MARK}: {reason}") } else { reason },
+            reason: if requiretls {
+                format!("{REQUIRETLS_MARK}: {dane_mark}{reason}")
+            } else {
+                format!("{dane_mark}{reason}")
+            },
             required,
             status,
         };
@@ -617,7 +669,15 @@ impl Session {
             return Ok(());
         }
         let name = server_name(&hop.host).map_err(|reason| tls_error(&self.peer, reason))?;
-        let connector = if required { &settings.verified } else { &settings.opportunistic };
+        let dane_connector = match &dane {
+            Some(verifier) => Some(settings.dane_connector(verifier).map_err(|reason| tls_error(&self.peer, reason))?),
+            None => None,
+        };
+        let connector = match &dane_connector {
+            Some(connector) => connector,
+            None if required => &settings.verified,
+            None => &settings.opportunistic,
+        };
         // RFC 3207 4.2: nothing may follow the 220 before the handshake; buffered bytes would be
         // injected plain text.
         if !self.io.buffer().is_empty() {
@@ -629,10 +689,18 @@ impl Session {
         let handshake = tokio::time::timeout(self.timeouts.command, connector.connect(name, tcp)).await;
         let tls = match handshake {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return Err(tls_error(&self.peer, format!("TLS handshake failed: {e}"))),
+            Ok(Err(e)) => {
+                // The DANE verifier's own words ("no TLSA record of ... matches") are the clearer.
+                let reason = match dane.as_ref().and_then(|v| v.failure()) {
+                    Some(failure) => failure.trim_start_matches("DANE: ").to_string(),
+                    None => format!("TLS handshake failed: {e}"),
+                };
+                return Err(tls_error(&self.peer, reason));
+            }
             Err(_) => return Err(tls_error(&self.peer, "TLS handshake timed out".into())),
         };
         self.verified = required || would_verify(&settings.webpki, &tls, &hop.host);
+        self.dane = dane.is_some();
         self.io = BufReader::with_capacity(64 * 1024, Stream::Tls(Box::new(tls)));
         self.tls = true;
         self.hello(&settings.helo_name).await?;

@@ -13,6 +13,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod dane;
 pub mod destination;
 pub mod https;
 pub mod mta_sts;
@@ -223,12 +224,16 @@ impl Deliverer {
             }
             Err(outcome) => return jobs.iter().map(|job| uniform_result(job, &domain, &outcome)).collect(),
         };
+        let dane = match self.dane_plan(&domain, &hops).await {
+            Ok(plan) => plan.map(Arc::new),
+            Err(outcome) => return jobs.iter().map(|job| uniform_result(job, &domain, &outcome)).collect(),
+        };
         // RFC 8689 4.2.1: messages sent with REQUIRETLS go on sessions of their own, verified and
         // to next hops that offer REQUIRETLS; the others keep the domain's policy.
         let order: Vec<QueueId> = jobs.iter().map(|job| job.envelope.id.clone()).collect();
         let (strict, normal): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|job| job.envelope.requiretls);
-        let plain_group = self.run_group(&domain, &hops, (tls, sts_testing), normal, progress.clone());
-        let strict_group = self.run_group(&domain, &hops, (TlsMode::RequireTls, false), strict, progress);
+        let plain_group = self.run_group(&domain, &hops, (tls, sts_testing, dane.clone()), normal, progress.clone());
+        let strict_group = self.run_group(&domain, &hops, (TlsMode::RequireTls, false, dane), strict, progress);
         // `strict_order` means one connection at a time: the REQUIRETLS messages go after the
         // others of the batch, on their own connection.
         let (mut results, strict_results) = if policy.strict_order {
@@ -287,13 +292,62 @@ impl Deliverer {
         }
     }
 
-    /// Delivers `jobs` over sessions of one TLS mode (and whether MTA-STS testing mode reports on
-    /// them), spread over the destination's connections.
+    /// DANE (RFC 7672) for a domain found through MX records with `dane` on: None when it does
+    /// not apply (off, a static route, an insecure MX RRset, section 2.2.1); otherwise each MX
+    /// host's DNSSEC-validated TLSA records. A bogus MX RRset defers the whole domain (section 2.1).
+    async fn dane_plan(&self, domain: &str, hops: &[NextHop]) -> Result<Option<dane::DanePlan>, RcptOutcome> {
+        let from_mx = hops.first().is_some_and(|hop| hop.preference.is_some());
+        if !from_mx || !self.config.dane(domain) {
+            return Ok(None);
+        }
+        match self.router.secure_mx(domain).await {
+            Some(dane::Secured::Secure(())) => {}
+            Some(dane::Secured::Bogus(reason)) => {
+                tracing::warn!(domain, error = %reason, "DANE: the MX records did not validate; not delivered");
+                return Err(RcptOutcome::TempFail(Detail {
+                    status: "4.7.5".into(),
+                    text: format!("DANE: MX records of {domain} are not DNSSEC-valid: {reason}"),
+                    session: true,
+                    ..Detail::default()
+                }));
+            }
+            Some(dane::Secured::Insecure) | None => {
+                tracing::debug!(domain, "DANE: the MX records are not DNSSEC-signed; usual TLS policy");
+                return Ok(None);
+            }
+        }
+        let mut plan = dane::DanePlan { domain: domain.to_string(), hosts: HashMap::new() };
+        for hop in hops {
+            if plan.hosts.contains_key(&hop.host) {
+                continue;
+            }
+            // RFC 6698 3: the TLSA base name is the port and the host (`_25._tcp.mx.example`).
+            let name = format!("_{}._tcp.{}", hop.addr.port(), hop.host);
+            let host = match self.router.secure_tlsa(&name).await {
+                Some(dane::Secured::Secure(records)) => {
+                    let usable = dane::usable(records);
+                    if usable.is_empty() {
+                        continue;
+                    }
+                    dane::HostDane::Records(Arc::new(usable))
+                }
+                Some(dane::Secured::Bogus(reason)) => {
+                    dane::HostDane::Unusable(format!("TLSA lookup of {name}: {reason}"))
+                }
+                Some(dane::Secured::Insecure) | None => continue,
+            };
+            plan.hosts.insert(hop.host.clone(), host);
+        }
+        Ok(Some(plan))
+    }
+
+    /// Delivers `jobs` over sessions of one TLS mode (whether MTA-STS testing mode reports on
+    /// them, and the domain's DANE plan), spread over the destination's connections.
     async fn run_group(
         &self,
         domain: &str,
         hops: &[NextHop],
-        (tls, sts_testing): (TlsMode, bool),
+        (tls, sts_testing, dane): (TlsMode, bool, Option<Arc<dane::DanePlan>>),
         jobs: Vec<Job>,
         progress: Option<mpsc::UnboundedSender<(String, JobResult)>>,
     ) -> Vec<JobResult> {
@@ -304,7 +358,7 @@ impl Deliverer {
         let connections = if policy.strict_order { 1 } else { self.config.delivery.max_connections_per_destination };
         let run = Arc::new(Run {
             cache: Arc::clone(&self.cache),
-            key: CacheKey { domain: domain.to_string(), tls },
+            key: CacheKey { domain: domain.to_string(), tls, dane: dane.is_some() },
             max_idle: connections,
             targets: jobs.iter().map(|job| targets(job, domain)).collect(),
             jobs,
@@ -314,6 +368,7 @@ impl Deliverer {
             reported: Mutex::new(std::collections::HashSet::new()),
             tls,
             sts_testing,
+            dane,
             settings: self.settings.clone(),
             last_error: Mutex::new(None),
             progress: progress.map(|sender| (domain.to_string(), sender)),
@@ -365,6 +420,8 @@ struct Run {
     tls: TlsMode,
     /// The domain's MTA-STS policy is in testing mode: log sessions it would have refused.
     sts_testing: bool,
+    /// DANE applies to this domain (RFC 7672): the MX hosts' validated TLSA records.
+    dane: Option<Arc<dane::DanePlan>>,
     settings: Arc<ClientSettings>,
     /// Why the last connection attempt failed, for jobs no connection could take.
     last_error: Mutex<Option<Detail>>,
@@ -502,7 +559,21 @@ async fn worker(run: Arc<Run>, _permit: OwnedSemaphorePermit) {
 async fn open_any(run: &Run) -> Result<Session, Detail> {
     let mut last = None;
     for hop in &run.hops {
-        match Session::open(hop, &run.settings, run.tls).await {
+        let dane = run.dane.as_deref();
+        if let Some(reason) = dane.and_then(|plan| plan.unusable(&hop.host)) {
+            // RFC 7672 2.1: a bogus or failed TLSA lookup makes the host unusable.
+            tracing::info!(mx = %hop.host, addr = %hop.addr, error = %reason, "DANE: next hop skipped");
+            last = Some(Detail {
+                status: "4.7.5".into(),
+                text: format!("DANE: {}: {reason}", hop.host),
+                remote_mta: Some(hop.host.clone()),
+                session: true,
+                ..Detail::default()
+            });
+            continue;
+        }
+        let verifier = dane.and_then(|plan| plan.verifier(&hop.host, &run.settings.provider));
+        match Session::open_with(hop, &run.settings, run.tls, verifier).await {
             Ok(session) => {
                 if run.sts_testing && !session.verified {
                     // RFC 8461 5: in testing mode a failure is reported, and delivery goes on.
@@ -560,7 +631,7 @@ fn log_transaction(job: &Job, session: &Session, rcpts: &[&Recipient], outcomes:
         };
         let reply = detail.diagnostic.as_deref().unwrap_or(&detail.text);
         tracing::info!(queue_id = %job.envelope.id, from = %job.envelope.sender, to = %rcpt.address, relay = %relay,
-            delay = total, delays = %split, size = job.envelope.size, tls = session.tls,
+            delay = total, delays = %split, size = job.envelope.size, tls = session.tls_label(),
             attempt = job.envelope.attempts + 1, dsn = %detail.status, reply = %reply, "{result}");
     }
 }

@@ -1,16 +1,19 @@
 //! Where a domain's mail goes: a static route, or the MX list (RFC 5321 5.1) filtered by the
 //! backup-MX rule, each host expanded to its addresses.
 
+use super::dane::Secured;
 use super::mx::{MxChoice, MxHost, SelfIdentity, backup_mx_rule, interface_addresses};
 use super::{Detail, RcptOutcome};
-use crate::config::{Config, Route};
+use crate::config::{Config, Route, Switch};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::rr::RData;
+use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
+use hickory_resolver::proto::rr::{RData, Record};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 /// One address to try, in order: a host of the MX list (or the static route) on one of its addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +76,8 @@ impl RouteError {
 /// Resolves next hops; one per deliverer.
 pub struct Router {
     resolver: TokioResolver,
+    /// A DNSSEC-validating resolver for DANE (RFC 7672 2.1), built when DANE is on anywhere.
+    dnssec: Option<TokioResolver>,
     me: SelfIdentity,
     hostname: String,
     routes: BTreeMap<String, Route>,
@@ -82,26 +87,26 @@ pub struct Router {
 impl Router {
     /// Builds the resolver (configured name servers, or the system's) and our identity.
     pub fn new(config: &Config) -> Result<Router, String> {
-        let mut builder = if config.dns.nameservers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| format!("system DNS configuration: {e}"))?
+        let resolver = resolver_with(config, None)?;
+        let dane_anywhere =
+            config.delivery.dane == Switch::On || config.domain.values().any(|d| d.dane == Some(Switch::On));
+        let dnssec = if dane_anywhere {
+            let anchors = match &config.delivery.dnssec_trust_anchor {
+                Some(path) => TrustAnchors::from_file(path)
+                    .map_err(|e| format!("delivery.dnssec_trust_anchor {}: {e}", path.display()))?,
+                None => TrustAnchors::default(),
+            };
+            Some(resolver_with(config, Some(Arc::new(anchors)))?)
         } else {
-            let servers = config.dns.nameservers.iter().map(|ns| name_server(*ns)).collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(servers),
-                TokioRuntimeProvider::default(),
-            )
+            None
         };
-        let options = builder.options_mut();
-        options.timeout = config.delivery.dns_timeout.0;
-        options.attempts = 2;
-        options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-        let resolver = builder.build().map_err(|e| format!("DNS resolver: {e}"))?;
         let mut names = vec![config.hostname.clone()];
         names.extend(config.relay.also_me.iter().cloned());
         let wildcard = config.smtp.listen.iter().any(|l| l.ip().is_unspecified());
         let interfaces = if wildcard { interface_addresses() } else { Vec::new() };
         Ok(Router {
             resolver,
+            dnssec,
             me: SelfIdentity::new(&names, &config.smtp.listen, &interfaces),
             hostname: config.hostname.clone(),
             routes: config.routes.clone(),
@@ -169,19 +174,31 @@ impl Router {
             Err(e) if e.is_nx_domain() || e.is_no_records_found() => return Ok(Vec::new()),
             Err(e) => return Err(temporary(name, "TLSA", &e)),
         };
-        Ok(lookup
-            .answers()
-            .iter()
-            .filter_map(|r| match &r.data {
-                RData::TLSA(tlsa) => Some(super::tlsa::Tlsa {
-                    usage: tlsa.cert_usage.into(),
-                    selector: tlsa.selector.into(),
-                    matching: tlsa.matching.into(),
-                    data: tlsa.cert_data.clone(),
-                }),
-                _ => None,
-            })
-            .collect())
+        Ok(tlsa_records(lookup.answers().iter()))
+    }
+
+    /// Is the MX RRset of `domain` DNSSEC-validated (RFC 7672 2.2.1)? None when DANE is on
+    /// nowhere (no validating resolver).
+    pub async fn secure_mx(&self, domain: &str) -> Option<Secured<()>> {
+        let resolver = self.dnssec.as_ref()?;
+        Some(match resolver.mx_lookup(fqdn(domain)).await {
+            Ok(lookup) => {
+                judge(lookup.answers().iter().filter(|r| matches!(r.data, RData::MX(_))).map(|r| r.proof)).map(|()| ())
+            }
+            Err(e) => judge_error(&e),
+        })
+    }
+
+    /// The TLSA records of `name` (`_25._tcp.mx.example.test`, RFC 7672 2.2) as the validating
+    /// resolver judged them; None without one.
+    pub async fn secure_tlsa(&self, name: &str) -> Option<Secured<Vec<super::tlsa::Tlsa>>> {
+        let resolver = self.dnssec.as_ref()?;
+        let lookup = match resolver.tlsa_lookup(fqdn(name)).await {
+            Ok(lookup) => lookup,
+            Err(e) => return Some(judge_error(&e)),
+        };
+        let tlsa: Vec<_> = lookup.answers().iter().filter(|r| matches!(r.data, RData::TLSA(_))).collect();
+        Some(judge(tlsa.iter().map(|r| r.proof)).map(|()| tlsa_records(tlsa.into_iter())))
     }
 
     /// The A and AAAA addresses of a host name (none: an error), e.g. an MTA-STS policy server.
@@ -276,6 +293,67 @@ impl Router {
             Err(e) if e.is_no_records_found() => Ok(Vec::new()),
             Err(e) => Err(temporary(name, "A/AAAA", &e)),
         }
+    }
+}
+
+/// The resolver for `config`'s name servers (or the system's); with `anchors`, one that validates
+/// DNSSEC from them and marks each record's proof.
+fn resolver_with(config: &Config, anchors: Option<Arc<TrustAnchors>>) -> Result<TokioResolver, String> {
+    let mut builder = if config.dns.nameservers.is_empty() {
+        TokioResolver::builder_tokio().map_err(|e| format!("system DNS configuration: {e}"))?
+    } else {
+        let servers = config.dns.nameservers.iter().map(|ns| name_server(*ns)).collect();
+        TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), TokioRuntimeProvider::default())
+    };
+    let options = builder.options_mut();
+    options.timeout = config.delivery.dns_timeout.0;
+    options.attempts = 2;
+    options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    if let Some(anchors) = anchors {
+        builder = builder.with_trust_anchor(anchors);
+    }
+    builder.build().map_err(|e| format!("DNS resolver: {e}"))
+}
+
+/// The TLSA records among `answers`.
+fn tlsa_records<'a>(answers: impl Iterator<Item = &'a Record>) -> Vec<super::tlsa::Tlsa> {
+    answers
+        .filter_map(|r| match &r.data {
+            RData::TLSA(tlsa) => Some(super::tlsa::Tlsa {
+                usage: tlsa.cert_usage.into(),
+                selector: tlsa.selector.into(),
+                matching: tlsa.matching.into(),
+                data: tlsa.cert_data.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Secure only when every record is (RFC 4035 4.3); bogus when any is; otherwise insecure (no
+/// records, unsigned or indeterminate).
+fn judge(proofs: impl Iterator<Item = Proof>) -> Secured<()> {
+    let proofs: Vec<Proof> = proofs.collect();
+    if proofs.contains(&Proof::Bogus) {
+        Secured::Bogus("DNSSEC validation failed (bogus)".into())
+    } else if !proofs.is_empty() && proofs.iter().all(|p| *p == Proof::Secure) {
+        Secured::Secure(())
+    } else {
+        Secured::Insecure
+    }
+}
+
+/// A lookup that failed: a denial (no records, NXDOMAIN) is as good as no records; a bogus denial
+/// or a failure (SERVFAIL, timeout) leaves nothing to conclude (RFC 7672 2.1).
+fn judge_error<T>(error: &NetError) -> Secured<T> {
+    use hickory_resolver::net::DnsError;
+    match error {
+        NetError::Dns(DnsError::Nsec { proof: Proof::Bogus, .. }) | NetError::Dns(DnsError::DnssecBogus) => {
+            Secured::Bogus(format!("DNSSEC validation failed: {error}"))
+        }
+        NetError::Dns(DnsError::Nsec { .. }) => Secured::Insecure,
+        _ if error.is_nx_domain() || error.is_no_records_found() => Secured::Insecure,
+        _ => Secured::Bogus(error.to_string()),
     }
 }
 
