@@ -160,30 +160,8 @@ fn queue_sync_gives_journaled_mail_its_own_files() {
 
 /// Runs the CLI with `input` on its standard input (for `-`), bounded to 30 s.
 fn cli_with_stdin(bartleby: &Daemon, args: &[&str], input: &str) -> std::process::Output {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bartleby"))
-        .arg("--config")
-        .arg(bartleby.spool_dir().parent().expect("test dir").join("bartleby.toml"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run bartleby cli");
-    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
-    let pid = rustix::process::Pid::from_child(&child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(output) => output.expect("cli output"),
-        Err(_) => {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            panic!("bartleby {args:?} did not finish in 30s");
-        }
-    }
+    let config = bartleby.spool_dir().parent().expect("test dir").join("bartleby.toml");
+    daemon::cli_with_config_and_stdin(&config, args, Some(input))
 }
 
 /// Exit status 1 and `needle` on stderr.

@@ -217,14 +217,24 @@ impl Drop for Daemon {
 }
 
 pub fn cli_with_config(config: &Path, args: &[&str]) -> Output {
-    let child = Command::new(BIN)
+    cli_with_config_and_stdin(config, args, None)
+}
+
+/// Runs the CLI with `input`, if any, on its standard input (for `-`); bounded to 30 s.
+pub fn cli_with_config_and_stdin(config: &Path, args: &[&str], input: Option<&str>) -> Output {
+    let mut child = Command::new(BIN)
         .arg("--config")
         .arg(config)
         .args(args)
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::inherit() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("run bartleby cli");
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        use std::io::Write;
+        stdin.write_all(input.as_bytes()).expect("write stdin");
+    }
     let pid = rustix::process::Pid::from_child(&child);
     // Read the output while waiting: a large listing would fill the pipe and block the CLI.
     let (tx, rx) = std::sync::mpsc::channel();
