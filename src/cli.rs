@@ -2,10 +2,12 @@
 //! commands (mailq-style), `recipients` (the recipient cache) and `hash-password`.
 //! Exit status: 0 success, 1 failure, 2 bad configuration.
 
+use crate::config::StoreKind;
 use crate::config::{Config, ConfigError, HumanDuration};
 use crate::control::{
     self, BulkAction, BulkOutcome, ControlError, ListedMessage, MessageDetail, Request, Selection, ShapeReport,
 };
+use crate::spool::postgres::Role;
 use crate::spool::{Queue, Spool, SpoolError, rfc3339};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
@@ -521,28 +523,51 @@ fn queue(config: Config, action: QueueCommand) -> ExitCode {
     }
 }
 
+/// `queue export`: the local spool is read from its files (safe while the daemon runs); the
+/// shared store through its queries.
 fn export(config: &Config, file: &Path) -> Result<String, String> {
-    let count = if file == Path::new("-") {
-        crate::spool::export(&config.queue.dir, &mut std::io::stdout().lock())
+    let mut out: Box<dyn std::io::Write> = if file == Path::new("-") {
+        Box::new(std::io::stdout().lock())
     } else {
         let out = std::fs::File::create(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        crate::spool::export(&config.queue.dir, &mut std::io::BufWriter::new(out))
+        Box::new(std::io::BufWriter::new(out))
+    };
+    let count = match config.queue.store {
+        StoreKind::Local => crate::spool::export(&config.queue.dir, &mut out),
+        StoreKind::Postgres => {
+            let (store, _) = crate::spool::open_store(config, Role::Tool).map_err(|e| e.to_string())?;
+            crate::spool::export_from(store.as_ref(), &mut out)
+        }
     }
     .map_err(|e| e.to_string())?;
     Ok(format!("exported {count} messages"))
 }
 
+/// `queue import` (`-` for standard input): into the local spool with the daemon stopped, or into
+/// the shared store at any time.
 fn import(config: &Config, file: &Path) -> Result<String, String> {
-    let input = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let spool = match Spool::open(&config.queue.dir) {
-        Ok((spool, _)) => std::sync::Arc::new(spool),
+    let mut input: Box<dyn std::io::BufRead> = if file == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?))
+    };
+    let store = match crate::spool::open_store(config, Role::Tool) {
+        Ok((store, _)) => store,
         Err(SpoolError::Locked(dir)) => {
             return Err(format!("{}: bartleby is running; stop it before importing", dir.display()));
         }
         Err(err) => return Err(err.to_string()),
     };
-    let (imported, skipped) = spool.import(&mut std::io::BufReader::new(input)).map_err(|e| e.to_string())?;
+    let (imported, skipped) = crate::spool::import_into(&store, &mut input).map_err(|e| e.to_string())?;
     Ok(format!("imported {imported} messages ({skipped} already queued)"))
+}
+
+/// The store for a command run while the daemon is not (the local spool under its lock).
+fn offline_store(config: &Config) -> Result<std::sync::Arc<dyn Queue>, String> {
+    if config.queue.store == StoreKind::Local && !config.queue.dir.exists() {
+        return Err(format!("no spool at {} (is queue.dir right?)", config.queue.dir.display()));
+    }
+    crate::spool::open_store(config, Role::Tool).map(|(store, _)| store).map_err(|e| e.to_string())
 }
 
 fn queue_request(config: &Config, request: Request) -> ExitCode {
@@ -566,11 +591,7 @@ async fn send(config: &Config, request: Request) -> Result<Box<RawValue>, String
         Err(ControlError::NotRunning(_)) => {}
         other => return other.map_err(|e| e.to_string()),
     }
-    if !config.queue.dir.exists() {
-        return Err(format!("no spool at {} (is queue.dir right?)", config.queue.dir.display()));
-    }
-    let (spool, _) = Spool::open(&config.queue.dir).map_err(|e| e.to_string())?;
-    let spool: std::sync::Arc<dyn Queue> = std::sync::Arc::new(spool);
+    let spool = offline_store(config)?;
     control::execute(request, &spool, None).await
 }
 
@@ -775,11 +796,7 @@ async fn list_pages(config: &Config, json: bool) -> Result<(), String> {
             Some(spool) => control::execute(request, spool, None).await?,
             None => match control::request(&socket, &request).await {
                 Err(ControlError::NotRunning(_)) => {
-                    if !config.queue.dir.exists() {
-                        return Err(format!("no spool at {} (is queue.dir right?)", config.queue.dir.display()));
-                    }
-                    let (spool, _) = Spool::open(&config.queue.dir).map_err(|e| e.to_string())?;
-                    offline = Some(std::sync::Arc::new(spool));
+                    offline = Some(offline_store(config)?);
                     continue;
                 }
                 other => other.map_err(|e| e.to_string())?,

@@ -193,6 +193,39 @@ pub struct QueueConfig {
     pub warn_after: HumanDuration,
     /// Bytes free on the spool's filesystem below which new mail gets 452 4.3.1.
     pub min_free: u64,
+    /// Where the queue is kept: `local` (the journal and files under `dir`, the default) or
+    /// `postgres` (one queue shared by several nodes, docs/cluster.md). A public contract.
+    pub store: StoreKind,
+    /// The PostgreSQL store's connection URL (`postgres://user:password@host:port/db`, with
+    /// `sslmode=require` for TLS). A public contract.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A file holding the PostgreSQL password (first line), instead of one in `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// CA certificates (PEM) for the PostgreSQL server's certificate, beside the web PKI roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// This node's name in a shared store; unset: generated once and kept in `dir/node-id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// How long a node's claim on a message (or on a `strict_order` domain) lasts without a
+    /// heartbeat: after a node dies, the others deliver its mail within this time.
+    pub lease: HumanDuration,
+    /// How long a commit may take before the client gets 451 4.3.0 (the database unreachable
+    /// or too slow); also the bound of every other query of the shared store.
+    pub db_timeout: HumanDuration,
+}
+
+/// The kinds of queue store (`queue.store`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// The write-ahead journal and files under `queue.dir`.
+    #[default]
+    Local,
+    /// PostgreSQL, shared by every node configured with the same `queue.url`.
+    Postgres,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -433,6 +466,13 @@ impl Default for QueueConfig {
             max_lifetime: HumanDuration::hours(5 * 24),
             warn_after: HumanDuration::hours(4),
             min_free: 100 * 1024 * 1024,
+            store: StoreKind::Local,
+            url: None,
+            password_file: None,
+            ca_file: None,
+            node: None,
+            lease: HumanDuration::minutes(2),
+            db_timeout: HumanDuration(Duration::from_secs(20)),
         }
     }
 }
@@ -695,6 +735,7 @@ impl Config {
                 return bad(key, "must be longer than 0".into());
             }
         }
+        self.validate_store()?;
         if self.delivery.max_connections_per_destination == 0 {
             return bad("delivery.max_connections_per_destination", "must be above 0".into());
         }
@@ -767,6 +808,33 @@ impl Config {
 
 impl Config {
     /// The abuse limits of `[smtp]` and the per-domain recipient settings (issue 6).
+    /// The shared store's keys: a URL that parses, a node name that fits in the queue's tables.
+    fn validate_store(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, problem: String| Err((key.to_string(), problem));
+        let queue = &self.queue;
+        for (key, value) in [("queue.lease", queue.lease), ("queue.db_timeout", queue.db_timeout)] {
+            if value.0 < Duration::from_secs(1) {
+                return bad(key, "must be at least 1s".into());
+            }
+        }
+        if let Some(node) = &queue.node
+            && (node.is_empty() || node.len() > 64 || !node.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return bad("queue.node", format!("{node:?}: 1 to 64 printable characters without spaces"));
+        }
+        match (queue.store, &queue.url) {
+            (StoreKind::Postgres, None) => {
+                bad("queue.url", "store = \"postgres\" needs url = \"postgres://...\"".into())
+            }
+            (StoreKind::Postgres, Some(url)) => match url.parse::<tokio_postgres::Config>() {
+                Ok(_) => Ok(()),
+                Err(err) => bad("queue.url", format!("not a PostgreSQL URL: {err}")),
+            },
+            (StoreKind::Local, Some(_)) => bad("queue.url", "is only used with store = \"postgres\"".into()),
+            (StoreKind::Local, None) => Ok(()),
+        }
+    }
+
     fn validate_limits(&self) -> Result<(), (String, String)> {
         let bad = |key: &str, problem: String| Err((key.to_string(), problem));
         let smtp = &self.smtp;

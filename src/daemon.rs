@@ -107,12 +107,13 @@ pub async fn run(config: Config, bound: Listeners, config_path: Option<PathBuf>)
     smtp::tls_acceptor(&config).map_err(|e| DaemonError::Setup(e.to_string()))?;
     let listeners = bound.smtp.into_iter().map(into_tokio).collect::<Result<Vec<_>, _>>()?;
     let web_listener = bound.web.map(into_tokio).transpose()?;
-    let dir = config.queue.dir.clone();
-    let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&dir))
-        .await
-        .map_err(|e| DaemonError::Setup(e.to_string()))??;
-    let spool: Arc<dyn Queue> = Arc::new(spool);
+    let opening = Arc::clone(&config);
+    let (spool, recovery) =
+        tokio::task::spawn_blocking(move || crate::spool::open_store(&opening, crate::spool::postgres::Role::Node))
+            .await
+            .map_err(|e| DaemonError::Setup(e.to_string()))??;
     tracing::info!(
+        store = ?config.queue.store,
         queued = recovery.queued,
         removed_partial = recovery.removed_partial,
         quarantined = recovery.quarantined,

@@ -37,6 +37,9 @@ const WINDOW: i64 = 5 * 60 * 1_000_000;
 /// before the entry counts as stale (the wall clock and the scheduler's clock may drift apart).
 const STALE_GRACE: i64 = 60 * 1_000_000;
 
+/// How long a `strict_order` domain's message waits when another node holds the domain's lane.
+const LANE_RETRY: i64 = 2 * 1_000_000;
+
 /// Messages fetched from the store into the timetable at a time.
 const REFILL: usize = 4096;
 
@@ -280,6 +283,13 @@ pub struct Scheduler {
     /// Messages with an operator's change running on a blocking thread, each with the commands
     /// given for it meanwhile, in order.
     changing: HashMap<QueueId, VecDeque<Command>>,
+    /// What other nodes sharing the store queued or flushed ([`Queue::events`]); None for a
+    /// store only this process writes.
+    events: Option<mpsc::UnboundedReceiver<spool::StoreEvent>>,
+    /// How often the due messages are read again from a shared store, and when they last were:
+    /// what no event announced (a dead node's mail, a lost notice) is found this way.
+    reread_every: Option<Duration>,
+    last_reread: tokio::time::Instant,
 }
 
 /// A domain's due messages waiting for its batch to return.
@@ -296,7 +306,8 @@ struct Lane {
 enum Operation {
     Held {
         id: QueueId,
-        result: Result<Envelope, ScheduleError>,
+        /// Boxed: an envelope is large beside the other variants.
+        result: Box<Result<Envelope, ScheduleError>>,
         reply: oneshot::Sender<Result<Envelope, ScheduleError>>,
     },
     Deleted {
@@ -326,6 +337,9 @@ impl Scheduler {
         let handle =
             SchedulerHandle { tx, destinations: Arc::clone(&destinations), paused: Arc::clone(&paused.shared) };
         let scheduler = Scheduler {
+            events: spool.events(),
+            reread_every: spool.reread_every(),
+            last_reread: tokio::time::Instant::now(),
             paused,
             changing: HashMap::new(),
             destinations: Arc::clone(&destinations),
@@ -381,10 +395,15 @@ impl Scheduler {
                 let wait = Duration::from_micros(u64::try_from(at - now()).unwrap_or(0));
                 tokio::time::Instant::now() + wait
             });
-            // Wake at least once a minute, so kept failed messages are swept when their time is up.
-            let cap = tokio::time::Instant::now() + Duration::from_secs(60);
+            // Wake at least once a minute, so kept failed messages are swept when their time is up,
+            // and for the next read of a shared store.
+            let mut cap = tokio::time::Instant::now() + Duration::from_secs(60);
+            if let Some(every) = self.reread_every {
+                cap = cap.min(self.last_reread + every);
+            }
             let sleep = Some(sleep.map_or(cap, |at| at.min(cap)));
             tokio::select! {
+                Some(event) = next_event(&mut self.events) => self.store_event(event),
                 command = self.rx.recv() => match command {
                     Some(command) => self.handle(command),
                     None => break,
@@ -407,6 +426,10 @@ impl Scheduler {
                 },
                 _ = sleep_until(sleep) => {}
                 _ = shutdown.changed() => break,
+            }
+            if self.reread_every.is_some_and(|every| self.last_reread.elapsed() >= every) {
+                self.last_reread = tokio::time::Instant::now();
+                self.reread();
             }
         }
         self.batches.abort_all();
@@ -487,6 +510,21 @@ impl Scheduler {
 
     /// Forgets the timetable and the lanes (not what is in flight): the next refill reads the
     /// store from its earliest due message again. After a flush, which changed due times there.
+    /// Another node queued messages (they are due now) or changed due times (read again).
+    fn store_event(&mut self, event: spool::StoreEvent) {
+        match event {
+            spool::StoreEvent::Queued(ids) => {
+                let now = now();
+                for id in ids {
+                    if !self.in_flight.contains_key(&id) {
+                        self.schedule(id, now);
+                    }
+                }
+            }
+            spool::StoreEvent::Changed => self.reread(),
+        }
+    }
+
     fn reread(&mut self) {
         self.due.clear();
         self.due_at.clear();
@@ -604,7 +642,7 @@ impl Scheduler {
                 self.changing.insert(id.clone(), VecDeque::new());
                 let spool = Arc::clone(&self.spool);
                 self.ops.spawn_blocking(move || {
-                    let result = set_held(spool.as_ref(), &id, held);
+                    let result = Box::new(set_held(spool.as_ref(), &id, held));
                     Operation::Held { id, result, reply }
                 });
             }
@@ -647,7 +685,7 @@ impl Scheduler {
                 {
                     self.reschedule(id, brief.next_attempt);
                 }
-                let _ = reply.send(result);
+                let _ = reply.send(*result);
             }
             Operation::Deleted { id, result, reply } => {
                 self.in_flight.remove(&id);
@@ -748,6 +786,10 @@ impl Scheduler {
         }
         self.refill(now);
         let mut batches: BTreeMap<String, Vec<Job>> = BTreeMap::new();
+        let mut chosen: Vec<(QueueId, BTreeSet<String>)> = Vec::new();
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        // `strict_order` domains asked for their lane this round, and whether it was granted.
+        let mut lanes: HashMap<String, bool> = HashMap::new();
         while let Some((at, key)) = self.due.first().copied() {
             if at > now {
                 break;
@@ -775,12 +817,36 @@ impl Scheduler {
             let domains: BTreeSet<String> = brief.domains.into_iter().collect();
             let busy = domains
                 .iter()
-                .find(|d| self.busy_domains.contains(*d) || batches.get(*d).is_some_and(|b| b.len() >= BATCH_LIMIT));
+                .find(|d| self.busy_domains.contains(*d) || counts.get(*d).is_some_and(|n| *n >= BATCH_LIMIT));
             if let Some(busy) = busy.cloned() {
                 self.block(&busy, key);
                 continue;
             }
-            let Some(envelope) = self.spool.get(&id) else { continue };
+            // Another node sends this `strict_order` domain right now: its turn comes later.
+            let lane_taken = domains.iter().any(|d| {
+                self.config.domain_policy(d).strict_order
+                    && !*lanes.entry(d.clone()).or_insert_with(|| self.spool.claim_lane(d))
+            });
+            if lane_taken {
+                self.schedule_key(key, now.saturating_add(LANE_RETRY));
+                continue;
+            }
+            for domain in &domains {
+                *counts.entry(domain.clone()).or_default() += 1;
+            }
+            chosen.push((id, domains));
+        }
+        // One claim for all: in a shared store, what another node took or changed meanwhile is
+        // left out (it is that node's now, or due later).
+        let ids: Vec<QueueId> = chosen.iter().map(|(id, _)| id.clone()).collect();
+        let mut claimed: HashMap<QueueId, Envelope> = self
+            .spool
+            .claim(&ids, Some(now.saturating_add(STALE_GRACE)))
+            .into_iter()
+            .map(|claim| (claim.envelope.id.clone(), claim.envelope))
+            .collect();
+        for (id, domains) in chosen {
+            let Some(envelope) = claimed.remove(&id) else { continue };
             self.in_flight.insert(id.clone(), domains.len());
             self.dispatched.insert(id.clone(), envelope.clone());
             for domain in domains {
@@ -806,6 +872,7 @@ impl Scheduler {
                 }
             }
             jobs.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
+            lanes.remove(&domain);
             self.busy_domains.insert(domain.clone());
             let deliverer = Arc::clone(&self.deliverer);
             let max_received = self.config.smtp.max_received_headers;
@@ -817,6 +884,12 @@ impl Scheduler {
                 results.append(&mut looped);
                 (domain, results)
             });
+        }
+        // Lanes granted to domains that started no batch after all go back at once.
+        for (domain, granted) in lanes {
+            if granted && !self.busy_domains.contains(&domain) {
+                self.spool.release_lane(&domain);
+            }
         }
     }
 
@@ -860,6 +933,9 @@ impl Scheduler {
     /// A domain's batch is back and its results are durable: the domain may take its next batch.
     fn release(&mut self, domain: String, tally: &Tally) {
         self.busy_domains.remove(&domain);
+        if self.config.domain_policy(&domain).strict_order {
+            self.spool.release_lane(&domain);
+        }
         self.record_destination(&domain, tally);
         let now = now();
         self.unblock(&domain, now);
@@ -942,6 +1018,14 @@ impl Scheduler {
         for (domain, _, tally) in ready {
             self.release(domain, &tally);
         }
+    }
+}
+
+/// The next change another node made, or never (no shared store).
+async fn next_event(events: &mut Option<mpsc::UnboundedReceiver<spool::StoreEvent>>) -> Option<spool::StoreEvent> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -83,6 +83,13 @@ pub struct Envelope {
     /// message is kept held and counted until the queue lifetime is over.
     #[serde(default)]
     pub bounce_suppressed: bool,
+    /// The node that accepted the message, in a store shared by several nodes (docs/cluster.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_by: Option<String>,
+    /// The node delivering the message right now (holding its lease), in a shared store; read
+    /// from the store with the envelope, never stored in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leased_by: Option<String>,
 }
 
 /// The part of an envelope the index needs (`src/spool/index.rs`), parsed at a restart without
@@ -229,6 +236,8 @@ impl Envelope {
             history: Vec::new(),
             sender_auth: None,
             bounce_suppressed: false,
+            accepted_by: None,
+            leased_by: None,
         }
     }
 

@@ -21,6 +21,7 @@ mod index;
 pub mod journal;
 mod keyed;
 mod memory;
+pub mod postgres;
 mod queue;
 
 pub use envelope::*;
@@ -55,6 +56,12 @@ pub enum SpoolError {
     Locked(PathBuf),
     #[error("no message {0} in the queue")]
     NotFound(String),
+    /// The shared store (PostgreSQL) failed or did not answer in time.
+    #[error("queue store: {0}")]
+    Store(String),
+    /// Another node holds the message's lease: it is delivering it right now.
+    #[error("message {id} is being delivered by node {node} right now; try again in a moment")]
+    Leased { id: QueueId, node: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
@@ -747,35 +754,92 @@ impl Spool {
     /// Queues every message of an export under its original ID (so arrival order is kept across
     /// hosts). Messages already queued are skipped. Returns (imported, skipped).
     pub fn import(self: &Arc<Self>, input: &mut impl io::BufRead) -> Result<(usize, usize), SpoolError> {
-        let in_err = |source| SpoolError::Io { path: PathBuf::from("(import)"), source };
-        let bad = |what: &str| in_err(io::Error::new(io::ErrorKind::InvalidData, what.to_string()));
-        let mut line = String::new();
-        input.read_line(&mut line).map_err(in_err)?;
-        if line.trim_end() != EXPORT_MAGIC {
-            return Err(bad("not a bartleby queue export (bad first line)"));
+        let queue: Arc<dyn Queue> = Arc::clone(self) as Arc<dyn Queue>;
+        import_into(&queue, input)
+    }
+}
+
+/// Writes every message of any store to `out` in the format of [`export`], oldest first, a page
+/// at a time; messages removed meanwhile are left out. Returns how many were written.
+pub fn export_from(queue: &dyn Queue, out: &mut impl Write) -> Result<usize, SpoolError> {
+    let out_err = |source| SpoolError::Io { path: PathBuf::from("(export)"), source };
+    writeln!(out, "{EXPORT_MAGIC}").map_err(out_err)?;
+    let (mut after, mut count) = (None::<QueueId>, 0);
+    loop {
+        let page = queue.scan(&Filter::all(), after.as_deref(), 1000);
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        for envelope in page {
+            let body = match queue.read_body(&envelope.id) {
+                Ok(body) => body,
+                Err(SpoolError::NotFound(_)) => continue,
+                Err(err) => return Err(err),
+            };
+            let envelope = Envelope { leased_by: None, ..envelope };
+            let line = serde_json::to_string(&ExportEntry { envelope, size: body.len() as u64 })
+                .map_err(|source| SpoolError::BadEnvelope { path: PathBuf::from("(export)"), source })?;
+            writeln!(out, "{line}").and_then(|()| out.write_all(&body)).map_err(out_err)?;
+            count += 1;
         }
-        let (mut imported, mut skipped) = (0, 0);
-        loop {
-            line.clear();
-            if input.read_line(&mut line).map_err(in_err)? == 0 {
-                return Ok((imported, skipped));
+    }
+    out.flush().map_err(out_err)?;
+    Ok(count)
+}
+
+/// Queues every message of an export into any store under its original ID; messages already
+/// queued are skipped. Returns (imported, skipped).
+pub fn import_into(queue: &Arc<dyn Queue>, input: &mut impl io::BufRead) -> Result<(usize, usize), SpoolError> {
+    let in_err = |source| SpoolError::Io { path: PathBuf::from("(import)"), source };
+    let bad = |what: &str| in_err(io::Error::new(io::ErrorKind::InvalidData, what.to_string()));
+    let mut line = String::new();
+    input.read_line(&mut line).map_err(in_err)?;
+    if line.trim_end() != EXPORT_MAGIC {
+        return Err(bad("not a bartleby queue export (bad first line)"));
+    }
+    let (mut imported, mut skipped) = (0, 0);
+    loop {
+        line.clear();
+        if input.read_line(&mut line).map_err(in_err)? == 0 {
+            return Ok((imported, skipped));
+        }
+        let entry: ExportEntry = serde_json::from_str(&line)
+            .map_err(|source| SpoolError::BadEnvelope { path: PathBuf::from("(import)"), source })?;
+        let mut body = vec![0; usize::try_from(entry.size).map_err(|_| bad("message too large"))?];
+        input.read_exact(&mut body).map_err(in_err)?;
+        let id = entry.envelope.id.clone();
+        if !is_queue_id(&id) {
+            return Err(bad("bad queue ID in export"));
+        }
+        if queue.brief(&id).is_some() {
+            skipped += 1;
+            continue;
+        }
+        let mut message = Arc::clone(queue).incoming(&id)?;
+        message.write(&body)?;
+        message.commit(entry.envelope)?;
+        imported += 1;
+    }
+}
+
+/// Opens the store `queue.store` names: the local spool under `queue.dir` (taking its lock and
+/// recovering it), or the shared PostgreSQL store (as a node, or as a tool that never claims).
+pub fn open_store(
+    config: &crate::config::Config,
+    role: postgres::Role,
+) -> Result<(Arc<dyn Queue>, Recovery), SpoolError> {
+    match config.queue.store {
+        crate::config::StoreKind::Local => {
+            let (spool, recovery) = Spool::open(&config.queue.dir)?;
+            Ok((Arc::new(spool), recovery))
+        }
+        crate::config::StoreKind::Postgres => {
+            let dir = &config.queue.dir;
+            if role == postgres::Role::Node && !dir.exists() {
+                fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
             }
-            let entry: ExportEntry = serde_json::from_str(&line)
-                .map_err(|source| SpoolError::BadEnvelope { path: PathBuf::from("(import)"), source })?;
-            let mut body = vec![0; usize::try_from(entry.size).map_err(|_| bad("message too large"))?];
-            input.read_exact(&mut body).map_err(in_err)?;
-            let id = entry.envelope.id.clone();
-            if !is_queue_id(&id) {
-                return Err(bad("bad queue ID in export"));
-            }
-            if lock(&self.index).contains(index::key(&id).unwrap_or_default()) {
-                skipped += 1;
-                continue;
-            }
-            let mut message = Arc::clone(self).incoming(&id)?;
-            message.write(&body)?;
-            message.commit(entry.envelope)?;
-            imported += 1;
+            let store = postgres::PgQueue::open(config, role)?;
+            let recovery = Recovery { queued: store.len(), ..Recovery::default() };
+            Ok((Arc::new(store), recovery))
         }
     }
 }

@@ -327,6 +327,18 @@ impl DueQuery<'_> {
     }
 }
 
+/// How long the local store's claims nominally last (it has one node, nothing enforces them).
+const LOCAL_LEASE: i64 = 3600 * 1_000_000;
+
+/// A change another node made to a shared queue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreEvent {
+    /// It queued these messages (due now).
+    Queued(Vec<QueueId>),
+    /// It changed due times (a flush): read the due messages again.
+    Changed,
+}
+
 /// What the scheduler needs of a message before it reads the envelope: whether it is held, and
 /// the domains of its pending recipients (lower case, distinct).
 #[derive(Debug, Clone, PartialEq)]
@@ -399,18 +411,56 @@ pub trait Queue: Send + Sync {
         self.update(std::slice::from_ref(&envelope)).is_ok()
     }
 
-    /// Claims messages for delivery, oldest first: those of `ids` still queued, not held and not
-    /// leased to another node, each under a lease of `lease`. At most `limit`.
-    fn claim(&self, ids: &[QueueId], lease: Duration, limit: usize) -> Vec<Claim> {
-        let until = now_micros().saturating_add(i64::try_from(lease.as_micros()).unwrap_or(i64::MAX / 2));
+    /// Claims messages for delivery, oldest first: those of `ids` still queued, not held, not
+    /// leased to another node and (with `due_by`) due by then, each under the store's lease. A
+    /// store shared by several nodes records outcomes only from the lease's holder; the local
+    /// store has one node and grants every claim.
+    fn claim(&self, ids: &[QueueId], due_by: Option<i64>) -> Vec<Claim> {
+        let until = now_micros().saturating_add(LOCAL_LEASE);
         let mut ids = ids.to_vec();
         ids.sort();
         ids.into_iter()
             .filter_map(|id| self.get(&id))
-            .filter(|e| !e.held)
-            .take(limit)
+            .filter(|e| !e.held && due_by.is_none_or(|at| e.next_attempt <= at))
             .map(|envelope| Claim { envelope, until })
             .collect()
+    }
+
+    /// Gives back claims of messages this node will not send now after all (parked for arrival
+    /// order), so that another node may take them.
+    fn unclaim(&self, ids: &[QueueId]) {
+        let _ = ids;
+    }
+
+    /// Claims the right to deliver a `strict_order` domain's mail: one node at a time sends it,
+    /// so the primary sees arrival order across nodes. Held until [`Queue::release_lane`] or
+    /// until the holder's heartbeats stop for a lease. A store with one node grants it always.
+    fn claim_lane(&self, domain: &str) -> bool {
+        let _ = domain;
+        true
+    }
+
+    /// Gives up a domain's lane (its batch is back and settled).
+    fn release_lane(&self, domain: &str) {
+        let _ = domain;
+    }
+
+    /// Is the queue shared with other nodes (whose arrivals and changes this node's scheduler
+    /// learns through [`Queue::events`] and by reading the store again every [`Queue::reread_every`])?
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Changes made by other nodes: messages they queued, flushes. Taken once, by the scheduler;
+    /// None for a store that only this process writes.
+    fn events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>> {
+        None
+    }
+
+    /// How often the scheduler reads the due messages again when nothing told it of a change
+    /// (the backstop of [`Queue::events`]; a dead node's mail is found this way).
+    fn reread_every(&self) -> Option<Duration> {
+        None
     }
 
     /// Every envelope, oldest first (for small queues: tests, exports).
