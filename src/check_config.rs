@@ -27,6 +27,13 @@ pub fn check(config: &Config, user: Option<&str>) -> Findings {
         }
         Err(err) => findings.errors.push(err),
     }
+    if config.queue.store == crate::config::StoreKind::Postgres {
+        match crate::spool::postgres::probe(config) {
+            Ok(Some(note)) => findings.warnings.push(note),
+            Ok(None) => {}
+            Err(err) => findings.errors.push(format!("queue.url: {err}")),
+        }
+    }
     findings
 }
 
@@ -71,6 +78,8 @@ fn files(config: &Config) -> Vec<(String, PathBuf)> {
     add("web.tls_cert".into(), &config.web.tls_cert);
     add("web.tls_key".into(), &config.web.tls_key);
     add("delivery.tls_ca_file".into(), &config.delivery.tls_ca_file);
+    add("queue.password_file".into(), &config.queue.password_file);
+    add("queue.ca_file".into(), &config.queue.ca_file);
     for (domain, policy) in &config.domain {
         add(format!("domain.{domain}.recipients_file"), &policy.recipients_file);
         if let Some(ldap) = &policy.recipients_ldap {

@@ -851,6 +851,12 @@ fn show(detail: &MessageDetail) -> String {
     out += &format!("From:         {} [{client}]\n", e.helo);
     out += &format!("Size:         {} bytes\n", e.size);
     out += &format!("Attempts:     {} (next {})\n", e.attempts, rfc3339(e.next_attempt));
+    if let Some(node) = &e.accepted_by {
+        out += &format!("Accepted by:  node {node}\n");
+    }
+    if let Some(node) = &e.leased_by {
+        out += &format!("Delivering:   node {node} (holds its lease)\n");
+    }
     for r in &e.recipients {
         let status = format!("{:?}", r.status).to_lowercase();
         out += &format!("Recipient:    <{}> {status}", r.address);

@@ -198,7 +198,7 @@ pub struct QueueConfig {
     pub store: StoreKind,
     /// The PostgreSQL store's connection URL (`postgres://user:password@host:port/db`, with
     /// `sslmode=require` for TLS). A public contract.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "serialize_url")]
     pub url: Option<String>,
     /// A file holding the PostgreSQL password (first line), instead of one in `url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -215,6 +215,29 @@ pub struct QueueConfig {
     /// How long a commit may take before the client gets 451 4.3.0 (the database unreachable
     /// or too slow); also the bound of every other query of the shared store.
     pub db_timeout: HumanDuration,
+}
+
+/// `queue.url` as `check-config` shows it: a password in it is masked.
+fn serialize_url<S: serde::Serializer>(url: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    let masked = url.as_deref().map(mask_url_password);
+    masked.serialize(serializer)
+}
+
+/// `postgres://user:secret@host/db` as `postgres://user:********@host/db`.
+pub fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, tail) = rest.split_once('/').map_or((rest, None), |(a, t)| (a, Some(t)));
+    let masked = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:********@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    match tail {
+        Some(tail) => format!("{scheme}://{masked}/{tail}"),
+        None => format!("{scheme}://{masked}"),
+    }
 }
 
 /// The kinds of queue store (`queue.store`).
@@ -1566,5 +1589,32 @@ down_after = "2m"
         let again = Config::parse(&demo.to_toml(), "demo").expect("effective settings parse back");
         assert_eq!(again.routes, demo.routes);
         assert_eq!(again.smtp.listen, demo.smtp.listen);
+    }
+
+    #[test]
+    fn the_database_password_is_masked_where_settings_are_shown() {
+        assert_eq!(
+            mask_url_password("postgres://u:s3cret@db:5432/q?sslmode=require"),
+            "postgres://u:********@db:5432/q?sslmode=require"
+        );
+        assert_eq!(mask_url_password("postgres://u@db/q"), "postgres://u@db/q");
+        assert_eq!(mask_url_password("host=db user=u"), "host=db user=u");
+        let config = Config::parse("[queue]\nstore = \"postgres\"\nurl = \"postgres://u:s3cret@db/q\"\n", "pg.toml")
+            .expect("parses");
+        let shown = toml::to_string(&config).expect("serializes");
+        assert!(!shown.contains("s3cret") && shown.contains("postgres://u:********@db/q"), "{shown}");
+    }
+
+    #[test]
+    fn the_postgres_store_needs_a_url_that_parses() {
+        let err = Config::parse("[queue]\nstore = \"postgres\"\n", "pg.toml").unwrap_err();
+        assert!(err.to_string().contains("queue.url"), "{err}");
+        let err = Config::parse("[queue]\nstore = \"postgres\"\nurl = \"postgres://h:notaport/db\"\n", "pg.toml")
+            .unwrap_err();
+        assert!(err.to_string().contains("not a PostgreSQL URL"), "{err}");
+        let err = Config::parse("[queue]\nurl = \"postgres://h/db\"\n", "pg.toml").unwrap_err();
+        assert!(err.to_string().contains("only used with store"), "{err}");
+        let err = Config::parse("[queue]\nstore = \"sqlite\"\n", "pg.toml").unwrap_err();
+        assert!(err.to_string().contains("store"), "{err}");
     }
 }

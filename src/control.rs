@@ -196,6 +196,12 @@ pub struct ListedMessage {
     pub next_attempt: String,
     pub last_error: Option<String>,
     pub held: bool,
+    /// The node that accepted it (a shared store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_by: Option<String>,
+    /// The node delivering it right now (a shared store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leased_by: Option<String>,
 }
 
 impl From<&Envelope> for ListedMessage {
@@ -216,6 +222,8 @@ impl From<Listing> for ListedMessage {
             next_attempt: rfc3339(m.next_attempt),
             last_error: m.last_error,
             held: m.held,
+            accepted_by: m.accepted_by,
+            leased_by: m.leased_by,
         }
     }
 }

@@ -458,6 +458,8 @@ impl Index {
             next_attempt: summary.next_attempt,
             last_error: self.reasons.get(summary.reason).and_then(|r| r.error.clone()),
             held: summary.held(),
+            accepted_by: None,
+            leased_by: None,
         }
     }
 

@@ -704,6 +704,50 @@ fn like_pattern(text: &str) -> String {
     pattern
 }
 
+/// `check-config`: connects to `queue.url` as `serve` would and reads the schema version, changing
+/// nothing. Ok(Some(note)) when there is something to say that does not stop a start.
+pub fn probe(config: &Config) -> Result<Option<String>, String> {
+    let queue = &config.queue;
+    let url = queue.url.as_deref().ok_or("not set")?;
+    let mut pg: tokio_postgres::Config = url.parse().map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+    if let Some(path) = &queue.password_file {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        pg.password(text.lines().next().unwrap_or_default());
+    }
+    pg.connect_timeout(queue.db_timeout.0);
+    let tls = tls_connector(queue.ca_file.as_deref()).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let version = runtime.block_on(async move {
+        let work = async {
+            let (client, connection) = pg.connect(tls).await?;
+            let driver = tokio::spawn(connection);
+            let exists: bool =
+                client.query_one("SELECT to_regclass('bartleby_schema') IS NOT NULL", &[]).await?.try_get(0)?;
+            let version = if exists {
+                client.query_opt("SELECT version FROM bartleby_schema", &[]).await?.map(|r| r.try_get(0)).transpose()?
+            } else {
+                None
+            };
+            drop(client);
+            driver.abort();
+            Ok::<Option<i32>, PgError>(version)
+        };
+        tokio::time::timeout(queue.db_timeout.0, work).await.unwrap_or(Err(PgError::Timeout(queue.db_timeout.0)))
+    });
+    match version.map_err(|e| format!("cannot reach the database: {e}"))? {
+        None => {
+            Ok(Some("queue.url: the database has no bartleby schema yet; the first node to start creates it".into()))
+        }
+        Some(v) if v > SCHEMA_VERSION => {
+            Err(format!("the database's schema is version {v}, newer than this bartleby's {SCHEMA_VERSION}"))
+        }
+        Some(v) if v < SCHEMA_VERSION => {
+            Ok(Some(format!("queue.url: schema version {v} is migrated to {SCHEMA_VERSION} at the next start")))
+        }
+        Some(_) => Ok(None),
+    }
+}
+
 /// TLS toward the database (used when the URL's `sslmode` asks for it): the web PKI roots and
 /// `queue.ca_file`, ring as everywhere else.
 fn tls_connector(ca_file: Option<&Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, SpoolError> {

@@ -283,6 +283,9 @@ pub struct Listing {
     pub next_attempt: i64,
     pub last_error: Option<String>,
     pub held: bool,
+    /// The node that accepted it, and the node delivering it now (a shared store).
+    pub accepted_by: Option<String>,
+    pub leased_by: Option<String>,
 }
 
 impl From<&Envelope> for Listing {
@@ -297,6 +300,8 @@ impl From<&Envelope> for Listing {
             next_attempt: envelope.next_attempt,
             last_error: envelope.last_error().map(str::to_string),
             held: envelope.held,
+            accepted_by: envelope.accepted_by.clone(),
+            leased_by: envelope.leased_by.clone(),
         }
     }
 }
