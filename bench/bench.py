@@ -3,7 +3,10 @@
 Started by bench/run.
 
 Five figures, each measured for the systems in the same run, on loopback only (Exim and OpenSMTPD
-take part in accept, drain and memory; --peers picks the MTAs beside bartleby):
+take part in accept, drain and memory; --peers picks the MTAs beside bartleby). --with-postgres adds
+bartleby-pg to accept, drain and memory: bartleby with `[queue] store = "postgres"` against a
+PostgreSQL 15 of its own (fsync and synchronous_commit on), started for its rounds only;
+--check-postgres tries that PostgreSQL's start, login, stop and restart alone:
 
   accept   smtp-source, 20 sessions, N messages of 4 KiB; messages/s from start to exit.
            The primary is DOWN while filling, so the MTAs only queue (and try once, and defer).
@@ -31,12 +34,14 @@ import json
 import os
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -47,6 +52,10 @@ CEILING = ("127.0.0.13", 2525)
 PRIMARY = ("127.0.0.14", 2525)
 BACKUP_EXIM = ("127.0.0.15", 2525)
 BACKUP_OPENSMTPD = ("127.0.0.16", 2525)
+# bartleby with its queue in PostgreSQL (--with-postgres), and that PostgreSQL.
+BARTLEBY_PG = ("127.0.0.17", 2525)
+WEB_PG = ("127.0.0.17", 8025)
+POSTGRES = ("127.0.0.18", 5432)
 SENDER, RECIPIENT = "a@sender.test", "b@example.test"
 MESSAGE_SIZE = 4096
 
@@ -283,15 +292,18 @@ class Sink:
 
 
 class Bartleby:
-    def __init__(self, binary, work):
-        self.binary, self.dir, self.proc = binary, os.path.join(work, "bartleby"), None
+    """bartleby with the local store (queue_extra adds lines to its [queue] table)."""
+
+    def __init__(self, binary, work, name="bartleby", smtp=BARTLEBY, web=WEB, queue_extra=""):
+        self.binary, self.dir, self.proc = binary, os.path.join(work, name), None
+        self.smtp = smtp
         self.spool, self.conf = os.path.join(self.dir, "spool"), os.path.join(self.dir, "bartleby.toml")
         os.makedirs(self.dir, exist_ok=True)
         with open(self.conf, "w") as f:
             # Retries an hour apart (as for Postfix below), so nothing but the flush delivers.
             f.write(f"""hostname = "bartleby.bench.test"
 [smtp]
-listen = ["{addr(BARTLEBY)}"]
+listen = ["{addr(smtp)}"]
 max_sessions = 2000
 # One loopback client stands for the whole internet here, so the per-client limits are lifted, as
 # Postfix exempts $mynetworks from its anvil limits by default (smtpd_client_event_limit_exceptions).
@@ -306,10 +318,10 @@ domains = ["example.test"]
 dir = "{self.spool}"
 first_retry = "1h"
 retry_interval = "1h"
-[routes]
+{queue_extra}[routes]
 "example.test" = "{addr(PRIMARY)}"
 [web]
-listen = "{addr(WEB)}"
+listen = "{addr(web)}"
 # The page without a login for the timing: loopback, and only this benchmark's own instance.
 trust_allowed_hosts = true
 """)
@@ -323,7 +335,7 @@ trust_allowed_hosts = true
         t0 = time.monotonic()
         self.proc = start(self.cli("serve"), stdout=logf, stderr=logf)
         logf.close()
-        greeting_after(BARTLEBY, 300)
+        greeting_after(self.smtp, 300)
         elapsed = time.monotonic() - t0
         if self.proc.poll() is not None:
             # The greeting came from another process on our address: never measure (or load) that.
@@ -361,6 +373,189 @@ trust_allowed_hosts = true
 
     def list_time(self):
         return timed(self.cli("queue", "list"))
+
+
+class PostgreSQL:
+    """PostgreSQL 15 from Debian (postgresql-15) for bartleby-pg, in the work directory: a fresh
+    cluster made by initdb as the postgres system user (initdb refuses root), on its own loopback
+    address, with a database and a role `bartleby` that logs in over TCP with a random password
+    (SCRAM). Durable as the other MTAs' queues: fsync and synchronous_commit on, full_page_writes
+    on. Only the Unix socket in the directory trusts, for psql as the superuser. Started with
+    bartleby-pg's rounds and stopped (fast shutdown) with them, so it takes nothing from the
+    other systems' measurements."""
+
+    BIN = "/usr/lib/postgresql/15/bin"
+    USER = "postgres"
+    SETTINGS = """
+# bench.py
+max_connections = 200
+shared_buffers = 128MB
+max_wal_size = 1GB
+fsync = on
+synchronous_commit = on
+full_page_writes = on
+password_encryption = scram-sha-256
+logging_collector = off
+log_min_messages = warning
+"""
+    HBA = "local all all trust\nhost all all 127.0.0.0/8 scram-sha-256\n"
+
+    def __init__(self, work, pair=POSTGRES):
+        self.pair, self.dir = pair, os.path.join(work, "postgresql")
+        self.data = os.path.join(self.dir, "data")
+        self.password = secrets.token_hex(16)
+        self.proc, self.initialised = None, False
+
+    def url(self):
+        return f"postgres://bartleby:{self.password}@{addr(self.pair)}/bartleby"
+
+    def as_postgres(self, cmd, timeout=120, **kw):
+        """Runs a command of BIN as the postgres user (no supplementary groups) in its directory."""
+        env = {"PATH": "/usr/bin:/bin", "HOME": self.dir, "LC_ALL": "C"}
+        return subprocess.run([os.path.join(self.BIN, cmd[0]), *cmd[1:]], timeout=timeout, check=True,
+                              user=self.USER, group=self.USER, extra_groups=[], cwd=self.dir, env=env, **kw)
+
+    def psql(self, *commands, database="bartleby"):
+        """Each command with its own -c (CREATE DATABASE refuses a transaction); the output
+        unaligned and without headers."""
+        args = ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", self.dir, "-p", str(self.pair[1]),
+                "-U", self.USER, "-d", database]
+        for command in commands:
+            args += ["-c", command]
+        return self.as_postgres(args, stdout=subprocess.PIPE).stdout.decode().strip()
+
+    def version(self):
+        try:
+            out = subprocess.run([os.path.join(self.BIN, "postgres"), "--version"], timeout=30,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            return out.stdout.decode().strip() or None
+        except OSError:
+            return None
+
+    def init(self):
+        if not os.access(os.path.join(self.BIN, "initdb"), os.X_OK):
+            sys.exit("bench: PostgreSQL 15 is missing (bench/run --with-postgres installs postgresql-15)")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir)
+        # The postgres user must reach its directory through the work directory.
+        for d in (os.path.dirname(self.dir), self.dir):
+            os.chmod(d, 0o755)
+        shutil.chown(self.dir, self.USER, self.USER)
+        # --no-sync: initdb's own files need not survive a crash during set-up; the server fsyncs.
+        self.as_postgres(["initdb", "-D", self.data, "-U", self.USER, "-E", "UTF8", "--locale=C",
+                          "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "--no-instructions"],
+                         stdout=subprocess.DEVNULL)
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
+            f.write(self.SETTINGS)
+        hba = os.path.join(self.data, "pg_hba.conf")
+        with open(hba, "w") as f:
+            f.write(self.HBA)
+        shutil.chown(hba, self.USER, self.USER)
+        self.initialised = True
+
+    def start(self):
+        """Starts the server (making the cluster the first time); returns once it accepts."""
+        if self.running():
+            return
+        first = not self.initialised
+        if first:
+            self.init()
+        assert_free(self.pair)
+        logf = open(os.path.join(self.dir, "postgres.log"), "ab")
+        env = {"PATH": "/usr/bin:/bin", "HOME": self.dir, "LC_ALL": "C"}
+        self.proc = start([os.path.join(self.BIN, "postgres"), "-D", self.data, "-k", self.dir,
+                           "-h", self.pair[0], "-p", str(self.pair[1])],
+                          stdout=logf, stderr=logf, user=self.USER, group=self.USER, extra_groups=[],
+                          cwd=self.dir, env=env)
+        logf.close()
+        if self.stop not in CLEANUPS:
+            CLEANUPS.append(self.stop)
+        wait_for(self.accepting, 30, f"PostgreSQL on {addr(self.pair)} (see {self.dir}/postgres.log)", 0.05)
+        if first:
+            self.psql(f"CREATE ROLE bartleby LOGIN PASSWORD '{self.password}'",
+                      "CREATE DATABASE bartleby OWNER bartleby", database="postgres")
+
+    def accepting(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"postgres exited (exit {self.proc.returncode}), see {self.dir}/postgres.log")
+        done = subprocess.run([os.path.join(self.BIN, "pg_isready"), "-q", "-t", "2", "-h", self.pair[0],
+                               "-p", str(self.pair[1])], timeout=10)
+        return done.returncode == 0
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self):
+        """Fast shutdown (SIGINT); the data stays."""
+        stop(self.proc, signal.SIGINT, timeout=60)
+
+    def reset(self):
+        """An empty database for the next round (bartleby makes its schema itself), checkpointed
+        so that no round inherits the last one's dirty pages."""
+        self.psql("DROP DATABASE IF EXISTS bartleby WITH (FORCE)", "CREATE DATABASE bartleby OWNER bartleby",
+                  "CHECKPOINT", database="postgres")
+
+    def pids(self):
+        return descendants(self.proc.pid) if self.running() else []
+
+    def rss(self):
+        return sum(proc_status(pid, "VmRSS") for pid in self.pids())
+
+
+class BartlebyPostgres(Bartleby):
+    """bartleby with its queue in PostgreSQL (issue 13): the same configuration as bartleby's on
+    its own address, plus `store` and `url` in [queue] (its queue.dir keeps only the control socket
+    and the node identity). Its memory is its own RSS plus the PostgreSQL processes' (summed, as for
+    the multi-process MTAs)."""
+
+    def __init__(self, binary, work, postgres):
+        self.postgres = postgres
+        extra = f'store = "postgres"\nurl = "{postgres.url()}"\n'
+        super().__init__(binary, work, "bartleby-pg", BARTLEBY_PG, WEB_PG, extra)
+
+    def start(self):
+        self.postgres.start()
+        return super().start()
+
+    def wipe(self):
+        super().wipe()
+        if self.postgres.running():
+            self.postgres.reset()
+            self.postgres.stop()
+
+    def rss(self):
+        return super().rss() + self.postgres.rss()
+
+
+def check_postgres(work):
+    """--check-postgres: the PostgreSQL part of bartleby-pg on its own (no bartleby needed)."""
+    pg = PostgreSQL(work)
+    pg.start()
+    assert pg.psql("SHOW fsync") == "on" and pg.psql("SHOW synchronous_commit") == "on"
+    login = [os.path.join(PostgreSQL.BIN, "psql"), "-X", "-q", "-A", "-t", "-w", "-d", pg.url()]
+    env = dict(os.environ, PGPASSFILE="/dev/null", PGCONNECT_TIMEOUT="5")
+    env.pop("PGPASSWORD", None)
+
+    def as_bartleby(sql):
+        return subprocess.run(login + ["-c", sql], timeout=30, check=True, env=env,
+                              stdout=subprocess.PIPE).stdout.decode().strip()
+    assert as_bartleby("CREATE TABLE t (x int); INSERT INTO t VALUES (1); SELECT current_user") == "bartleby"
+    no_password = login[:-1] + [pg.url().replace(f":{pg.password}@", "@")]
+    assert subprocess.run(no_password + ["-c", "SELECT 1"], timeout=30, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0
+    pg.stop()
+    try:
+        socket.create_connection(pg.pair, timeout=2).close()
+        raise AssertionError("PostgreSQL still accepts after stop")
+    except ConnectionRefusedError:
+        pass
+    pg.start()
+    assert as_bartleby("SELECT x FROM t") == "1", "data lost over a restart"
+    pg.reset()
+    assert pg.psql("SELECT count(*) FROM pg_tables WHERE tablename = 't'") == "0", "reset left the table"
+    assert pg.rss() > 0
+    pg.stop()
+    log(f"check-postgres: {pg.version()} on {addr(pg.pair)}: start, login, stop, start, reset: ok")
 
 
 class Postfix:
@@ -806,8 +1001,8 @@ def drain(name, mta, args, results):
 
 
 def mta_addr(name):
-    return {"bartleby": BARTLEBY, "postfix": POSTFIX, "exim": BACKUP_EXIM, "opensmtpd": BACKUP_OPENSMTPD,
-            "ceiling": CEILING}[name]
+    return {"bartleby": BARTLEBY, "bartleby-pg": BARTLEBY_PG, "postfix": POSTFIX, "exim": BACKUP_EXIM,
+            "opensmtpd": BACKUP_OPENSMTPD, "ceiling": CEILING}[name]
 
 
 def ceiling_round(args, results):
@@ -907,36 +1102,41 @@ def ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
 
-def figure(name, unit, better, b, p, c, e=(), o=(), **extra):
-    """One JSON object: medians of bartleby, Postfix, Exim (e), OpenSMTPD (o) and the ceiling (c),
-    and bartleby's ratio to each (None where a system was not measured)."""
-    b, p, c, e, o = median(b), median(p), median(c), median(e), median(o)
-    obj = {"figure": name, "unit": unit, "better": better, "bartleby": b, "postfix": p, "exim": e,
-           "opensmtpd": o, "ceiling": c, "bartleby_over_postfix": ratio(b, p), "bartleby_over_exim": ratio(b, e),
-           "bartleby_over_opensmtpd": ratio(b, o), "bartleby_over_ceiling": ratio(b, c)}
+def figure(name, unit, better, b, p, c, e=(), o=(), g=(), **extra):
+    """One JSON object: medians of bartleby, Postfix, Exim (e), OpenSMTPD (o), bartleby-pg (g,
+    bartleby on PostgreSQL) and the ceiling (c), bartleby's ratio to each and bartleby-pg's to
+    Postfix, bartleby and the ceiling (None where a system was not measured)."""
+    b, p, c, e, o, g = median(b), median(p), median(c), median(e), median(o), median(g)
+    obj = {"figure": name, "unit": unit, "better": better, "bartleby": b, "bartleby-pg": g, "postfix": p,
+           "exim": e, "opensmtpd": o, "ceiling": c, "bartleby_over_postfix": ratio(b, p),
+           "bartleby_over_exim": ratio(b, e), "bartleby_over_opensmtpd": ratio(b, o),
+           "bartleby_over_ceiling": ratio(b, c), "bartleby_pg_over_postfix": ratio(g, p),
+           "bartleby_pg_over_bartleby": ratio(g, b), "bartleby_pg_over_ceiling": ratio(g, c)}
     obj.update(extra)
     return obj
 
 
 def samples(r, key):
-    return {"bartleby": r["b." + key], "postfix": r["p." + key], "exim": r["e." + key],
-            "opensmtpd": r["o." + key], "ceiling": r["c." + key]}
+    return {"bartleby": r["b." + key], "bartleby-pg": r["g." + key], "postfix": r["p." + key],
+            "exim": r["e." + key], "opensmtpd": r["o." + key], "ceiling": r["c." + key]}
 
 
 def figures(r, args):
     return [
         figure("accept", "messages/s", "higher", r["b.accept"], r["p.accept"], r["c.accept"],
-               r["e.accept"], r["o.accept"], samples=samples(r, "accept"),
+               r["e.accept"], r["o.accept"], r["g.accept"], samples=samples(r, "accept"),
                exim_note="Exim 4.96 holds its 221 reply to QUIT up to 200 ms waiting for the client to "
                          "close; smtp-source waits for it, so 20 one-message sessions stay near 100/s",
-               goal="bartleby >= 4x postfix and >= 0.5x ceiling"),
+               goal="bartleby >= 4x postfix and >= 0.5x ceiling", bartleby_pg_goal="bartleby-pg >= 2x postfix"),
         figure("drain", "messages/s", "higher", r["b.drain"], r["p.drain"], r["c.drain"],
-               r["e.drain"], r["o.drain"], samples=samples(r, "drain"),
-               ceiling_is="smtp-source -d (connection reuse) into smtp-sink", goal="bartleby >= 4x postfix"),
+               r["e.drain"], r["o.drain"], r["g.drain"], samples=samples(r, "drain"),
+               ceiling_is="smtp-source -d (connection reuse) into smtp-sink", goal="bartleby >= 4x postfix",
+               bartleby_pg_goal="bartleby-pg >= 2x postfix"),
         figure("memory_accept_peak", "kB", "lower", r["b.accept_hwm"], r["p.accept_rss_sum"], r["c.accept_rss"],
-               r["e.accept_rss_sum"], r["o.accept_rss_sum"],
+               r["e.accept_rss_sum"], r["o.accept_rss_sum"], r["g.accept_rss_sum"],
                note="bartleby VmHWM; postfix, exim, opensmtpd: largest sum of VmRSS over their processes "
-                    "(shared pages counted in each), sampled every 200 ms; ceiling: smtp-sink VmRSS",
+                    "(shared pages counted in each), sampled every 200 ms; bartleby-pg: the same over bartleby "
+                    "and its PostgreSQL's processes; ceiling: smtp-sink VmRSS",
                bartleby_sampled_rss=median(r["b.accept_rss"])),
         figure("memory_idle", "kB", "lower", r[f"b.idle_rss_{args.idle}"], r["p.idle_rss_100"], [],
                note=f"bartleby with {args.idle} idle sessions, postfix with 100 (default process limit; "
@@ -969,15 +1169,17 @@ def fmt(value, unit):
     return f"{value:.0f}/s"
 
 
-def print_table(figs):
-    systems = ["bartleby", "postfix", "exim", "opensmtpd", "ceiling"]
+def print_table(figs, with_postgres=False):
+    systems = ["bartleby"] + (["bartleby-pg"] if with_postgres else []) + ["postfix", "exim", "opensmtpd", "ceiling"]
     others = ["postfix", "exim", "opensmtpd", "ceiling"]
+    pg = [f"{'pg/postfix':>12}"] if with_postgres else []
     print("\n" + f"{'figure':<20}" + "".join(f"{name:>12}" for name in systems)
-          + "".join(f"{'b/' + name:>12}" for name in others))
+          + "".join(f"{'b/' + name:>12}" for name in others) + "".join(pg))
     for f in figs:
         u = f["unit"]
+        pg = [f"{f['bartleby_pg_over_postfix'] or 'n/a':>12}"] if with_postgres else []
         print(f"{f['figure']:<20}" + "".join(f"{fmt(f[name], u):>12}" for name in systems)
-              + "".join(f"{f['bartleby_over_' + name] or 'n/a':>12}" for name in others))
+              + "".join(f"{f['bartleby_over_' + name] or 'n/a':>12}" for name in others) + "".join(pg))
         if f["figure"] == "listing":
             print(f"{'  admin first page':<20}{fmt(f['web_first_page_s'], 's'):>12}")
 
@@ -994,6 +1196,7 @@ def environment(binary, peers):
             "bartleby": out([binary, "--version"]), "postfix": out(["postconf", "-dh", "mail_version"]),
             "exim": peers["exim"].version() if "exim" in peers else None,
             "opensmtpd": peers["opensmtpd"].version() if "opensmtpd" in peers else None,
+            "postgresql": peers["bartleby-pg"].postgres.version() if "bartleby-pg" in peers else None,
             "cpus": os.cpu_count(), "kernel": os.uname().release,
             "load_at_start": os.getloadavg()}
 
@@ -1012,8 +1215,10 @@ FIGURES = {
 }
 
 
-# The MTAs beside bartleby, in the order they run; --peers picks some.
-PEERS = ["postfix", "exim", "opensmtpd"]
+# The MTAs beside bartleby, in the order they run; --peers picks some. bartleby-pg (bartleby with
+# its queue in PostgreSQL) runs only when asked for (--with-postgres, or named in --peers).
+PEERS = ["postfix", "exim", "opensmtpd", "bartleby-pg"]
+DEFAULT_PEERS = ["postfix", "exim", "opensmtpd"]
 PEER_DIR = "/var/cache/bartleby-bench/peers"
 
 
@@ -1037,16 +1242,18 @@ def make_peers(args):
         peers["opensmtpd"] = OpenSMTPD(args.workdir, peer_binary(args, "opensmtpd", "/usr/sbin/smtpd"),
                                        peer_binary(args, "opensmtpd", "/usr/sbin/smtpctl"),
                                        shim if os.path.exists(shim) else None)
+    if "bartleby-pg" in args.peers:
+        peers["bartleby-pg"] = BartlebyPostgres(args.binary, args.workdir, PostgreSQL(args.workdir))
     return peers
 
 
 # Each system's prefix in the results (b.accept, p.accept, ...).
-PREFIX = {"bartleby": "b.", "postfix": "p.", "exim": "e.", "opensmtpd": "o.", "ceiling": "c."}
+PREFIX = {"bartleby": "b.", "bartleby-pg": "g.", "postfix": "p.", "exim": "e.", "opensmtpd": "o.", "ceiling": "c."}
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--binary", required=True, help="the bartleby binary")
+    p.add_argument("--binary", help="the bartleby binary (required unless --check-postgres)")
     p.add_argument("--quick", action="store_true", help="2,000 messages, 10,000 queued, 1 round")
     p.add_argument("--rounds", type=int, help="rounds per figure (default 3; --quick 1)")
     p.add_argument("--messages", type=int, help="messages for accept/drain (default 10000)")
@@ -1059,9 +1266,15 @@ def parse_args():
     p.add_argument("--only", default=",".join(FIGURES),
                    help=f"comma list of the figures to measure (default all: {','.join(FIGURES)}); "
                         "drain includes the accept that fills the queue, without reporting it")
-    p.add_argument("--peers", default=",".join(PEERS),
-                   help=f"comma list of the MTAs to measure beside bartleby (default all: {','.join(PEERS)}); "
-                        "Exim and OpenSMTPD take part in accept, drain and memory only")
+    p.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                   help=f"comma list of the MTAs to measure beside bartleby (default {','.join(DEFAULT_PEERS)}; "
+                        f"any of {','.join(PEERS)}); Exim, OpenSMTPD and bartleby-pg take part in accept, drain "
+                        "and memory only")
+    p.add_argument("--with-postgres", action="store_true",
+                   help=f"add bartleby-pg: bartleby with [queue] store = \"postgres\", against its own "
+                        f"PostgreSQL 15 on {addr(POSTGRES)} (fsync and synchronous_commit on)")
+    p.add_argument("--check-postgres", action="store_true",
+                   help="only start, log in to, stop, restart and reset bartleby-pg's PostgreSQL, then exit")
     p.add_argument("--peer-dir", default=PEER_DIR,
                    help=f"where bench/run unpacked exim4-daemon-light and opensmtpd (default {PEER_DIR})")
     args = p.parse_args()
@@ -1071,7 +1284,14 @@ def parse_args():
     peers = {f.strip() for f in args.peers.split(",") if f.strip()}
     if peers - set(PEERS):
         p.error(f"--peers takes a comma list of {','.join(PEERS)}")
+    if args.with_postgres:
+        peers.add("bartleby-pg")
     args.peers = [name for name in PEERS if name in peers]
+    args.with_postgres = "bartleby-pg" in args.peers
+    if args.check_postgres:
+        return args
+    if not args.binary:
+        p.error("--binary is required")
     args.binary = os.path.abspath(args.binary)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.messages = args.messages or (2000 if args.quick else 10000)
@@ -1090,6 +1310,14 @@ def main():
         sys.exit(f"bench: the open files limit ({hard}) is below {wanted}; raise it (ulimit -Hn)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.check_postgres:
+        work = tempfile.mkdtemp(prefix="bartleby-bench-pg-", dir="/var/tmp")
+        try:
+            check_postgres(work)
+        finally:
+            cleanup()
+            shutil.rmtree(work, ignore_errors=True)
+        return
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)
     bartleby, peers = Bartleby(args.binary, args.workdir), make_peers(args)
@@ -1120,7 +1348,7 @@ def main():
             shutil.rmtree(args.workdir, ignore_errors=True)
     wanted = {name for figure_name in args.only for name in FIGURES[figure_name]}
     figs = [f for f in figures(r, args) if f["figure"] in wanted]
-    print_table(figs)
+    print_table(figs, args.with_postgres)
     result = {"environment": env, "settings": {"rounds": args.rounds, "messages": args.messages,
                                                "message_size": MESSAGE_SIZE, "accept_sessions": 20,
                                                "big": args.big, "idle": args.idle,
