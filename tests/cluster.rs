@@ -1,0 +1,328 @@
+//! Several backup MX nodes sharing one queue on a real PostgreSQL 15 (issue 13, docs/cluster.md):
+//! three bartleby daemons on their own loopback addresses (127.0.0.21, .22, .23), senders spread
+//! over them, and a primary (Postfix, or the scriptable fake where a fault is needed).
+//!
+//! - every message that got a 250 is delivered once;
+//! - a node killed in mid-delivery: the others deliver its messages within the lease;
+//! - PostgreSQL stopped: 451 meanwhile, nothing acknowledged lost, recovery without a restart;
+//! - `strict_order` across nodes: the primary sees the arrival order.
+
+#[path = "support/daemon.rs"]
+mod daemon;
+#[path = "support/fake_primary.rs"]
+mod fake_primary;
+#[path = "support/peers.rs"]
+mod peers;
+#[path = "support/postgres.rs"]
+mod postgres;
+
+use daemon::{Daemon, cli_with_config, free_port, queued_id, send_raw};
+use fake_primary::{FakePrimary, Script, Stall};
+use peers::Postfix;
+use postgres::PgServer;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The lease of these tests: short, so that a dead node's mail moves on quickly.
+const LEASE_SECS: u64 = 4;
+
+/// A node's configuration: relays example.test to `primary`, its queue in PostgreSQL at `url`.
+fn node_config(n: usize, dir: &Path, smtp: SocketAddr, url: &str, primary: SocketAddr, extra: &str) -> String {
+    format!(
+        "hostname = \"backup{n}.example.test\"\n\
+         [smtp]\nlisten = [\"{smtp}\"]\nsender_auth = false\n\n\
+         [relay]\ndomains = [\"example.test\"]\n\n\
+         [dns]\nnameservers = [\"127.0.0.1:1\"]\n\n\
+         [queue]\ndir = \"{}\"\nmin_free = 0\nstore = \"postgres\"\nurl = \"{url}\"\nnode = \"node{n}\"\n\
+         lease = \"{LEASE_SECS}s\"\ndb_timeout = \"3s\"\nfirst_retry = \"1s\"\nretry_interval = \"2s\"\n\n\
+         [routes]\n\"example.test\" = \"{primary}\"\n\n\
+         [web]\nlisten = \"127.0.0.1:{}\"\n{extra}",
+        dir.join("spool").display(),
+        free_port("127.0.0.1"),
+    )
+}
+
+/// Node `n` (1, 2, 3) on 127.0.0.2n.
+fn start_node(root: &Path, n: usize, url: &str, primary: SocketAddr, extra: &str) -> Daemon {
+    let ip = format!("127.0.0.{}", 20 + n);
+    let dir = root.join(format!("node{n}"));
+    std::fs::create_dir_all(&dir).expect("node dir");
+    let smtp: SocketAddr = format!("{ip}:{}", free_port(&ip)).parse().expect("addr");
+    Daemon::start_with(&dir, &node_config(n, &dir, smtp, url, primary, extra), smtp)
+}
+
+/// Sends one message with `subject` through `node`; returns the reply to the end of data.
+fn send(node: SocketAddr, to: &str, subject: &str) -> String {
+    let data = format!("Subject: {subject}\r\nMessage-ID: <{subject}@sender.test>\r\n\r\nbody of {subject}\r\n");
+    send_raw(node, "a@sender.test", &[to], data.as_bytes()).unwrap_or_else(|e| format!("error: {e}"))
+}
+
+/// The subject of a message as delivered.
+fn subject(message: &[u8]) -> String {
+    let text = String::from_utf8_lossy(message);
+    text.lines().find_map(|l| l.strip_prefix("Subject: ")).map(str::to_string).unwrap_or_default()
+}
+
+fn queued_count(pg: &PgServer) -> usize {
+    pg.psql("SELECT count(*) FROM bartleby_messages").unwrap_or_default().trim().parse().unwrap_or(usize::MAX)
+}
+
+/// Postfix as the primary on 127.0.0.2 at a free port, mailbox `alice`.
+fn postfix_primary() -> Postfix {
+    let ip = Ipv4Addr::new(127, 0, 0, 2);
+    let port = peers::free_loopback_port(ip).expect("port");
+    Postfix::start(SocketAddrV4::new(ip, port), "example.test", &["alice"]).expect("postfix primary")
+}
+
+/// Subjects delivered to alice at the Postfix primary, in delivery order.
+fn delivered(postfix: &Postfix) -> Vec<String> {
+    postfix.maildir_messages("alice").unwrap_or_default().iter().map(|m| subject(m)).collect()
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}\n{}", context());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every message acknowledged by any node reaches the primary, and none twice: 60 messages from
+/// 12 concurrent senders spread over three nodes, first with the primary down (queued, then
+/// flushed from one node when it is back), then with it up.
+#[test]
+fn every_acknowledged_message_is_delivered_once_by_three_nodes() {
+    let pg = PgServer::start("127.0.0.1").expect("postgres");
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut postfix = postfix_primary();
+    let primary = SocketAddr::V4(postfix.listen());
+    postfix.stop().expect("primary down");
+    let nodes: Vec<Daemon> = (1..=3).map(|n| start_node(root.path(), n, &pg.url(), primary, "")).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|d| d.smtp).collect();
+    let send_round = |round: &str| -> Vec<String> {
+        let senders: Vec<_> = (0..12)
+            .map(|s| {
+                let (addrs, round) = (addrs.clone(), round.to_string());
+                std::thread::spawn(move || {
+                    (0..5)
+                        .map(|i| {
+                            let subject = format!("{round}-{s}-{i}");
+                            let reply = send(addrs[(s + i) % 3], "alice@example.test", &subject);
+                            assert!(reply.starts_with("250"), "{subject}: {reply}");
+                            subject
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        senders.into_iter().flat_map(|t| t.join().expect("sender")).collect()
+    };
+    let mut sent = send_round("down");
+    assert_eq!(queued_count(&pg), 60, "all 60 are in the shared queue");
+    let accepted_by =
+        pg.psql("SELECT count(DISTINCT accepted_by) FROM bartleby_messages").unwrap_or_else(|e| e.to_string());
+    assert_eq!(accepted_by.trim(), "3", "each node accepted some");
+    // The node list shows the whole queue, whichever node is asked.
+    let listed = nodes[2].queue();
+    assert_eq!(listed.len(), 60, "node3 lists the shared queue");
+    postfix.resume().expect("primary back");
+    let flush = cli_with_config(&nodes[0].config_path, &["queue", "flush"]);
+    assert!(flush.status.success(), "{}", String::from_utf8_lossy(&flush.stderr));
+    sent.extend(send_round("up"));
+    wait_for(
+        "all 120 delivered",
+        Duration::from_secs(90),
+        || delivered(&postfix).len() >= 120,
+        || format!("delivered {}; queued {}\n{}", delivered(&postfix).len(), queued_count(&pg), nodes[0].log()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for s in delivered(&postfix) {
+        *counts.entry(s).or_default() += 1;
+    }
+    for s in &sent {
+        assert_eq!(counts.get(s), Some(&1), "{s} delivered once");
+    }
+    assert_eq!(counts.len(), sent.len(), "nothing else delivered: {counts:?}");
+    wait_for(
+        "the queue empty",
+        Duration::from_secs(10),
+        || queued_count(&pg) == 0,
+        || pg.psql("SELECT * FROM bartleby_messages").unwrap_or_else(|e| e.to_string()),
+    );
+    for node in &nodes {
+        assert!(!node.log().contains("panicked"), "{}", node.log());
+    }
+}
+
+/// A node killed (SIGKILL) while it delivers: its leases expire and the other nodes deliver its
+/// messages within the lease; no message is lost, and the only second copies are of deliveries
+/// that were in flight at the kill.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_nodes_messages_are_delivered_by_the_others_within_the_lease() {
+    let pg = PgServer::start("127.0.0.1").expect("postgres");
+    let root = tempfile::tempdir().expect("tempdir");
+    // A primary that takes the message and never answers: node1's deliveries hang in mid-flight.
+    let stalling = FakePrimary::start(Script { stall: Some(Stall::AfterData), ..Script::default() }).await;
+    let primary = stalling.addr;
+    let url = pg.url();
+    let mut node1 = {
+        let (root, url) = (root.path().to_path_buf(), url.clone());
+        tokio::task::spawn_blocking(move || start_node(&root, 1, &url, primary, "")).await.expect("node1")
+    };
+    let smtp = node1.smtp;
+    let sent: Vec<String> = tokio::task::spawn_blocking(move || {
+        (0..10)
+            .map(|i| {
+                let subject = format!("kill-{i}");
+                let reply = send(smtp, "alice@example.test", &subject);
+                assert!(reply.starts_with("250"), "{reply}");
+                subject
+            })
+            .collect()
+    })
+    .await
+    .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pg.psql("SELECT count(*) FROM bartleby_messages WHERE leased_by = 'node1'").unwrap_or_default().trim() == "0"
+    {
+        assert!(Instant::now() < deadline, "node1 never claimed a message\n{}", node1.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let in_flight = stalling.messages().len();
+    assert!(in_flight >= 1, "a delivery is in flight at the kill");
+    node1.kill();
+    let killed_at = Instant::now();
+    drop(stalling);
+    // The stalled listener closes once its aborted task is dropped: wait for the address.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpListener::bind(primary).await.is_err() {
+        assert!(Instant::now() < deadline, "the stalled primary's address stays taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let primary_addr = primary;
+    let primary = FakePrimary::start_at(primary_addr, Script::default()).await;
+    let others: Vec<Daemon> = {
+        let (root, url) = (root.path().to_path_buf(), url.clone());
+        tokio::task::spawn_blocking(move || (2..=3).map(|n| start_node(&root, n, &url, primary_addr, "")).collect())
+            .await
+            .expect("nodes 2 and 3")
+    };
+    let deadline = killed_at + Duration::from_secs(LEASE_SECS * 3 + 10);
+    loop {
+        let subjects: Vec<String> = primary.messages().iter().map(|m| subject(&m.body)).collect();
+        if sent.iter().all(|s| subjects.contains(s)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node1's messages were not delivered by the others: got {subjects:?}\n{}",
+            others[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = killed_at.elapsed();
+    assert!(took <= Duration::from_secs(LEASE_SECS * 3 + 10), "took {took:?}");
+    let subjects: Vec<String> = primary.messages().iter().map(|m| subject(&m.body)).collect();
+    for s in &sent {
+        assert_eq!(subjects.iter().filter(|d| *d == s).count(), 1, "{s} once at the new primary: {subjects:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queued_count(&pg) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "queue not empty: {}",
+            pg.psql("SELECT id, leased_by FROM bartleby_messages").unwrap_or_else(|e| e.to_string())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// PostgreSQL stopped for a while: the node answers 451 4.3.0 (never 250 without a commit), the
+/// messages acknowledged before stay, and once the database is back the node accepts and delivers
+/// again without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_outage_gives_451_and_the_node_recovers_by_itself() {
+    let mut pg = PgServer::start("127.0.0.1").expect("postgres");
+    let root = tempfile::tempdir().expect("tempdir");
+    // The primary is unreachable at first (nothing listens there), so the mail stays queued.
+    let primary: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")).parse().expect("addr");
+    let url = pg.url();
+    let node = {
+        let (root, url) = (root.path().to_path_buf(), url.clone());
+        tokio::task::spawn_blocking(move || start_node(&root, 1, &url, primary, "")).await.expect("node")
+    };
+    let smtp = node.smtp;
+    let before = tokio::task::spawn_blocking(move || send(smtp, "alice@example.test", "before")).await.expect("send");
+    assert!(before.starts_with("250"), "{before}");
+    pg.stop().expect("stop postgres");
+    let during = tokio::task::spawn_blocking(move || send(smtp, "alice@example.test", "during")).await.expect("send");
+    assert!(during.starts_with("451 4.3.0"), "while the database is down: {during}");
+    pg.start_again().expect("start postgres again");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let reply = tokio::task::spawn_blocking(move || send(smtp, "alice@example.test", "after")).await.expect("send");
+        if reply.starts_with("250") {
+            break reply;
+        }
+        assert!(Instant::now() < deadline, "not accepting after the database came back: {reply}\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let before_id = queued_id(&before).expect("id");
+    let after_id = queued_id(&after).expect("id");
+    let ids = pg.psql("SELECT id FROM bartleby_messages ORDER BY id").unwrap_or_else(|e| e.to_string());
+    assert!(ids.contains(&before_id) && ids.contains(&after_id), "{ids}");
+    assert_eq!(ids.lines().filter(|l| !l.trim().is_empty()).count(), 2, "the 451 left nothing queued: {ids}");
+    let primary = FakePrimary::start_at(primary, Script::default()).await;
+    let flush = cli_with_config(&node.config_path, &["queue", "flush"]);
+    assert!(flush.status.success(), "{}", String::from_utf8_lossy(&flush.stderr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while primary.messages().len() < 2 {
+        assert!(Instant::now() < deadline, "not delivered after the outage\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut subjects: Vec<String> = primary.messages().iter().map(|m| subject(&m.body)).collect();
+    subjects.sort();
+    assert_eq!(subjects, ["after", "before"], "each acknowledged message once, the refused one never");
+    assert!(!node.log().contains("panicked"), "{}", node.log());
+}
+
+/// `strict_order` across nodes: messages accepted alternately by three nodes while the primary is
+/// down reach it, once it is back, in the order they were accepted.
+#[test]
+fn strict_order_holds_across_nodes() {
+    let pg = PgServer::start("127.0.0.1").expect("postgres");
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut postfix = postfix_primary();
+    let primary = SocketAddr::V4(postfix.listen());
+    postfix.stop().expect("primary down");
+    let extra = "\n[domain.\"example.test\"]\nstrict_order = true\n";
+    let nodes: Vec<Daemon> = (1..=3).map(|n| start_node(root.path(), n, &pg.url(), primary, extra)).collect();
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        let subject = format!("order-{i:02}");
+        let reply = send(nodes[i % 3].smtp, "alice@example.test", &subject);
+        assert!(reply.starts_with("250"), "{reply}");
+        sent.push(subject);
+    }
+    postfix.resume().expect("primary back");
+    // New mail while the backlog waits, through every node.
+    for i in 30..36 {
+        let subject = format!("order-{i:02}");
+        let reply = send(nodes[i % 3].smtp, "alice@example.test", &subject);
+        assert!(reply.starts_with("250"), "{reply}");
+        sent.push(subject);
+    }
+    let flush = cli_with_config(&nodes[1].config_path, &["queue", "flush"]);
+    assert!(flush.status.success(), "{}", String::from_utf8_lossy(&flush.stderr));
+    wait_for(
+        "all delivered",
+        Duration::from_secs(90),
+        || delivered(&postfix).len() >= sent.len(),
+        || format!("{:?}\n{}", delivered(&postfix), nodes[0].log()),
+    );
+    assert_eq!(delivered(&postfix), sent, "the primary got the mail in arrival order");
+}
