@@ -326,3 +326,59 @@ fn strict_order_holds_across_nodes() {
     );
     assert_eq!(delivered(&postfix), sent, "the primary got the mail in arrival order");
 }
+
+/// The store's leases, through the library against the real server: a message claimed by one node
+/// is neither claimed nor overwritten by another while the lease lives (fencing); once the holder
+/// is silent for a lease, another node takes it and the first one's late outcome is refused. One
+/// node at a time holds a `strict_order` domain's lane.
+#[test]
+fn leases_fence_outcomes_and_lanes_admit_one_node() {
+    use bartleby::spool::postgres::{PgQueue, Role};
+    use bartleby::spool::{Envelope, Queue, Recipient, SpoolError};
+    use std::sync::Arc;
+    let pg = PgServer::start("127.0.0.1").expect("postgres");
+    let root = tempfile::tempdir().expect("tempdir");
+    let config = |name: &str, lease: &str| {
+        let text = format!(
+            "[queue]\ndir = \"{}\"\nstore = \"postgres\"\nurl = \"{}\"\nnode = \"{name}\"\nlease = \"{lease}\"\ndb_timeout = \"5s\"\n",
+            root.path().join(name).display(),
+            pg.url()
+        );
+        bartleby::config::Config::parse(&text, "test.toml").expect("config")
+    };
+    // `a` is a tool (no heartbeat), so its 2 s lease lapses; `b` and `c` are nodes.
+    let a: Arc<dyn Queue> = Arc::new(PgQueue::open(&config("a", "2s"), Role::Tool).expect("a"));
+    let b = PgQueue::open(&config("b", "30s"), Role::Node).expect("b");
+    let c = PgQueue::open(&config("c", "30s"), Role::Node).expect("c");
+    let id = b.new_id();
+    let mut incoming = Arc::new(PgQueue::open(&config("d", "30s"), Role::Node).expect("d")).incoming(&id).expect("incoming");
+    incoming.write(b"Subject: x\r\n\r\nx\r\n").expect("write");
+    let envelope = Envelope::new(id.clone(), "a@sender.test".into(), vec![Recipient::new("u@example.test".into())]);
+    incoming.commit(envelope).expect("commit");
+
+    let claimed = a.claim(std::slice::from_ref(&id), None);
+    assert_eq!(claimed.len(), 1, "a claims the message");
+    assert!(b.claim(std::slice::from_ref(&id), None).is_empty(), "b cannot claim it while a's lease lives");
+    let mut changed = claimed[0].envelope.clone();
+    changed.attempts = 7;
+    assert!(matches!(b.update(std::slice::from_ref(&changed)), Err(SpoolError::Leased { .. })), "b is fenced");
+    assert!(matches!(b.delete(&id), Err(SpoolError::Leased { .. })), "an operator on b hears who has it");
+    let holder = b.get(&id).and_then(|e| e.leased_by).unwrap_or_default();
+    assert!(holder.starts_with("tool-"), "listings name the holder (a tool here): {holder}");
+
+    std::thread::sleep(Duration::from_millis(2500));
+    let taken = b.claim(std::slice::from_ref(&id), None);
+    assert_eq!(taken.len(), 1, "after a's lease lapsed, b takes the message");
+    assert!(matches!(a.update(std::slice::from_ref(&changed)), Err(SpoolError::Leased { .. })), "a's late outcome is refused");
+    a.remove(std::slice::from_ref(&id)).expect("remove is not an error");
+    assert!(b.get(&id).is_some(), "a's late removal did not remove b's message");
+    b.remove(std::slice::from_ref(&id)).expect("b settles");
+    assert!(c.get(&id).is_none(), "b's removal went through");
+
+    assert!(b.claim_lane("example.test"), "b takes the lane");
+    assert!(!c.claim_lane("Example.TEST"), "c waits while b holds it");
+    assert!(b.claim_lane("example.test"), "the holder keeps it");
+    b.release_lane("example.test");
+    assert!(c.claim_lane("example.test"), "c takes it once b is done");
+    assert!(!b.claim_lane("example.test"), "and b waits now");
+}
