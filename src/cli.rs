@@ -308,8 +308,15 @@ fn hash_password() -> ExitCode {
 }
 
 fn recipients(config: &Config, action: RecipientsCommand) -> ExitCode {
-    use crate::recipients::{self, cache::Source};
-    let dir = &config.queue.dir;
+    use crate::recipients::{self, CacheAt, cache::Source};
+    let dir = match CacheAt::of(config) {
+        Ok(at) => at,
+        Err(err) => {
+            eprintln!("bartleby: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let dir = &dir;
     let result = match action {
         RecipientsCommand::List { json } => recipients::list(dir).map(|entries| print_recipients(&entries, json)),
         RecipientsCommand::Add { addresses, invalid } => {

@@ -8,6 +8,7 @@ use crate::control;
 use crate::deliver::{Courier, Deliverer};
 use crate::metrics::Metrics;
 use crate::monitor::Monitor;
+use crate::recipients::CacheAt;
 use crate::recipients::Recipients;
 use crate::schedule::{Scheduler, SchedulerHandle};
 use crate::smtp::{self, ServerContext, Serving};
@@ -287,8 +288,10 @@ struct Guards {
 impl Guards {
     fn open(config: &Arc<Config>) -> Result<Guards, DaemonError> {
         let setup = |e: String| DaemonError::Setup(e);
-        let recipients =
-            Arc::new(Recipients::open(Arc::clone(config), &config.queue.dir).map_err(|e| setup(e.to_string()))?);
+        let recipients = Arc::new(
+            Recipients::open(Arc::clone(config), CacheAt::of(config).map_err(|e| setup(e.to_string()))?)
+                .map_err(|e| setup(e.to_string()))?,
+        );
         let sender_check = match config.smtp.sender_auth {
             true => Some(Arc::new(SenderCheck::new(config).map_err(|e| setup(e.to_string()))?)),
             false => None,

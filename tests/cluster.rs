@@ -351,7 +351,8 @@ fn leases_fence_outcomes_and_lanes_admit_one_node() {
     let b = PgQueue::open(&config("b", "30s"), Role::Node).expect("b");
     let c = PgQueue::open(&config("c", "30s"), Role::Node).expect("c");
     let id = b.new_id();
-    let mut incoming = Arc::new(PgQueue::open(&config("d", "30s"), Role::Node).expect("d")).incoming(&id).expect("incoming");
+    let mut incoming =
+        Arc::new(PgQueue::open(&config("d", "30s"), Role::Node).expect("d")).incoming(&id).expect("incoming");
     incoming.write(b"Subject: x\r\n\r\nx\r\n").expect("write");
     let envelope = Envelope::new(id.clone(), "a@sender.test".into(), vec![Recipient::new("u@example.test".into())]);
     incoming.commit(envelope).expect("commit");
@@ -369,7 +370,10 @@ fn leases_fence_outcomes_and_lanes_admit_one_node() {
     std::thread::sleep(Duration::from_millis(2500));
     let taken = b.claim(std::slice::from_ref(&id), None);
     assert_eq!(taken.len(), 1, "after a's lease lapsed, b takes the message");
-    assert!(matches!(a.update(std::slice::from_ref(&changed)), Err(SpoolError::Leased { .. })), "a's late outcome is refused");
+    assert!(
+        matches!(a.update(std::slice::from_ref(&changed)), Err(SpoolError::Leased { .. })),
+        "a's late outcome is refused"
+    );
     a.remove(std::slice::from_ref(&id)).expect("remove is not an error");
     assert!(b.get(&id).is_some(), "a's late removal did not remove b's message");
     b.remove(std::slice::from_ref(&id)).expect("b settles");
@@ -381,4 +385,41 @@ fn leases_fence_outcomes_and_lanes_admit_one_node() {
     b.release_lane("example.test");
     assert!(c.claim_lane("example.test"), "c takes it once b is done");
     assert!(!b.claim_lane("example.test"), "and b waits now");
+}
+
+/// The recipient cache lives in the shared store: an address one node records (here by the
+/// operator; callout answers and addresses the primary accepted go the same way) is known to the
+/// others.
+#[test]
+fn the_recipient_cache_is_shared_by_the_nodes() {
+    let pg = PgServer::start("127.0.0.1").expect("postgres");
+    let root = tempfile::tempdir().expect("tempdir");
+    let primary: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let configs: Vec<std::path::PathBuf> = (1..=2)
+        .map(|n| {
+            let dir = root.path().join(format!("node{n}"));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let path = dir.join("bartleby.toml");
+            let smtp: SocketAddr = format!("127.0.0.{}:2525", 20 + n).parse().expect("addr");
+            std::fs::write(&path, node_config(n, &dir, smtp, &pg.url(), primary, "")).expect("config");
+            path
+        })
+        .collect();
+    let added = cli_with_config(&configs[0], &["recipients", "add", "bob@example.test"]);
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    let listed = cli_with_config(&configs[1], &["recipients", "list"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success() && text.contains("bob@example.test"),
+        "{text}{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let forgotten = cli_with_config(&configs[1], &["recipients", "forget", "bob@example.test"]);
+    assert!(forgotten.status.success(), "{}", String::from_utf8_lossy(&forgotten.stderr));
+    let listed = cli_with_config(&configs[0], &["recipients", "list"]);
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains("bob@example.test"), "forgotten everywhere");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM bartleby_documents WHERE name = 'recipients'").unwrap_or_default().trim(),
+        "1"
+    );
 }

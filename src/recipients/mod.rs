@@ -22,13 +22,14 @@ use crate::config::{Config, UnknownPolicy};
 use crate::deliver::{ClientSettings, Router, Session, TlsMode};
 use crate::lock;
 use crate::spool::{domain_of, now_micros};
+pub use cache::CacheAt;
 use cache::{CacheFile, Entry, Source};
 use ldap::Directory;
 use list::StaticList;
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// How often the daemon looks at the cache file and the lists for changes made by others.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -65,7 +66,7 @@ pub enum Decision {
 struct State {
     cache: CacheFile,
     /// The cache file's modification time and length when read.
-    stamp: Option<(SystemTime, u64)>,
+    stamp: Option<(i64, u64)>,
     checked: Option<Instant>,
     lists: HashMap<String, StaticList>,
 }
@@ -73,7 +74,8 @@ struct State {
 /// Recipient knowledge for the daemon; shared by all sessions and the scheduler.
 pub struct Recipients {
     config: Arc<Config>,
-    dir: PathBuf,
+    /// Where the cache is kept (the spool directory, or the shared store).
+    at: CacheAt,
     state: Mutex<State>,
     /// Start times of the callouts of the last minute, for `smtp.callouts_per_minute`.
     callouts: Mutex<VecDeque<Instant>>,
@@ -84,9 +86,10 @@ pub struct Recipients {
 }
 
 impl Recipients {
-    /// Knowledge for the spool at `spool_dir`, whose cache file is read now.
-    pub fn open(config: Arc<Config>, spool_dir: &Path) -> Result<Recipients, RecipientsError> {
-        let cache = cache::load(spool_dir)?;
+    /// Knowledge for the cache `at` (see [`CacheAt::of`]), which is read now.
+    pub fn open(config: Arc<Config>, at: impl Into<CacheAt>) -> Result<Recipients, RecipientsError> {
+        let at = at.into();
+        let cache = cache::load(&at)?;
         let lists = config
             .domain
             .iter()
@@ -104,7 +107,7 @@ impl Recipients {
         let state = State { cache, stamp: None, checked: None, lists };
         Ok(Recipients {
             config,
-            dir: spool_dir.to_path_buf(),
+            at,
             state: Mutex::new(state),
             callouts: Mutex::new(VecDeque::new()),
             router,
@@ -246,12 +249,12 @@ impl Recipients {
     }
 
     fn remember(&self, addresses: &[String], valid: bool, source: Source, ttl: Option<Duration>) {
-        let result = add(&self.dir, addresses, valid, source, ttl);
+        let result = add(&self.at, addresses, valid, source, ttl);
         match result {
             Ok(cache) => {
                 let mut state = lock(&self.state);
                 state.cache = cache;
-                state.stamp = stamp(&cache::cache_path(&self.dir));
+                state.stamp = self.at.stamp();
             }
             Err(err) => tracing::error!(error = %err, "cannot save the recipient cache"),
         }
@@ -305,9 +308,9 @@ impl Recipients {
         for list in state.lists.values_mut() {
             list.refresh();
         }
-        let now = stamp(&cache::cache_path(&self.dir));
+        let now = self.at.stamp();
         if now != state.stamp {
-            match cache::load(&self.dir) {
+            match cache::load(&self.at) {
                 Ok(cache) => {
                     state.cache = cache;
                     state.stamp = now;
@@ -339,13 +342,9 @@ fn unknown(policy: UnknownPolicy) -> Decision {
     }
 }
 
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
-}
-
-/// Adds or replaces entries in the cache of the spool at `spool_dir`; returns the cache as written.
+/// Adds or replaces entries in the cache `at`; returns the cache as written.
 pub fn add(
-    spool_dir: &Path,
+    at: &CacheAt,
     addresses: &[String],
     valid: bool,
     source: Source,
@@ -358,7 +357,7 @@ pub fn add(
     }
     let now = now_micros();
     let expires = ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX / 2)));
-    cache::modify(spool_dir, |cache| {
+    cache::modify(at, |cache| {
         for address in addresses {
             cache.entries.insert(address.to_ascii_lowercase(), Entry { valid, source, at: now, expires });
         }
@@ -367,14 +366,14 @@ pub fn add(
 }
 
 /// Removes an entry; true when there was one.
-pub fn forget(spool_dir: &Path, address: &str) -> Result<bool, RecipientsError> {
-    cache::modify(spool_dir, |cache| cache.entries.remove(&address.to_ascii_lowercase()).is_some())
+pub fn forget(at: &CacheAt, address: &str) -> Result<bool, RecipientsError> {
+    cache::modify(at, |cache| cache.entries.remove(&address.to_ascii_lowercase()).is_some())
 }
 
 /// Every entry still fresh, by address.
-pub fn list(spool_dir: &Path) -> Result<Vec<(String, Entry)>, RecipientsError> {
+pub fn list(at: &CacheAt) -> Result<Vec<(String, Entry)>, RecipientsError> {
     let now = now_micros();
-    Ok(cache::load(spool_dir)?.entries.into_iter().filter(|(_, e)| e.fresh(now)).collect())
+    Ok(cache::load(at)?.entries.into_iter().filter(|(_, e)| e.fresh(now)).collect())
 }
 
 #[cfg(test)]

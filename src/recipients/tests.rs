@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::{DomainConfig, Route};
+use std::path::Path;
 
 fn config(dir: &Path, policy: DomainConfig) -> Arc<Config> {
     let mut config = Config::demo();
@@ -22,19 +23,19 @@ fn list_cache_and_policy() {
     assert_eq!(recipients.lookup("Alice@example.test"), Decision::Accept);
     assert_eq!(recipients.lookup("bob@example.test"), Decision::TempFail, "unknown: tempfail by default");
     assert_eq!(recipients.lookup("anyone@open.test"), Decision::Accept, "no checks for this domain");
-    add(dir.path(), &["ghost@example.test".into()], false, Source::Operator, None).expect("add");
-    add(dir.path(), &["carol@example.test".into()], true, Source::Operator, None).expect("add");
+    add(&dir.path().into(), &["ghost@example.test".into()], false, Source::Operator, None).expect("add");
+    add(&dir.path().into(), &["carol@example.test".into()], true, Source::Operator, None).expect("add");
     std::thread::sleep(REFRESH);
     assert_eq!(recipients.lookup("ghost@example.test"), Decision::Reject);
     assert_eq!(recipients.lookup("carol@example.test"), Decision::Accept);
     recipients.learn(&["dave@example.test".to_string()]);
     assert_eq!(recipients.lookup("dave@example.test"), Decision::Accept);
-    let entries = super::list(dir.path()).expect("list");
+    let entries = super::list(&dir.path().into()).expect("list");
     assert_eq!(entries.len(), 3);
-    assert!(forget(dir.path(), "DAVE@example.test").expect("forget"));
-    assert!(!forget(dir.path(), "dave@example.test").expect("forget"));
+    assert!(forget(&dir.path().into(), "DAVE@example.test").expect("forget"));
+    assert!(!forget(&dir.path().into(), "dave@example.test").expect("forget"));
     assert!(matches!(
-        add(dir.path(), &["no-at".into()], true, Source::Operator, None),
+        add(&dir.path().into(), &["no-at".into()], true, Source::Operator, None),
         Err(RecipientsError::BadAddress(_))
     ));
 }
@@ -53,7 +54,7 @@ async fn callout_with_the_primary_down_follows_the_policy() {
         let decided = tokio::time::timeout(Duration::from_secs(20), recipients.callout("x@example.test")).await;
         assert_eq!(decided.expect("bounded"), expected, "{policy:?}");
     }
-    assert!(super::list(dir.path()).expect("list").is_empty(), "nothing cached while the primary is down");
+    assert!(super::list(&dir.path().into()).expect("list").is_empty(), "nothing cached while the primary is down");
 }
 
 #[test]
@@ -80,9 +81,9 @@ async fn a_directory_that_cannot_answer_leaves_it_to_the_cache_then_the_policy()
     let bounded = |address: &'static str| tokio::time::timeout(Duration::from_secs(20), recipients.callout(address));
     assert_eq!(bounded("x@example.test").await.expect("bounded"), Decision::TempFail, "unknown: the policy");
     let ttl = Some(Duration::from_secs(3600));
-    add(dir.path(), &["known@example.test".into()], true, Source::Directory, ttl).expect("add");
-    add(dir.path(), &["gone@example.test".into()], false, Source::Directory, ttl).expect("add");
-    add(dir.path(), &["vip@example.test".into()], true, Source::Operator, None).expect("add");
+    add(&dir.path().into(), &["known@example.test".into()], true, Source::Directory, ttl).expect("add");
+    add(&dir.path().into(), &["gone@example.test".into()], false, Source::Directory, ttl).expect("add");
+    add(&dir.path().into(), &["vip@example.test".into()], true, Source::Operator, None).expect("add");
     std::thread::sleep(REFRESH);
     assert_eq!(recipients.lookup("known@example.test"), Decision::Callout, "a cached answer is not the directory's");
     assert_eq!(recipients.lookup("vip@example.test"), Decision::Accept, "the operator's entries come first");

@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::ToSql;
 
 /// The schema this build writes; older ones are migrated at start, a newer one is refused.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Each migration takes the schema from its index to the next version, in one transaction.
 const MIGRATIONS: &[&str] = &[
@@ -80,6 +80,13 @@ const MIGRATIONS: &[&str] = &[
         domain text PRIMARY KEY,
         holder text NOT NULL,
         until bigint NOT NULL
+    );",
+    // Version 2: what the nodes share beside the queue (the recipient cache), one versioned
+    // document each, replaced whole with a compare-and-set on the version.
+    "CREATE TABLE bartleby_documents (
+        name text PRIMARY KEY,
+        version bigint NOT NULL,
+        body bytea NOT NULL
     );",
 ];
 
@@ -615,6 +622,50 @@ impl PgQueue {
             let client = pool.get().await?;
             let count: i64 = client.query_one(&text, &sql.refs()).await?.try_get(0)?;
             Ok(usize::try_from(count).unwrap_or(0))
+        })
+    }
+}
+
+impl PgQueue {
+    /// A shared document (the recipient cache) with its version; None when never written.
+    pub fn document(&self, name: &str) -> Result<Option<(i64, Vec<u8>)>, SpoolError> {
+        let (pool, name) = (self.pool.clone(), name.to_string());
+        self.run("document", async move {
+            let client = pool.get().await?;
+            let row =
+                client.query_opt("SELECT version, body FROM bartleby_documents WHERE name = $1", &[&name]).await?;
+            match row {
+                Some(row) => Ok(Some((row.try_get(0)?, row.try_get(1)?))),
+                None => Ok(None),
+            }
+        })
+    }
+
+    /// Replaces a document if it is still at version `seen` (None: not yet written); false when
+    /// another node changed it meanwhile (read it again and retry).
+    pub fn replace_document(&self, name: &str, seen: Option<i64>, body: Vec<u8>) -> Result<bool, SpoolError> {
+        let (pool, name) = (self.pool.clone(), name.to_string());
+        self.run("document", async move {
+            let client = pool.get().await?;
+            let changed = match seen {
+                None => {
+                    client
+                        .execute(
+                            "INSERT INTO bartleby_documents (name, version, body) VALUES ($1, 1, $2) ON CONFLICT DO NOTHING",
+                            &[&name, &body],
+                        )
+                        .await?
+                }
+                Some(version) => {
+                    client
+                        .execute(
+                            "UPDATE bartleby_documents SET body = $3, version = version + 1 WHERE name = $1 AND version = $2",
+                            &[&name, &version, &body],
+                        )
+                        .await?
+                }
+            };
+            Ok(changed == 1)
         })
     }
 }

@@ -465,7 +465,7 @@ fn unknown_recipients_follow_the_domain_policy() {
         c.domain.insert("other.test".into(), hold);
     });
     crate::recipients::add(
-        fx._dir.path(),
+        &fx._dir.path().into(),
         &["ghost@example.test".into()],
         false,
         crate::recipients::cache::Source::Operator,
