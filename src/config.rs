@@ -440,7 +440,8 @@ pub struct WebConfig {
     pub disk_warn_percent: u8,
     /// Free space, in percent, below which the disk bar turns red.
     pub disk_critical_percent: u8,
-    /// How often the queue size is sampled for the 24-hour chart.
+    /// How often the queue size is sampled for the 24-hour chart (each minute by default, so that a
+    /// fresh outage shows).
     pub sample_interval: HumanDuration,
 }
 
@@ -538,7 +539,7 @@ impl Default for WebConfig {
             flush_cooldown: HumanDuration::seconds(60),
             disk_warn_percent: 20,
             disk_critical_percent: 10,
-            sample_interval: HumanDuration::minutes(5),
+            sample_interval: HumanDuration::minutes(1),
         }
     }
 }

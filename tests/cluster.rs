@@ -423,3 +423,52 @@ fn the_recipient_cache_is_shared_by_the_nodes() {
         "1"
     );
 }
+
+/// The alert rules' state and the chart's samples live in the shared store: with the primary
+/// down, two nodes that both probe it send one `primary_down` alert between them, a node that
+/// restarts does not send it again, and the chart has one series (a node samples only when no node
+/// did for half an interval).
+#[test]
+fn alerts_and_the_chart_are_shared_by_the_nodes() {
+    let pg = PgServer::start("127.0.0.1").expect("postgres");
+    let root = tempfile::tempdir().expect("tempdir");
+    // Nothing listens there: every probe finds the primary down.
+    let primary: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let alerts = |n: usize| root.path().join(format!("alerts{n}.jsonl"));
+    let extra = |n: usize| {
+        format!(
+            "sample_interval = \"10s\"\n\n[monitor]\nprobe_interval = \"1s\"\nprobe_timeout = \"1s\"\n\
+             primary_down_after = \"2s\"\n\n[[monitor.command]]\nargv = [\"/bin/sh\", \"-c\", \"cat >> '{}'\"]\n",
+            alerts(n).display()
+        )
+    };
+    let firing = || {
+        (1..=2)
+            .map(|n| std::fs::read_to_string(alerts(n)).unwrap_or_default())
+            .flat_map(|text| text.lines().map(str::to_string).collect::<Vec<_>>())
+            .filter(|line| line.contains("\"rule\":\"primary_down\"") && line.contains("\"state\":\"firing\""))
+            .count()
+    };
+    let mut node1 = start_node(root.path(), 1, &pg.url(), primary, &extra(1));
+    let node2 = start_node(root.path(), 2, &pg.url(), primary, &extra(2));
+    let stored = |name: &str| {
+        pg.psql(&format!("SELECT convert_from(body, 'UTF8') FROM bartleby_documents WHERE name = '{name}'"))
+            .unwrap_or_default()
+    };
+    wait_for("a primary_down alert", Duration::from_secs(30), || firing() >= 1, || stored("alerts"));
+    // Both nodes go on probing and finding it down for several rounds.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(firing(), 1, "one alert between the nodes\n{}", stored("alerts"));
+    assert!(stored("alerts").contains("primary_down example.test"), "{}", stored("alerts"));
+
+    node1.kill();
+    let node1 = start_node(root.path(), 1, &pg.url(), primary, &extra(1));
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(firing(), 1, "the restarted node knows the alert is out\n{}", stored("alerts"));
+
+    let chart: serde_json::Value = serde_json::from_str(stored("chart").trim()).expect("the chart's document");
+    let times: Vec<i64> = chart["samples"].as_array().expect("samples").iter().filter_map(|s| s[0].as_i64()).collect();
+    assert!(!times.is_empty(), "{chart}");
+    assert!(times.windows(2).all(|w| w[1] - w[0] >= 5_000_000), "one sample per half interval at most: {times:?}");
+    drop((node1, node2));
+}

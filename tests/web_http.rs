@@ -675,3 +675,24 @@ async fn queue_shape_in_the_api_the_page_and_metrics_and_paused_domains_on_the_p
     })
     .await;
 }
+
+/// In a shared store the message page names the node that accepted the message and the node that
+/// holds its lease (docs/cluster.md).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_message_page_names_the_nodes_of_a_shared_store() {
+    bounded(async {
+        let web = TestWeb::start(TRUSTED).await;
+        let id = web.queue("a@sender.test", &["b@example.test"], "nodes");
+        let mut client = web.client();
+        let page = client.get(&format!("/message/{id}")).await;
+        assert!(!page.body.contains("Accepted by"), "a local store has one node");
+        let mut envelope = web.spool.get(&id).unwrap();
+        envelope.accepted_by = Some("node7".into());
+        envelope.leased_by = Some("node8".into());
+        web.spool.update(&[envelope]).unwrap();
+        let page = client.get(&format!("/message/{id}")).await;
+        assert!(page.body.contains("Accepted by") && page.body.contains("node node7"), "{}", page.body);
+        assert!(page.body.contains("Being delivered by") && page.body.contains("node node8"), "{}", page.body);
+    })
+    .await;
+}

@@ -25,8 +25,8 @@ use crate::schedule::SchedulerHandle;
 use crate::spool::{Queue, from_micros, now_micros};
 use alert::{Alert, Alerter};
 use probe::ProbeResult;
-use rules::{Event, Rule};
-use std::collections::{BTreeMap, HashMap};
+use rules::{Event, Observation, RuleStates};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
@@ -73,12 +73,11 @@ pub struct MonitorStatus {
 /// The status shared with the admin page and `/metrics`.
 pub type SharedStatus = Arc<Mutex<MonitorStatus>>;
 
-/// One rule state per (rule, subject).
-type RuleStates = HashMap<(&'static str, String), Rule>;
-
 /// What a monitor knows that must outlive it: a reload (SIGHUP) replaces the monitor, and the
-/// new one takes this over, so an alert that is firing stays firing (no second notice, its start
-/// time kept) and its recovery, whenever it comes, is announced.
+/// new one takes this over. The rules' states live in the queue store ([`rules::decide`]), so an
+/// alert that is firing stays firing across a reload or a restart (no second notice, its start time
+/// kept) and its recovery, whenever it comes, is announced; `rules` is the copy last read, which
+/// decides when the store cannot.
 #[derive(Debug, Clone, Default)]
 pub struct MonitorState {
     status: SharedStatus,
@@ -95,8 +94,11 @@ pub struct Monitor {
     settings: Arc<ClientSettings>,
     alerter: Arc<Alerter>,
     status: SharedStatus,
-    /// One rule state per (rule, subject); shared with the monitor a reload replaces it with.
+    /// The rules' states last read from the store; shared with the monitor a reload replaces it
+    /// with.
     rules: Arc<Mutex<RuleStates>>,
+    /// This round's observations, decided together at its end ([`Monitor::settle`]).
+    seen: Vec<Seen>,
     /// Alerts being sent; a slow channel never delays a probe.
     sending: JoinSet<()>,
 }
@@ -127,6 +129,7 @@ impl Monitor {
             settings: Arc::new(settings),
             status: SharedStatus::default(),
             rules: Arc::default(),
+            seen: Vec::new(),
             sending: JoinSet::new(),
         })
     }
@@ -186,6 +189,7 @@ impl Monitor {
         }
         self.queue_rules();
         self.spool_rule();
+        self.settle().await;
     }
 
     /// Probes every relayed domain at once, each bounded by `probe_timeout`.
@@ -240,18 +244,13 @@ impl Monitor {
             }
         }
         let hold = self.config.monitor.primary_down_after.0;
-        let summary = |event: Event, since: Option<SystemTime>| match event {
-            Event::Recovered => {
-                format!("primary of {domain} is back: {} answers", result.host.as_deref().unwrap_or("it"))
-            }
-            _ => format!(
-                "primary of {domain} down for {}: {}",
-                age(since),
-                result.error.as_deref().unwrap_or("no answer")
-            ),
+        let (name, host, error) = (domain.to_string(), result.host.clone(), result.error.clone());
+        let summary = move |event: Event, since: Option<SystemTime>| match event {
+            Event::Recovered => format!("primary of {name} is back: {} answers", host.as_deref().unwrap_or("it")),
+            _ => format!("primary of {name} down for {}: {}", age(since), error.as_deref().unwrap_or("no answer")),
         };
         if !hold.is_zero() {
-            self.observe("primary_down", domain, !result.up, hold, summary);
+            self.observe("primary_down", domain, false, !result.up, hold, summary);
         }
     }
 
@@ -280,10 +279,12 @@ impl Monitor {
         for domain in self.config.relay.domains.clone() {
             let state = table.get(&domain).cloned().unwrap_or_default();
             let error = state.last_error.clone().unwrap_or_default();
-            self.observe("primary_down", &domain, state.failing_since.is_some(), hold, |event, since| match event {
-                Event::Recovered => format!("primary of {domain} is back: a delivery succeeded"),
-                _ => format!("primary of {domain} down for {}: {error}", age(since)),
-            });
+            let name = domain.clone();
+            let summary = move |event, since| match event {
+                Event::Recovered => format!("primary of {name} is back: a delivery succeeded"),
+                _ => format!("primary of {name} down for {}: {error}", age(since)),
+            };
+            self.observe("primary_down", &domain, false, state.failing_since.is_some(), hold, summary);
         }
     }
 
@@ -292,11 +293,13 @@ impl Monitor {
         let previous = update(&mut lock(&self.status).checks, name, &result, now);
         log_change(&format!("check {name}"), previous, &result);
         let hold = self.config.monitor.check.iter().find(|c| c.name == name).map(|c| c.down_after.0);
-        let summary = |event: Event, since: Option<SystemTime>| match event {
-            Event::Recovered => format!("check {name} is back"),
-            _ => format!("check {name} failing for {}: {}", age(since), result.error.as_deref().unwrap_or("")),
+        let (check, error) = (name.to_string(), result.error.clone());
+        let summary = move |event: Event, since: Option<SystemTime>| match event {
+            Event::Recovered => format!("check {check} is back"),
+            _ => format!("check {check} failing for {}: {}", age(since), error.as_deref().unwrap_or("")),
         };
-        self.observe("check", name, !result.up, hold.unwrap_or_default(), summary);
+        // A check is run by each node, of what that node reaches: its state is the node's own.
+        self.observe("check", name, true, !result.up, hold.unwrap_or_default(), summary);
     }
 
     /// Queue length and the age of its oldest message.
@@ -305,7 +308,7 @@ impl Monitor {
         let (count, oldest) = (stats.messages, stats.oldest);
         let max = self.config.monitor.queue_max_messages;
         if max > 0 {
-            self.observe("queue_size", "queue", count > max, Duration::ZERO, |event, _| match event {
+            self.observe("queue_size", "queue", false, count > max, Duration::ZERO, move |event, _| match event {
                 Event::Recovered => format!("queue back to {count} messages (threshold {max})"),
                 _ => format!("{count} messages queued (threshold {max})"),
             });
@@ -314,7 +317,7 @@ impl Monitor {
         if !limit.is_zero() {
             let old = oldest.map(|at| age(Some(from_micros(at))));
             let too_old = oldest.is_some_and(|at| now_micros() - at > to_micros_duration(limit));
-            self.observe("queue_age", "queue", too_old, Duration::ZERO, |event, _| match event {
+            self.observe("queue_age", "queue", false, too_old, Duration::ZERO, move |event, _| match event {
                 Event::Recovered => format!("no queued message is older than {} any more", HumanDuration(limit)),
                 _ => format!(
                     "oldest queued message is {} old (threshold {})",
@@ -339,43 +342,78 @@ impl Monitor {
             }
         };
         let percent = space.free_bytes.saturating_mul(100) / space.total_bytes;
-        self.observe("spool_space", "spool", percent < u64::from(min), Duration::ZERO, |event, _| match event {
+        // Each node has its own disk.
+        let low = percent < u64::from(min);
+        self.observe("spool_space", "spool", true, low, Duration::ZERO, move |event, _| match event {
             Event::Recovered => format!("spool filesystem {percent}% free again (threshold {min}%)"),
             _ => format!("spool filesystem only {percent}% free (threshold {min}%)"),
         });
     }
 
-    /// Feeds one rule; sends an alert when the observation is news.
+    /// Notes one observation of a rule, decided at the end of the round. `own`: the rule is about
+    /// this node's own things (its disk, its checks), not about what every node shares.
     fn observe(
         &mut self,
         rule: &'static str,
         subject: &str,
+        own: bool,
         bad: bool,
         hold: Duration,
-        summary: impl FnOnce(Event, Option<SystemTime>) -> String,
+        summary: impl FnOnce(Event, Option<SystemTime>) -> String + Send + Sync + 'static,
     ) {
-        let reminder = self.config.monitor.reminder_interval.0;
-        let (event, since) = {
-            // Held while the state changes only: the monitor being replaced may still be finishing
-            // an observation when the new one starts, and only one of them may see it as news.
-            let mut rules = lock(&self.rules);
-            let state = rules.entry((rule, subject.to_string())).or_default();
-            let since = state.bad_since();
-            let Some(event) = state.observe(bad, SystemTime::now(), hold, reminder) else { return };
-            (event, if event == Event::Recovered { since } else { state.bad_since() })
-        };
-        let state_name = match event {
-            Event::Firing => "firing",
-            Event::Reminder => "reminder",
-            Event::Recovered => "recovered",
-        };
-        let alert = Alert::new(&self.config.hostname, rule, subject, state_name, summary(event, since), since);
-        tracing::warn!(rule, subject, state = state_name, "alert: {}", alert.summary);
-        let alerter = Arc::clone(&self.alerter);
-        self.sending.spawn(async move {
-            alerter.send(&alert).await;
+        let node = own.then_some(self.config.hostname.as_str());
+        let key = rules::key(rule, subject, node);
+        self.seen.push(Seen {
+            observation: (key, bad, hold),
+            rule,
+            subject: subject.to_string(),
+            summary: Box::new(summary),
         });
     }
+
+    /// Decides the round's observations against the rules' states in the store (on a blocking
+    /// thread) and sends an alert for each that is news.
+    async fn settle(&mut self) {
+        let seen = std::mem::take(&mut self.seen);
+        if seen.is_empty() {
+            return;
+        }
+        let observations: Vec<Observation> = seen.iter().map(|s| s.observation.clone()).collect();
+        let (spool, known) = (Arc::clone(&self.spool), Arc::clone(&self.rules));
+        let reminder = self.config.monitor.reminder_interval.0;
+        let decided =
+            tokio::task::spawn_blocking(move || rules::decide(spool.as_ref(), &known, &observations, reminder)).await;
+        let decided = match decided {
+            Ok(decided) => decided,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot decide the alert rules");
+                return;
+            }
+        };
+        for (seen, decided) in seen.into_iter().zip(decided) {
+            let Some((event, since)) = decided else { continue };
+            let state_name = match event {
+                Event::Firing => "firing",
+                Event::Reminder => "reminder",
+                Event::Recovered => "recovered",
+            };
+            let summary = (seen.summary)(event, since);
+            let alert = Alert::new(&self.config.hostname, seen.rule, &seen.subject, state_name, summary, since);
+            tracing::warn!(rule = seen.rule, subject = %seen.subject, state = state_name, "alert: {}", alert.summary);
+            let alerter = Arc::clone(&self.alerter);
+            self.sending.spawn(async move {
+                alerter.send(&alert).await;
+            });
+        }
+    }
+}
+
+/// One observation waiting for the end of its round, with what the alert would say.
+struct Seen {
+    observation: Observation,
+    rule: &'static str,
+    subject: String,
+    summary: Box<dyn FnOnce(Event, Option<SystemTime>) -> String + Send + Sync>,
 }
 
 /// Updates one entry of a status table; returns its previous up/down.

@@ -594,6 +594,12 @@ mod runs {
         fn space(&self) -> Result<spool::SpaceInfo, SpoolError> {
             self.inner.space()
         }
+        fn document(&self, name: &str) -> Result<Option<(i64, Vec<u8>)>, SpoolError> {
+            self.inner.document(name)
+        }
+        fn replace_document(&self, name: &str, seen: Option<i64>, body: Vec<u8>) -> Result<bool, SpoolError> {
+            self.inner.replace_document(name, seen, body)
+        }
     }
 
     /// An operator's delete runs its disk work off the scheduler's loop (issue 12, section 4):

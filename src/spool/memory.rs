@@ -13,6 +13,8 @@ pub struct MemoryQueue {
     messages: Mutex<BTreeMap<QueueId, Stored>>,
     /// The last issued ID's sequence number.
     last_id: Mutex<u64>,
+    /// Named documents with their versions ([`Queue::document`]).
+    documents: Mutex<BTreeMap<String, (i64, Vec<u8>)>>,
 }
 
 impl MemoryQueue {
@@ -126,6 +128,20 @@ impl Queue for MemoryQueue {
         let (_, body) = messages.get(id).ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
         let len = body.len() as u64;
         Ok(MessageBody::new(Box::new(SharedBody { body: Arc::clone(body), at: 0 }), len))
+    }
+
+    fn document(&self, name: &str) -> Result<Option<(i64, Vec<u8>)>, SpoolError> {
+        Ok(lock(&self.documents).get(name).cloned())
+    }
+
+    fn replace_document(&self, name: &str, seen: Option<i64>, body: Vec<u8>) -> Result<bool, SpoolError> {
+        let mut documents = lock(&self.documents);
+        let current = documents.get(name).map(|(version, _)| *version);
+        if current != seen {
+            return Ok(false);
+        }
+        documents.insert(name.to_string(), (current.unwrap_or(0) + 1, body));
+        Ok(true)
     }
 
     fn space(&self) -> Result<SpaceInfo, SpoolError> {

@@ -92,6 +92,10 @@ pub struct Spool {
     messages_sync: DirSync,
     /// Where small messages are made durable first (see [`journal`]); dropped before the lock.
     journal: journal::Journal,
+    /// The version of each document ([`Queue::document`]) read or written since the spool was
+    /// opened: one process owns the directory (the lock), so a version kept in memory is enough
+    /// for the compare-and-set of [`Queue::replace_document`]. Its lock also orders the writes.
+    documents: Mutex<std::collections::HashMap<String, i64>>,
     /// Held for the life of the Spool: one owner at a time.
     _lock: File,
 }
@@ -163,6 +167,7 @@ impl Spool {
             last_id: Mutex::new((0, 0)),
             messages_sync: DirSync::default(),
             journal,
+            documents: Mutex::default(),
             _lock: lock,
         };
         let mut recovery = spool.recover(journaled, unreadable)?;
@@ -173,6 +178,14 @@ impl Spool {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Where document `name` ([`Queue::document`]) is kept: `NAME.state.json` in the spool's root.
+    fn document_path(&self, name: &str) -> Result<PathBuf, SpoolError> {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
+            return Err(SpoolError::Store(format!("bad document name {name:?}")));
+        }
+        Ok(self.root.join(format!("{name}.state.json")))
     }
 
     /// Where the running daemon listens for CLI commands.
@@ -691,6 +704,34 @@ impl Queue for Spool {
 
     fn space(&self) -> Result<SpaceInfo, SpoolError> {
         space_of(&self.root)
+    }
+
+    fn document(&self, name: &str) -> Result<Option<(i64, Vec<u8>)>, SpoolError> {
+        let path = self.document_path(name)?;
+        let mut versions = lock(&self.documents);
+        match fs::read(&path) {
+            Ok(body) => Ok(Some((*versions.entry(name.to_string()).or_insert(1), body))),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                versions.remove(name);
+                Ok(None)
+            }
+            Err(err) => Err(SpoolError::Io { path, source: err }),
+        }
+    }
+
+    fn replace_document(&self, name: &str, seen: Option<i64>, body: Vec<u8>) -> Result<bool, SpoolError> {
+        let path = self.document_path(name)?;
+        let mut versions = lock(&self.documents);
+        let current = match versions.get(name) {
+            Some(version) => Some(*version),
+            None => path.exists().then_some(1),
+        };
+        if current != seen {
+            return Ok(false);
+        }
+        atomic_write(&path, &body)?;
+        versions.insert(name.to_string(), current.unwrap_or(0) + 1);
+        Ok(true)
     }
 
     fn sync_files(&self, limit: std::time::Duration) -> Option<usize> {

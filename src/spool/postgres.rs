@@ -627,7 +627,8 @@ impl PgQueue {
 }
 
 impl PgQueue {
-    /// A shared document (the recipient cache) with its version; None when never written.
+    /// A shared document (the recipient cache, the chart's samples, the alert rules' state) with
+    /// its version; None when never written.
     pub fn document(&self, name: &str) -> Result<Option<(i64, Vec<u8>)>, SpoolError> {
         let (pool, name) = (self.pool.clone(), name.to_string());
         self.run("document", async move {
@@ -1551,6 +1552,14 @@ impl Queue for PgQueue {
 
     fn space(&self) -> Result<SpaceInfo, SpoolError> {
         space_of(&self.dir)
+    }
+
+    fn document(&self, name: &str) -> Result<Option<(i64, Vec<u8>)>, SpoolError> {
+        PgQueue::document(self, name)
+    }
+
+    fn replace_document(&self, name: &str, seen: Option<i64>, body: Vec<u8>) -> Result<bool, SpoolError> {
+        PgQueue::replace_document(self, name, seen, body)
     }
 }
 

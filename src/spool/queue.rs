@@ -571,6 +571,15 @@ pub trait Queue: Send + Sync {
     /// Bytes and inodes free where the queue is kept.
     fn space(&self) -> Result<SpaceInfo, SpoolError>;
 
+    /// A small named document kept beside the queue for the daemon's own state (the chart's
+    /// samples, the alert rules), with its version; None when it was never written. Every node of
+    /// a shared store reads the same document, so the nodes agree on what it says.
+    fn document(&self, name: &str) -> Result<Option<(i64, Vec<u8>)>, SpoolError>;
+
+    /// Replaces a document if it is still at version `seen` (None: never written) and returns true;
+    /// false when it changed meanwhile (read it again, apply the change again, and retry).
+    fn replace_document(&self, name: &str, seen: Option<i64>, body: Vec<u8>) -> Result<bool, SpoolError>;
+
     /// Store maintenance behind `bartleby queue sync`: gives every message files of its own (the
     /// local store retires its journal), waiting at most `limit`. Returns how many messages it
     /// moved, or None when not all was done in time. A store without a journal has nothing to do.

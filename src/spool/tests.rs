@@ -153,6 +153,32 @@ fn space_is_reported() {
     assert!(space.total_bytes > 0 && space.free_bytes <= space.total_bytes);
 }
 
+/// Documents are replaced by compare-and-set and survive a restart of the store.
+#[test]
+fn documents_compare_and_set_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = open(dir.path());
+        assert_eq!(spool.document("chart").unwrap(), None);
+        assert!(!spool.replace_document("chart", Some(1), b"stale".to_vec()).unwrap());
+        assert!(spool.replace_document("chart", None, b"one".to_vec()).unwrap());
+        assert!(!spool.replace_document("chart", None, b"again".to_vec()).unwrap(), "written by then");
+        let (version, body) = spool.document("chart").unwrap().unwrap();
+        assert_eq!(body, b"one");
+        assert!(spool.replace_document("chart", Some(version), b"two".to_vec()).unwrap());
+        assert!(!spool.replace_document("chart", Some(version), b"lost".to_vec()).unwrap());
+        assert!(spool.document("../etc").is_err(), "a name is never a path");
+    }
+    let spool = open(dir.path());
+    let (version, body) = spool.document("chart").unwrap().unwrap();
+    assert_eq!(body, b"two");
+    assert!(spool.replace_document("chart", Some(version), b"three".to_vec()).unwrap());
+    let memory = crate::spool::MemoryQueue::new();
+    assert!(memory.replace_document("alerts", None, b"x".to_vec()).unwrap());
+    assert!(!memory.replace_document("alerts", None, b"y".to_vec()).unwrap());
+    assert_eq!(memory.document("alerts").unwrap(), Some((1, b"x".to_vec())));
+}
+
 #[test]
 fn batch_update_and_remove() {
     let dir = tempfile::tempdir().unwrap();

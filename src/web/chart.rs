@@ -1,8 +1,13 @@
-//! Queue size over the last 24 hours: a task samples the spool every `[web] sample_interval` into
-//! a bounded ring, and the page draws it server-side as SVG (no script, no external assets).
+//! Queue size over the last 24 hours: a task samples the queue every `[web] sample_interval`
+//! (default each minute, so a fresh outage shows) into a bounded ring, and the page draws it
+//! server-side as SVG (no script, no external assets).
+//!
+//! The samples are kept in the store as the document `chart` ([`Queue::document`]), so the chart
+//! survives a restart; in a shared store the nodes keep one series: a node samples only when no
+//! node did for half an interval, and the others read what it wrote.
 
 use crate::lock;
-use crate::spool::{Queue, now_micros, rfc3339};
+use crate::spool::{Queue, SpoolError, now_micros, rfc3339};
 use maud::{Markup, html};
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -52,11 +57,48 @@ impl Samples {
         ring.push_back(sample);
     }
 
-    /// Samples the spool now.
+    /// Samples the queue now, in memory only (when the store cannot keep the samples).
     pub fn record(&self, spool: &dyn Queue) {
-        let stats = spool.stats();
-        let (messages, bytes) = (stats.messages, stats.bytes);
-        self.push(Sample { at: now_micros(), messages: messages as u64, bytes });
+        self.push(measure(spool, now_micros()));
+    }
+
+    /// Takes a sample now and keeps it in the store, unless a sample was taken less than half an
+    /// interval ago (by another node of a shared store, or before a restart); either way the ring
+    /// then holds the stored series. Returns whether this call took the sample.
+    pub fn take(&self, spool: &dyn Queue) -> Result<bool, SpoolError> {
+        let half = i64::try_from(self.interval.as_micros() / 2).unwrap_or(i64::MAX);
+        for _ in 0..10 {
+            let now = now_micros();
+            let stored = spool.document(DOCUMENT)?;
+            let mut series = stored.as_ref().map(|(_, body)| decode(body)).unwrap_or_default();
+            if series.last().is_some_and(|last| last.at > now - half && last.at <= now) {
+                self.replace(series);
+                return Ok(false);
+            }
+            series.push(measure(spool, now));
+            let window = i64::try_from(WINDOW.as_micros()).unwrap_or(i64::MAX);
+            series.retain(|s| s.at >= now - window && s.at <= now);
+            let excess = series.len().saturating_sub(self.capacity);
+            series.drain(..excess);
+            if spool.replace_document(DOCUMENT, stored.map(|(version, _)| version), encode(&series))? {
+                self.replace(series);
+                return Ok(true);
+            }
+        }
+        Err(SpoolError::Store("the chart's samples change too often".into()))
+    }
+
+    /// Fills the ring with the samples kept in the store (at start).
+    pub fn load(&self, spool: &dyn Queue) -> Result<(), SpoolError> {
+        if let Some((_, body)) = spool.document(DOCUMENT)? {
+            self.replace(decode(&body));
+        }
+        Ok(())
+    }
+
+    fn replace(&self, series: Vec<Sample>) {
+        let skip = series.len().saturating_sub(self.capacity);
+        *lock(&self.ring) = series.into_iter().skip(skip).collect();
     }
 
     /// A copy of the samples, oldest first.
@@ -65,14 +107,65 @@ impl Samples {
     }
 }
 
-/// Samples every interval until `shutdown` turns true.
+/// The document that keeps the samples.
+const DOCUMENT: &str = "chart";
+
+/// The stored form: `[at, messages, bytes]` triples, oldest first (about 40 octets a sample).
+#[derive(Serialize, serde::Deserialize)]
+struct Stored {
+    samples: Vec<(i64, u64, u64)>,
+}
+
+fn encode(series: &[Sample]) -> Vec<u8> {
+    let stored = Stored { samples: series.iter().map(|s| (s.at, s.messages, s.bytes)).collect() };
+    serde_json::to_vec(&stored).unwrap_or_default()
+}
+
+/// The stored samples; a document that does not parse (written by a newer version, or damaged)
+/// starts a new series rather than stopping the chart.
+fn decode(body: &[u8]) -> Vec<Sample> {
+    match serde_json::from_slice::<Stored>(body) {
+        Ok(stored) => {
+            let mut series: Vec<Sample> =
+                stored.samples.into_iter().map(|(at, messages, bytes)| Sample { at, messages, bytes }).collect();
+            series.sort_by_key(|s| s.at);
+            series
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "the chart's stored samples do not parse; starting a new series");
+            Vec::new()
+        }
+    }
+}
+
+fn measure(spool: &dyn Queue, at: i64) -> Sample {
+    let stats = spool.stats();
+    Sample { at, messages: stats.messages as u64, bytes: stats.bytes }
+}
+
+/// Samples every interval until `shutdown` turns true. The store's work (a file write, or a
+/// database round trip) runs on a blocking thread; when the store cannot keep a sample, the
+/// sample is kept in memory and the error logged.
 pub async fn run_sampler(samples: Arc<Samples>, spool: Arc<dyn Queue>, mut shutdown: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(samples.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (first, queue) = (Arc::clone(&samples), Arc::clone(&spool));
+    if let Ok(Err(err)) = tokio::task::spawn_blocking(move || first.load(queue.as_ref())).await {
+        tracing::warn!(error = %err, "cannot read the chart's stored samples");
+    }
     loop {
         tokio::select! {
-            _ = ticker.tick() => samples.record(spool.as_ref()),
+            _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
+        }
+        let (ring, queue) = (Arc::clone(&samples), Arc::clone(&spool));
+        match tokio::task::spawn_blocking(move || ring.take(queue.as_ref())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "cannot store the chart's sample; kept in memory");
+                samples.record(spool.as_ref());
+            }
+            Err(err) => tracing::error!(error = %err, "chart sampler failed"),
         }
     }
 }
@@ -122,6 +215,34 @@ mod tests {
         let snap = samples.snapshot();
         assert_eq!(snap.len(), 25);
         assert_eq!(snap[0].at, 75);
+    }
+
+    /// Samples are kept in the store: a new ring (a restart) reads them back, and a second sampler
+    /// on the same store (another node) within half an interval reads instead of sampling again.
+    #[test]
+    fn samples_are_kept_in_the_store_and_shared() {
+        let queue = crate::spool::MemoryQueue::new();
+        let first = Samples::new(Duration::from_secs(60));
+        assert!(first.take(queue.as_ref()).unwrap());
+        let other_node = Samples::new(Duration::from_secs(60));
+        assert!(!other_node.take(queue.as_ref()).unwrap(), "sampled less than half an interval ago");
+        assert_eq!(other_node.snapshot(), first.snapshot());
+        let restarted = Samples::new(Duration::from_secs(60));
+        restarted.load(queue.as_ref()).unwrap();
+        assert_eq!(restarted.snapshot().len(), 1);
+        // A sample older than half an interval is followed by a new one.
+        let old = Sample { at: now_micros() - 40_000_000, messages: 5, bytes: 9 };
+        let (version, _) = queue.document(DOCUMENT).unwrap().unwrap();
+        assert!(queue.replace_document(DOCUMENT, Some(version), encode(&[old])).unwrap());
+        assert!(restarted.take(queue.as_ref()).unwrap());
+        let series = restarted.snapshot();
+        assert_eq!(series.len(), 2);
+        assert_eq!(series[0], old);
+        // A damaged document starts a new series instead of stopping the chart.
+        let (version, _) = queue.document(DOCUMENT).unwrap().unwrap();
+        assert!(queue.replace_document(DOCUMENT, Some(version), b"{not json".to_vec()).unwrap());
+        assert!(restarted.take(queue.as_ref()).unwrap());
+        assert_eq!(restarted.snapshot().len(), 1);
     }
 
     #[test]

@@ -405,6 +405,9 @@ fn envelope_table(e: &Envelope, subject: Option<&str>) -> Markup {
             tr { th { "Arrived" } td { (rfc3339(e.arrived)) " (" (age_of(e.arrived)) " ago)" } }
             tr { th { "From" } td { (e.helo) " [" (client) "]" } }
             tr { th { "Size" } td { (human_bytes(e.size)) " (" (e.size) " bytes)" } }
+            // A shared store (docs/cluster.md): which node took the message, and which is delivering it.
+            @if let Some(node) = &e.accepted_by { tr { th { "Accepted by" } td { "node " (node) } } }
+            @if let Some(node) = &e.leased_by { tr { th { "Being delivered by" } td { "node " (node) } } }
             tr { th { "Attempts" } td { (e.attempts) } }
             tr { th { "Next attempt" } td { (rfc3339(e.next_attempt)) } }
             tr { th { "Body" } td { (format!("{:?}", e.body)) @if e.smtputf8 { ", SMTPUTF8" } @if e.requiretls { ", REQUIRETLS" } } }
