@@ -756,18 +756,18 @@ const MAILQ_HEADER: &str = "-Queue ID-------- --Size-- ----Arrival Time---- -Sen
 
 /// One message of the table `mailq` users know: ID (`!` when held), size, arrival, sender, then
 /// each recipient with the reason it waits.
-fn mailq_entry(m: &ListedMessage) -> String {
+fn mailq_entry(out: &mut String, m: &ListedMessage) {
+    use std::fmt::Write;
     let mark = if m.held { "!" } else { " " };
     let sender = if m.sender.is_empty() { "MAILER-DAEMON" } else { &m.sender };
-    let mut out = format!("{}{mark}{:>9} {:>20}  {sender}\n", m.id, m.size, short_time(&m.arrived));
+    let _ = writeln!(out, "{}{mark}{:>9} {:>20}  {sender}", m.id, m.size, short_time(&m.arrived));
     if let Some(error) = &m.last_error {
-        out += &format!("{:49}({error})\n", "");
+        let _ = writeln!(out, "{:49}({error})", "");
     }
     for rcpt in &m.recipients {
-        out += &format!("{:49}{rcpt}\n", "");
+        let _ = writeln!(out, "{:49}{rcpt}", "");
     }
     out.push('\n');
-    out
 }
 
 fn mailq_footer(count: usize, bytes: u64) -> String {
@@ -790,40 +790,62 @@ fn list_queue(config: &Config, json: bool) -> ExitCode {
     }
 }
 
+/// One page of the listing, asked of the running daemon or, with `offline`, of the store itself.
+/// None: the daemon is not running.
+async fn fetch_page(
+    socket: std::path::PathBuf,
+    offline: Option<std::sync::Arc<dyn Queue>>,
+    after: Option<String>,
+) -> Result<Option<Vec<ListedMessage>>, String> {
+    let request = Request::ListPage { after, limit: LIST_PAGE };
+    let raw = match &offline {
+        Some(spool) => control::execute(request, spool, None).await?,
+        None => match control::request(&socket, &request).await {
+            Err(ControlError::NotRunning(_)) => return Ok(None),
+            other => other.map_err(|e| e.to_string())?,
+        },
+    };
+    serde_json::from_str(raw.get()).map(Some).map_err(|e| format!("bad listing: {e}"))
+}
+
 async fn list_pages(config: &Config, json: bool) -> Result<(), String> {
     use std::io::Write;
     let socket = Spool::control_socket_path(&config.queue.dir);
     let mut offline: Option<std::sync::Arc<dyn Queue>> = None;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let (mut after, mut count, mut bytes) = (None::<String>, 0usize, 0u64);
+    let (mut count, mut bytes) = (0usize, 0u64);
     let write_err = |e: std::io::Error| format!("standard output: {e}");
+    // The next page is asked for as soon as this one's last ID is known, so the daemon reads it
+    // while this one is printed (with a million queued, the two halves of the work overlap).
+    let mut next = tokio::spawn(fetch_page(socket.clone(), None, None));
     loop {
-        let request = Request::ListPage { after: after.clone(), limit: LIST_PAGE };
-        let raw = match &offline {
-            Some(spool) => control::execute(request, spool, None).await?,
-            None => match control::request(&socket, &request).await {
-                Err(ControlError::NotRunning(_)) => {
-                    offline = Some(offline_store(config)?);
-                    continue;
-                }
-                other => other.map_err(|e| e.to_string())?,
-            },
+        let fetched = next.await.map_err(|e| e.to_string())??;
+        let page = match fetched {
+            Some(page) => page,
+            None => {
+                offline = Some(offline_store(config)?);
+                next = tokio::spawn(fetch_page(socket.clone(), offline.clone(), None));
+                continue;
+            }
         };
-        let page: Vec<ListedMessage> = serde_json::from_str(raw.get()).map_err(|e| format!("bad listing: {e}"))?;
         let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
+        next = tokio::spawn(fetch_page(socket.clone(), offline.clone(), Some(last.id.clone())));
+        let mut text = String::with_capacity(page.len() * 160);
         for m in &page {
-            let text = if json {
+            if json {
                 let item = serde_json::to_string_pretty(m).map_err(|e| e.to_string())?;
-                format!("{}  {}", if count == 0 { "[\n" } else { ",\n" }, item.replace('\n', "\n  "))
+                text += if count == 0 { "[\n  " } else { ",\n  " };
+                text += &item.replace('\n', "\n  ");
             } else {
-                format!("{}{}", if count == 0 { MAILQ_HEADER } else { "" }, mailq_entry(m))
-            };
-            out.write_all(text.as_bytes()).map_err(write_err)?;
+                if count == 0 {
+                    text += MAILQ_HEADER;
+                }
+                mailq_entry(&mut text, m);
+            }
             count += 1;
             bytes += m.size;
         }
-        out.flush().map_err(write_err)?;
+        out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(write_err)?;
     }
     let mut end = match (json, count) {
         (true, 0) => "[]\n".to_string(),
@@ -845,7 +867,11 @@ async fn list_pages(config: &Config, json: bool) -> Result<(), String> {
 
 /// "2026-11-29T13:14:06Z" -> "2026-11-29 13:14:06".
 fn short_time(rfc3339: &str) -> String {
-    rfc3339.trim_end_matches('Z').replacen('T', " ", 1).chars().take(19).collect()
+    let mut short: String = rfc3339.trim_end_matches('Z').chars().take(19).collect();
+    if let Some(t) = short.find('T') {
+        short.replace_range(t..=t, " ");
+    }
+    short
 }
 
 fn show(detail: &MessageDetail) -> String {
