@@ -911,16 +911,17 @@ fn show(detail: &MessageDetail) -> String {
     out
 }
 
-// --- `bartleby generate`: man pages and shell completions from this CLI definition, so they
-// never drift from it. A separate parser keeps the command out of `--help`, the pages and the
-// completions it writes; packagers call it (packaging/build-deb.sh).
+// --- `bartleby generate completions SHELL`: shell completions from this CLI definition, so they
+// never drift from it. A separate parser keeps the command out of `--help` and of the
+// completions it writes; packagers call it (packaging/build-deb.sh). The man pages are written
+// by hand (packaging/man/); tests/docs_complete.rs checks that they name every command and option.
 
-/// `bartleby generate man DIR` | `bartleby generate completions SHELL`.
+/// `bartleby generate completions SHELL`.
 #[derive(Debug, Parser)]
 #[command(
     name = "bartleby generate",
     bin_name = "bartleby generate",
-    about = "Write man pages or shell completions (for packagers)"
+    about = "Write shell completions (for packagers)"
 )]
 pub struct GenerateCli {
     #[command(subcommand)]
@@ -930,38 +931,18 @@ pub struct GenerateCli {
 /// What `bartleby generate` writes.
 #[derive(Debug, Subcommand)]
 pub enum GenerateCommand {
-    /// Write bartleby.8 and one page per subcommand (bartleby-queue-list.8, ...) into DIR.
-    Man { dir: PathBuf },
     /// Print the completion script for SHELL on stdout.
     Completions { shell: clap_complete::Shell },
 }
 
 fn generate(cli: GenerateCli) -> ExitCode {
-    let result = match cli.what {
-        GenerateCommand::Man { dir } => write_man_pages(&dir),
+    match cli.what {
         GenerateCommand::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "bartleby", &mut std::io::stdout().lock());
-            Ok(())
+            ExitCode::SUCCESS
         }
-    };
-    exit_status(result)
-}
-
-/// Section 8 (system administration), since the binary lives in /usr/sbin. Clap's `help`
-/// subcommand gets no page.
-pub fn write_man_pages(dir: &Path) -> std::io::Result<()> {
-    fn write(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
-        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
-            write(sub, dir)?;
-        }
-        clap_mangen::Man::new(cmd).section("8").generate_to(dir).map(|_| ())
     }
-    std::fs::create_dir_all(dir)?;
-    let mut cmd = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
-    // Building gives subcommands their display names ("bartleby-queue-list"), which name the pages.
-    cmd.build();
-    write(cmd, dir)
 }
 
 /// Exit status 0, or 1 with the error on stderr.
