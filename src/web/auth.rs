@@ -89,8 +89,10 @@ fn sessionless(path: &str) -> bool {
 /// Finds or creates the session, enforces login and, for POST, the origin and CSRF checks; the
 /// session is handed to handlers as an `Extension<Session>`.
 pub async fn session_layer(State(state): State<WebState>, request: Request, next: Next) -> Response {
-    // Monitors and scrapers poll these every few seconds and never act: no session for them.
-    if sessionless(request.uri().path()) && request.method() == Method::GET {
+    // Monitors and scrapers poll these every few seconds and never act: no session for them. Any
+    // method: they have only GET handlers, so anything else is a 405 that changes nothing (and a
+    // 405, not a 401, is what a client of an open path should get for a wrong method).
+    if sessionless(request.uri().path()) {
         return next.run(request).await;
     }
     // Locked: no session, no CSRF token, no data (logged once at start, not per request).
