@@ -5,9 +5,9 @@
 //! in the form field `csrf` or the `X-CSRF-Token` header, compared in constant time. A POST must
 //! also come from our own origin (`Origin` and `Sec-Fetch-Site`, when the browser sends them).
 //! With `[web] users`, a session must log in (argon2 password hashes) before anything but the
-//! login form, `/healthz`, `/metrics` and the stylesheet is served; the session ID is replaced on
+//! login form, `/healthz`, `/metrics`, the stylesheet and `/api/openapi.json` is served; the session ID is replaced on
 //! login so a planted ID is worthless. Without accounts the page is locked (403 for all but
-//! `/healthz`, `/metrics` and the stylesheet) unless `[web] trust_allowed_hosts` says every peer in
+//! `/healthz`, `/metrics`, the stylesheet and `/api/openapi.json`) unless `[web] trust_allowed_hosts` says every peer in
 //! `[web] allow` may use it: on a shared machine, loopback is every local user.
 
 pub use super::session::{Session, Sessions};
@@ -80,16 +80,19 @@ fn open_path(path: &str) -> bool {
     path == "/login" || sessionless(path)
 }
 
-/// Read-only paths that need no session at all (the allowlist still applies).
+/// Read-only paths that need no session at all (the allowlist still applies). The OpenAPI
+/// document is the same in every bartleby of a version and says nothing about the queue.
 fn sessionless(path: &str) -> bool {
-    matches!(path, "/healthz" | "/metrics" | "/static/style.css")
+    matches!(path, "/healthz" | "/metrics" | "/static/style.css" | "/api/openapi.json")
 }
 
 /// Finds or creates the session, enforces login and, for POST, the origin and CSRF checks; the
 /// session is handed to handlers as an `Extension<Session>`.
 pub async fn session_layer(State(state): State<WebState>, request: Request, next: Next) -> Response {
-    // Monitors and scrapers poll these every few seconds and never act: no session for them.
-    if sessionless(request.uri().path()) && request.method() == Method::GET {
+    // Monitors and scrapers poll these every few seconds and never act: no session for them. Any
+    // method: they have only GET handlers, so anything else is a 405 that changes nothing (and a
+    // 405, not a 401, is what a client of an open path should get for a wrong method).
+    if sessionless(request.uri().path()) {
         return next.run(request).await;
     }
     // Locked: no session, no CSRF token, no data (logged once at start, not per request).
@@ -112,7 +115,7 @@ pub async fn session_layer(State(state): State<WebState>, request: Request, next
             request.extensions_mut().insert(session.clone());
             next.run(request).await
         }
-        Err(err) if matches!(err, WebError::Unauthorized) && !path.starts_with("/api/") => {
+        Err(err) if matches!(err, WebError::Unauthorized) && !super::is_api(&path) => {
             Redirect::to("/login").into_response()
         }
         Err(err) => respond_error(&path, err),
@@ -125,7 +128,7 @@ pub async fn session_layer(State(state): State<WebState>, request: Request, next
 
 /// An error from the layer: JSON under `/api/`, plain text elsewhere.
 fn respond_error(path: &str, err: WebError) -> Response {
-    if path.starts_with("/api/") { super::api::error_response(&err) } else { err.plain() }
+    err.answer(path)
 }
 
 /// Login and, for POST, origin and CSRF; returns the request rebuilt around its buffered body.

@@ -4,11 +4,12 @@
 //! `frame-ancestors 'none'`, nosniff, no referrer), the `[web] allow` CIDR list on the peer address
 //! (403 and a log line), the Host check against DNS rebinding (421 and a log line, see [`host`]),
 //! the session layer (a cookie; a login when `[web] users` is set; 403 for everything but
-//! `/healthz`, `/metrics` and the stylesheet when there are no accounts and
+//! `/healthz`, `/metrics`, the stylesheet and `/api/openapi.json` when there are no accounts and
 //! `[web] trust_allowed_hosts` is not set), and for a POST the origin checks and the CSRF token.
 //! Nothing changes on a GET.
 //!
 //! - [`page`]: the HTML pages; [`api`]: the same data and actions as JSON under `/api/`;
+//! - [`openapi`]: the API's OpenAPI description, served at `/api/openapi.json`;
 //! - [`queue`]: filtering and paginating the queue, the status summary (shared by both);
 //! - [`actions`]: flush, retry, hold, release and delete through the scheduler, with the flush cooldown;
 //! - [`auth`]: sessions, login, CSRF, argon2 passwords; [`chart`]: queue-size samples and the SVG chart;
@@ -20,6 +21,7 @@ pub mod api;
 pub mod auth;
 pub mod chart;
 pub mod host;
+pub mod openapi;
 pub mod page;
 pub mod queue;
 pub mod session;
@@ -55,6 +57,9 @@ pub enum WebError {
     Misdirected(String),
     #[error("{0}")]
     NotFound(String),
+    /// A path the API serves, with a method it does not take there.
+    #[error("method not allowed on this path (the Allow header lists those that are)")]
+    MethodNotAllowed,
     #[error("{0}")]
     BadRequest(String),
     #[error("a flush was done {elapsed}s ago; wait {retry_after}s before the next one")]
@@ -79,6 +84,7 @@ impl WebError {
             WebError::Unauthorized => StatusCode::UNAUTHORIZED,
             WebError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             WebError::NotFound(_) => StatusCode::NOT_FOUND,
+            WebError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             WebError::BadRequest(_) => StatusCode::BAD_REQUEST,
             WebError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             WebError::Conflict(_) => StatusCode::CONFLICT,
@@ -95,10 +101,21 @@ impl WebError {
         }
     }
 
-    /// A plain-text answer, for errors raised before a page or API handler runs.
+    /// A plain-text answer, for errors raised before a page handler runs.
     fn plain(&self) -> Response {
         with_retry_after(self, (self.status(), format!("{self}\n")).into_response())
     }
+
+    /// The answer for a request to `path` refused before its handler ran: JSON under `/api`, so
+    /// that every answer of the API has the same shape, plain text elsewhere.
+    fn answer(&self, path: &str) -> Response {
+        if is_api(path) { api::error_response(self) } else { self.plain() }
+    }
+}
+
+/// Is `path` the JSON API's?
+pub fn is_api(path: &str) -> bool {
+    path == "/api" || path.starts_with("/api/")
 }
 
 fn with_retry_after(err: &WebError, mut response: Response) -> Response {
@@ -241,7 +258,7 @@ async fn allowlist(
         return next.run(request).await;
     }
     tracing::warn!(peer = %peer.ip(), path = %request.uri().path(), "web request refused: peer not in web.allow");
-    WebError::Forbidden(format!("{} is not in web.allow", peer.ip())).plain()
+    WebError::Forbidden(format!("{} is not in web.allow", peer.ip())).answer(request.uri().path())
 }
 
 /// Refuses, with 421 and one log line, a request whose Host header (or absolute-form target) names
@@ -272,7 +289,7 @@ async fn host_check(State(state): State<WebState>, request: Request, next: Next)
         path = %request.uri().path(),
         "web request refused: Host is not in web.hostnames (DNS rebinding?)"
     );
-    WebError::Misdirected(name).plain()
+    WebError::Misdirected(name).answer(request.uri().path())
 }
 
 /// Headers on every response: no script at all (the pages need none), no framing, no sniffing, no
