@@ -181,7 +181,10 @@ pub fn svg(samples: &[Sample], now: i64) -> Markup {
     let points: Vec<String> =
         samples.iter().filter(|s| s.at >= start).map(|s| format!("{:.1},{:.1}", x(s.at), y(s.messages))).collect();
     let title = match samples.last() {
-        Some(last) => format!("{} messages queued at {}; peak {max} in 24 h", last.messages, rfc3339(last.at)),
+        Some(last) => {
+            let noun = if last.messages == 1 { "message" } else { "messages" };
+            format!("{} {noun} queued at {}; peak {max} in 24 h", last.messages, rfc3339(last.at))
+        }
         None => "no samples yet".to_string(),
     };
     html! {

@@ -7,7 +7,7 @@ use super::queue::{self, QueueEntry, QueueFilter, QueuePage, Status};
 use super::session::Session;
 use super::{WebError, WebState, chart};
 use crate::control::ShapeReport;
-use crate::spool::{Envelope, RecipientStatus, now_micros, rfc3339};
+use crate::spool::{BodyType, Envelope, RecipientStatus, now_micros, rfc3339};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -102,8 +102,38 @@ fn short_time(rfc3339: &str) -> String {
     rfc3339.trim_end_matches('Z').replacen('T', " ", 1)
 }
 
+/// [`short_time`] that may break between the date and the time, and nowhere else.
+fn time_markup(rfc3339: &str) -> Markup {
+    let text = short_time(rfc3339);
+    let (date, time) = text.split_once(' ').unwrap_or((&text, ""));
+    html! { span.when { (date) } " " span.when { (time) } }
+}
+
 fn age_of(micros: i64) -> String {
     human_age(u64::try_from(now_micros().saturating_sub(micros) / 1_000_000).unwrap_or(0))
+}
+
+/// "1 message", "2 messages", "0 messages": a count and its noun, agreeing.
+pub fn count(n: u64, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
+}
+
+/// How long until the next attempt, in words: "in 4m", or "due now" (`next` and `now` in
+/// microseconds). A held message has no next attempt: the page says "held" instead.
+fn until(next: i64, now: i64) -> String {
+    match u64::try_from(next.saturating_sub(now) / 1_000_000) {
+        Ok(secs) if secs > 0 => format!("in {}", human_age(secs)),
+        _ => "due now".to_string(),
+    }
+}
+
+/// The SMTP body type as the keyword a person knows (RFC 6152, RFC 3030), not the Rust name.
+fn body_words(body: BodyType) -> &'static str {
+    match body {
+        BodyType::SevenBit => "7bit",
+        BodyType::EightBitMime => "8bitmime",
+        BodyType::BinaryMime => "binarymime",
+    }
 }
 
 /// Percent-encodes a query component (RFC 3986 unreserved characters pass).
@@ -149,28 +179,62 @@ pub async fn index(
         tokio::task::spawn_blocking(move || ShapeReport::of(spool.as_ref(), now_micros())).await.ok()
     };
     let flash = state.sessions.take_flash(&session.id);
-    let chart = chart::svg(&state.samples.snapshot(), now_micros());
+    let samples = state.samples.snapshot();
     let back = page_url(&page.filter, page.page);
+    // The summary, then the queue (what a person came for), then the history and the shape: a
+    // chart that is mostly empty must not push the queue below the fold on a phone.
     let body = html! {
         @if let Some(text) = flash { p.flash role="status" { (text) } }
         (status_section(&status, &session, &back))
-        @if let Some(shape) = &shape { (shape_section(shape)) }
-        section { h2 { "Queue size, last 24 hours" } (chart) }
         (queue_section(&page))
+        (chart_section(&samples, status.messages))
+        @if let Some(shape) = &shape { (shape_section(shape)) }
     };
     Ok(Html(layout("queue", &session, true, body).into_string()).into_response())
+}
+
+/// The chart of the queue's size, folded away (a line on the page) while the queue is empty and was
+/// empty in every sample of the window: open, it would be a flat line at zero.
+fn chart_section(samples: &[chart::Sample], queued: usize) -> Markup {
+    let now = now_micros();
+    let window = i64::try_from(chart::WINDOW.as_micros()).unwrap_or(i64::MAX);
+    let shown = samples.iter().filter(|s| s.at >= now - window);
+    let peak = shown.map(|s| s.messages).max().unwrap_or(0);
+    let anything = queued > 0 || peak > 0;
+    html! {
+        section.history {
+            details.chart open[anything] {
+                summary {
+                    h2 { "Queue size, last 24 hours" }
+                    @if peak > 0 { " " span.quiet { "peak " (count(peak, "message")) } }
+                    @else if !anything {
+                        " " span.quiet { @if samples.is_empty() { "no samples yet" } @else { "empty at every sample" } }
+                    }
+                }
+                (chart::svg(samples, now))
+            }
+        }
+    }
+}
+
+/// "**3** messages, 1.5 KiB, oldest 2h 5m old, 1 held."
+fn totals(status: &Status) -> Markup {
+    html! {
+        p.totals {
+            strong { (status.messages) } " " (if status.messages == 1 { "message" } else { "messages" }) ", "
+            (human_bytes(status.bytes))
+            @if let Some(age) = status.oldest_age_seconds { ", oldest " (human_age(age)) " old" }
+            @if status.held > 0 { ", " (status.held) " held" }
+            "."
+        }
+    }
 }
 
 fn status_section(status: &Status, session: &Session, back: &str) -> Markup {
     html! {
         section.status {
-            h1 { "Backup MX " (status.hostname) }
-            p.totals {
-                strong { (status.messages) } " messages, " (human_bytes(status.bytes))
-                @if let Some(age) = status.oldest_age_seconds { ", oldest " (human_age(age)) " old" }
-                @if status.held > 0 { ", " (status.held) " held" }
-                "."
-            }
+            h1 { "Backup MX " span.host { (status.hostname) } }
+            (totals(status))
             @if status.messages > 0 {
                 form.inline method="post" action="/flush" {
                     (csrf_field(session))
@@ -179,8 +243,11 @@ fn status_section(status: &Status, session: &Session, back: &str) -> Markup {
                 }
             }
             (disk_bar(status))
-            table.domains {
-                thead { tr { th { "Domain" } th { "Primary" } th { "Since" } th { "Last error" } th { "Queued" } th {} } }
+            table.domains.cards {
+                thead { tr {
+                    th.domain { "Domain" } th.primary { "Primary" } th.since { "Since" } th.error { "Last error" }
+                    th.queued { "Queued" } th.flush {}
+                } }
                 tbody { @for d in &status.domains { (domain_row(d, session, back)) } }
             }
         }
@@ -189,27 +256,29 @@ fn status_section(status: &Status, session: &Session, back: &str) -> Markup {
 
 fn domain_row(d: &queue::DomainStatus, session: &Session, back: &str) -> Markup {
     let since = match d.primary {
-        "failing" => d.failing_since.clone().map(|t| format!("failing since {t}")),
-        "up" => d.last_success.clone().map(|t| format!("last OK {t}")),
+        "failing" => d.failing_since.as_deref().map(|t| ("failing since", short_time(t))),
+        "up" => d.last_success.as_deref().map(|t| ("last OK", short_time(t))),
         _ => None,
     };
+    let queued = page_url(&QueueFilter { domain: Some(d.domain.clone()), ..Default::default() }, 1);
     html! {
         tr {
-            td { (d.domain) }
-            td {
+            td.domain { (d.domain) }
+            td.primary {
                 span class=(format!("badge {}", d.primary)) { (d.primary) }
                 @if d.paused { " " span.badge.paused title="bartleby queue resume DOMAIN" { "paused" } }
             }
-            td { (since.unwrap_or_default()) }
+            td.since { @if let Some((what, when)) = since { (what) " " span.when { (when) } } }
             td.error { (d.last_error.clone().unwrap_or_default()) }
-            td.num { a href=(page_url(&QueueFilter { domain: Some(d.domain.clone()), ..Default::default() }, 1)) { (d.queued) } }
-            td {
+            td.num.queued { a href=(queued) { (d.queued) span.unit { " queued" } } }
+            td.flush {
                 @if d.queued > 0 {
                     form.inline method="post" action="/flush" {
                         (csrf_field(session))
                         input type="hidden" name="back" value=(back);
                         input type="hidden" name="domain" value=(d.domain);
-                        button type="submit" { "Flush " (d.domain) }
+                        // On a phone the card's title names the domain: the button says "Flush".
+                        button type="submit" aria-label=(format!("Flush {}", d.domain)) { "Flush" span.what { " " (d.domain) } }
                     }
                 }
             }
@@ -278,26 +347,50 @@ fn disk_bar(status: &Status) -> Markup {
     }
 }
 
+/// "3 messages", "2 of 3 messages match the filter", with the page when there are several.
+fn queue_summary(page: &QueuePage) -> String {
+    let f = &page.filter;
+    let filtered = f.domain.is_some() || f.sender.is_some() || f.recipient.is_some();
+    if page.total == 0 && !filtered {
+        return "The queue is empty.".to_string();
+    }
+    let mut text = if filtered {
+        let verb = if page.matched == 1 { "matches" } else { "match" };
+        format!("{} of {} {verb} the filter", page.matched, count(page.total as u64, "message"))
+    } else {
+        count(page.total as u64, "message")
+    };
+    if page.pages > 1 {
+        text.push_str(&format!("; page {} of {}", page.page, page.pages));
+    }
+    text.push_str(". Times are UTC.");
+    text
+}
+
 fn queue_section(page: &QueuePage) -> Markup {
     let f = &page.filter;
+    let now = now_micros();
     html! {
-        section {
+        section.queue id="queue" {
             h2 { "Queue" }
             form.filter method="get" action="/" {
-                label { "Domain " input type="text" name="domain" value=(f.domain.clone().unwrap_or_default()); }
-                label { "Sender " input type="text" name="sender" value=(f.sender.clone().unwrap_or_default()); }
-                label { "Recipient " input type="text" name="recipient" value=(f.recipient.clone().unwrap_or_default()); }
+                label { span { "Domain" } input type="text" name="domain" value=(f.domain.clone().unwrap_or_default()); }
+                label { span { "Sender" } input type="text" name="sender" value=(f.sender.clone().unwrap_or_default()); }
+                label { span { "Recipient" } input type="text" name="recipient" value=(f.recipient.clone().unwrap_or_default()); }
                 button type="submit" { "Filter" }
                 " " a href="/" { "Clear" }
             }
-            p { (page.matched) " of " (page.total) " messages; page " (page.page) " of " (page.pages) ". Times are UTC." }
-            div.scroll {
-                table.queue {
-                    thead { tr {
-                        th { "ID" } th { "Arrived" } th { "Size" } th { "Sender" } th { "Recipients" } th { "Subject" }
-                        th { "Attempts" } th { "Next attempt" } th { "Last error" } th { "Held" }
-                    } }
-                    tbody { @for m in &page.messages { (queue_row(m)) } }
+            p.summary { (queue_summary(page)) }
+            @if !page.messages.is_empty() {
+                div.scroll {
+                    table.queue.cards {
+                        thead { tr {
+                            th.id { "ID" } th.arrived { "Arrived" } th.size { "Size" } th.sender { "Sender" }
+                            th.rcpts { "Recipients" } th.subject { "Subject" } th.attempts { "Attempts" }
+                            th.next { "Next attempt" } th.error { "Last error" }
+                        } }
+                        tbody { @for m in &page.messages { (queue_row(m, now)) } }
+                    }
                 }
             }
             (pagination(page))
@@ -305,20 +398,30 @@ fn queue_section(page: &QueuePage) -> Markup {
     }
 }
 
-fn queue_row(m: &QueueEntry) -> Markup {
+/// One message: a table row on a wide screen, a card on a phone (style.css places each cell by its
+/// class; a cell without one of those classes gets a line of its own in the card).
+fn queue_row(m: &QueueEntry, now: i64) -> Markup {
     let l = &m.listed;
     html! {
         tr.held[l.held] {
             td.id { a href=(format!("/message/{}", l.id)) { (l.id) } }
-            td.time { (short_time(&l.arrived)) br; small { (age_of(m.arrived_micros)) " ago" } }
-            td.num { (human_bytes(l.size)) }
-            td.addr { @if l.sender.is_empty() { "<>" } @else { (l.sender) } }
-            td.addr { @for r in &l.recipients { (r) br; } }
-            td { (m.subject.clone().unwrap_or_default()) }
-            td.num { (l.attempts) }
-            td.time { (short_time(&l.next_attempt)) }
+            td.time.arrived { span.full { (time_markup(&l.arrived)) } br; small.age { (age_of(m.arrived_micros)) " ago" } }
+            td.num.size { (human_bytes(l.size)) }
+            td.addr.sender data-label="From" { @if l.sender.is_empty() { "<>" } @else { (l.sender) } }
+            td.addr.rcpts data-label="To" { @for (i, r) in l.recipients.iter().enumerate() { @if i > 0 { br; } (r) } }
+            td.subject {
+                @match &m.subject { Some(s) if !s.trim().is_empty() => { (s) }, _ => { span.quiet { "(no subject)" } } }
+            }
+            td.num.attempts { (l.attempts) span.unit { " " (if l.attempts == 1 { "attempt" } else { "attempts" }) } }
+            @if l.held {
+                td.time.next { span.badge.held title="not tried until released" { "held" } }
+            } @else {
+                td.time.next data-label="Next attempt" {
+                    span.full { (time_markup(&l.next_attempt)) } br;
+                    small.age { (until(m.next_attempt_micros, now)) }
+                }
+            }
             td.error { (l.last_error.clone().unwrap_or_default()) }
-            td { @if l.held { "held" } }
         }
     }
 }
@@ -343,22 +446,22 @@ pub async fn message(
     let flash = state.sessions.take_flash(&session.id);
     let body = html! {
         @if let Some(text) = flash { p.flash role="status" { (text) } }
-        h1 { "Message " (envelope.id) @if envelope.held { " (held)" } }
+        h1 { "Message " span.id { (envelope.id) } @if envelope.held { " " span.badge.held { "held" } } }
         (message_actions(&envelope, &session))
         (envelope_table(&envelope, subject.as_deref()))
-        h2 { "Recipients" }
-        table { thead { tr { th { "Address" } th { "Status" } th { "Last error" } th { "Remote MTA" } } }
+        h2 { (count(envelope.recipients.len() as u64, "recipient")) }
+        table.recipients.cards { thead { tr { th { "Address" } th { "Status" } th { "Last error" } th { "Remote MTA" } } }
             tbody { @for r in &envelope.recipients { tr {
                 td.addr { (r.address) }
-                td { (match r.status { RecipientStatus::Pending => "pending", RecipientStatus::Delivered => "delivered", RecipientStatus::Failed => "failed" }) }
+                td.status { (match r.status { RecipientStatus::Pending => "pending", RecipientStatus::Delivered => "delivered", RecipientStatus::Failed => "failed" }) }
                 td.error { (r.last_error.clone().unwrap_or_default()) }
-                td { (r.remote_mta.clone().unwrap_or_default()) }
+                td.mta data-label="Remote MTA" { (r.remote_mta.clone().unwrap_or_default()) }
             } } } }
         h2 { "Delivery history" }
-        ol.history { @for h in &envelope.history { li { (rfc3339(h.at)) " " (h.event) } } }
+        ol.history { @for h in &envelope.history { li { span.when { (short_time(&rfc3339(h.at))) } " " (h.event) } } }
         h2 { "Headers" }
         pre.headers { (headers) }
-        p { a href="/" { "Back to the queue" } }
+        p { "Times are UTC. " a href="/" { "Back to the queue" } }
     };
     Ok(Html(layout(&envelope.id, &session, false, body).into_string()).into_response())
 }
@@ -400,17 +503,20 @@ fn envelope_table(e: &Envelope, subject: Option<&str>) -> Markup {
     let client = e.client_ip.map(|ip| ip.to_string()).unwrap_or_else(|| "local (generated by bartleby)".into());
     html! {
         table.envelope { tbody {
-            tr { th { "Subject" } td { (subject.unwrap_or("")) } }
+            tr { th { "Subject" } td.subject { (subject.unwrap_or("")) } }
             tr { th { "Sender" } td.addr { (sender) } }
-            tr { th { "Arrived" } td { (rfc3339(e.arrived)) " (" (age_of(e.arrived)) " ago)" } }
+            tr { th { "Arrived" } td { (time_markup(&rfc3339(e.arrived))) " (" (age_of(e.arrived)) " ago)" } }
             tr { th { "From" } td { (e.helo) " [" (client) "]" } }
             tr { th { "Size" } td { (human_bytes(e.size)) " (" (e.size) " bytes)" } }
             // A shared store (docs/cluster.md): which node took the message, and which is delivering it.
             @if let Some(node) = &e.accepted_by { tr { th { "Accepted by" } td { "node " (node) } } }
             @if let Some(node) = &e.leased_by { tr { th { "Being delivered by" } td { "node " (node) } } }
             tr { th { "Attempts" } td { (e.attempts) } }
-            tr { th { "Next attempt" } td { (rfc3339(e.next_attempt)) } }
-            tr { th { "Body" } td { (format!("{:?}", e.body)) @if e.smtputf8 { ", SMTPUTF8" } @if e.requiretls { ", REQUIRETLS" } } }
+            tr { th { "Next attempt" } td.next {
+                @if e.held { span.badge.held { "held" } " not tried until released" }
+                @else { (time_markup(&rfc3339(e.next_attempt))) " (" (until(e.next_attempt, now_micros())) ")" }
+            } }
+            tr { th { "Body" } td { (body_words(e.body)) @if e.smtputf8 { ", SMTPUTF8" } @if e.requiretls { ", REQUIRETLS" } } }
             @if let Some(envid) = &e.envid { tr { th { "ENVID" } td { (envid) } } }
         } }
     }
@@ -526,6 +632,124 @@ mod tests {
         assert_eq!(human_age(59), "59s");
         assert_eq!(human_age(3 * 3600 + 120), "3h 2m");
         assert_eq!(human_age(2 * 86_400 + 3600), "2d 1h");
+    }
+
+    fn entry(held: bool, now: i64) -> QueueEntry {
+        let mut envelope = Envelope::new(
+            "661A7D42870F000".into(),
+            "alice@remote.test".into(),
+            vec![crate::spool::Recipient::new("bob@example.test".into())],
+        );
+        envelope.held = held;
+        envelope.attempts = 1;
+        envelope.next_attempt = now + 240 * 1_000_000;
+        QueueEntry {
+            listed: crate::control::ListedMessage::from(&envelope),
+            arrived_micros: envelope.arrived,
+            next_attempt_micros: envelope.next_attempt,
+            domains: vec!["example.test".into()],
+            subject: Some("Hello".into()),
+        }
+    }
+
+    #[test]
+    fn a_held_message_shows_held_instead_of_a_next_attempt() {
+        let now = now_micros();
+        let held = queue_row(&entry(true, now), now).into_string();
+        let next = held.split("class=\"time next\"").nth(1).expect("the next attempt cell");
+        let next = &next[..next.find("</td>").expect("cell end")];
+        assert!(next.contains(">held<") && !next.contains("20") && !next.contains(" in "), "{held}");
+        assert!(held.starts_with("<tr class=\"held\""), "{held}");
+
+        let waiting = queue_row(&entry(false, now), now).into_string();
+        let next = waiting.split("class=\"time next\"").nth(1).expect("the next attempt cell");
+        assert!(!next.contains("held") && next.contains("in 4m"), "{waiting}");
+        assert!(waiting.contains(">1<span class=\"unit\"> attempt</span>"), "{waiting}");
+
+        let mut envelope = Envelope::new("661A7D42870F000".into(), "a@remote.test".into(), Vec::new());
+        envelope.held = true;
+        let next_cell = |e: &Envelope| {
+            let table = envelope_table(e, None).into_string();
+            let cell = table.split("<td class=\"next\">").nth(1).expect("the next attempt row").to_string();
+            cell[..cell.find("</td>").expect("cell end")].to_string()
+        };
+        let held = next_cell(&envelope);
+        assert!(held.contains(">held<") && held.contains("not tried until released") && !held.contains("20"), "{held}");
+        envelope.held = false;
+        let waiting = next_cell(&envelope);
+        assert!(!waiting.contains("held") && waiting.contains("20") && waiting.contains("(due now)"), "{waiting}");
+    }
+
+    #[test]
+    fn until_the_next_attempt_in_words() {
+        assert_eq!(until(300 * 1_000_000, 0), "in 5m");
+        assert_eq!(until(0, 0), "due now");
+        assert_eq!(until(0, 10 * 1_000_000), "due now");
+    }
+
+    #[test]
+    fn body_types_read_as_words() {
+        assert_eq!(body_words(BodyType::SevenBit), "7bit");
+        assert_eq!(body_words(BodyType::EightBitMime), "8bitmime");
+        assert_eq!(body_words(BodyType::BinaryMime), "binarymime");
+        let mut envelope = Envelope::new("661A7D42870F000".into(), "a@remote.test".into(), Vec::new());
+        envelope.body = BodyType::EightBitMime;
+        envelope.smtputf8 = true;
+        let table = envelope_table(&envelope, None).into_string();
+        assert!(table.contains("<td>8bitmime, SMTPUTF8</td>"), "{table}");
+        assert!(!table.contains("EightBit"), "{table}");
+    }
+
+    #[test]
+    fn plurals_agree() {
+        assert_eq!(count(0, "message"), "0 messages");
+        assert_eq!(count(1, "message"), "1 message");
+        assert_eq!(count(2, "recipient"), "2 recipients");
+        let page = |total: usize, matched: usize, pages: usize, domain: Option<&str>| QueuePage {
+            total,
+            matched,
+            page: 1,
+            per_page: 50,
+            pages,
+            filter: QueueFilter { domain: domain.map(Into::into), ..Default::default() },
+            messages: Vec::new(),
+        };
+        assert_eq!(queue_summary(&page(1, 1, 1, None)), "1 message. Times are UTC.");
+        assert_eq!(queue_summary(&page(2, 2, 1, None)), "2 messages. Times are UTC.");
+        assert_eq!(queue_summary(&page(0, 0, 1, None)), "The queue is empty.");
+        assert_eq!(queue_summary(&page(3, 1, 1, Some("a.test"))), "1 of 3 messages matches the filter. Times are UTC.");
+        assert_eq!(
+            queue_summary(&page(120, 60, 2, Some("a.test"))),
+            "60 of 120 messages match the filter; page 1 of 2. Times are UTC."
+        );
+        let status = |messages: usize, held: usize| Status {
+            hostname: "mx.test".into(),
+            messages,
+            bytes: 100,
+            held,
+            oldest_arrived: None,
+            oldest_age_seconds: None,
+            domains: Vec::new(),
+            disk: None,
+            counters: Default::default(),
+            open_smtp_sessions: 0,
+        };
+        assert!(totals(&status(1, 1)).into_string().contains("<strong>1</strong> message, 100 B, 1 held."));
+        assert!(totals(&status(2, 0)).into_string().contains("<strong>2</strong> messages, 100 B."));
+        let now = now_micros();
+        let one = [chart::Sample { at: now, messages: 1, bytes: 0 }];
+        let chart = chart_section(&one, 1).into_string();
+        assert!(chart.contains("peak 1 message<") && chart.contains("<details class=\"chart\" open"), "{chart}");
+    }
+
+    #[test]
+    fn an_empty_chart_is_folded_away() {
+        let now = now_micros();
+        let zero = [chart::Sample { at: now, messages: 0, bytes: 0 }];
+        let folded = chart_section(&zero, 0).into_string();
+        assert!(folded.contains("<details class=\"chart\">") && folded.contains("empty at every sample"), "{folded}");
+        assert!(chart_section(&[], 0).into_string().contains("no samples yet"));
+        assert!(chart_section(&zero, 3).into_string().contains(" open"), "open while mail is queued");
     }
 
     #[test]

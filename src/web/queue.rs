@@ -73,6 +73,9 @@ pub struct QueueEntry {
     /// Microseconds since the epoch, for computing ages.
     #[serde(skip)]
     pub arrived_micros: i64,
+    /// Microseconds since the epoch, for "in 4m".
+    #[serde(skip)]
+    pub next_attempt_micros: i64,
     /// Domains of the pending recipients.
     pub domains: Vec<String>,
     /// The Subject header, RFC 2047-decoded; None when absent or unreadable.
@@ -131,6 +134,7 @@ fn entry(spool: &dyn Queue, envelope: &Envelope) -> QueueEntry {
     QueueEntry {
         listed: ListedMessage::from(envelope),
         arrived_micros: envelope.arrived,
+        next_attempt_micros: envelope.next_attempt,
         domains: domains.into_iter().collect(),
         subject: subject(spool, &envelope.id),
     }
