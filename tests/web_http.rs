@@ -693,6 +693,8 @@ async fn the_message_page_names_the_nodes_of_a_shared_store() {
         let page = client.get(&format!("/message/{id}")).await;
         assert!(page.body.contains("Accepted by") && page.body.contains("node node7"), "{}", page.body);
         assert!(page.body.contains("Being delivered by") && page.body.contains("node node8"), "{}", page.body);
+        let queue = client.get("/").await;
+        assert!(queue.body.contains("via node7") && queue.body.contains("sending: node8"), "{}", queue.body);
     })
     .await;
 }

@@ -404,7 +404,12 @@ fn queue_row(m: &QueueEntry, now: i64) -> Markup {
     let l = &m.listed;
     html! {
         tr.held[l.held] {
-            td.id { a href=(format!("/message/{}", l.id)) { (l.id) } }
+            // A shared store (docs/cluster.md): the accepting node, and the node delivering it now.
+            td.id {
+                a href=(format!("/message/{}", l.id)) { (l.id) }
+                @if let Some(node) = &l.accepted_by { br; small.node { "via " (node) } }
+                @if let Some(node) = &l.leased_by { br; small.node { "sending: " (node) } }
+            }
             td.time.arrived { span.full { (time_markup(&l.arrived)) } br; small.age { (age_of(m.arrived_micros)) " ago" } }
             td.num.size { (human_bytes(l.size)) }
             td.addr.sender data-label="From" { @if l.sender.is_empty() { "<>" } @else { (l.sender) } }
