@@ -48,10 +48,10 @@ pub fn routes() -> Vec<ApiRoute> {
         get_route("/queue", list),
         get_route("/queue/shape", shape),
         get_route("/queue/{id}", show),
-        post_route("/queue/{id}/retry", retry),
-        post_route("/queue/{id}/hold", hold),
-        post_route("/queue/{id}/release", release),
-        post_route("/queue/{id}/delete", delete),
+        action_route("/queue/{id}/retry", "retry"),
+        action_route("/queue/{id}/hold", "hold"),
+        action_route("/queue/{id}/release", "release"),
+        action_route("/queue/{id}/delete", "delete"),
         post_route("/flush", flush),
         get_route("/chart", chart),
     ]
@@ -181,42 +181,15 @@ fn done(text: String) -> Response {
     Json(json!({ "ok": text })).into_response()
 }
 
-/// `POST /api/queue/{id}/NAME`: the message action of that name.
-async fn act(state: WebState, session: Session, id: String, name: &str) -> Result<Response, ApiError> {
-    let action = Action::for_message(name, id)?;
-    Ok(done(actions::perform(&state, action, &session).await?))
-}
-
-async fn retry(
-    State(state): State<WebState>,
-    Extension(session): Extension<Session>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    act(state, session, id, "retry").await
-}
-
-async fn hold(
-    State(state): State<WebState>,
-    Extension(session): Extension<Session>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    act(state, session, id, "hold").await
-}
-
-async fn release(
-    State(state): State<WebState>,
-    Extension(session): Extension<Session>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    act(state, session, id, "release").await
-}
-
-async fn delete(
-    State(state): State<WebState>,
-    Extension(session): Extension<Session>,
-    ApiPath(id): ApiPath<String>,
-) -> Result<Response, ApiError> {
-    act(state, session, id, "delete").await
+/// `POST /api/queue/{id}/NAME`: the message action `name` (retry, hold, release, delete).
+fn action_route(path: &'static str, name: &'static str) -> ApiRoute {
+    let handler = move |State(state): State<WebState>,
+                        Extension(session): Extension<Session>,
+                        ApiPath(id): ApiPath<String>| async move {
+        let action = Action::for_message(name, id)?;
+        Ok::<_, ApiError>(done(actions::perform(&state, action, &session).await?))
+    };
+    ApiRoute { method: "post", path, handler: post(handler) }
 }
 
 /// The flush request: `domain` in the query string or in a JSON body; neither means everything.

@@ -97,7 +97,7 @@ pub async fn session_layer(State(state): State<WebState>, request: Request, next
     }
     // Locked: no session, no CSRF token, no data (logged once at start, not per request).
     if locked(&state.config().web) {
-        return respond_error(request.uri().path(), WebError::Forbidden(LOCKED.into()));
+        return WebError::Forbidden(LOCKED.into()).answer(request.uri().path());
     }
     let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let known = cookie_value(request.headers()).and_then(|id| state.sessions.get(&id));
@@ -105,7 +105,7 @@ pub async fn session_layer(State(state): State<WebState>, request: Request, next
         Some(s) => (s, false),
         None => match state.sessions.create(None) {
             Ok(s) => (s, true),
-            Err(err) => return respond_error(request.uri().path(), err),
+            Err(err) => return err.answer(request.uri().path()),
         },
     };
     session.client = client;
@@ -118,17 +118,12 @@ pub async fn session_layer(State(state): State<WebState>, request: Request, next
         Err(err) if matches!(err, WebError::Unauthorized) && !super::is_api(&path) => {
             Redirect::to("/login").into_response()
         }
-        Err(err) => respond_error(&path, err),
+        Err(err) => err.answer(&path),
     };
     if fresh && let Some(cookie) = set_cookie(&state, &session) {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }
     response
-}
-
-/// An error from the layer: JSON under `/api/`, plain text elsewhere.
-fn respond_error(path: &str, err: WebError) -> Response {
-    err.answer(path)
 }
 
 /// Login and, for POST, origin and CSRF; returns the request rebuilt around its buffered body.
