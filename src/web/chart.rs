@@ -88,14 +88,6 @@ impl Samples {
         Err(SpoolError::Store("the chart's samples change too often".into()))
     }
 
-    /// Fills the ring with the samples kept in the store (at start).
-    pub fn load(&self, spool: &dyn Queue) -> Result<(), SpoolError> {
-        if let Some((_, body)) = spool.document(DOCUMENT)? {
-            self.replace(decode(&body));
-        }
-        Ok(())
-    }
-
     fn replace(&self, series: Vec<Sample>) {
         let skip = series.len().saturating_sub(self.capacity);
         *lock(&self.ring) = series.into_iter().skip(skip).collect();
@@ -143,16 +135,13 @@ fn measure(spool: &dyn Queue, at: i64) -> Sample {
     Sample { at, messages: stats.messages as u64, bytes: stats.bytes }
 }
 
-/// Samples every interval until `shutdown` turns true. The store's work (a file write, or a
+/// Samples every interval until `shutdown` turns true; the first tick, at once, also brings back
+/// the samples kept before a restart ([`Samples::take`]). The store's work (a file write, or a
 /// database round trip) runs on a blocking thread; when the store cannot keep a sample, the
 /// sample is kept in memory and the error logged.
 pub async fn run_sampler(samples: Arc<Samples>, spool: Arc<dyn Queue>, mut shutdown: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(samples.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (first, queue) = (Arc::clone(&samples), Arc::clone(&spool));
-    if let Ok(Err(err)) = tokio::task::spawn_blocking(move || first.load(queue.as_ref())).await {
-        tracing::warn!(error = %err, "cannot read the chart's stored samples");
-    }
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -231,8 +220,8 @@ mod tests {
         assert!(!other_node.take(queue.as_ref()).unwrap(), "sampled less than half an interval ago");
         assert_eq!(other_node.snapshot(), first.snapshot());
         let restarted = Samples::new(Duration::from_secs(60));
-        restarted.load(queue.as_ref()).unwrap();
-        assert_eq!(restarted.snapshot().len(), 1);
+        assert!(!restarted.take(queue.as_ref()).unwrap());
+        assert_eq!(restarted.snapshot(), first.snapshot(), "a restart brings the samples back");
         // A sample older than half an interval is followed by a new one.
         let old = Sample { at: now_micros() - 40_000_000, messages: 5, bytes: 9 };
         let (version, _) = queue.document(DOCUMENT).unwrap().unwrap();

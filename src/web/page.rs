@@ -115,7 +115,12 @@ fn age_of(micros: i64) -> String {
 
 /// "1 message", "2 messages", "0 messages": a count and its noun, agreeing.
 pub fn count(n: u64, noun: &str) -> String {
-    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
+    format!("{n} {}", agreeing(n, noun))
+}
+
+/// The noun as it agrees with `n`: "message" for 1, "messages" otherwise.
+fn agreeing(n: u64, noun: &str) -> String {
+    if n == 1 { noun.to_string() } else { format!("{noun}s") }
 }
 
 /// How long until the next attempt, in words: "in 4m", or "due now" (`next` and `now` in
@@ -221,7 +226,7 @@ fn chart_section(samples: &[chart::Sample], queued: usize) -> Markup {
 fn totals(status: &Status) -> Markup {
     html! {
         p.totals {
-            strong { (status.messages) } " " (if status.messages == 1 { "message" } else { "messages" }) ", "
+            strong { (status.messages) } " " (agreeing(status.messages as u64, "message")) ", "
             (human_bytes(status.bytes))
             @if let Some(age) = status.oldest_age_seconds { ", oldest " (human_age(age)) " old" }
             @if status.held > 0 { ", " (status.held) " held" }
@@ -417,7 +422,7 @@ fn queue_row(m: &QueueEntry, now: i64) -> Markup {
             td.subject {
                 @match &m.subject { Some(s) if !s.trim().is_empty() => { (s) }, _ => { span.quiet { "(no subject)" } } }
             }
-            td.num.attempts { (l.attempts) span.unit { " " (if l.attempts == 1 { "attempt" } else { "attempts" }) } }
+            td.num.attempts { (l.attempts) span.unit { " " (agreeing(u64::from(l.attempts), "attempt")) } }
             @if l.held {
                 td.time.next { span.badge.held title="not tried until released" { "held" } }
             } @else {
