@@ -337,20 +337,7 @@ fn readme_names_the_rust_prerequisite_before_its_two_commands() {
 fn plain(line: &str) -> String {
     let text = match line.split_once(' ') {
         Some((".B" | ".I", rest)) => rest.replace('"', ""),
-        Some((".BR" | ".BI" | ".IR" | ".RB" | ".IB" | ".RI", rest)) => {
-            let mut args = Vec::new();
-            let mut quoted = false;
-            let mut word = String::new();
-            for c in rest.chars() {
-                match c {
-                    '"' => quoted = !quoted,
-                    ' ' if !quoted => args.push(std::mem::take(&mut word)),
-                    c => word.push(c),
-                }
-            }
-            args.push(word);
-            args.concat()
-        }
+        Some((".BR" | ".BI" | ".IR" | ".RB" | ".IB" | ".RI", rest)) => split_unquoted(rest, ' ').concat(),
         _ => line.to_string(),
     };
     let mut text = text;
@@ -361,6 +348,21 @@ fn plain(line: &str) -> String {
         text = text.replace(font, "");
     }
     text.trim().to_string()
+}
+
+/// `s` split at each `separator` outside double quotes, the quotes dropped: a roff macro's
+/// arguments (`' '`) or a TOML table path (`'.'`).
+fn split_unquoted(s: &str, separator: char) -> Vec<String> {
+    let (mut parts, mut part, mut quoted) = (Vec::new(), String::new(), false);
+    for c in s.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            c if c == separator && !quoted => parts.push(std::mem::take(&mut part)),
+            c => part.push(c),
+        }
+    }
+    parts.push(part);
+    parts
 }
 
 /// A page's `.TP` / `.TQ` tag lines as text, each with the `.SH` and `.SS` it is under.
@@ -394,17 +396,7 @@ fn table_path(subsection: &str) -> Option<String> {
     if inner.len() == subsection.len() {
         return (subsection == "Top-level keys").then(String::new);
     }
-    let mut parts = Vec::new();
-    let mut quoted = false;
-    let mut part = String::new();
-    for c in inner.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            '.' if !quoted => parts.push(std::mem::take(&mut part)),
-            c => part.push(c),
-        }
-    }
-    parts.push(part);
+    let parts = split_unquoted(inner, '.');
     Some(
         parts
             .iter()
