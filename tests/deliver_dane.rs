@@ -1,5 +1,5 @@
 //! DANE toward the primaries (RFC 7672) against a real DNSSEC-signed zone: Debian's NSD serves
-//! `dane.test`, signed with ldns-signzone, on a loopback port, and bartleby's validating resolver
+//! `dane.test`, signed with ldns-signzone, on a port of 127.0.0.57, and bartleby's validating resolver
 //! starts from the zone's own DNSKEY (`delivery.dnssec_trust_anchor`). The primary is the scripted
 //! TLS server of `support/fake_primary.rs` with an rcgen certificate.
 //!
@@ -49,11 +49,17 @@ fn sha256_hex(data: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A free loopback port for NSD (UDP and TCP); another process could take it in between, which
-/// the start-up check below would report.
+/// A port on NSD's own loopback address (127.0.0.57: no client connection takes its source port
+/// there, unlike 127.0.0.1) that is free for both UDP and TCP at this moment (held, then released).
+/// Another process can still take it before NSD binds it, so `start_nsd` tries again on a new port.
 fn free_port() -> u16 {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.local_addr().unwrap().port()
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.57:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.57", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Signs `dane.test` (with the TLSA records for `smtp_port`), writes the unsigned child zone,
@@ -61,7 +67,6 @@ fn free_port() -> u16 {
 fn start_dns(dir: &Path, smtp_port: u16, good_spki: &[u8]) -> (Nsd, SocketAddr, std::path::PathBuf) {
     let good = sha256_hex(good_spki);
     let wrong = sha256_hex(b"some other key");
-    let dns_port = free_port();
     let zone = format!(
         "$ORIGIN dane.test.\n$TTL 60\n\
          @ IN SOA ns.dane.test. admin.dane.test. 1 3600 600 86400 60\n\
@@ -101,33 +106,54 @@ fn start_dns(dir: &Path, smtp_port: u16, good_spki: &[u8]) -> (Nsd, SocketAddr, 
         dnskey.split(';').next().unwrap_or_default().trim().to_string() + "\n",
     )
     .unwrap();
-    let d = dir.display();
-    let conf = format!(
-        "server:\n  ip-address: 127.0.0.1@{dns_port}\n  port: {dns_port}\n  username: \"\"\n  chroot: \"\"\n\
-         \x20 database: \"\"\n  zonelistfile: \"{d}/zone.list\"\n  xfrdfile: \"{d}/xfrd.state\"\n\
-         \x20 pidfile: \"{d}/nsd.pid\"\n  logfile: \"{d}/nsd.log\"\n  verbosity: 2\n\
-         remote-control:\n  control-enable: no\n\
-         zone:\n  name: dane.test\n  zonefile: \"{d}/dane.test.signed\"\n\
-         zone:\n  name: insecure.dane.test\n  zonefile: \"{d}/insecure.dane.test\"\n"
-    );
-    std::fs::write(dir.join("nsd.conf"), conf).unwrap();
-    let nsd = Command::new("nsd")
-        .args(["-d", "-c"])
-        .arg(dir.join("nsd.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nsd (Debian package nsd)");
-    let nsd = Nsd(nsd);
-    let addr = SocketAddr::from(([127, 0, 0, 1], dns_port));
-    // Up when it answers over TCP; at most 10 s.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        let log = std::fs::read_to_string(dir.join("nsd.log")).unwrap_or_default();
-        assert!(Instant::now() < deadline, "NSD did not start on {addr}: {log}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (nsd, addr) = start_nsd(dir);
     (nsd, addr, anchor)
+}
+
+/// NSD serving both zones on a free loopback port, up when it answers over TCP. A port taken by
+/// another test between `free_port` and NSD's bind makes NSD exit at once ("Address already in
+/// use"): then it is started again on another port, at most five times in all.
+fn start_nsd(dir: &Path) -> (Nsd, SocketAddr) {
+    let d = dir.display();
+    let mut failures = Vec::new();
+    for _ in 0..5 {
+        let dns_port = free_port();
+        let conf = format!(
+            "server:\n  ip-address: 127.0.0.57@{dns_port}\n  port: {dns_port}\n  username: \"\"\n  chroot: \"\"\n\
+             \x20 database: \"\"\n  zonelistfile: \"{d}/zone.list\"\n  xfrdfile: \"{d}/xfrd.state\"\n\
+             \x20 pidfile: \"{d}/nsd.pid\"\n  logfile: \"{d}/nsd.log\"\n  verbosity: 2\n\
+             remote-control:\n  control-enable: no\n\
+             zone:\n  name: dane.test\n  zonefile: \"{d}/dane.test.signed\"\n\
+             zone:\n  name: insecure.dane.test\n  zonefile: \"{d}/insecure.dane.test\"\n"
+        );
+        std::fs::write(dir.join("nsd.conf"), conf).unwrap();
+        let _ = std::fs::remove_file(dir.join("nsd.log"));
+        let child = Command::new("nsd")
+            .args(["-d", "-c"])
+            .arg(dir.join("nsd.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nsd (Debian package nsd)");
+        let mut nsd = Nsd(child);
+        let addr = SocketAddr::from(([127, 0, 0, 57], dns_port));
+        // Up when it has logged its start (after binding both sockets, so the port is its own,
+        // not another test's listener) and answers over TCP; at most 10 s.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = || std::fs::read_to_string(dir.join("nsd.log")).unwrap_or_default();
+            if log().contains("nsd started") && std::net::TcpStream::connect(addr).is_ok() {
+                return (nsd, addr);
+            }
+            if let Ok(Some(status)) = nsd.0.try_wait() {
+                failures.push(format!("port {dns_port}: NSD exited ({status}): {}", log()));
+                break;
+            }
+            assert!(Instant::now() < deadline, "NSD did not start on {addr}: {}", log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("NSD did not start in five tries:\n{}", failures.join("\n"));
 }
 
 struct Setup {
